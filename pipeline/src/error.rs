@@ -1,0 +1,148 @@
+//! The library's error type.
+//!
+//! Every variant carries enough context to act on: the file, lake key, row,
+//! stage parameter or model that was wrong, and what was expected instead.
+//! The binary turns these into `anyhow` errors at the edge.
+
+use std::fmt::Display;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An object-store operation failed (network, credentials, missing key).
+    #[error("{what}: {source}")]
+    Store {
+        what: String,
+        #[source]
+        source: object_store::Error,
+    },
+    /// The lake URL or an input URL could not be understood.
+    #[error("{url}: {problem}")]
+    Url { url: String, problem: String },
+    #[error("{what}: {source}")]
+    Parquet {
+        what: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{what}: {source}")]
+    Arrow {
+        what: String,
+        #[source]
+        source: arrow::error::ArrowError,
+    },
+    #[error("{what}: {source}")]
+    DataFusion {
+        what: String,
+        #[source]
+        source: Box<datafusion::error::DataFusionError>,
+    },
+    #[error("{what}: {source}")]
+    Candle {
+        what: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A written or read table does not have the columns its schema file fixes.
+    #[error("table {table}: {problem}")]
+    Schema { table: String, problem: String },
+    /// A stage parameter is unknown, missing or malformed.
+    #[error("stage {stage}: parameter {key}: {problem}")]
+    Param {
+        stage: String,
+        key: String,
+        problem: String,
+    },
+    /// User-supplied input (a corpus file, a table to import) is malformed.
+    #[error("{source_name}: {problem}")]
+    Input { source_name: String, problem: String },
+    /// An artifact's manifest is missing, corrupt, or disagrees with its data.
+    #[error("artifact {key}: {problem}")]
+    Artifact { key: String, problem: String },
+    /// A stage's inputs changed since existing outputs were made.
+    #[error("{0}")]
+    Stale(String),
+    /// A model checkpoint is unsupported or inconsistent with the data.
+    #[error("model {model}: {problem}")]
+    Model { model: String, problem: String },
+    #[error("tokenizer {path}: {problem}")]
+    Tokenizer { path: String, problem: String },
+    /// An SQL statement was refused (e.g. a write in read-only mode).
+    #[error("{0}")]
+    Sql(String),
+    /// Anything else that is the caller's mistake, explained in words.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::Invalid(msg.into())
+    }
+    pub fn input(source_name: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Input {
+            source_name: source_name.into(),
+            problem: problem.into(),
+        }
+    }
+    pub fn artifact(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Artifact {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+    pub fn model(model: impl Into<String>, problem: impl Into<String>) -> Self {
+        Error::Model {
+            model: model.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Attach a description of what was being done to a foreign error.
+pub trait Context<T> {
+    fn ctx(self, what: impl Display) -> Result<T>;
+}
+
+macro_rules! impl_context {
+    ($err:ty, $variant:ident) => {
+        impl<T> Context<T> for std::result::Result<T, $err> {
+            fn ctx(self, what: impl Display) -> Result<T> {
+                self.map_err(|source| Error::$variant {
+                    what: what.to_string(),
+                    source,
+                })
+            }
+        }
+    };
+}
+
+impl_context!(object_store::Error, Store);
+impl_context!(parquet::errors::ParquetError, Parquet);
+impl_context!(arrow::error::ArrowError, Arrow);
+impl_context!(candle_core::Error, Candle);
+
+impl<T> Context<T> for std::result::Result<T, datafusion::error::DataFusionError> {
+    fn ctx(self, what: impl Display) -> Result<T> {
+        self.map_err(|source| Error::DataFusion {
+            what: what.to_string(),
+            source: Box::new(source),
+        })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, std::io::Error> {
+    fn ctx(self, what: impl Display) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            path: what.to_string(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,25 @@
+//! `pipeline`: measure neural collapse in causal language models.
+//!
+//! Stages (see [`stages`]) read and write Parquet artifacts in a results lake
+//! ([`lake`], [`artifact`]) whose tables are fixed by `schemas/` ([`schemas`])
+//! and queried with DataFusion SQL ([`sql`]).
+
+pub mod artifact;
+pub mod chunks;
+pub mod error;
+pub mod experiment;
+pub mod lake;
+pub mod model;
+pub mod params;
+pub mod parquet_io;
+pub mod partials;
+pub mod progress;
+pub mod schemas;
+pub mod source;
+pub mod sql;
+pub mod stages;
+pub mod stats;
+pub mod tiles;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

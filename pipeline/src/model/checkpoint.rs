@@ -1,0 +1,405 @@
+//! Model checkpoints in Hugging Face format, through `object_store`.
+//!
+//! A model directory holds `config.json` and `model.safetensors` (or a sharded
+//! `model.safetensors.index.json`), optionally `tokenizer.json`, and
+//! `checkpoint-N/` subdirectories saved during training. A model reference is
+//! either a model trained by this pipeline (`NAME[@K]`, stored in the lake at
+//! `weights/NAME/`) or a directory anywhere (`/path/dir[@K]`, `./dir`,
+//! `s3://bucket/dir[@K]`), e.g. one downloaded from the Hugging Face hub.
+//! `@K` selects the K-th `checkpoint-N` subdirectory in increasing N (0-based);
+//! without it the directory's top-level weights are used.
+//!
+//! Saved checkpoints load in `transformers` with
+//! `GPTNeoForCausalLM.from_pretrained(dir)`: HF tensor names, tied lm_head left
+//! out, safetensors metadata `format = pt`. `trainer_state.json` is written
+//! last, so a directory without it is an interrupted save.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use crate::artifact::check_partition_value;
+use crate::error::{Context, Error, Result};
+use crate::lake::Lake;
+use crate::model::{GptNeo, GptNeoConfig, parameter_names};
+
+/// Where the weights of one model checkpoint live.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    /// The id used in the lake's tables (`NAME@K` or `NAME`).
+    pub id: String,
+    pub name: String,
+    pub checkpoint: Option<usize>,
+    /// Store holding the model directory.
+    pub store: Lake,
+    /// Key prefix of the model root in `store` ("" for a store rooted at it).
+    pub root: String,
+    /// Key prefix of the selected weights (root or root/checkpoint-N).
+    pub dir: String,
+    /// The step N of `checkpoint-N`, when selected.
+    pub step: Option<u64>,
+    /// Whether it was trained by this pipeline (`weights/NAME` in the lake).
+    pub in_lake: bool,
+    pub source: String,
+}
+
+fn join(a: &str, b: &str) -> String {
+    if a.is_empty() {
+        b.to_string()
+    } else {
+        format!("{}/{}", a.trim_end_matches('/'), b)
+    }
+}
+
+/// Lake prefix of a model trained by the pipeline.
+pub fn lake_root(name: &str) -> String {
+    format!("weights/{name}")
+}
+
+/// `checkpoint-N` subdirectories of a model root, sorted by N.
+pub fn list_checkpoints(store: &Lake, root: &str) -> Result<Vec<(u64, String)>> {
+    let mut out = Vec::new();
+    for (key, _) in store.list(root)? {
+        let rel = key.strip_prefix(root).unwrap_or(&key).trim_start_matches('/');
+        let mut parts = rel.split('/');
+        if let (Some(dir), Some("config.json"), None) = (parts.next(), parts.next(), parts.next()) {
+            if let Some(n) = dir
+                .strip_prefix("checkpoint-")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                out.push((n, join(root, dir)));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl ModelRef {
+    /// Resolve a model reference (see the module documentation).
+    pub fn resolve(lake: &Lake, spec: &str) -> Result<Self> {
+        let spec = spec.trim();
+        let (base, k) = match spec.rsplit_once('@') {
+            Some((b, k)) if !k.contains('/') => {
+                let k: usize = k
+                    .parse()
+                    .map_err(|_| Error::model(spec, format!("'@{k}' is not a checkpoint index")))?;
+                (b, Some(k))
+            }
+            _ => (spec, None),
+        };
+        if base.is_empty() {
+            return Err(Error::model(spec, "empty model reference"));
+        }
+        let pathlike = base.contains('/') || base.starts_with('.') || base.starts_with("s3://");
+        let (store, root, name, in_lake, source) = if !pathlike
+            && (lake.exists(&join(&lake_root(base), "config.json"))?
+                || !list_checkpoints(lake, &lake_root(base))?.is_empty())
+        {
+            (
+                lake.clone(),
+                lake_root(base),
+                base.to_string(),
+                true,
+                lake.display(&lake_root(base)),
+            )
+        } else if pathlike || std::path::Path::new(base).is_dir() {
+            let (store, source) = if base.starts_with("s3://") {
+                (lake.open_sibling(base)?, base.to_string())
+            } else {
+                let p = std::path::Path::new(base);
+                if !p.is_dir() {
+                    return Err(Error::model(spec, "no such model directory"));
+                }
+                let abs = std::path::absolute(p).ctx(base)?;
+                (
+                    lake.open_sibling(&abs.to_string_lossy())?,
+                    abs.to_string_lossy().to_string(),
+                )
+            };
+            let name = base
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or(base)
+                .to_string();
+            (store, String::new(), name, false, source)
+        } else {
+            return Err(Error::model(
+                spec,
+                format!(
+                    "not found: no trained model {} in the lake {} and no such directory (train it, or give a path to a Hugging Face model directory)",
+                    lake_root(base),
+                    lake.url()
+                ),
+            ));
+        };
+        check_partition_value("model", &name).map_err(|e| Error::model(spec, e.to_string()))?;
+        let (dir, step) = match k {
+            None => {
+                if !store.exists(&join(&root, "config.json"))? {
+                    let cks = list_checkpoints(&store, &root)?;
+                    return Err(Error::model(
+                        spec,
+                        format!(
+                            "no top-level config.json in {source}; it has {} checkpoint(s): use {base}@0..{}",
+                            cks.len(),
+                            cks.len().saturating_sub(1)
+                        ),
+                    ));
+                }
+                (root.clone(), None)
+            }
+            Some(k) => {
+                let cks = list_checkpoints(&store, &root)?;
+                let (n, dir) = cks.get(k).cloned().ok_or_else(|| {
+                    Error::model(
+                        spec,
+                        format!(
+                            "checkpoint index {k} does not exist: {source} has {} checkpoint-N directories",
+                            cks.len()
+                        ),
+                    )
+                })?;
+                (dir, Some(n))
+            }
+        };
+        let id = match k {
+            Some(k) => format!("{name}@{k}"),
+            None => name.clone(),
+        };
+        Ok(ModelRef {
+            id,
+            name,
+            checkpoint: k,
+            store,
+            root,
+            dir,
+            step,
+            in_lake,
+            source,
+        })
+    }
+
+    /// One concrete checkpoint, for stages that analyse a single model: a
+    /// trained model named without `@K` means its last epoch checkpoint (the
+    /// same weights as its final ones, under the id `eval` gives them).
+    pub fn resolve_one(lake: &Lake, spec: &str) -> Result<Self> {
+        let r = ModelRef::resolve(lake, spec)?;
+        if r.in_lake && r.checkpoint.is_none() {
+            let n = list_checkpoints(&r.store, &r.root)?.len();
+            if n > 0 {
+                return ModelRef::resolve(lake, &format!("{}@{}", r.name, n - 1));
+            }
+        }
+        Ok(r)
+    }
+
+    /// Size and modification time of the weights, to tell versions apart.
+    pub fn weights_version(&self) -> Result<String> {
+        for f in ["model.safetensors", "model.safetensors.index.json"] {
+            if let Some(h) = self.store.head_opt(&self.key(f))? {
+                return Ok(format!("{f}:{}:{}", h.size, h.last_modified.timestamp_millis()));
+            }
+        }
+        Err(Error::model(
+            &self.id,
+            format!("no model.safetensors in {}", self.store.display(&self.dir)),
+        ))
+    }
+
+    /// The dataset a model was trained on, from its recipe.
+    pub fn trained_dataset(&self) -> Result<Option<String>> {
+        Ok(self.recipe()?.and_then(|r| {
+            r.get("recipe")
+                .and_then(|x| x.get("dataset"))
+                .and_then(|d| d.as_str())
+                .map(str::to_string)
+        }))
+    }
+
+    /// Check a model against the tokenizer of the data it will read.
+    pub fn check_vocab(&self, model: &GptNeo, tok: &crate::tokenizer::TextTokenizer) -> Result<()> {
+        if model.config.vocab_size < tok.vocab_size() {
+            return Err(Error::model(
+                &self.id,
+                format!(
+                    "vocabulary of {} is smaller than the data's tokenizer ({} ids, {})",
+                    model.config.vocab_size,
+                    tok.vocab_size(),
+                    tok.name
+                ),
+            ));
+        }
+        if let Some(bytes) = self.tokenizer_json()? {
+            let own = crate::tokenizer::TextTokenizer::from_bytes(
+                &bytes,
+                &format!("{}/tokenizer.json", self.source),
+            )?;
+            if own.fingerprint() != tok.fingerprint() {
+                return Err(Error::model(
+                    &self.id,
+                    format!(
+                        "its tokenizer.json has another vocabulary than the one the data was tokenized with ({}); re-tokenize the data with tokenizer={}/tokenizer.json",
+                        tok.name, self.source
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn key(&self, file: &str) -> String {
+        join(&self.dir, file)
+    }
+
+    pub fn config(&self) -> Result<GptNeoConfig> {
+        let bytes = self.store.get_opt(&self.key("config.json"))?.ok_or_else(|| {
+            Error::model(
+                &self.id,
+                format!("no config.json in {}", self.store.display(&self.dir)),
+            )
+        })?;
+        let text =
+            std::str::from_utf8(&bytes).map_err(|_| Error::model(&self.id, "config.json is not UTF-8"))?;
+        GptNeoConfig::from_json(text, &self.id)
+    }
+
+    /// The tokenizer shipped with the model, if any.
+    pub fn tokenizer_json(&self) -> Result<Option<Bytes>> {
+        if let Some(b) = self.store.get_opt(&self.key("tokenizer.json"))? {
+            return Ok(Some(b));
+        }
+        if self.dir != self.root {
+            return self.store.get_opt(&join(&self.root, "tokenizer.json"));
+        }
+        Ok(None)
+    }
+
+    /// `trainer_state.json` of the selected weights, if any.
+    pub fn trainer_state(&self) -> Result<Option<Value>> {
+        Ok(self
+            .store
+            .get_opt(&self.key("trainer_state.json"))?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// The training recipe written by the train stage (`pipeline.json`).
+    pub fn recipe(&self) -> Result<Option<Value>> {
+        Ok(self
+            .store
+            .get_opt(&join(&self.root, "pipeline.json"))?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// All tensors of the selected weights, converted to `dtype` on `device`.
+    pub fn tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        let mut files = Vec::new();
+        if let Some(idx) = self.store.get_opt(&self.key("model.safetensors.index.json"))? {
+            let v: Value = serde_json::from_slice(&idx)
+                .map_err(|e| Error::model(&self.id, format!("model.safetensors.index.json: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::model(&self.id, "model.safetensors.index.json has no weight_map"))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            shards.sort();
+            shards.dedup();
+            files.extend(shards);
+        } else if self.store.exists(&self.key("model.safetensors"))? {
+            files.push("model.safetensors".to_string());
+        } else {
+            let hint = if self.store.exists(&self.key("pytorch_model.bin"))? {
+                " (only pytorch_model.bin: convert it to safetensors first)"
+            } else {
+                ""
+            };
+            return Err(Error::model(
+                &self.id,
+                format!("no model.safetensors in {}{hint}", self.store.display(&self.dir)),
+            ));
+        }
+        let mut out = HashMap::new();
+        for f in files {
+            let bytes = self.store.get(&self.key(&f))?;
+            let loaded = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+                Error::model(&self.id, format!("{f} is not a readable safetensors file: {e}"))
+            })?;
+            for (k, t) in loaded {
+                let t = if t.dtype() == dtype {
+                    t
+                } else {
+                    t.to_dtype(dtype).ctx("converting weights")?
+                };
+                out.insert(k, t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Load the model.
+    pub fn load(&self, device: &Device, dtype: DType) -> Result<GptNeo> {
+        let config = self.config()?;
+        let mut tensors = self.tensors(device, dtype)?;
+        // Some exports carry a tied lm_head explicitly; the tie makes it redundant.
+        if config.tie_word_embeddings {
+            tensors.remove("lm_head.weight");
+        }
+        GptNeo::from_tensors(config, &tensors, &self.id)
+    }
+}
+
+/// Serialise tensors as safetensors bytes with the metadata `transformers` expects.
+pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let contiguous: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous().ctx("preparing tensors")?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| Error::invalid(format!("serialising safetensors: {e}")))
+}
+
+/// Save a model directory: weights, config, optional extra files, and
+/// `trainer_state.json` last (its presence marks a complete save).
+pub fn save_dir(
+    store: &Lake,
+    dir: &str,
+    config: &GptNeoConfig,
+    tensors: &HashMap<String, Tensor>,
+    extra: &[(&str, Bytes)],
+    trainer_state: &Value,
+) -> Result<()> {
+    let named: Vec<(String, Tensor)> = parameter_names(config)
+        .into_iter()
+        .map(|n| {
+            let t = tensors
+                .get(&n)
+                .ok_or_else(|| Error::invalid(format!("no tensor {n} to save")))?
+                .to_dtype(DType::F32)
+                .ctx("saving weights")?;
+            Ok((n, t))
+        })
+        .collect::<Result<_>>()?;
+    store.delete(&join(dir, "trainer_state.json"))?;
+    store.put(
+        &join(dir, "model.safetensors"),
+        Bytes::from(safetensors_bytes(&named)?),
+    )?;
+    store.put(&join(dir, "config.json"), Bytes::from(config.to_json()))?;
+    for (name, bytes) in extra {
+        store.put(&join(dir, name), bytes.clone())?;
+    }
+    store.put(
+        &join(dir, "trainer_state.json"),
+        Bytes::from(serde_json::to_vec_pretty(trainer_state).expect("json")),
+    )?;
+    Ok(())
+}

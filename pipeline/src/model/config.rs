@@ -1,0 +1,237 @@
+//! The Hugging Face `GPTNeoConfig` (`config.json`), read and written.
+//!
+//! Reading accepts what `transformers` writes and refuses what this model
+//! does not implement (other model types, activations, attention types,
+//! dropout in the forward pass is irrelevant and ignored). Writing produces a
+//! file `GPTNeoForCausalLM.from_pretrained` loads.
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptNeoConfig {
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// `[[["global", "local"], n], ...]` as in the HF config.
+    pub attention_types: Vec<(Vec<String>, usize)>,
+    pub window_size: usize,
+    pub intermediate_size: Option<usize>,
+    pub layer_norm_epsilon: f64,
+    pub initializer_range: f64,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl GptNeoConfig {
+    /// A config for the paper's grid: `depth` blocks alternating global/local,
+    /// width `d`, `heads` heads, GPT-Neo's vocabulary and context.
+    pub fn grid(depth: usize, width: usize, heads: usize, vocab_size: usize, context: usize) -> Self {
+        let mut attention_types = Vec::new();
+        if depth >= 2 {
+            attention_types.push((vec!["global".to_string(), "local".to_string()], depth / 2));
+        }
+        if depth % 2 == 1 {
+            attention_types.push((vec!["global".to_string()], 1));
+        }
+        GptNeoConfig {
+            vocab_size,
+            max_position_embeddings: context,
+            hidden_size: width,
+            num_layers: depth,
+            num_heads: heads,
+            attention_types,
+            window_size: 256,
+            intermediate_size: None,
+            layer_norm_epsilon: 1e-5,
+            initializer_range: 0.02,
+            tie_word_embeddings: true,
+            bos_token_id: Some(50256),
+            eos_token_id: Some(50256),
+        }
+    }
+
+    pub fn inner_size(&self) -> usize {
+        self.intermediate_size.unwrap_or(4 * self.hidden_size)
+    }
+
+    /// One of "global" / "local" per layer.
+    pub fn layer_types(&self) -> Vec<String> {
+        self.attention_types
+            .iter()
+            .flat_map(|(types, n)| std::iter::repeat_n(types.clone(), *n).flatten())
+            .collect()
+    }
+
+    /// Parse a `config.json`.
+    pub fn from_json(text: &str, model: &str) -> Result<Self> {
+        let bad = |p: String| Error::model(model, format!("config.json: {p}"));
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        if model_type != "gpt_neo" {
+            return Err(bad(format!(
+                "model_type '{model_type}' is not supported; only gpt_neo (GPTNeoForCausalLM) is"
+            )));
+        }
+        let uint = |k: &str| -> Result<usize> {
+            v.get(k)
+                .and_then(Value::as_u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| bad(format!("missing or non-integer '{k}'")))
+        };
+        let act = v
+            .get("activation_function")
+            .and_then(Value::as_str)
+            .unwrap_or("gelu_new");
+        if act != "gelu_new" {
+            return Err(bad(format!(
+                "activation_function '{act}' is not supported (gelu_new is)"
+            )));
+        }
+        let mut attention_types = Vec::new();
+        let at = v
+            .get("attention_types")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("missing 'attention_types'".into()))?;
+        for entry in at {
+            let pair = entry.as_array().filter(|a| a.len() == 2);
+            let parsed = pair.and_then(|a| {
+                let types: Option<Vec<String>> = a[0]
+                    .as_array()?
+                    .iter()
+                    .map(|t| t.as_str().map(str::to_string))
+                    .collect();
+                Some((types?, a[1].as_u64()? as usize))
+            });
+            let (types, n) =
+                parsed.ok_or_else(|| bad(format!("attention_types entry {entry} is not [[types...], n]")))?;
+            if let Some(t) = types.iter().find(|t| *t != "global" && *t != "local") {
+                return Err(bad(format!(
+                    "attention type '{t}' is not supported (global, local)"
+                )));
+            }
+            attention_types.push((types, n));
+        }
+        let cfg = GptNeoConfig {
+            vocab_size: uint("vocab_size")?,
+            max_position_embeddings: uint("max_position_embeddings")?,
+            hidden_size: uint("hidden_size")?,
+            num_layers: uint("num_layers")?,
+            num_heads: uint("num_heads")?,
+            attention_types,
+            window_size: uint("window_size").unwrap_or(256),
+            intermediate_size: v
+                .get("intermediate_size")
+                .and_then(Value::as_u64)
+                .map(|x| x as usize),
+            layer_norm_epsilon: v
+                .get("layer_norm_epsilon")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-5),
+            initializer_range: v.get("initializer_range").and_then(Value::as_f64).unwrap_or(0.02),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            eos_token_id: v.get("eos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+        };
+        cfg.validate(model)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, model: &str) -> Result<()> {
+        let bad = |p: String| Err(Error::model(model, format!("config: {p}")));
+        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_heads {}",
+                self.hidden_size, self.num_heads
+            ));
+        }
+        if self.layer_types().len() != self.num_layers {
+            return bad(format!(
+                "attention_types describe {} layers but num_layers is {}",
+                self.layer_types().len(),
+                self.num_layers
+            ));
+        }
+        if self.vocab_size == 0 || self.max_position_embeddings == 0 || self.window_size == 0 {
+            return bad("vocab_size, max_position_embeddings and window_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// A `config.json` that `transformers` loads as GPTNeoForCausalLM.
+    pub fn to_json(&self) -> String {
+        let at: Vec<Value> = self.attention_types.iter().map(|(t, n)| json!([t, n])).collect();
+        let v = json!({
+            "architectures": ["GPTNeoForCausalLM"],
+            "model_type": "gpt_neo",
+            "activation_function": "gelu_new",
+            "attention_dropout": 0.0,
+            "attention_types": at,
+            "bos_token_id": self.bos_token_id,
+            "embed_dropout": 0.0,
+            "eos_token_id": self.eos_token_id,
+            "hidden_size": self.hidden_size,
+            "initializer_range": self.initializer_range,
+            "intermediate_size": self.intermediate_size,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_heads": self.num_heads,
+            "num_layers": self.num_layers,
+            "resid_dropout": 0.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "torch_dtype": "float32",
+            "use_cache": true,
+            "vocab_size": self.vocab_size,
+            "window_size": self.window_size,
+        });
+        serde_json::to_string_pretty(&v).expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_configs_round_trip_and_alternate() {
+        for depth in [1, 2, 3, 4] {
+            let c = GptNeoConfig::grid(depth, 64, 16, 50257, 2048);
+            let types = c.layer_types();
+            assert_eq!(types.len(), depth);
+            for (i, t) in types.iter().enumerate() {
+                assert_eq!(t, if i % 2 == 0 { "global" } else { "local" });
+            }
+            let back = GptNeoConfig::from_json(&c.to_json(), "m").unwrap();
+            assert_eq!(back, c);
+        }
+    }
+
+    #[test]
+    fn unsupported_configs_are_refused_by_name() {
+        let c = GptNeoConfig::grid(2, 64, 16, 50257, 2048);
+        let gpt2 = c.to_json().replace("\"gpt_neo\"", "\"gpt2\"");
+        let err = GptNeoConfig::from_json(&gpt2, "m").unwrap_err().to_string();
+        assert!(err.contains("model_type 'gpt2' is not supported"), "{err}");
+        let relu = c.to_json().replace("\"gelu_new\"", "\"relu\"");
+        assert!(
+            GptNeoConfig::from_json(&relu, "m")
+                .unwrap_err()
+                .to_string()
+                .contains("relu")
+        );
+        let heads = c.to_json().replace("\"num_heads\": 16", "\"num_heads\": 7");
+        assert!(
+            GptNeoConfig::from_json(&heads, "m")
+                .unwrap_err()
+                .to_string()
+                .contains("divisible")
+        );
+    }
+}

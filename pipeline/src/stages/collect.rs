@@ -1,0 +1,419 @@
+//! `collect`: one pass of a model over a split's chunks, accumulating
+//! per-class embedding statistics (count, mean, M2) in f64.
+//!
+//! Reads: model weights, `chunks/dataset=D/split=S`, the dataset tokenizer.
+//! Writes: `class_stats/model=ID/split=S/layer=L` (one artifact per layer),
+//! or with `shard=i/n` (n > 1) a shard partial for `stage=merge`.
+//!
+//! Samples: for each chunk x_1..x_T, positions t = 1..T-1 give the embedding
+//! h_t (after ln_f, or any hidden state with `layers=`) labelled by the next
+//! token x_{t+1}. Each batch is reduced on the model's device to per-class
+//! (count, mean, M2) and merged into the running statistics with Chan's
+//! formula, so one forward pass yields means and variances together.
+//! `vars=two-pass` instead computes the means in a first pass and the exact
+//! squared distances to them in a second (a check on the one-pass numbers).
+//!
+//! Scale-out: `shard=i/n` takes the contiguous chunk range
+//! [i*S/n, (i+1)*S/n); any number of independent processes can each take one
+//! shard; `stage=merge` combines them. Resume: every `checkpoint_every` chunks
+//! the statistics and the next chunk index are written as one object; a
+//! restarted run with the same inputs continues from it and ends with the
+//! same statistics as an uninterrupted run (the batches and their merge order
+//! are the same).
+//!
+//! Refuses chunks tokenized with another vocabulary than the model's, a model
+//! whose context is shorter than T, and an empty split.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use crate::artifact::Provenance;
+use crate::chunks::Chunks;
+use crate::error::{Context, Error, Result};
+use crate::model::GptNeo;
+use crate::model::checkpoint::ModelRef;
+use crate::params::{ParamSpec, Params, param, required};
+use crate::partials::{StateObject, collect_inputs, commit_class_stats, shard_key};
+use crate::stages::{Ctx, Stage};
+use crate::stats::{ClassStats, batch_m2_to, batch_partial};
+
+pub struct Collect;
+
+const PARAMS: &[ParamSpec] = &[
+    required(
+        "model",
+        "model: NAME[@K] trained here, or a Hugging Face directory[@K]",
+    ),
+    param(
+        "dataset",
+        "",
+        "dataset (default: the one the model was trained on)",
+    ),
+    param("split", "train", "split whose samples are collected"),
+    param(
+        "layers",
+        "last",
+        "last | all | comma-separated hidden-state indices (0 = embeddings, L = ln_f output)",
+    ),
+    param("batch", "2", "sequences per forward pass"),
+    param(
+        "shard",
+        "0/1",
+        "i/n: process the i-th of n contiguous chunk ranges",
+    ),
+    param("checkpoint_every", "256", "chunks between resumable checkpoints"),
+    param(
+        "vars",
+        "one-pass",
+        "one-pass (Chan merges) | two-pass (exact check)",
+    ),
+    param("device", "cpu", "cpu or cuda[:N]"),
+    param("dtype", "f32", "f32 | bf16 (GPU)"),
+    param(
+        "stop_after",
+        "0",
+        "stop after this many chunks of this invocation, leaving a checkpoint (time-boxed jobs; 0 = run to the end)",
+    ),
+    param(
+        "force",
+        "false",
+        "recompute, discarding checkpoints and stale results",
+    ),
+];
+
+/// Parse `layers=` for a model of depth `depth`.
+pub fn parse_layers(spec: &str, depth: usize) -> Result<Vec<usize>> {
+    let mut out: Vec<usize> = match spec.trim() {
+        "last" => vec![depth],
+        "all" => (0..=depth).collect(),
+        list => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&l| l <= depth)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "layers: '{s}' is not a hidden-state index in 0..={depth}"
+                        ))
+                    })
+            })
+            .collect::<Result<_>>()?,
+    };
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err(Error::invalid("layers: no layer selected"));
+    }
+    Ok(out)
+}
+
+/// Parse `shard=i/n`.
+pub fn parse_shard(spec: &str) -> Result<(u64, u64)> {
+    let bad = || Error::invalid(format!("shard '{spec}' is not i/n with 0 <= i < n"));
+    let (i, n) = spec.split_once('/').ok_or_else(bad)?;
+    let (i, n): (u64, u64) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// Timings of a collection run.
+#[derive(Default)]
+struct Clock {
+    forward: f64,
+    accumulate: f64,
+    tokens: u64,
+}
+
+/// Run the model over `ids` and return, per requested layer, the sample
+/// embeddings [B*(T-1), d] (positions 1..T-1) with their labels.
+fn samples(
+    model: &GptNeo,
+    ids: &[u32],
+    b: usize,
+    t: usize,
+    layers: &[usize],
+) -> Result<(Vec<Tensor>, Vec<u32>)> {
+    let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;
+    let hs = model.forward(&x, layers, false)?;
+    let d = model.config.hidden_size;
+    let hs = hs
+        .into_iter()
+        .map(|h| {
+            h.narrow(1, 0, t - 1)
+                .and_then(|h| h.reshape((b * (t - 1), d)))
+                .ctx("positions")
+        })
+        .collect::<Result<_>>()?;
+    let labels = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
+    Ok((hs, labels))
+}
+
+impl Stage for Collect {
+    fn name(&self) -> &'static str {
+        "collect"
+    }
+    fn about(&self) -> &'static str {
+        "one pass over a split: per-class count, mean and M2 of embeddings in f64 (sharded, resumable, CPU or GPU)"
+    }
+    fn reads(&self) -> &'static str {
+        "weights, chunks, tokenizer"
+    }
+    fn writes(&self) -> &'static str {
+        "class_stats (or a shard partial for merge)"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
+        let dataset = match p.opt("dataset") {
+            Some(d) => d.to_string(),
+            None => m.trained_dataset()?.ok_or_else(|| {
+                p.invalid(
+                    "dataset",
+                    format!("model {} has no recorded dataset; give dataset=", m.id),
+                )
+            })?,
+        };
+        let split = p.nonempty("split")?;
+        let batch = p.usize_in("batch", 1, 1 << 16)?;
+        let (shard, of) = parse_shard(p.str("shard")).map_err(|e| p.invalid("shard", e.to_string()))?;
+        let every = p.u64("checkpoint_every")?.max(1);
+        let stop_after = p.u64("stop_after")?;
+        let two_pass = p.choice("vars", &["one-pass", "two-pass"])? == "two-pass";
+        if two_pass && of > 1 {
+            return Err(p.invalid("vars", "two-pass needs every chunk in one process; use shard=0/1"));
+        }
+        let force = p.bool("force")?;
+        let device = crate::model::device(p.str("device"))?;
+        let dtype = crate::model::dtype(p.str("dtype"))?;
+
+        let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
+        let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
+        chunks.check_tokenizer(&tok)?;
+        let config = m.config()?;
+        let layers = parse_layers(p.str("layers"), config.num_layers)
+            .map_err(|e| p.invalid("layers", e.to_string()))?;
+        if config.max_position_embeddings < chunks.t {
+            return Err(Error::model(
+                &m.id,
+                format!(
+                    "context {} is shorter than the chunks' T = {}",
+                    config.max_position_embeddings, chunks.t
+                ),
+            ));
+        }
+        let version = m.weights_version()?;
+        let inputs = collect_inputs(&chunks.manifest, &m.source, &version);
+        let mut prov = Provenance::new("collect")
+            .param("vars", if two_pass { "two-pass" } else { "one-pass" })
+            .extra("model_source", m.source.as_str())
+            .extra("dataset", dataset.as_str());
+        prov.inputs = inputs.clone();
+
+        // Already done?
+        if of == 1 && !force {
+            let mut done = true;
+            for l in &layers {
+                let a = crate::artifact::Artifact::new(
+                    "class_stats",
+                    &[("model", &m.id), ("split", split), ("layer", &l.to_string())],
+                )?;
+                let want = prov.clone().param("layer", l);
+                done &= ctx.lake.manifest(&a)?.is_some_and(|x| want.matches(&x));
+            }
+            if done {
+                return Ok(format!("class_stats/model={}/split={split}: up to date", m.id));
+            }
+        }
+        if of == 1 {
+            // Fail before the long pass rather than after it.
+            let siblings = ctx
+                .lake
+                .manifests("class_stats", &format!("model={}/split={split}", m.id))?;
+            if !force {
+                ctx.lake.check_siblings(&siblings, &inputs, false)?;
+            }
+        }
+
+        let model = m.load(&device, dtype)?;
+        m.check_vocab(&model, &tok)?;
+        let d = model.config.hidden_size;
+        let range = (shard * chunks.count / of)..((shard + 1) * chunks.count / of);
+        let state_id = blake3::hash(
+            format!(
+                "{}|{}|{}|{:?}|{two_pass}|{batch}|{shard}/{of}",
+                m.id, version, chunks.manifest.content_hash, layers
+            )
+            .as_bytes(),
+        )
+        .to_hex()[..16]
+            .to_string();
+        let resume_key = shard_key(&m.id, split, of, shard, true);
+
+        let mut stats: Vec<ClassStats> = layers.iter().map(|_| ClassStats::new(d)).collect();
+        let mut next = range.start;
+        let mut pass = 1u32;
+        if force {
+            ctx.lake.delete(&resume_key)?;
+        } else if let Some(st) = StateObject::load(&ctx.lake, &resume_key)? {
+            if st.meta.get("state_id") == Some(&state_id) && st.layers == layers {
+                next = st
+                    .meta
+                    .get("next")
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(range.start);
+                pass = st.meta.get("pass").and_then(|n| n.parse().ok()).unwrap_or(1);
+                stats = st.stats;
+                tracing::info!(model = %m.id, next, pass, "resuming collection");
+            } else {
+                tracing::warn!(key = %resume_key, "checkpoint belongs to other inputs; starting over");
+            }
+        }
+
+        let started = Instant::now();
+        let mut clock = Clock::default();
+        let save = |stats: &[ClassStats], next: u64, pass: u32| -> Result<()> {
+            let mut meta = HashMap::new();
+            meta.insert("state_id".into(), state_id.clone());
+            meta.insert("next".into(), next.to_string());
+            meta.insert("pass".into(), pass.to_string());
+            StateObject {
+                layers: layers.clone(),
+                stats: stats.to_vec(),
+                meta,
+            }
+            .save(&ctx.lake, &resume_key)
+        };
+        let passes = if two_pass { 2 } else { 1 };
+        let total = (range.end - range.start) * passes as u64 * chunks.t as u64;
+        let bar = crate::progress::bar(total, "collect", "tok");
+        bar.set_position(
+            ((pass as u64 - 1) * (range.end - range.start) + (next - range.start)) * chunks.t as u64,
+        );
+        while pass <= passes {
+            // Second pass: the final means, on the device, per layer.
+            let means: Vec<Option<Tensor>> = if pass == 2 {
+                stats
+                    .iter()
+                    .map(|s| {
+                        Tensor::from_slice(&s.mean, (s.len(), d), &device)
+                            .map(Some)
+                            .ctx("means")
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![None; layers.len()]
+            };
+            let mut since = 0u64;
+            let mut done_here = 0u64;
+            let mut stopped = false;
+            chunks.for_each_batch(&ctx.lake, next..range.end, batch, |first, ids, b| {
+                if stopped {
+                    return Ok(());
+                }
+                let t0 = Instant::now();
+                let (hs, labels) = samples(&model, ids, b, chunks.t, &layers)?;
+                // Make the forward's time measurable apart from accumulation.
+                if let Some(h) = hs.first() {
+                    h.device().synchronize().ctx("device sync")?;
+                }
+                let t1 = Instant::now();
+                for ((h, s), mu) in hs.iter().zip(stats.iter_mut()).zip(&means) {
+                    match mu {
+                        None => s.merge_partial(&batch_partial(h, &labels)?),
+                        Some(mu) => s.add_m2(&batch_m2_to(h, &labels, s, mu)?),
+                    }
+                }
+                clock.forward += (t1 - t0).as_secs_f64();
+                clock.accumulate += t1.elapsed().as_secs_f64();
+                clock.tokens += (b * chunks.t) as u64;
+                bar.inc((b * chunks.t) as u64);
+                next = first + b as u64;
+                since += b as u64;
+                done_here += b as u64;
+                if stop_after > 0 && done_here >= stop_after && next < range.end {
+                    save(&stats, next, pass)?;
+                    stopped = true;
+                } else if since >= every && next < range.end {
+                    save(&stats, next, pass)?;
+                    since = 0;
+                }
+                Ok(())
+            })?;
+            if stopped {
+                bar.finish_and_clear();
+                return Ok(format!(
+                    "collect {} on {split}: stopped at chunk {next} of {} (stop_after={stop_after}); run again to continue",
+                    m.id, range.end
+                ));
+            }
+            if pass == 1 && two_pass {
+                for s in stats.iter_mut() {
+                    s.m2.iter_mut().for_each(|x| *x = 0.0);
+                }
+                next = range.start;
+                save(&stats, next, 2)?;
+            }
+            pass += 1;
+        }
+        bar.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let rate = clock.tokens as f64 / secs;
+        let share = clock.accumulate / (clock.forward + clock.accumulate).max(1e-9);
+        tracing::info!(
+            tokens = clock.tokens,
+            tokens_per_s = rate,
+            accumulate_share = share,
+            "collected"
+        );
+
+        let summary = if of == 1 {
+            let ms = commit_class_stats(&ctx.lake, &m.id, split, &layers, &stats, &prov, force)?;
+            format!(
+                "class_stats/model={}/split={split}: {} layer(s), {} classes, {} samples ({rate:.0} tokens/s, {:.1}% accumulating)",
+                m.id,
+                ms.len(),
+                stats[0].len(),
+                stats[0].samples(),
+                100.0 * share
+            )
+        } else {
+            let mut meta = HashMap::new();
+            meta.insert("state_id".into(), state_id.clone());
+            meta.insert("complete".into(), "true".into());
+            meta.insert("inputs".into(), serde_json::to_string(&inputs).expect("json"));
+            meta.insert("range".into(), format!("{}..{}", range.start, range.end));
+            meta.insert("vars".into(), "one-pass".into());
+            meta.insert("dataset".into(), dataset.clone());
+            meta.insert("model_source".into(), m.source.clone());
+            let key = shard_key(&m.id, split, of, shard, false);
+            StateObject {
+                layers: layers.clone(),
+                stats: stats.clone(),
+                meta,
+            }
+            .save(&ctx.lake, &key)?;
+            format!(
+                "shard {shard}/{of} of {} on {split}: chunks {}..{}, {} samples -> {} ({rate:.0} tokens/s); run stage=merge when all shards are done",
+                m.id,
+                range.start,
+                range.end,
+                stats[0].samples(),
+                ctx.lake.display(&key)
+            )
+        };
+        ctx.lake.delete(&resume_key)?;
+        Ok(summary)
+    }
+}

@@ -1,0 +1,246 @@
+//! `decide`: NC4 classifier agreement on a split (validation by default).
+//!
+//! Reads: `class_stats/model=ID/split=train/layer=L` (the class means), the
+//! model (its classifier rows W and the embeddings), `chunks` of the split.
+//! Writes: `decisions/model=ID/split=S/layer=L`, per true class: samples, NC4
+//! hits (both decisions agree), and how often each decision is right.
+//!
+//! For every sample h, over the analysed classes V' (N_c within
+//! [min_per_class, max_per_class] in the class statistics, ascending id):
+//! the linear decision argmax_c <w_c, h> and the nearest-class-centre decision
+//! argmin_c ||h - mu_c||, computed as argmax_c (2<h, mu_c> - ||mu_c||^2) with a
+//! matrix product (||h||^2 is the same for every c). Ties resolve to the
+//! lowest class id (the first maximum). `precision=f64` (default) computes
+//! both products in f64, so decisions match an exact evaluation except at
+//! ties below f64 resolution; `f32` is faster (GPU).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, UInt32Array, UInt64Array};
+use arrow::record_batch::RecordBatch;
+use candle_core::{D, DType, Tensor};
+
+use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::chunks::Chunks;
+use crate::error::{Context, Error, Result};
+use crate::model::checkpoint::ModelRef;
+use crate::params::{ParamSpec, Params, param, required};
+use crate::stages::{Ctx, Stage};
+use crate::stats::ClassStats;
+
+pub struct Decide;
+
+const PARAMS: &[ParamSpec] = &[
+    required("model", "model: NAME[@K] or a Hugging Face directory[@K]"),
+    param(
+        "dataset",
+        "",
+        "dataset (default: the one the model was trained on)",
+    ),
+    param("split", "validation", "split whose samples are classified"),
+    param("stats_split", "train", "split of the class means"),
+    param(
+        "layer",
+        "last",
+        "hidden-state index of the means and embeddings (last = ln_f output)",
+    ),
+    param(
+        "min_per_class",
+        "1",
+        "V': classes with at least this many samples",
+    ),
+    param(
+        "max_per_class",
+        "0",
+        "V': classes with at most this many samples (0 = no limit)",
+    ),
+    param("batch", "2", "sequences per forward pass"),
+    param("precision", "f64", "f64 | f32 for the two products"),
+    param("device", "cpu", "cpu or cuda[:N]"),
+    param("force", "false", "recompute even when up to date"),
+];
+
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    samples: u64,
+    agree: u64,
+    linear_correct: u64,
+    ncc_correct: u64,
+}
+
+impl Stage for Decide {
+    fn name(&self) -> &'static str {
+        "decide"
+    }
+    fn about(&self) -> &'static str {
+        "NC4: per sample, linear (argmax <w_c,h>) vs nearest-class-centre decision over V'; per-class hits"
+    }
+    fn reads(&self) -> &'static str {
+        "class_stats, weights, chunks"
+    }
+    fn writes(&self) -> &'static str {
+        "decisions"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
+        let dataset = match p.opt("dataset") {
+            Some(d) => d.to_string(),
+            None => m.trained_dataset()?.ok_or_else(|| {
+                p.invalid(
+                    "dataset",
+                    format!("model {} has no recorded dataset; give dataset=", m.id),
+                )
+            })?,
+        };
+        let split = p.nonempty("split")?;
+        let stats_split = p.nonempty("stats_split")?;
+        let min = p.u64("min_per_class")?;
+        let max = p.u64("max_per_class")?;
+        let batch = p.usize_in("batch", 1, 1 << 16)?;
+        let dt = match p.choice("precision", &["f64", "f32"])? {
+            "f64" => DType::F64,
+            _ => DType::F32,
+        };
+        let config = m.config()?;
+        let layer = match p.str("layer") {
+            "last" => config.num_layers,
+            s => s
+                .parse::<usize>()
+                .ok()
+                .filter(|&l| l <= config.num_layers)
+                .ok_or_else(|| {
+                    p.invalid(
+                        "layer",
+                        format!("'{s}' is not last or an index in 0..={}", config.num_layers),
+                    )
+                })?,
+        };
+        let stats_a = Artifact::new(
+            "class_stats",
+            &[
+                ("model", &m.id),
+                ("split", stats_split),
+                ("layer", &layer.to_string()),
+            ],
+        )?;
+        let stats_m = ctx
+            .lake
+            .require(&stats_a, "run stage=collect for this model first")?;
+        let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
+        let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
+        chunks.check_tokenizer(&tok)?;
+        let version = m.weights_version()?;
+        if !stats_m.inputs.iter().any(|i| i.content_hash == version) {
+            return Err(Error::Stale(format!(
+                "{} was collected from other weights than {} has now; re-run collect",
+                stats_m.artifact, m.id
+            )));
+        }
+        let out = Artifact::new(
+            "decisions",
+            &[("model", &m.id), ("split", split), ("layer", &layer.to_string())],
+        )?;
+        let prov = Provenance::new("decide")
+            .param("min_per_class", min)
+            .param("max_per_class", max)
+            .param("precision", p.str("precision"))
+            .input(&stats_m)
+            .input(&chunks.manifest);
+        if !p.bool("force")? {
+            if let Some(existing) = ctx.lake.manifest(&out)? {
+                if prov.matches(&existing) {
+                    return Ok(format!("{}: up to date", out));
+                }
+            }
+        }
+
+        let device = crate::model::device(p.str("device"))?;
+        let model = m.load(&device, DType::F32)?;
+        m.check_vocab(&model, &tok)?;
+        let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
+        let rows = stats.analysed(min, max);
+        if rows.is_empty() {
+            return Err(Error::invalid(format!(
+                "no class of {} has between {min} and {} samples",
+                stats_a,
+                if max == 0 {
+                    "any".to_string()
+                } else {
+                    max.to_string()
+                }
+            )));
+        }
+        let d = stats.d;
+        let ids: Vec<u32> = rows.iter().map(|&r| stats.classes[r]).collect();
+        let mut mu = Vec::with_capacity(rows.len() * d);
+        for &r in &rows {
+            mu.extend_from_slice(stats.mean_of(r));
+        }
+        let mu_sq: Vec<f64> = rows
+            .iter()
+            .map(|&r| stats.mean_of(r).iter().map(|x| x * x).sum())
+            .collect();
+        let setup = || -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+            let mu = Tensor::from_vec(mu.clone(), (rows.len(), d), &device)?.to_dtype(dt)?;
+            let mu_sq = Tensor::from_vec(mu_sq.clone(), rows.len(), &device)?.to_dtype(dt)?;
+            let idx = Tensor::from_vec(ids.clone(), ids.len(), &device)?;
+            let w = model.classifier().index_select(&idx, 0)?.to_dtype(dt)?;
+            Ok((mu.t()?.contiguous()?, mu_sq, w.t()?.contiguous()?))
+        };
+        let (mu_t, mu_sq_t, w_t) = setup().ctx("classifier and means")?;
+        let t = chunks.t;
+        let mut tally: BTreeMap<u32, Tally> = BTreeMap::new();
+        let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
+        chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
+            let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
+            let h = model.forward(&x, &[layer], false)?.remove(0);
+            let decide = || -> candle_core::Result<(Vec<u32>, Vec<u32>)> {
+                let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?.to_dtype(dt)?;
+                let lin = h.matmul(&w_t)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+                let ncc = ((h.matmul(&mu_t)? * 2.0)?.broadcast_sub(&mu_sq_t)?)
+                    .argmax(D::Minus1)?
+                    .to_vec1::<u32>()?;
+                Ok((lin, ncc))
+            };
+            let (lin, ncc) = decide().ctx("decisions")?;
+            let labels = tokens.chunks_exact(t).flat_map(|r| r[1..].iter().copied());
+            for ((y, l), n) in labels.zip(lin).zip(ncc) {
+                let (l, n) = (ids[l as usize], ids[n as usize]);
+                let e = tally.entry(y).or_default();
+                e.samples += 1;
+                e.agree += u64::from(l == n);
+                e.linear_correct += u64::from(l == y);
+                e.ncc_correct += u64::from(n == y);
+            }
+            bar.inc((b * t) as u64);
+            Ok(())
+        })?;
+        bar.finish_and_clear();
+        let col = |f: fn(&Tally) -> u64| -> ArrayRef {
+            Arc::new(UInt64Array::from_iter_values(tally.values().map(f)))
+        };
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt32Array::from_iter_values(tally.keys().copied())),
+            col(|t| t.samples),
+            col(|t| t.agree),
+            col(|t| t.linear_correct),
+            col(|t| t.ncc_correct),
+        ];
+        let batch = RecordBatch::try_new(file_schema("decisions")?, cols).ctx("building decisions")?;
+        let (samples, agree): (u64, u64) = tally
+            .values()
+            .fold((0, 0), |a, t| (a.0 + t.samples, a.1 + t.agree));
+        ctx.lake
+            .write_artifact(&out, &[batch], prov.extra("classes_analysed", rows.len() as u64))?;
+        Ok(format!(
+            "{out}: NC4 agreement {:.4} over {samples} samples, |V'| = {}",
+            agree as f64 / samples.max(1) as f64,
+            rows.len()
+        ))
+    }
+}

@@ -1,0 +1,266 @@
+//! `eval`: validation cross-entropy, next-token accuracy and perplexity.
+//!
+//! Reads: model weights (trained ones in the lake or any Hugging Face
+//! directory), `chunks/dataset=D/split=validation`.
+//! Writes: `models/model=ID`, one row per model checkpoint.
+//!
+//! The loss is the mean over all validation samples (every chunk position
+//! with a next token, B x (T-1) per batch) of the full-vocabulary cross
+//! entropy, accumulated in f64; accuracy counts argmax == next token (ties to
+//! the lowest id); perplexity = exp(loss). For a model trained here,
+//! `model=NAME` evaluates each of its epoch checkpoints (`NAME@0`, ...);
+//! `model=all` every model in the lake.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Array, Int32Array, StringArray, UInt32Array, UInt64Array};
+use arrow::record_batch::RecordBatch;
+use candle_core::{D, DType, Tensor};
+
+use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::chunks::Chunks;
+use crate::error::{Context, Error, Result};
+use crate::lake::Lake;
+use crate::model::checkpoint::{ModelRef, list_checkpoints};
+use crate::model::{GptNeo, loss, naming};
+use crate::params::{ParamSpec, Params, param, required};
+use crate::stages::{Ctx, Stage};
+
+pub struct Eval;
+
+const PARAMS: &[ParamSpec] = &[
+    required(
+        "model",
+        "model id(s), comma-separated: NAME, NAME@K, a Hugging Face directory, or all",
+    ),
+    param(
+        "dataset",
+        "",
+        "dataset to evaluate on (default: the one the model was trained on)",
+    ),
+    param("split", "validation", "split of the dataset"),
+    param("batch", "4", "sequences per forward pass"),
+    param("device", "cpu", "cpu or cuda[:N]"),
+    param("force", "false", "re-evaluate even when up to date"),
+];
+
+/// Expand `model=` into concrete checkpoint references.
+pub fn expand_models(lake: &Lake, spec: &str) -> Result<Vec<ModelRef>> {
+    let mut out = Vec::new();
+    for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if item == "all" {
+            let mut names: Vec<String> = lake
+                .list("weights")?
+                .into_iter()
+                .filter_map(|(k, _)| {
+                    k.strip_prefix("weights/")
+                        .and_then(|r| r.split('/').next())
+                        .map(str::to_string)
+                })
+                .collect();
+            names.sort();
+            names.dedup();
+            for n in names {
+                out.extend(expand_models(lake, &n)?);
+            }
+            continue;
+        }
+        if item.contains('@') {
+            out.push(ModelRef::resolve(lake, item)?);
+            continue;
+        }
+        // A trained model without @K means each of its epoch checkpoints; so
+        // does a directory that only has checkpoint-N subdirectories.
+        let (r, top_level) = match ModelRef::resolve(lake, item) {
+            Ok(r) => (r, true),
+            Err(e) => match ModelRef::resolve(lake, &format!("{item}@0")) {
+                Ok(r) => (r, false),
+                Err(_) => return Err(e),
+            },
+        };
+        if r.in_lake || !top_level {
+            let n = list_checkpoints(&r.store, &r.root)?.len();
+            if n > 0 {
+                for k in 0..n {
+                    out.push(ModelRef::resolve(lake, &format!("{item}@{k}"))?);
+                }
+                continue;
+            }
+        }
+        out.push(r);
+    }
+    if out.is_empty() {
+        return Err(Error::invalid(format!("model='{spec}' names no model")));
+    }
+    Ok(out)
+}
+
+/// Sum of losses, correct predictions and samples over a split.
+struct Totals {
+    loss: f64,
+    correct: u64,
+    samples: u64,
+}
+
+fn evaluate(ctx: &Ctx, model: &GptNeo, chunks: &Chunks, batch: usize) -> Result<Totals> {
+    let t = chunks.t;
+    let depth = model.config.num_layers;
+    let d = model.config.hidden_size;
+    let mut tot = Totals {
+        loss: 0.0,
+        correct: 0,
+        samples: 0,
+    };
+    let bar = crate::progress::bar(chunks.count * t as u64, "eval", "tok");
+    chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, ids, b| {
+        let labels: Vec<u32> = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
+        let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;
+        let h = model.forward(&x, &[depth], false)?.remove(0);
+        let h = h
+            .narrow(1, 0, t - 1)
+            .and_then(|h| h.reshape((b * (t - 1), d)))
+            .ctx("positions")?;
+        // Row blocks bound the vocabulary-sized logits in memory.
+        let rows = b * (t - 1);
+        let block = 1024;
+        let mut r0 = 0;
+        while r0 < rows {
+            let n = block.min(rows - r0);
+            let hb = h.narrow(0, r0, n).ctx("rows")?;
+            let logits = model.logits(&hb)?.to_dtype(DType::F32).ctx("logits")?;
+            let ls = loss::row_losses(&logits, &labels[r0..r0 + n])?;
+            let ls: Vec<f32> = ls.to_vec1().ctx("losses")?;
+            tot.loss += ls.iter().map(|&x| x as f64).sum::<f64>();
+            let am: Vec<u32> = logits.argmax(D::Minus1).and_then(|a| a.to_vec1()).ctx("argmax")?;
+            tot.correct += am.iter().zip(&labels[r0..r0 + n]).filter(|(a, y)| a == y).count() as u64;
+            r0 += n;
+        }
+        tot.samples += rows as u64;
+        bar.inc((b * t) as u64);
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(tot)
+}
+
+impl Stage for Eval {
+    fn name(&self) -> &'static str {
+        "eval"
+    }
+    fn about(&self) -> &'static str {
+        "validation cross-entropy, accuracy and perplexity per model checkpoint"
+    }
+    fn reads(&self) -> &'static str {
+        "weights (lake or Hugging Face directory), chunks (validation)"
+    }
+    fn writes(&self) -> &'static str {
+        "models"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        let batch = p.usize_in("batch", 1, 4096)?;
+        let split = p.nonempty("split")?;
+        let device = crate::model::device(p.str("device"))?;
+        let mut lines = Vec::new();
+        for m in expand_models(&ctx.lake, p.nonempty("model")?)? {
+            let dataset = match p.opt("dataset") {
+                Some(d) => d.to_string(),
+                None => m.trained_dataset()?.ok_or_else(|| {
+                    p.invalid(
+                        "dataset",
+                        format!("model {} has no recorded dataset; give dataset=", m.id),
+                    )
+                })?,
+            };
+            let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
+            let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
+            chunks.check_tokenizer(&tok)?;
+            let weights_version = m.weights_version()?;
+            let out = Artifact::new("models", &[("model", &m.id)])?;
+            let prov = Provenance::new("eval")
+                .param("weights", format!("{} [{weights_version}]", m.source))
+                .param("split", split)
+                .input(&chunks.manifest);
+            if !p.bool("force")? {
+                if let Some(existing) = ctx.lake.manifest(&out)? {
+                    if prov.matches(&existing) {
+                        lines.push(format!("{}: up to date", m.id));
+                        continue;
+                    }
+                }
+            }
+            let model = m.load(&device, DType::F32)?;
+            m.check_vocab(&model, &tok)?;
+            if model.config.max_position_embeddings < chunks.t {
+                return Err(Error::model(
+                    &m.id,
+                    format!(
+                        "context {} is shorter than the chunks' T = {}",
+                        model.config.max_position_embeddings, chunks.t
+                    ),
+                ));
+            }
+            let tot = evaluate(ctx, &model, &chunks, batch)?;
+            let val_loss = tot.loss / tot.samples as f64;
+            let acc = tot.correct as f64 / tot.samples as f64;
+            let row = model_row(&m, &model, &dataset, &tot, val_loss, acc)?;
+            ctx.lake.write_artifact(&out, &[row], prov)?;
+            lines.push(format!(
+                "{}: val_loss {val_loss:.4}, acc {acc:.4}, perplexity {:.2} over {} samples",
+                m.id,
+                val_loss.exp(),
+                tot.samples
+            ));
+        }
+        Ok(lines.join("\n"))
+    }
+}
+
+fn model_row(
+    m: &ModelRef,
+    model: &GptNeo,
+    dataset: &str,
+    tot: &Totals,
+    val_loss: f64,
+    acc: f64,
+) -> Result<RecordBatch> {
+    let cfg = &model.config;
+    let recipe = m.recipe()?.and_then(|r| r.get("recipe").cloned());
+    let state = m.trainer_state()?;
+    let grid = naming::parse(&m.name);
+    let r_u = |k: &str| recipe.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_u64());
+    let r_f = |k: &str| recipe.as_ref().and_then(|r| r.get(k)).and_then(|v| v.as_f64());
+    let s_u = |k: &str| state.as_ref().and_then(|s| s.get(k)).and_then(|v| v.as_u64());
+    let epochs = r_u("epochs")
+        .map(|e| e as u32)
+        .or(grid.as_ref().map(|g| g.epochs));
+    let decay = r_f("weight_decay").or(grid.as_ref().map(|g| g.weight_decay));
+    let init_seed = r_u("init_seed").or(grid.as_ref().map(|g| g.seed as u64));
+    let data_seed = r_u("data_seed").or(grid.as_ref().map(|g| g.seed as u64));
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![m.name.as_str()])),
+        Arc::new(Int32Array::from(vec![m.checkpoint.map(|k| k as i32)])),
+        Arc::new(UInt64Array::from(vec![m.step.or(s_u("global_step"))])),
+        Arc::new(UInt32Array::from(vec![cfg.num_layers as u32])),
+        Arc::new(UInt32Array::from(vec![cfg.hidden_size as u32])),
+        Arc::new(UInt32Array::from(vec![cfg.num_heads as u32])),
+        Arc::new(UInt32Array::from(vec![cfg.vocab_size as u32])),
+        Arc::new(UInt64Array::from(vec![model.n_params()])),
+        Arc::new(UInt32Array::from(vec![epochs])),
+        Arc::new(UInt32Array::from(vec![s_u("epoch").map(|e| e as u32)])),
+        Arc::new(Float64Array::from(vec![decay])),
+        Arc::new(UInt64Array::from(vec![init_seed])),
+        Arc::new(UInt64Array::from(vec![data_seed])),
+        Arc::new(UInt64Array::from(vec![s_u("train_tokens")])),
+        Arc::new(StringArray::from(vec![dataset])),
+        Arc::new(UInt64Array::from(vec![tot.samples])),
+        Arc::new(Float64Array::from(vec![val_loss])),
+        Arc::new(Float64Array::from(vec![acc])),
+        Arc::new(Float64Array::from(vec![val_loss.exp()])),
+        Arc::new(StringArray::from(vec![m.source.as_str()])),
+    ];
+    RecordBatch::try_new(file_schema("models")?, cols).ctx("building the models row")
+}

@@ -1,0 +1,120 @@
+//! `merge`: combine the shard partials of `collect shard=i/n` into
+//! `class_stats`.
+//!
+//! Reads: `partials/collect/model=ID/split=S/of=N/shard=I.safetensors` for
+//! every I < N. Writes: `class_stats/model=ID/split=S/layer=L`.
+//!
+//! All shards must be finished and computed from the same model weights,
+//! chunks and layers; they are merged in shard order with Chan's formula,
+//! which is exact and order-independent up to float rounding.
+
+use crate::artifact::{InputRef, Provenance};
+use crate::error::{Error, Result};
+use crate::model::checkpoint::ModelRef;
+use crate::params::{ParamSpec, Params, param, required};
+use crate::partials::{StateObject, commit_class_stats, shard_key};
+use crate::stages::{Ctx, Stage};
+use crate::stats::ClassStats;
+
+pub struct Merge;
+
+const PARAMS: &[ParamSpec] = &[
+    required(
+        "model",
+        "model id the shards were collected for (as collect resolved it, e.g. NAME@K)",
+    ),
+    param("split", "train", "split"),
+    required("shards", "n, the number of shards"),
+    param("force", "false", "replace class_stats computed from other inputs"),
+];
+
+impl Stage for Merge {
+    fn name(&self) -> &'static str {
+        "merge"
+    }
+    fn about(&self) -> &'static str {
+        "merge the shard partials of collect shard=i/n into class_stats (Chan's formula)"
+    }
+    fn reads(&self) -> &'static str {
+        "partials/collect"
+    }
+    fn writes(&self) -> &'static str {
+        "class_stats"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        let spec = p.nonempty("model")?;
+        // Accept the same references collect accepts, but ids of shards come
+        // from collect's resolution.
+        let id = match ModelRef::resolve_one(&ctx.lake, spec) {
+            Ok(m) => m.id,
+            Err(_) => spec.to_string(),
+        };
+        let split = p.nonempty("split")?;
+        let n = p.u64("shards")?;
+        if n == 0 {
+            return Err(p.invalid("shards", "must be at least 1"));
+        }
+        let mut missing = Vec::new();
+        let mut parts = Vec::new();
+        for i in 0..n {
+            let key = shard_key(&id, split, n, i, false);
+            match StateObject::load(&ctx.lake, &key)? {
+                Some(s) => parts.push((key, s)),
+                None => missing.push(i.to_string()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(Error::invalid(format!(
+                "shards {} of {n} for {id} on {split} are not finished (no {})",
+                missing.join(", "),
+                ctx.lake
+                    .display(&shard_key(&id, split, n, 0, false).replace("shard=0", "shard=I"))
+            )));
+        }
+        let (first_key, first) = &parts[0];
+        let inputs_json = first
+            .meta
+            .get("inputs")
+            .ok_or_else(|| Error::artifact(first_key, "partial lacks its inputs"))?;
+        for (key, s) in &parts {
+            if s.meta.get("complete").map(String::as_str) != Some("true") {
+                return Err(Error::artifact(key, "partial is not complete"));
+            }
+            if s.meta.get("inputs") != Some(inputs_json) || s.layers != first.layers {
+                return Err(Error::Stale(format!(
+                    "{key} was computed from other inputs or layers than {first_key}; re-collect the stale shards"
+                )));
+            }
+        }
+        let inputs: Vec<InputRef> = serde_json::from_str(inputs_json)
+            .map_err(|e| Error::artifact(first_key, format!("bad inputs: {e}")))?;
+        let layers = first.layers.clone();
+        let d = first.stats[0].d;
+        let mut merged: Vec<ClassStats> = layers.iter().map(|_| ClassStats::new(d)).collect();
+        for (_, s) in &parts {
+            for (acc, part) in merged.iter_mut().zip(&s.stats) {
+                acc.merge(part)?;
+            }
+        }
+        let mut prov = Provenance::new("collect")
+            .param("vars", "one-pass")
+            .param("merged_shards", n)
+            .extra(
+                "model_source",
+                first.meta.get("model_source").cloned().unwrap_or_default(),
+            )
+            .extra("dataset", first.meta.get("dataset").cloned().unwrap_or_default());
+        prov.inputs = inputs;
+        commit_class_stats(&ctx.lake, &id, split, &layers, &merged, &prov, p.bool("force")?)?;
+        Ok(format!(
+            "class_stats/model={id}/split={split}: merged {n} shards, {} layer(s), {} classes, {} samples",
+            layers.len(),
+            merged[0].len(),
+            merged[0].samples()
+        ))
+    }
+}

@@ -1,0 +1,587 @@
+//! `train`: train GPT-Neo models on a dataset's train chunks, one model or a
+//! grid of them.
+//!
+//! Reads: `chunks/dataset=D/split=train`, the dataset's tokenizer.
+//! Writes: `weights/NAME/checkpoint-STEP/` after every epoch and the final
+//! weights in `weights/NAME/` (Hugging Face format, with `tokenizer.json`),
+//! `weights/NAME/pipeline.json` (the recipe), and `train_log/model=NAME`.
+//!
+//! Recipe (defaults as in the paper, i.e. the Hugging Face Trainer's): AdamW
+//! (lr 5e-5, betas 0.9/0.999, eps 1e-8; decay on weights only), learning rate
+//! decaying linearly to zero over all steps with no warm-up, gradient-norm
+//! clipping at 1.0, mean cross-entropy over all positions with a next token.
+//! Each epoch visits every chunk once in an order drawn from `data_seed` and
+//! the epoch number; the last batch of an epoch may be smaller. Weights are
+//! initialised from `seed` as Hugging Face does (normal(0, 0.02)).
+//!
+//! Resumable: every `save_every` steps and at every epoch end the weights,
+//! AdamW moments, step and log so far are written as one object
+//! (`weights/NAME/_resume.safetensors`); a restarted run with the same recipe
+//! continues from there and ends with the same model. A finished model (its
+//! top-level `trainer_state.json` says complete, with the same recipe) is
+//! skipped, which is what makes grids restartable.
+//!
+//! `grid=FILE.toml` trains every model of an experiment file (its `[train]`
+//! settings and the cross product of its `[grid]` lists; see
+//! [`crate::experiment`]), skipping the finished ones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::AsArray;
+use arrow::array::{ArrayRef, Float64Array, UInt64Array};
+use arrow::datatypes::UInt32Type;
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use candle_core::{DType, Tensor, Var};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::error::{Context, Error, Result};
+use crate::model::checkpoint::{lake_root, safetensors_bytes, save_dir};
+use crate::model::optim::{AdamW, AdamWConfig};
+use crate::model::{GptNeo, GptNeoConfig, init_weights, loss, naming, parameter_names};
+use crate::params::{Config, ParamSpec, Params, param};
+use crate::stages::{Ctx, Stage};
+
+pub struct Train;
+
+const PARAMS: &[ParamSpec] = &[
+    param("dataset", "sample", "dataset whose train chunks are used"),
+    param("grid", "", "experiment TOML file: train every model of its grid"),
+    param("name", "", "model name (default: LLxDDDD_EEcS from the recipe)"),
+    param("depth", "1", "transformer blocks L"),
+    param("width", "64", "embedding width d"),
+    param("heads", "16", "attention heads (d must be divisible)"),
+    param("context", "2048", "max_position_embeddings (>= T)"),
+    param("epochs", "1", "passes over the train chunks"),
+    param("lr", "5e-5", "peak learning rate (decays linearly to 0)"),
+    param("beta1", "0.9", "AdamW beta1"),
+    param("beta2", "0.999", "AdamW beta2"),
+    param("eps", "1e-8", "AdamW epsilon"),
+    param("weight_decay", "0", "AdamW decoupled weight decay (weights only)"),
+    param("clip", "1.0", "gradient-norm clipping (0 = off)"),
+    param("batch", "8", "chunks per step"),
+    param("seed", "0", "initialisation seed (the S of the model name)"),
+    param("data_seed", "", "data-shuffling seed (default: seed)"),
+    param("log_every", "10", "steps per train_log row"),
+    param("save_every", "200", "steps between resumable states"),
+    param("device", "cpu", "cpu or cuda[:N] (needs --features cuda)"),
+    param(
+        "stop_after",
+        "0",
+        "stop after this many steps of this invocation, leaving a resumable state (time-boxed jobs; 0 = run to the end)",
+    ),
+    param(
+        "force",
+        "false",
+        "retrain even if finished or a resumable state disagrees",
+    ),
+];
+
+/// Everything that determines a trained model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Recipe {
+    pub name: String,
+    pub dataset: String,
+    pub depth: usize,
+    pub width: usize,
+    pub heads: usize,
+    pub context: usize,
+    pub vocab_size: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub batch: usize,
+    pub init_seed: u64,
+    pub data_seed: u64,
+    pub log_every: u64,
+    pub chunks_hash: String,
+    pub tokenizer_fingerprint: String,
+    pub t: usize,
+}
+
+impl Recipe {
+    fn hash(&self) -> String {
+        let v = serde_json::to_vec(self).expect("recipe serialises");
+        blake3::hash(&v).to_hex()[..16].to_string()
+    }
+}
+
+/// One train_log row.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LogRow {
+    step: u64,
+    epoch: f64,
+    tokens: u64,
+    lr: f64,
+    loss: f64,
+    grad_norm: f64,
+    elapsed: f64,
+}
+
+/// Parameters of one training run from resolved stage parameters.
+fn recipe_from(
+    p: &Params,
+    chunks_hash: &str,
+    tokenizer: &str,
+    vocab_size: usize,
+    t: usize,
+) -> Result<Recipe> {
+    let depth = p.usize_in("depth", 1, 64)?;
+    let width = p.usize_in("width", 1, 1 << 16)?;
+    let heads = p.usize_in("heads", 1, 1024)?;
+    if width % heads != 0 {
+        return Err(p.invalid(
+            "heads",
+            format!("width {width} is not divisible by {heads} heads"),
+        ));
+    }
+    let epochs = p.usize_in("epochs", 1, 10_000)?;
+    let weight_decay = p.f64("weight_decay")?;
+    let seed = p.u64("seed")?;
+    let name = match p.opt("name") {
+        Some(n) => n.to_string(),
+        None => naming::format(depth, width, epochs, weight_decay, seed)?,
+    };
+    crate::artifact::check_partition_value("name", &name)?;
+    let context = p.usize_in("context", 2, 1 << 20)?;
+    if context < t {
+        return Err(p.invalid(
+            "context",
+            format!("{context} is shorter than the chunks' T = {t}"),
+        ));
+    }
+    let lr = p.f64("lr")?;
+    if lr <= 0.0 {
+        return Err(p.invalid("lr", "must be positive"));
+    }
+    Ok(Recipe {
+        name,
+        dataset: p.nonempty("dataset")?.to_string(),
+        depth,
+        width,
+        heads,
+        context,
+        vocab_size,
+        epochs,
+        lr,
+        beta1: p.f64("beta1")?,
+        beta2: p.f64("beta2")?,
+        eps: p.f64("eps")?,
+        weight_decay,
+        clip: p.f64("clip")?,
+        batch: p.usize_in("batch", 1, 1 << 20)?,
+        init_seed: seed,
+        data_seed: match p.opt("data_seed") {
+            Some(_) => p.u64("data_seed")?,
+            None => seed,
+        },
+        log_every: p.u64("log_every")?.max(1),
+        chunks_hash: chunks_hash.to_string(),
+        tokenizer_fingerprint: tokenizer.to_string(),
+        t,
+    })
+}
+
+impl Stage for Train {
+    fn name(&self) -> &'static str {
+        "train"
+    }
+    fn about(&self) -> &'static str {
+        "train GPT-Neo models (AdamW, linear decay, clipping; resumable; grids from a TOML file)"
+    }
+    fn reads(&self) -> &'static str {
+        "chunks (train), tokenizer"
+    }
+    fn writes(&self) -> &'static str {
+        "weights/NAME (Hugging Face format), train_log"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        if let Some(grid) = p.opt("grid") {
+            let runs = crate::experiment::Experiment::load(grid)?.train_runs(p.values());
+            let mut lines = Vec::new();
+            for (i, run) in runs.iter().enumerate() {
+                let rp = Params::resolve("train", PARAMS, &Config::default(), run)?;
+                tracing::info!(model = i + 1, of = runs.len(), "grid");
+                lines.push(train_one(ctx, &rp)?);
+            }
+            return Ok(lines.join("\n"));
+        }
+        train_one(ctx, p)
+    }
+}
+
+/// Load every train chunk into memory as one row-major [S, T] array.
+fn load_chunks(ctx: &Ctx, chunks: &Artifact) -> Result<(Vec<u32>, usize)> {
+    let mut all = Vec::new();
+    let mut t = 0;
+    for b in ctx.lake.stream_artifact(chunks, 4096)? {
+        let b = b?;
+        let l = b.column(1).as_fixed_size_list();
+        t = l.value_length() as usize;
+        all.extend_from_slice(l.values().as_primitive::<UInt32Type>().values());
+    }
+    Ok((all, t))
+}
+
+fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
+    let dataset = p.nonempty("dataset")?;
+    let chunks = Artifact::new("chunks", &[("dataset", dataset), ("split", "train")])?;
+    let chunks_m = ctx.lake.require(&chunks, "run stage=pack")?;
+    let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, dataset)?;
+    if chunks_m.extra_str("tokenizer_fingerprint") != Some(tok.fingerprint()) {
+        return Err(Error::Stale(format!(
+            "{} was packed from tokens of another tokenizer than the dataset's current one; re-run pack",
+            chunks_m.artifact
+        )));
+    }
+    let t = chunks_m.extra_u64("T").unwrap_or(0) as usize;
+    let recipe = recipe_from(p, &chunks_m.content_hash, tok.fingerprint(), tok.vocab_size(), t)?;
+    let force = p.bool("force")?;
+    let root = lake_root(&recipe.name);
+    let recipe_hash = recipe.hash();
+
+    // Finished already?
+    if let Some(state) = ctx.lake.get_opt(&format!("{root}/trainer_state.json"))? {
+        let v: serde_json::Value = serde_json::from_slice(&state).unwrap_or_default();
+        let same = v.get("recipe_hash").and_then(|h| h.as_str()) == Some(recipe_hash.as_str());
+        if same && !force {
+            return Ok(format!("{}: up to date", recipe.name));
+        }
+        if !same && !force {
+            return Err(Error::Stale(format!(
+                "model {} exists with another recipe (or other data); use another name or force=true to retrain it",
+                recipe.name
+            )));
+        }
+    }
+
+    let device = crate::model::device(p.str("device"))?;
+    let (data, t_data) = load_chunks(ctx, &chunks)?;
+    if t_data != t || data.is_empty() {
+        return Err(Error::artifact(
+            &chunks_m.artifact,
+            "chunks are empty or their T disagrees with the manifest",
+        ));
+    }
+    if let Some(&bad) = data.iter().find(|&&x| x as usize >= recipe.vocab_size) {
+        return Err(Error::artifact(
+            &chunks_m.artifact,
+            format!("token id {bad} >= vocabulary {}", recipe.vocab_size),
+        ));
+    }
+    let n_chunks = data.len() / t;
+    let config = GptNeoConfig::grid(
+        recipe.depth,
+        recipe.width,
+        recipe.heads,
+        recipe.vocab_size,
+        recipe.context,
+    );
+    config.validate(&recipe.name)?;
+    let init = init_weights(&config, recipe.init_seed, &device)?;
+    let names = parameter_names(&config);
+    let vars: Vec<(String, Var)> = names
+        .iter()
+        .map(|n| Ok((n.clone(), Var::from_tensor(&init[n]).ctx("creating variables")?)))
+        .collect::<Result<_>>()?;
+    let tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let model = GptNeo::from_tensors(config.clone(), &tensors, &recipe.name)?;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            beta1: recipe.beta1,
+            beta2: recipe.beta2,
+            eps: recipe.eps,
+            weight_decay: recipe.weight_decay,
+        },
+    )?;
+
+    let steps_per_epoch = n_chunks.div_ceil(recipe.batch) as u64;
+    let total_steps = steps_per_epoch * recipe.epochs as u64;
+    let mut log: Vec<LogRow> = Vec::new();
+    let mut start_step = 0u64;
+    let mut tokens_seen = 0u64;
+    let resume_key = format!("{root}/_resume.safetensors");
+    if let Some(bytes) = ctx.lake.get_opt(&resume_key)? {
+        match read_resume(&bytes, &recipe_hash, &device) {
+            Ok((state, step, rows, tokens)) => {
+                for (n, v) in &vars {
+                    let t = state.get(&format!("p.{n}")).ok_or_else(|| {
+                        Error::artifact(ctx.lake.display(&resume_key), format!("lacks {n}"))
+                    })?;
+                    v.set(t).ctx("restoring weights")?;
+                }
+                opt.load_state(&state, step)?;
+                start_step = step;
+                tokens_seen = tokens;
+                log = rows;
+                tracing::info!(model = %recipe.name, step, "resuming");
+            }
+            Err(e) if force => tracing::warn!(error = %e, "discarding resumable state (force=true)"),
+            Err(e) => return Err(e),
+        }
+    }
+    ctx.lake.put(
+        &format!("{root}/pipeline.json"),
+        Bytes::from(
+            serde_json::to_vec_pretty(&json!({"recipe": recipe, "recipe_hash": recipe_hash})).expect("json"),
+        ),
+    )?;
+
+    let tok_bytes = ctx
+        .lake
+        .get(&crate::tokenizer::tokenizer_key(tok.fingerprint()))?;
+    let save_every = p.u64("save_every")?.max(1);
+    let stop_after = p.u64("stop_after")?;
+    let bar = crate::progress::bar(total_steps * (recipe.batch * t) as u64, &recipe.name, "tok");
+    bar.set_position(start_step * (recipe.batch * t) as u64);
+    let started = std::time::Instant::now();
+    let mut window_loss = 0f64;
+    let mut window_n = 0u64;
+    let mut step = start_step;
+    // Seconds in forward + loss, backward, optimizer.
+    let mut timing = [0f64; 3];
+    while step < total_steps {
+        let epoch = (step / steps_per_epoch) as usize;
+        let mut order: Vec<usize> = (0..n_chunks).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(
+            recipe
+                .data_seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(epoch as u64),
+        );
+        order.shuffle(&mut rng);
+        let in_epoch = (step % steps_per_epoch) as usize;
+        for batch_idx in order.chunks(recipe.batch).skip(in_epoch) {
+            let b = batch_idx.len();
+            let mut ids = Vec::with_capacity(b * t);
+            let mut labels = Vec::with_capacity(b * (t - 1));
+            for &c in batch_idx {
+                let row = &data[c * t..(c + 1) * t];
+                ids.extend_from_slice(row);
+                labels.extend_from_slice(&row[1..]);
+            }
+            let t0 = std::time::Instant::now();
+            let ids = Tensor::from_vec(ids, (b, t), &device).ctx("batch")?;
+            let hidden = model.forward(&ids, &[recipe.depth], true)?.remove(0);
+            let h = hidden
+                .narrow(1, 0, t - 1)
+                .and_then(|h| h.reshape((b * (t - 1), recipe.width)))
+                .ctx("positions")?;
+            let logits = model.logits(&h)?;
+            let loss = loss::cross_entropy(&logits, &labels)?;
+            let loss_v = loss
+                .to_dtype(DType::F64)
+                .and_then(|l| l.to_scalar::<f64>())
+                .ctx("loss")?;
+            let t1 = std::time::Instant::now();
+            let grads = loss.backward().ctx("backward")?;
+            let t2 = std::time::Instant::now();
+            let lr = recipe.lr * (total_steps - step) as f64 / total_steps as f64;
+            let norm = opt.step(&grads, lr, recipe.clip)?;
+            timing[0] += (t1 - t0).as_secs_f64();
+            timing[1] += (t2 - t1).as_secs_f64();
+            timing[2] += t2.elapsed().as_secs_f64();
+            step += 1;
+            tokens_seen += (b * t) as u64;
+            window_loss += loss_v;
+            window_n += 1;
+            bar.inc((b * t) as u64);
+            bar.set_message(format!("{} loss {loss_v:.3}", recipe.name));
+            if step % recipe.log_every == 0 || step == total_steps || step % steps_per_epoch == 0 {
+                log.push(LogRow {
+                    step,
+                    epoch: step as f64 / steps_per_epoch as f64,
+                    tokens: tokens_seen,
+                    lr,
+                    loss: window_loss / window_n as f64,
+                    grad_norm: norm,
+                    elapsed: started.elapsed().as_secs_f64(),
+                });
+                window_loss = 0.0;
+                window_n = 0;
+            }
+            let epoch_end = step % steps_per_epoch == 0;
+            if epoch_end {
+                let current: HashMap<String, Tensor> = vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect();
+                let state = json!({
+                    "global_step": step,
+                    "epoch": step / steps_per_epoch,
+                    "train_tokens": tokens_seen,
+                    "recipe_hash": recipe_hash,
+                });
+                save_dir(
+                    &ctx.lake,
+                    &format!("{root}/checkpoint-{step}"),
+                    &config,
+                    &current,
+                    &[("tokenizer.json", tok_bytes.clone())],
+                    &state,
+                )?;
+            }
+            let stopping = stop_after > 0 && step - start_step >= stop_after && step < total_steps;
+            if epoch_end || step % save_every == 0 || stopping {
+                write_resume(
+                    ctx,
+                    &resume_key,
+                    &vars,
+                    &opt,
+                    &recipe_hash,
+                    step,
+                    &log,
+                    tokens_seen,
+                )?;
+            }
+            if stopping {
+                bar.finish_and_clear();
+                return Ok(format!(
+                    "{}: stopped after step {step} of {total_steps} (stop_after={stop_after}); run again to continue",
+                    recipe.name
+                ));
+            }
+            if epoch_end {
+                break;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    tracing::info!(
+        model = %recipe.name,
+        forward_s = timing[0],
+        backward_s = timing[1],
+        optimizer_s = timing[2],
+        "training time"
+    );
+
+    let final_w: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let log_batch = log_batch(&log)?;
+    ctx.lake.write_artifact(
+        &Artifact::new("train_log", &[("model", &recipe.name)])?,
+        &[log_batch],
+        Provenance::new("train")
+            .param("recipe_hash", &recipe_hash)
+            .input(&chunks_m),
+    )?;
+    save_dir(
+        &ctx.lake,
+        &root,
+        &config,
+        &final_w,
+        &[("tokenizer.json", tok_bytes)],
+        &json!({
+            "global_step": step,
+            "epoch": recipe.epochs,
+            "train_tokens": tokens_seen,
+            "recipe_hash": recipe_hash,
+            "complete": true,
+        }),
+    )?;
+    ctx.lake.delete(&resume_key)?;
+    let last = log.last().map(|r| r.loss).unwrap_or(f64::NAN);
+    Ok(format!(
+        "{}: {} steps, {} tokens, final train loss {last:.3} ({:.0} tok/s)",
+        recipe.name,
+        step,
+        tokens_seen,
+        (step - start_step) as f64 * (recipe.batch * t) as f64 / started.elapsed().as_secs_f64().max(1e-9)
+    ))
+}
+
+fn log_batch(rows: &[LogRow]) -> Result<RecordBatch> {
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.step))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.epoch))),
+        Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.tokens))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.lr))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.loss))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.grad_norm))),
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.elapsed))),
+    ];
+    RecordBatch::try_new(file_schema("train_log")?, cols).ctx("building train_log")
+}
+
+/// Write weights, moments and progress as one object (atomic).
+#[allow(clippy::too_many_arguments)]
+fn write_resume(
+    ctx: &Ctx,
+    key: &str,
+    vars: &[(String, Var)],
+    opt: &AdamW,
+    recipe_hash: &str,
+    step: u64,
+    log: &[LogRow],
+    tokens: u64,
+) -> Result<()> {
+    let mut named: Vec<(String, Tensor)> = vars
+        .iter()
+        .map(|(n, v)| (format!("p.{n}"), v.as_tensor().clone()))
+        .collect();
+    named.extend(opt.state());
+    let mut bytes = safetensors_bytes(&named)?;
+    // The progress rides in a JSON trailer after the safetensors payload.
+    let meta =
+        serde_json::to_vec(&json!({"recipe_hash": recipe_hash, "step": step, "tokens": tokens, "log": log}))
+            .expect("json");
+    let n = meta.len() as u64;
+    bytes.extend_from_slice(&meta);
+    bytes.extend_from_slice(&n.to_le_bytes());
+    ctx.lake.put(key, Bytes::from(bytes))
+}
+
+type Resume = (HashMap<String, Tensor>, u64, Vec<LogRow>, u64);
+
+fn read_resume(bytes: &[u8], recipe_hash: &str, device: &candle_core::Device) -> Result<Resume> {
+    let corrupt = |p: &str| {
+        Error::invalid(format!(
+            "resumable training state is corrupt ({p}); re-run with force=true"
+        ))
+    };
+    if bytes.len() < 8 {
+        return Err(corrupt("too short"));
+    }
+    let n = u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().expect("8 bytes")) as usize;
+    if n + 8 > bytes.len() {
+        return Err(corrupt("bad trailer"));
+    }
+    let meta_at = bytes.len() - 8 - n;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&bytes[meta_at..bytes.len() - 8]).map_err(|_| corrupt("bad JSON"))?;
+    if meta.get("recipe_hash").and_then(|h| h.as_str()) != Some(recipe_hash) {
+        return Err(Error::Stale(
+            "a resumable state of this model was made with another recipe; use force=true to start over"
+                .into(),
+        ));
+    }
+    let tensors = candle_core::safetensors::load_buffer(&bytes[..meta_at], device)
+        .map_err(|_| corrupt("bad tensors"))?;
+    let step = meta
+        .get("step")
+        .and_then(|s| s.as_u64())
+        .ok_or_else(|| corrupt("no step"))?;
+    let tokens = meta.get("tokens").and_then(|s| s.as_u64()).unwrap_or(0);
+    let log: Vec<LogRow> = serde_json::from_value(meta.get("log").cloned().unwrap_or_default())
+        .map_err(|_| corrupt("bad log"))?;
+    Ok((tensors, step, log, tokens))
+}

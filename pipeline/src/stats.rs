@@ -1,0 +1,472 @@
+//! Per-class embedding statistics: count, mean and M2 = sum ||h - mu||^2, in
+//! f64, mergeable.
+//!
+//! Partial statistics (a batch, a shard, a checkpoint) combine with Chan's
+//! formula, which is exact in real arithmetic and associative, so one pass
+//! over the data in any order, split across any number of workers, gives the
+//! statistics of the whole:
+//!
+//! ```text
+//! n = n_a + n_b,  delta = mu_b - mu_a
+//! mu = mu_a + delta * n_b / n
+//! M2 = M2_a + M2_b + ||delta||^2 * n_a * n_b / n
+//! ```
+//!
+//! A batch's own partial is computed with two passes over the batch (mean,
+//! then squared distances to it) using tensor operations on the device that
+//! ran the model (index_add / index_select), so the hot path has no per-token
+//! loop over d and the data never leaves the GPU until it is reduced to one
+//! row per class.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, AsArray, Float64Array, ListArray, UInt32Array, UInt64Array};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Float64Type, UInt32Type, UInt64Type};
+use arrow::record_batch::RecordBatch;
+use candle_core::{DType, Tensor};
+
+use crate::artifact::file_schema;
+use crate::error::{Context, Error, Result};
+
+/// Statistics of the classes seen so far, rows in first-seen order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassStats {
+    pub d: usize,
+    /// class id -> row.
+    index: HashMap<u32, usize>,
+    pub classes: Vec<u32>,
+    pub count: Vec<u64>,
+    /// rows x d, row-major.
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+/// One batch reduced to its classes.
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub classes: Vec<u32>,
+    pub count: Vec<u64>,
+    pub mean: Vec<f64>,
+    pub m2: Vec<f64>,
+}
+
+impl ClassStats {
+    pub fn new(d: usize) -> Self {
+        ClassStats {
+            d,
+            index: HashMap::new(),
+            classes: Vec::new(),
+            count: Vec::new(),
+            mean: Vec::new(),
+            m2: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.classes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.classes.is_empty()
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.count.iter().sum()
+    }
+
+    /// Rows of the analysed classes V' (min <= N_c, and N_c <= max unless
+    /// max is 0), in ascending class id.
+    pub fn analysed(&self, min: u64, max: u64) -> Vec<usize> {
+        let mut rows: Vec<usize> = (0..self.len())
+            .filter(|&r| self.count[r] >= min && (max == 0 || self.count[r] <= max))
+            .collect();
+        rows.sort_by_key(|&r| self.classes[r]);
+        rows
+    }
+
+    pub fn row_of(&self, class: u32) -> Option<usize> {
+        self.index.get(&class).copied()
+    }
+
+    pub fn mean_of(&self, row: usize) -> &[f64] {
+        &self.mean[row * self.d..(row + 1) * self.d]
+    }
+
+    /// Chan-merge one class's partial (n_b, mu_b, M2_b).
+    pub fn merge_one(&mut self, class: u32, nb: u64, mb: &[f64], m2b: f64) {
+        if nb == 0 {
+            return;
+        }
+        let d = self.d;
+        match self.index.get(&class) {
+            None => {
+                self.index.insert(class, self.classes.len());
+                self.classes.push(class);
+                self.count.push(nb);
+                self.mean.extend_from_slice(mb);
+                self.m2.push(m2b);
+            }
+            Some(&r) => {
+                let na = self.count[r];
+                let n = na + nb;
+                let (fa, fb) = (na as f64, nb as f64);
+                let w = fb / n as f64;
+                let ma = &mut self.mean[r * d..(r + 1) * d];
+                let mut dd = 0.0;
+                for (a, &b) in ma.iter_mut().zip(mb) {
+                    let delta = b - *a;
+                    dd += delta * delta;
+                    *a += delta * w;
+                }
+                self.m2[r] += m2b + dd * fa * fb / n as f64;
+                self.count[r] = n;
+            }
+        }
+    }
+
+    pub fn merge_partial(&mut self, p: &Partial) {
+        for (i, &c) in p.classes.iter().enumerate() {
+            self.merge_one(c, p.count[i], &p.mean[i * self.d..(i + 1) * self.d], p.m2[i]);
+        }
+    }
+
+    /// Merge another accumulator into this one.
+    pub fn merge(&mut self, other: &ClassStats) -> Result<()> {
+        if other.d != self.d {
+            return Err(Error::invalid(format!(
+                "cannot merge statistics of width {} into {}",
+                other.d, self.d
+            )));
+        }
+        for (r, &c) in other.classes.iter().enumerate() {
+            self.merge_one(c, other.count[r], other.mean_of(r), other.m2[r]);
+        }
+        Ok(())
+    }
+
+    /// Add squared distances to *fixed* means (second pass of two-pass mode).
+    pub fn add_m2(&mut self, p: &Partial) {
+        for (i, &c) in p.classes.iter().enumerate() {
+            if let Some(&r) = self.index.get(&c) {
+                self.m2[r] += p.m2[i];
+            }
+        }
+    }
+
+    /// Rows sorted by class id, as a `class_stats` batch.
+    pub fn to_batch(&self) -> Result<RecordBatch> {
+        let mut order: Vec<usize> = (0..self.len()).collect();
+        order.sort_by_key(|&r| self.classes[r]);
+        let d = self.d;
+        let mut means = Vec::with_capacity(self.mean.len());
+        for &r in &order {
+            means.extend_from_slice(self.mean_of(r));
+        }
+        let list = ListArray::try_new(
+            Arc::new(Field::new("item", DataType::Float64, true)),
+            OffsetBuffer::<i32>::from_lengths(std::iter::repeat_n(d, order.len())),
+            Arc::new(Float64Array::from(means)),
+            None,
+        )
+        .ctx("building means")?;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(UInt32Array::from_iter_values(
+                order.iter().map(|&r| self.classes[r]),
+            )),
+            Arc::new(UInt64Array::from_iter_values(
+                order.iter().map(|&r| self.count[r]),
+            )),
+            Arc::new(list),
+            Arc::new(Float64Array::from_iter_values(order.iter().map(|&r| self.m2[r]))),
+            Arc::new(Float64Array::from_iter_values(
+                order.iter().map(|&r| self.m2[r] / self.count[r] as f64),
+            )),
+        ];
+        RecordBatch::try_new(file_schema("class_stats")?, cols).ctx("building class_stats")
+    }
+
+    /// Read `class_stats` batches back.
+    pub fn from_batches(batches: &[RecordBatch]) -> Result<Self> {
+        let mut out: Option<ClassStats> = None;
+        for b in batches {
+            let ids = b.column(0).as_primitive::<UInt32Type>();
+            let counts = b.column(1).as_primitive::<UInt64Type>();
+            let means = b.column(2).as_list::<i32>();
+            let m2 = b.column(3).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                let mv = means.value(i);
+                let mv = mv.as_primitive::<Float64Type>();
+                let st = out.get_or_insert_with(|| ClassStats::new(mv.len()));
+                if mv.len() != st.d {
+                    return Err(Error::invalid(format!(
+                        "class {} has a mean of length {}, not {}",
+                        ids.value(i),
+                        mv.len(),
+                        st.d
+                    )));
+                }
+                if st.index.contains_key(&ids.value(i)) {
+                    return Err(Error::invalid(format!("class {} appears twice", ids.value(i))));
+                }
+                st.merge_one(ids.value(i), counts.value(i), mv.values(), m2.value(i));
+            }
+        }
+        out.ok_or_else(|| Error::invalid("no class statistics"))
+    }
+
+    /// Serialise (for shard partials and resumable checkpoints).
+    pub fn to_tensors(&self, prefix: &str) -> Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> {
+        let le32: Vec<u8> = self.classes.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let le64: Vec<u8> = self.count.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mean: Vec<u8> = self.mean.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let m2: Vec<u8> = self.m2.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let n = self.len();
+        vec![
+            (
+                format!("{prefix}.classes"),
+                le32,
+                safetensors::Dtype::U32,
+                vec![n],
+            ),
+            (format!("{prefix}.count"), le64, safetensors::Dtype::U64, vec![n]),
+            (
+                format!("{prefix}.mean"),
+                mean,
+                safetensors::Dtype::F64,
+                vec![n, self.d],
+            ),
+            (format!("{prefix}.m2"), m2, safetensors::Dtype::F64, vec![n]),
+        ]
+    }
+
+    pub fn from_tensors(st: &safetensors::SafeTensors, prefix: &str, d: usize) -> Result<Self> {
+        let get = |name: &str, dt: safetensors::Dtype| -> Result<Vec<u8>> {
+            let t = st
+                .tensor(&format!("{prefix}.{name}"))
+                .map_err(|e| Error::invalid(format!("{prefix}.{name}: {e}")))?;
+            if t.dtype() != dt {
+                return Err(Error::invalid(format!(
+                    "{prefix}.{name} has dtype {:?}",
+                    t.dtype()
+                )));
+            }
+            Ok(t.data().to_vec())
+        };
+        let classes: Vec<u32> = get("classes", safetensors::Dtype::U32)?
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let count: Vec<u64> = get("count", safetensors::Dtype::U64)?
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let f64s = |name: &str| -> Result<Vec<f64>> {
+            Ok(get(name, safetensors::Dtype::F64)?
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect())
+        };
+        let mean = f64s("mean")?;
+        let m2 = f64s("m2")?;
+        let n = classes.len();
+        if count.len() != n || m2.len() != n || mean.len() != n * d {
+            return Err(Error::invalid(format!("{prefix}: inconsistent tensor sizes")));
+        }
+        let index = classes.iter().enumerate().map(|(r, &c)| (c, r)).collect();
+        Ok(ClassStats {
+            d,
+            index,
+            classes,
+            count,
+            mean,
+            m2,
+        })
+    }
+}
+
+/// Serialise named raw tensors with JSON metadata as one safetensors object.
+pub fn pack_safetensors(
+    tensors: &[(String, Vec<u8>, safetensors::Dtype, Vec<usize>)],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>> {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, b, dt, shape)| {
+            let v = safetensors::tensor::TensorView::new(*dt, shape.clone(), b)
+                .map_err(|e| Error::invalid(format!("{n}: {e}")))?;
+            Ok((n.clone(), v))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize(views, Some(meta)).map_err(|e| Error::invalid(format!("serialising: {e}")))
+}
+
+/// Reduce one batch of samples `h` [N, d] with labels to per-class partials,
+/// on the device holding `h` (f64 arithmetic).
+pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
+    let (n, d) = h.dims2().ctx("batch embeddings")?;
+    if n != labels.len() {
+        return Err(Error::invalid(format!(
+            "{n} embeddings for {} labels",
+            labels.len()
+        )));
+    }
+    let mut slot: HashMap<u32, u32> = HashMap::new();
+    let mut classes = Vec::new();
+    let mut count: Vec<u64> = Vec::new();
+    let idx: Vec<u32> = labels
+        .iter()
+        .map(|&y| {
+            let s = *slot.entry(y).or_insert_with(|| {
+                classes.push(y);
+                count.push(0);
+                (classes.len() - 1) as u32
+            });
+            count[s as usize] += 1;
+            s
+        })
+        .collect();
+    let u = classes.len();
+    let dev = h.device();
+    let run = || -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+        let idx_t = Tensor::from_vec(idx.clone(), n, dev)?;
+        let h64 = h.to_dtype(DType::F64)?;
+        let sums = Tensor::zeros((u, d), DType::F64, dev)?.index_add(&idx_t, &h64, 0)?;
+        let cnt = Tensor::from_vec(count.iter().map(|&c| c as f64).collect::<Vec<_>>(), (u, 1), dev)?;
+        let means = sums.broadcast_div(&cnt)?;
+        let centred = (h64 - means.index_select(&idx_t, 0)?)?;
+        let sq = centred.sqr()?.sum(1)?;
+        let m2 = Tensor::zeros(u, DType::F64, dev)?.index_add(&idx_t, &sq, 0)?;
+        Ok((means.flatten_all()?.to_vec1()?, m2.to_vec1()?))
+    };
+    let (mean, m2) = run().ctx("per-class reduction")?;
+    Ok(Partial {
+        classes,
+        count,
+        mean,
+        m2,
+    })
+}
+
+/// Squared distances of a batch to fixed class means (second pass of the
+/// two-pass mode), summed per class. `means` holds the rows of `stats`.
+pub fn batch_m2_to(h: &Tensor, labels: &[u32], stats: &ClassStats, means: &Tensor) -> Result<Partial> {
+    let (n, _) = h.dims2().ctx("batch embeddings")?;
+    let mut rows = Vec::with_capacity(n);
+    for &y in labels {
+        rows.push(
+            stats
+                .row_of(y)
+                .ok_or_else(|| Error::invalid(format!("class {y} was not seen in the first pass")))?
+                as u32,
+        );
+    }
+    let dev = h.device();
+    let run = || -> candle_core::Result<Vec<f64>> {
+        let idx = Tensor::from_vec(rows.clone(), n, dev)?;
+        let h64 = h.to_dtype(DType::F64)?;
+        let sq = (h64 - means.index_select(&idx, 0)?)?.sqr()?.sum(1)?;
+        Tensor::zeros(stats.len(), DType::F64, dev)?
+            .index_add(&idx, &sq, 0)?
+            .to_vec1()
+    };
+    let per_row = run().ctx("second-pass distances")?;
+    Ok(Partial {
+        classes: stats.classes.clone(),
+        count: vec![0; stats.len()],
+        mean: Vec::new(),
+        m2: per_row,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn brute(samples: &[(u32, Vec<f64>)]) -> HashMap<u32, (u64, Vec<f64>, f64)> {
+        let mut by: HashMap<u32, Vec<&Vec<f64>>> = HashMap::new();
+        for (c, h) in samples {
+            by.entry(*c).or_default().push(h);
+        }
+        by.into_iter()
+            .map(|(c, hs)| {
+                let d = hs[0].len();
+                let n = hs.len() as f64;
+                let mu: Vec<f64> = (0..d).map(|j| hs.iter().map(|h| h[j]).sum::<f64>() / n).collect();
+                let m2: f64 = hs
+                    .iter()
+                    .map(|h| h.iter().zip(&mu).map(|(a, b)| (a - b).powi(2)).sum::<f64>())
+                    .sum();
+                (c, (hs.len() as u64, mu, m2))
+            })
+            .collect()
+    }
+
+    fn lcg(seed: &mut u64) -> f64 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    }
+
+    /// Batches merged with Chan's formula equal the brute-force statistics
+    /// of all samples (tolerance 1e-12 relative: a few f64 roundings).
+    #[test]
+    fn batched_chan_merge_equals_brute_force() {
+        let d = 5;
+        let mut seed = 7u64;
+        let samples: Vec<(u32, Vec<f64>)> = (0..997)
+            .map(|i| {
+                (
+                    (i * 31 % 13) as u32,
+                    (0..d).map(|_| 10.0 + lcg(&mut seed)).collect(),
+                )
+            })
+            .collect();
+        let mut acc = ClassStats::new(d);
+        for batch in samples.chunks(100) {
+            let flat: Vec<f64> = batch.iter().flat_map(|s| s.1.clone()).collect();
+            let h = Tensor::from_vec(flat, (batch.len(), d), &Device::Cpu).unwrap();
+            let labels: Vec<u32> = batch.iter().map(|s| s.0).collect();
+            acc.merge_partial(&batch_partial(&h, &labels).unwrap());
+        }
+        let want = brute(&samples);
+        assert_eq!(acc.len(), want.len());
+        for (c, (n, mu, m2)) in want {
+            let r = acc.row_of(c).unwrap();
+            assert_eq!(acc.count[r], n);
+            for (a, b) in acc.mean_of(r).iter().zip(&mu) {
+                assert!((a - b).abs() <= 1e-12 * b.abs(), "{a} {b}");
+            }
+            assert!((acc.m2[r] - m2).abs() <= 1e-12 * m2, "{} {m2}", acc.m2[r]);
+        }
+        // Merging in another grouping and order gives the same numbers.
+        let mut halves = [ClassStats::new(d), ClassStats::new(d)];
+        for (i, s) in samples.iter().enumerate().rev() {
+            halves[i % 2].merge_one(s.0, 1, &s.1, 0.0);
+        }
+        let [mut a, b] = halves;
+        a.merge(&b).unwrap();
+        for (r, &c) in acc.classes.iter().enumerate() {
+            let r2 = a.row_of(c).unwrap();
+            assert_eq!(a.count[r2], acc.count[r]);
+            assert!((a.m2[r2] - acc.m2[r]).abs() <= 1e-11 * acc.m2[r]);
+        }
+    }
+
+    #[test]
+    fn tensors_and_batches_round_trip() {
+        let mut s = ClassStats::new(3);
+        s.merge_one(9, 2, &[1.0, 2.0, 3.0], 0.5);
+        s.merge_one(4, 1, &[0.0, -1.0, 1e-300], 0.0);
+        let t = s.to_tensors("L0");
+        let bytes = pack_safetensors(&t, HashMap::new()).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(ClassStats::from_tensors(&st, "L0", 3).unwrap(), s);
+        let back = ClassStats::from_batches(&[s.to_batch().unwrap()]).unwrap();
+        assert_eq!(back.classes, vec![4, 9]);
+        assert_eq!(back.mean_of(1), &[1.0, 2.0, 3.0]);
+    }
+}

@@ -1,0 +1,150 @@
+//! Shared helpers: temporary lakes, the shipped data, small datasets and tiny
+//! models built through the real stages.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use pipeline::lake::Lake;
+use pipeline::stages::{self, Ctx};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn data(name: &str) -> String {
+    repo().join("data").join(name).to_string_lossy().to_string()
+}
+
+/// `../shared/data` next to the repository (present here and in CI).
+pub fn shared(name: &str) -> PathBuf {
+    let p = repo().join("../shared/data").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: the tests need ../shared/data beside the repository",
+        p.display()
+    );
+    p
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pipeline")
+}
+
+pub struct TestLake {
+    pub dir: tempfile::TempDir,
+    pub ctx: Ctx,
+}
+
+impl TestLake {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().join("lake").to_str().unwrap()).unwrap();
+        TestLake {
+            dir,
+            ctx: Ctx::new(lake),
+        }
+    }
+
+    pub fn lake(&self) -> &Lake {
+        &self.ctx.lake
+    }
+
+    pub fn url(&self) -> String {
+        self.ctx.lake.url().to_string()
+    }
+
+    pub fn run(&self, stage: &str, pairs: &[(&str, &str)]) -> String {
+        stages::run_pairs(&self.ctx, stage, pairs).unwrap_or_else(|e| panic!("stage {stage} failed: {e}"))
+    }
+
+    pub fn run_err(&self, stage: &str, pairs: &[(&str, &str)]) -> String {
+        match stages::run_pairs(&self.ctx, stage, pairs) {
+            Ok(s) => panic!("stage {stage} should have failed but said: {s}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// A file in the test's temporary directory.
+    pub fn file(&self, name: &str, content: &[u8]) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_string_lossy().to_string()
+    }
+}
+
+/// The first `n` stories of a separator-delimited corpus file.
+pub fn first_stories(path: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let sep = "\n<|endoftext|>\n";
+    let parts: Vec<&str> = text.split(sep).take(n).collect();
+    parts.join(sep) + sep
+}
+
+/// A lake holding dataset `small`: the first `n_train` / `n_val` stories of the
+/// shipped sample, tokenized and packed (hf, T given).
+pub fn small_dataset(n_train: usize, n_val: usize, t: usize) -> TestLake {
+    let tl = TestLake::new();
+    let train = tl.file(
+        "train.txt",
+        first_stories(&data("tinystories_train_sample.txt"), n_train).as_bytes(),
+    );
+    let val = tl.file(
+        "val.txt",
+        first_stories(&data("tinystories_val_sample.txt"), n_val).as_bytes(),
+    );
+    let tok = data("tokenizer.json");
+    let ts = t.to_string();
+    tl.run(
+        "ingest",
+        &[("dataset", "small"), ("train", &train), ("validation", &val)],
+    );
+    tl.run("tokenize", &[("dataset", "small"), ("tokenizer", &tok)]);
+    tl.run(
+        "pack",
+        &[
+            ("dataset", "small"),
+            ("T", &ts),
+            ("mode", "hf"),
+            ("shards", "2"),
+            ("batch", "50"),
+        ],
+    );
+    tl.run("vocab", &[("dataset", "small")]);
+    tl
+}
+
+/// A tiny trained model (d = 8, 2 layers, 2 heads) on a small dataset, shared
+/// by the tests that only read it. Training takes a few seconds.
+pub fn tiny() -> &'static TestLake {
+    static TINY: OnceLock<TestLake> = OnceLock::new();
+    TINY.get_or_init(|| {
+        let tl = small_dataset(80, 30, 32);
+        tl.run(
+            "train",
+            &[
+                ("dataset", "small"),
+                ("name", "tiny"),
+                ("depth", "2"),
+                ("width", "8"),
+                ("heads", "2"),
+                ("context", "64"),
+                ("epochs", "2"),
+                ("lr", "0.01"),
+                ("batch", "8"),
+            ],
+        );
+        tl
+    })
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
+
+/// Relative difference |a - b| / max(|b|, tiny).
+pub fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-300)
+}
