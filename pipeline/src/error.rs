@@ -124,7 +124,22 @@ macro_rules! impl_context {
     };
 }
 
-impl_context!(object_store::Error, Store);
+impl<T> Context<T> for std::result::Result<T, object_store::Error> {
+    fn ctx(self, what: impl Display) -> Result<T> {
+        self.map_err(|source| {
+            let hint = match &source {
+                object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                    " (refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions)"
+                }
+                _ => "",
+            };
+            Error::Store {
+                what: format!("{what}{hint}"),
+                source,
+            }
+        })
+    }
+}
 impl_context!(parquet::errors::ParquetError, Parquet);
 impl_context!(arrow::error::ArrowError, Arrow);
 impl_context!(candle_core::Error, Candle);

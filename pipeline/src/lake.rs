@@ -35,8 +35,15 @@ use url::Url;
 
 use crate::error::{Context, Error, Result};
 
-/// Size of one multipart-upload part when a local file is uploaded.
-const PART_BYTES: usize = 16 << 20;
+/// Size of one multipart-upload part when a local file is uploaded
+/// (`PIPELINE_UPLOAD_PART_BYTES`, default 16 MiB; S3 needs at least 5 MiB).
+fn part_bytes() -> usize {
+    std::env::var("PIPELINE_UPLOAD_PART_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 << 20usize)
+        .max(5 << 20)
+}
 
 /// A handle on the results lake.
 #[derive(Clone)]
@@ -262,7 +269,8 @@ impl Lake {
         let size = std::fs::metadata(local)
             .ctx(format!("staged file {}", local.display()))?
             .len() as usize;
-        if size <= PART_BYTES {
+        let part = part_bytes();
+        if size <= part {
             let data = std::fs::read(local).ctx(format!("staged file {}", local.display()))?;
             return self.put(rel, Bytes::from(data));
         }
@@ -273,9 +281,9 @@ impl Lake {
             let result: Result<()> = async {
                 let mut file = std::fs::File::open(local).ctx(format!("staged file {}", local.display()))?;
                 loop {
-                    let mut buf = vec![0u8; PART_BYTES];
+                    let mut buf = vec![0u8; part];
                     let mut filled = 0;
-                    while filled < PART_BYTES {
+                    while filled < part {
                         let n = file
                             .read(&mut buf[filled..])
                             .ctx(format!("staged file {}", local.display()))?;
@@ -289,7 +297,7 @@ impl Lake {
                     }
                     buf.truncate(filled);
                     upload.put_part(PutPayload::from(buf)).await.ctx(&what)?;
-                    if filled < PART_BYTES {
+                    if filled < part {
                         break;
                     }
                 }
@@ -456,7 +464,7 @@ mod tests {
     fn multipart_upload_is_invisible_until_complete() {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
-        let big = vec![7u8; PART_BYTES + 1000];
+        let big = vec![7u8; part_bytes() + 1000];
         let staged = dir.path().join("staged.bin");
         std::fs::write(&staged, &big).unwrap();
         // Start an upload by hand, put one part, and list before completion.

@@ -105,9 +105,22 @@ fn main() {
         .with_target(false)
         .init();
     if let Err(e) = real_main(cli) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes, leaving out causes whose text an earlier
+/// message already contains (object-store errors repeat their sources).
+fn describe(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+    }
+    parts.join("\n  caused by: ")
 }
 
 fn load_config(path: Option<&PathBuf>) -> Result<Config> {

@@ -1,8 +1,8 @@
 //! Shared helpers: temporary lakes, the shipped data, small datasets and tiny
 //! models built through the real stages.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use pipeline::lake::Lake;
 use pipeline::stages::{self, Ctx};
@@ -116,11 +116,12 @@ pub fn small_dataset(n_train: usize, n_val: usize, t: usize) -> TestLake {
     tl
 }
 
-/// A tiny trained model (d = 8, 2 layers, 2 heads) on a small dataset, shared
-/// by the tests that only read it. Training takes a few seconds.
-pub fn tiny() -> &'static TestLake {
-    static TINY: OnceLock<TestLake> = OnceLock::new();
-    TINY.get_or_init(|| {
+/// A tiny trained model (d = 8, 2 layers, 2 heads) on a small dataset
+/// (training takes a few seconds), shared by several tests. They take turns:
+/// the guard serialises them, since they add and replace artifacts.
+pub fn tiny() -> MutexGuard<'static, TestLake> {
+    static TINY: OnceLock<Mutex<TestLake>> = OnceLock::new();
+    let lake = TINY.get_or_init(|| {
         let tl = small_dataset(80, 30, 32);
         tl.run(
             "train",
@@ -136,12 +137,9 @@ pub fn tiny() -> &'static TestLake {
                 ("batch", "8"),
             ],
         );
-        tl
-    })
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
+        Mutex::new(tl)
+    });
+    lake.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Relative difference |a - b| / max(|b|, tiny).

@@ -1,5 +1,11 @@
 //! Integration tests: every stage through the real lake, SQL engine, model
 //! and data. One test binary so the heavy dependencies are linked once.
 
+mod analytics;
+mod analyze;
+mod collect;
 mod common;
+mod data;
 mod foundation;
+mod model;
+mod s3;

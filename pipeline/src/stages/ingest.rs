@@ -508,8 +508,12 @@ fn read_delimited(
             .map(|n| Field::new(n, DataType::Utf8, true))
             .collect::<Vec<_>>(),
     ));
+    // An empty field is an empty document, not a missing one (CSV cannot
+    // tell them apart), so no value is read as null.
+    let never = regex::Regex::new(r"^[^\s\S]$").expect("static regex");
     let csv = arrow::csv::ReaderBuilder::new(all_utf8)
         .with_header(true)
+        .with_null_regex(never)
         .with_batch_size(4096)
         .with_projection(vec![idx])
         .build(std::io::BufReader::with_capacity(1 << 20, src.reader()?))
