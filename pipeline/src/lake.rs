@@ -194,9 +194,11 @@ impl Lake {
 
     /// The URL of a table directory as DataFusion's listing tables expect it.
     pub fn table_url(&self, rel_dir: &str) -> String {
-        let mut base = self.store_url.as_str().trim_end_matches('/').to_string();
+        let mut base = self.store_url.as_str().to_string();
+        if !base.ends_with('/') {
+            base.push('/');
+        }
         let root = self.root.as_ref();
-        base.push('/');
         if !root.is_empty() {
             base.push_str(root);
             base.push('/');

@@ -5,6 +5,7 @@
 //! and queried with DataFusion SQL ([`sql`]).
 
 pub mod artifact;
+pub mod bench;
 pub mod chunks;
 pub mod error;
 pub mod experiment;

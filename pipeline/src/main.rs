@@ -65,6 +65,12 @@ enum Command {
     },
     /// What exists in the lake, per table and partition, with row counts
     Status,
+    /// Benchmark a stage: data | model | collect | analyze [key=value ...]
+    Bench {
+        what: String,
+        #[arg(value_name = "key=value")]
+        options: Vec<String>,
+    },
     /// Build a GPT-2 style tokenizer.json from encoder.json + vocab.bpe
     MakeTokenizer {
         /// encoder.json (the vocabulary)
@@ -78,17 +84,19 @@ enum Command {
     },
 }
 
-/// Keep large allocations in the heap instead of fresh mmaps: training and
-/// collection allocate the same vocabulary-sized tensors every step, and
-/// zero-filling new pages for each of them costs more than the arithmetic.
+// Training and collection allocate the same score- and vocabulary-sized
+// tensors every step. With the system allocator each of them is fresh memory
+// the kernel must zero-fill (a third of a training step under perf);
+// mimalloc with purging off keeps freed memory for the next step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Index of `mi_option_purge_delay` in mimalloc.h (v2 and v3).
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
 fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts glibc's allocation thresholds; it is called
-    // before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
+    // SAFETY: sets a process-wide allocator option before other threads exist.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
 fn main() {
@@ -199,6 +207,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 write_parquet_out(&lake, &out, &batches)?;
                 eprintln!("wrote {out}");
             }
+            Ok(())
+        }
+        Command::Bench { what, options } => {
+            let opts = parse_pairs(&options)?;
+            println!("{}", pipeline::bench::run(&what, &opts)?);
             Ok(())
         }
         Command::MakeTokenizer { vocab, merges, out } => {

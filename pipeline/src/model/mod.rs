@@ -14,10 +14,12 @@
 //! studies). Logits are a separate step so stages that only need embeddings
 //! (collect) never pay for the vocabulary-sized product.
 //!
-//! With `train = true` the layer norm and softmax are built from primitive
-//! operations so candle's autograd can differentiate them; otherwise candle's
-//! fused kernels are used.
+//! With `train = true` the layer norm is built from primitive operations so
+//! candle's autograd can differentiate it; otherwise candle's fused kernel is
+//! used. The attention softmax is a fused causal op with its own backward
+//! ([`attention`]).
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod loss;
@@ -234,21 +236,6 @@ impl GptNeo {
         self.lm_head.as_ref().unwrap_or(&self.wte)
     }
 
-    /// Additive attention mask [T, T]: 0 where visible, f32::MIN elsewhere
-    /// (the value Hugging Face substitutes, so softmax weights are exactly 0).
-    fn mask(&self, t: usize, local: bool, dtype: DType) -> candle_core::Result<Tensor> {
-        let window = self.config.window_size;
-        let vals: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..t).map(move |j| {
-                    let visible = j <= i && (!local || i - j < window);
-                    if visible { 0.0 } else { f32::MIN }
-                })
-            })
-            .collect();
-        Tensor::from_vec(vals, (t, t), &self.device)?.to_dtype(dtype)
-    }
-
     /// Run the model on token ids [B, T]. Returns the requested hidden states
     /// (see the module docs for the indexing), in the order asked.
     pub fn forward(&self, ids: &Tensor, layers: &[usize], train: bool) -> Result<Vec<Tensor>> {
@@ -279,10 +266,7 @@ impl GptNeo {
             DType::BF16 | DType::F16 => DType::F32,
             other => other,
         };
-        let masks = [
-            self.mask(t, false, score_dtype)?,
-            self.mask(t, true, score_dtype)?,
-        ];
+        let window = self.config.window_size;
         for (i, blk) in self.blocks.iter().enumerate() {
             if i > 0 {
                 keep(i, &x);
@@ -296,12 +280,7 @@ impl GptNeo {
             };
             let (q, k, v) = (heads(&blk.q)?, heads(&blk.k)?, heads(&blk.v)?);
             let scores = q.to_dtype(score_dtype)?.matmul(&k.to_dtype(score_dtype)?.t()?)?;
-            let scores = scores.broadcast_add(&masks[usize::from(blk.local)])?;
-            let probs = if train {
-                candle_nn::ops::softmax(&scores, D::Minus1)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            };
+            let probs = attention::causal_softmax(&scores, blk.local.then_some(window))?;
             let att = probs
                 .to_dtype(v.dtype())?
                 .matmul(&v)?

@@ -379,6 +379,7 @@ impl Stage for Collect {
         );
 
         let summary = if of == 1 {
+            let prov = prov.extra("tokens_per_s", rate).extra("accumulate_share", share);
             let ms = commit_class_stats(&ctx.lake, &m.id, split, &layers, &stats, &prov, force)?;
             format!(
                 "class_stats/model={}/split={split}: {} layer(s), {} classes, {} samples ({rate:.0} tokens/s, {:.1}% accumulating)",

@@ -203,7 +203,7 @@ impl Stage for Pack {
         {
             let tokens = Artifact::new("tokens", &[("dataset", dataset), ("split", split)])?;
             if ctx.lake.manifest(&tokens)?.is_none() && split != "train" {
-                tracing::warn!(split, "no tokens for this split; skipped");
+                tracing::info!(split, "no tokens for this split; skipped");
                 continue;
             }
             let tokens_m = ctx.lake.require(&tokens, "run stage=tokenize")?;

@@ -87,7 +87,7 @@ impl Stage for Tokenize {
                         "not found; run stage=ingest first",
                     ));
                 }
-                tracing::warn!(split, "no documents for this split; skipped");
+                tracing::info!(split, "no documents for this split; skipped");
                 continue;
             };
             let docs_m = ctx.lake.require(&docs, "run stage=ingest")?;

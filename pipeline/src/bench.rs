@@ -1,0 +1,217 @@
+//! Benchmarks of the stages that touch every token or every class pair,
+//! run through the real stages on real or full-scale synthetic inputs
+//! (`pipeline bench data|model|collect|analyze`). Figures are printed as
+//! text; the README's performance section quotes them.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::artifact::{Artifact, Provenance};
+use crate::error::{Context, Error, Result};
+use crate::lake::Lake;
+use crate::model::{GptNeo, GptNeoConfig, init_weights, loss, parameter_names};
+use crate::stages::{self, Ctx};
+use crate::stats::ClassStats;
+
+fn temp_ctx() -> Result<(tempfile::TempDir, Ctx)> {
+    let dir = tempfile::tempdir().ctx("temporary directory")?;
+    let lake = Lake::open(dir.path().join("lake").to_str().unwrap_or("lake"))?;
+    Ok((dir, Ctx::new(lake)))
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let t = Instant::now();
+    let v = f()?;
+    Ok((v, t.elapsed().as_secs_f64()))
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// ingest + tokenize + pack on `source` replicated to at least `mb` MB.
+pub fn data(source: &str, tokenizer: &str, mb: usize) -> Result<String> {
+    let (dir, ctx) = temp_ctx()?;
+    let text = std::fs::read(source).ctx(source)?;
+    let path = dir.path().join("corpus.txt");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).ctx("corpus")?);
+    let mut written = 0usize;
+    while written < mb << 20 {
+        f.write_all(&text).ctx("corpus")?;
+        if !text.ends_with(b"\n") {
+            f.write_all(b"\n").ctx("corpus")?;
+        }
+        f.write_all(b"<|endoftext|>\n").ctx("corpus")?;
+        written += text.len() + 15;
+    }
+    drop(f);
+    let bytes = std::fs::metadata(&path).ctx("corpus")?.len() as f64;
+    let corpus = path.to_string_lossy().to_string();
+    let (_, t_ingest) = timed(|| stages::run_pairs(&ctx, "ingest", &[("dataset", "b"), ("train", &corpus)]))?;
+    let (_, t_tok) = timed(|| stages::run_pairs(&ctx, "tokenize", &[("dataset", "b"), ("tokenizer", tokenizer)]))?;
+    let (_, t_pack) = timed(|| stages::run_pairs(&ctx, "pack", &[("dataset", "b"), ("T", "2048"), ("mode", "hf"), ("shards", "2")]))?;
+    let mbs = |t: f64| bytes / 1e6 / t;
+    let total = t_ingest + t_tok + t_pack;
+    Ok(format!(
+        "data: {:.1} MB of text ({} x {})\n  ingest   {t_ingest:6.2} s  {:7.1} MB/s\n  tokenize {t_tok:6.2} s  {:7.1} MB/s\n  pack     {t_pack:6.2} s  {:7.1} MB/s\n  end to end {total:6.2} s  {:7.1} MB/s",
+        bytes / 1e6,
+        source,
+        (written / text.len().max(1)),
+        mbs(t_ingest),
+        mbs(t_tok),
+        mbs(t_pack),
+        mbs(total)
+    ))
+}
+
+/// Forward (with logits) and training tokens/s of a randomly initialised
+/// model on random token ids.
+pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -> Result<String> {
+    let dev = Device::Cpu;
+    let config = GptNeoConfig::grid(depth, width, 16, 50257, t.max(2048));
+    let init = init_weights(&config, 0, &dev)?;
+    let names = parameter_names(&config);
+    let vars: Vec<(String, Var)> = names
+        .iter()
+        .map(|n| Ok((n.clone(), Var::from_tensor(&init[n]).ctx("vars")?)))
+        .collect::<Result<_>>()?;
+    let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let net = GptNeo::from_tensors(config, &tensors, "bench")?;
+    let mut opt = crate::model::optim::AdamW::new(
+        vars,
+        crate::model::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+    )?;
+    let mut s = 7u64;
+    let ids: Vec<u32> = (0..batch * t)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % 50257) as u32
+        })
+        .collect();
+    let labels: Vec<u32> = ids.chunks(t).flat_map(|r| r[1..].to_vec()).collect();
+    let x = Tensor::from_vec(ids, (batch, t), &dev).ctx("batch")?;
+    let forward = |train: bool| -> Result<Tensor> {
+        let h = net.forward(&x, &[depth], train)?.remove(0);
+        let h = h.narrow(1, 0, t - 1).and_then(|h| h.reshape((batch * (t - 1), width))).ctx("positions")?;
+        net.logits(&h)
+    };
+    forward(false)?;
+    let (_, tf) = timed(|| {
+        for _ in 0..steps {
+            forward(false)?;
+        }
+        Ok(())
+    })?;
+    let (_, tt) = timed(|| {
+        for _ in 0..steps {
+            let l = loss::cross_entropy(&forward(true)?, &labels)?;
+            let g = l.backward().ctx("backward")?;
+            opt.step(&g, 1e-4, 1.0)?;
+        }
+        Ok(())
+    })?;
+    let tokens = (steps * batch * t) as f64;
+    Ok(format!(
+        "model {depth}x{width} (T = {t}, batch {batch}, {} params): forward with logits {:.0} tokens/s, training {:.0} tokens/s",
+        net.n_params(),
+        tokens / tf,
+        tokens / tt
+    ))
+}
+
+/// Collection throughput on the shipped sample packed at T = 2048.
+pub fn collect(depth: usize, width: usize, train_text: &str, tokenizer: &str, batch: usize) -> Result<String> {
+    let (_dir, ctx) = temp_ctx()?;
+    stages::run_pairs(&ctx, "ingest", &[("dataset", "b"), ("train", train_text)])?;
+    stages::run_pairs(&ctx, "tokenize", &[("dataset", "b"), ("tokenizer", tokenizer)])?;
+    stages::run_pairs(&ctx, "pack", &[("dataset", "b"), ("T", "2048"), ("mode", "concat")])?;
+    let config = GptNeoConfig::grid(depth, width, 16, 50257, 2048);
+    let w = init_weights(&config, 0, &Device::Cpu)?;
+    let state = serde_json::json!({"global_step": 0});
+    crate::model::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
+    let b = batch.to_string();
+    let out = stages::run_pairs(&ctx, "collect", &[("model", "bench"), ("dataset", "b"), ("batch", &b)])?;
+    let m = ctx
+        .lake
+        .manifest(&Artifact::new("class_stats", &[("model", "bench"), ("split", "train"), ("layer", &depth.to_string())])?)?
+        .ok_or_else(|| Error::invalid("no class_stats written"))?;
+    let rate = m.extra.get("tokens_per_s").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let share = m.extra.get("accumulate_share").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    Ok(format!(
+        "collect {depth}x{width} (T = 2048, batch {batch}): {rate:.0} tokens/s, {:.1}% of the time accumulating\n  ({out})",
+        100.0 * share
+    ))
+}
+
+/// Synthetic class statistics of `c` classes in `d` dimensions with
+/// Zipf-like counts, as a `class_stats` artifact.
+pub fn synthetic_stats(lake: &Lake, model: &str, c: usize, d: usize) -> Result<()> {
+    let mut s = 99u64;
+    let mut next = || {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+    };
+    let mut st = ClassStats::new(d);
+    let mut mean = vec![0f64; d];
+    for i in 0..c {
+        for x in mean.iter_mut() {
+            *x = next();
+        }
+        let count = 1 + (1_000_000 / (i + 1)) as u64;
+        st.merge_one(i as u32, count, &mean, count as f64 * (0.5 + next().abs()));
+    }
+    let a = Artifact::new("class_stats", &[("model", model), ("split", "train"), ("layer", "1")])?;
+    lake.write_artifact(&a, &[st.to_batch()?], Provenance::new("bench"))?;
+    Ok(())
+}
+
+/// The analyze stage on synthetic statistics of `c` classes in `d` dims,
+/// run as a separate `pipeline` process so its peak memory is its own.
+pub fn analyze(c: usize, d: usize, tile: usize, precision: &str) -> Result<String> {
+    let (dir, ctx) = temp_ctx()?;
+    synthetic_stats(&ctx.lake, "synthetic", c, d)?;
+    let exe = std::env::current_exe().ctx("locating the pipeline binary")?;
+    let t = Instant::now();
+    let out = std::process::Command::new(exe)
+        .arg("--lake")
+        .arg(dir.path().join("lake"))
+        .args(["-q", "run", "stage=analyze", "model=synthetic", "layer=1"])
+        .arg(format!("tile={tile}"))
+        .arg(format!("precision={precision}"))
+        .output()
+        .ctx("running analyze")?;
+    let secs = t.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(Error::invalid(format!("analyze failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    let pairs = (c * (c - 1) / 2) as f64;
+    Ok(format!(
+        "analyze C = {c}, d = {d}, tile {tile}, {precision}: {secs:.2} s for the whole stage (process start, reading, writing), {:.1} M pairs/s\n  {}",
+        pairs / secs / 1e6,
+        String::from_utf8_lossy(&out.stdout).trim()
+    ))
+}
+
+/// Options of `pipeline bench`, as key=value pairs.
+pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
+    let get = |k: &str, d: &str| opts.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let num = |k: &str, d: usize| -> Result<usize> {
+        get(k, &d.to_string())
+            .parse()
+            .map_err(|_| Error::invalid(format!("bench option {k} must be a number")))
+    };
+    match what {
+        "data" => data(&get("source", "../shared/data/TinyStories-train_first2MiB.txt"), &get("tokenizer", "data/tokenizer.json"), num("mb", 100)?),
+        "model" => model(num("depth", 1)?, num("width", 64)?, num("T", 2048)?, num("batch", 2)?, num("steps", 3)?),
+        "collect" => collect(num("depth", 1)?, num("width", 64)?, &get("train", "data/tinystories_train_sample.txt"), &get("tokenizer", "data/tokenizer.json"), num("batch", 2)?),
+        "analyze" => analyze(num("classes", 29233)?, num("dim", 1024)?, num("tile", 512)?, &get("precision", "f64")),
+        other => Err(Error::invalid(format!("unknown benchmark '{other}'; benchmarks: data, model, collect, analyze"))),
+    }
+}

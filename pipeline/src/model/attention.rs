@@ -1,0 +1,240 @@
+//! Causal (optionally windowed) softmax over attention scores, fused.
+//!
+//! GPT-Neo masks a score by replacing it with the smallest float before the
+//! softmax, so masked keys get exactly zero weight. On the CPU this op
+//! computes the softmax over the visible keys only (j <= i, and i - j <
+//! window for local layers) and writes zeros elsewhere: the same numbers
+//! without a T x T mask tensor, and a matching fused backward
+//! dx = y * (g - sum(g * y)), so training does not build the half-dozen
+//! score-sized temporaries of the primitive formulation. On other devices
+//! the primitive formulation (additive mask, softmax) is used.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::loss::exp_f32;
+
+#[derive(Clone, Copy)]
+struct CausalSoftmax {
+    window: Option<usize>,
+}
+
+struct CausalSoftmaxGrad {
+    window: Option<usize>,
+}
+
+/// Visible key range [lo, hi) of query row `i`.
+#[inline]
+fn visible(i: usize, window: Option<usize>) -> (usize, usize) {
+    let lo = match window {
+        Some(w) => (i + 1).saturating_sub(w),
+        None => 0,
+    };
+    (lo, i + 1)
+}
+
+fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+    let (o1, o2) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("causal softmax needs contiguous scores".into()))?;
+    let d = l.shape().dims();
+    let t = *d.last().unwrap_or(&0);
+    if d.len() < 2 || d[d.len() - 2] != t {
+        candle_core::bail!("causal softmax expects [.., T, T] scores, got {d:?}");
+    }
+    Ok((o1, o2, t, (o2 - o1) / (t * t).max(1)))
+}
+
+trait Float: Copy + Send + Sync + PartialOrd + 'static {
+    const ZERO: Self;
+    fn exp_shift(self, m: Self) -> Self;
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+}
+
+impl Float for f32 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn exp_shift(self, m: Self) -> Self {
+        exp_f32(self - m)
+    }
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+    fn sub(self, o: Self) -> Self {
+        self - o
+    }
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    fn div(self, o: Self) -> Self {
+        self / o
+    }
+}
+
+impl Float for f64 {
+    const ZERO: Self = 0.0;
+    #[inline(always)]
+    fn exp_shift(self, m: Self) -> Self {
+        (self - m).exp()
+    }
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+    fn sub(self, o: Self) -> Self {
+        self - o
+    }
+    fn mul(self, o: Self) -> Self {
+        self * o
+    }
+    fn div(self, o: Self) -> Self {
+        self / o
+    }
+}
+
+fn forward<T: Float>(src: &[T], t: usize, window: Option<usize>) -> Vec<T> {
+    let mut out = vec![T::ZERO; src.len()];
+    out.par_chunks_mut(t).zip(src.par_chunks(t)).enumerate().for_each(|(row, (o, z))| {
+        let i = row % t;
+        let (lo, hi) = visible(i, window);
+        let zs = &z[lo..hi];
+        let mut m = zs[0];
+        for &x in zs {
+            if x > m {
+                m = x;
+            }
+        }
+        let os = &mut o[lo..hi];
+        let mut sum = T::ZERO;
+        for (oj, &x) in os.iter_mut().zip(zs) {
+            let e = x.exp_shift(m);
+            *oj = e;
+            sum = sum.add(e);
+        }
+        for oj in os.iter_mut() {
+            *oj = oj.div(sum);
+        }
+    });
+    out
+}
+
+fn backward<T: Float>(y: &[T], g: &[T], t: usize, window: Option<usize>) -> Vec<T> {
+    let mut out = vec![T::ZERO; y.len()];
+    out.par_chunks_mut(t)
+        .zip(y.par_chunks(t).zip(g.par_chunks(t)))
+        .enumerate()
+        .for_each(|(row, (o, (y, g)))| {
+            let i = row % t;
+            let (lo, hi) = visible(i, window);
+            let mut dot = T::ZERO;
+            for (&a, &b) in y[lo..hi].iter().zip(&g[lo..hi]) {
+                dot = dot.add(a.mul(b));
+            }
+            for ((oj, &a), &b) in o[lo..hi].iter_mut().zip(&y[lo..hi]).zip(&g[lo..hi]) {
+                *oj = a.mul(b.sub(dot));
+            }
+        });
+    out
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (o1, o2, t, _) = dims(l)?;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(forward(&v[o1..o2], t, self.window)),
+            CpuStorage::F64(v) => CpuStorage::F64(forward(&v[o1..o2], t, self.window)),
+            other => candle_core::bail!("causal softmax: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = res.apply_op2_no_bwd(&grad.contiguous()?, &CausalSoftmaxGrad { window: self.window })?;
+        Ok(Some(g))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a1, b1, t, _) = dims(l1)?;
+        let (a2, b2, _, _) = dims(l2)?;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(backward(&y[a1..b1], &g[a2..b2], t, self.window)),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(backward(&y[a1..b1], &g[a2..b2], t, self.window)),
+            _ => candle_core::bail!("causal softmax grad: unsupported dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Softmax over the last axis of scores [.., T, T] where key j is visible to
+/// query i iff j <= i and, with a window, i - j < window.
+pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> candle_core::Result<Tensor> {
+    let t = scores.dim(candle_core::D::Minus1)?;
+    if scores.device().is_cpu() && matches!(scores.dtype(), DType::F32 | DType::F64) {
+        return scores.contiguous()?.apply_op1(CausalSoftmax { window });
+    }
+    let vals: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let (lo, hi) = visible(i, window);
+                if (lo..hi).contains(&j) { 0.0 } else { f32::MIN }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(vals, (t, t), scores.device())?.to_dtype(scores.dtype())?;
+    candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Fused forward and backward against the additive-mask formulation, f64.
+    #[test]
+    fn fused_causal_softmax_matches_masked_softmax() {
+        let dev = Device::Cpu;
+        for window in [None, Some(3)] {
+            let x = Tensor::randn(0f64, 2.0, (2, 3, 7, 7), &dev).unwrap();
+            let w = Tensor::randn(0f64, 1.0, (2, 3, 7, 7), &dev).unwrap();
+            let (v1, v2) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
+            let fused = causal_softmax(v1.as_tensor(), window).unwrap();
+            let mask: Vec<f64> = (0..7)
+                .flat_map(|i| (0..7).map(move |j| if j <= i && window.is_none_or(|w| i - j < w) { 0.0 } else { f64::MIN }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (7, 7), &dev).unwrap();
+            let plain = candle_nn::ops::softmax(&v2.as_tensor().broadcast_add(&mask).unwrap(), candle_core::D::Minus1).unwrap();
+            let d: f64 = (&fused - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            assert!(d < 1e-15, "forward differs by {d}");
+            let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let d: f64 = (g1.get(v1.as_tensor()).unwrap() - g2.get(v2.as_tensor()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-14, "backward differs by {d}");
+        }
+    }
+}
