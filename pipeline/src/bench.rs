@@ -55,8 +55,15 @@ pub fn data(source: &str, tokenizer: &str, mb: usize) -> Result<String> {
     let bytes = std::fs::metadata(&path).ctx("corpus")?.len() as f64;
     let corpus = path.to_string_lossy().to_string();
     let (_, t_ingest) = timed(|| stages::run_pairs(&ctx, "ingest", &[("dataset", "b"), ("train", &corpus)]))?;
-    let (_, t_tok) = timed(|| stages::run_pairs(&ctx, "tokenize", &[("dataset", "b"), ("tokenizer", tokenizer)]))?;
-    let (_, t_pack) = timed(|| stages::run_pairs(&ctx, "pack", &[("dataset", "b"), ("T", "2048"), ("mode", "hf"), ("shards", "2")]))?;
+    let (_, t_tok) =
+        timed(|| stages::run_pairs(&ctx, "tokenize", &[("dataset", "b"), ("tokenizer", tokenizer)]))?;
+    let (_, t_pack) = timed(|| {
+        stages::run_pairs(
+            &ctx,
+            "pack",
+            &[("dataset", "b"), ("T", "2048"), ("mode", "hf"), ("shards", "2")],
+        )
+    })?;
     let mbs = |t: f64| bytes / 1e6 / t;
     let total = t_ingest + t_tok + t_pack;
     Ok(format!(
@@ -82,16 +89,26 @@ pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -
         .iter()
         .map(|n| Ok((n.clone(), Var::from_tensor(&init[n]).ctx("vars")?)))
         .collect::<Result<_>>()?;
-    let tensors = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let tensors = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
     let net = GptNeo::from_tensors(config, &tensors, "bench")?;
     let mut opt = crate::model::optim::AdamW::new(
         vars,
-        crate::model::optim::AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+        crate::model::optim::AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
     )?;
     let mut s = 7u64;
     let ids: Vec<u32> = (0..batch * t)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % 50257) as u32
         })
         .collect();
@@ -99,7 +116,10 @@ pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -
     let x = Tensor::from_vec(ids, (batch, t), &dev).ctx("batch")?;
     let forward = |train: bool| -> Result<Tensor> {
         let h = net.forward(&x, &[depth], train)?.remove(0);
-        let h = h.narrow(1, 0, t - 1).and_then(|h| h.reshape((batch * (t - 1), width))).ctx("positions")?;
+        let h = h
+            .narrow(1, 0, t - 1)
+            .and_then(|h| h.reshape((batch * (t - 1), width)))
+            .ctx("positions")?;
         net.logits(&h)
     };
     forward(false)?;
@@ -127,23 +147,52 @@ pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -
 }
 
 /// Collection throughput on the shipped sample packed at T = 2048.
-pub fn collect(depth: usize, width: usize, train_text: &str, tokenizer: &str, batch: usize) -> Result<String> {
+pub fn collect(
+    depth: usize,
+    width: usize,
+    train_text: &str,
+    tokenizer: &str,
+    batch: usize,
+) -> Result<String> {
     let (_dir, ctx) = temp_ctx()?;
     stages::run_pairs(&ctx, "ingest", &[("dataset", "b"), ("train", train_text)])?;
     stages::run_pairs(&ctx, "tokenize", &[("dataset", "b"), ("tokenizer", tokenizer)])?;
-    stages::run_pairs(&ctx, "pack", &[("dataset", "b"), ("T", "2048"), ("mode", "concat")])?;
+    stages::run_pairs(
+        &ctx,
+        "pack",
+        &[("dataset", "b"), ("T", "2048"), ("mode", "concat")],
+    )?;
     let config = GptNeoConfig::grid(depth, width, 16, 50257, 2048);
     let w = init_weights(&config, 0, &Device::Cpu)?;
     let state = serde_json::json!({"global_step": 0});
     crate::model::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
     let b = batch.to_string();
-    let out = stages::run_pairs(&ctx, "collect", &[("model", "bench"), ("dataset", "b"), ("batch", &b)])?;
+    let out = stages::run_pairs(
+        &ctx,
+        "collect",
+        &[("model", "bench"), ("dataset", "b"), ("batch", &b)],
+    )?;
     let m = ctx
         .lake
-        .manifest(&Artifact::new("class_stats", &[("model", "bench"), ("split", "train"), ("layer", &depth.to_string())])?)?
+        .manifest(&Artifact::new(
+            "class_stats",
+            &[
+                ("model", "bench"),
+                ("split", "train"),
+                ("layer", &depth.to_string()),
+            ],
+        )?)?
         .ok_or_else(|| Error::invalid("no class_stats written"))?;
-    let rate = m.extra.get("tokens_per_s").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-    let share = m.extra.get("accumulate_share").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    let rate = m
+        .extra
+        .get("tokens_per_s")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(f64::NAN);
+    let share = m
+        .extra
+        .get("accumulate_share")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(f64::NAN);
     Ok(format!(
         "collect {depth}x{width} (T = 2048, batch {batch}): {rate:.0} tokens/s, {:.1}% of the time accumulating\n  ({out})",
         100.0 * share
@@ -155,7 +204,9 @@ pub fn collect(depth: usize, width: usize, train_text: &str, tokenizer: &str, ba
 pub fn synthetic_stats(lake: &Lake, model: &str, c: usize, d: usize) -> Result<()> {
     let mut s = 99u64;
     let mut next = || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     };
     let mut st = ClassStats::new(d);
@@ -167,7 +218,10 @@ pub fn synthetic_stats(lake: &Lake, model: &str, c: usize, d: usize) -> Result<(
         let count = 1 + (1_000_000 / (i + 1)) as u64;
         st.merge_one(i as u32, count, &mean, count as f64 * (0.5 + next().abs()));
     }
-    let a = Artifact::new("class_stats", &[("model", model), ("split", "train"), ("layer", "1")])?;
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", model), ("split", "train"), ("layer", "1")],
+    )?;
     lake.write_artifact(&a, &[st.to_batch()?], Provenance::new("bench"))?;
     Ok(())
 }
@@ -189,7 +243,10 @@ pub fn analyze(c: usize, d: usize, tile: usize, precision: &str) -> Result<Strin
         .ctx("running analyze")?;
     let secs = t.elapsed().as_secs_f64();
     if !out.status.success() {
-        return Err(Error::invalid(format!("analyze failed: {}", String::from_utf8_lossy(&out.stderr))));
+        return Err(Error::invalid(format!(
+            "analyze failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
     }
     let pairs = (c * (c - 1) / 2) as f64;
     Ok(format!(
@@ -208,10 +265,33 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
             .map_err(|_| Error::invalid(format!("bench option {k} must be a number")))
     };
     match what {
-        "data" => data(&get("source", "../shared/data/TinyStories-train_first2MiB.txt"), &get("tokenizer", "data/tokenizer.json"), num("mb", 100)?),
-        "model" => model(num("depth", 1)?, num("width", 64)?, num("T", 2048)?, num("batch", 2)?, num("steps", 3)?),
-        "collect" => collect(num("depth", 1)?, num("width", 64)?, &get("train", "data/tinystories_train_sample.txt"), &get("tokenizer", "data/tokenizer.json"), num("batch", 2)?),
-        "analyze" => analyze(num("classes", 29233)?, num("dim", 1024)?, num("tile", 512)?, &get("precision", "f64")),
-        other => Err(Error::invalid(format!("unknown benchmark '{other}'; benchmarks: data, model, collect, analyze"))),
+        "data" => data(
+            &get("source", "../shared/data/TinyStories-train_first2MiB.txt"),
+            &get("tokenizer", "data/tokenizer.json"),
+            num("mb", 100)?,
+        ),
+        "model" => model(
+            num("depth", 1)?,
+            num("width", 64)?,
+            num("T", 2048)?,
+            num("batch", 2)?,
+            num("steps", 3)?,
+        ),
+        "collect" => collect(
+            num("depth", 1)?,
+            num("width", 64)?,
+            &get("train", "data/tinystories_train_sample.txt"),
+            &get("tokenizer", "data/tokenizer.json"),
+            num("batch", 2)?,
+        ),
+        "analyze" => analyze(
+            num("classes", 29233)?,
+            num("dim", 1024)?,
+            num("tile", 512)?,
+            &get("precision", "f64"),
+        ),
+        other => Err(Error::invalid(format!(
+            "unknown benchmark '{other}'; benchmarks: data, model, collect, analyze"
+        ))),
     }
 }

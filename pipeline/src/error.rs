@@ -128,7 +128,8 @@ impl<T> Context<T> for std::result::Result<T, object_store::Error> {
     fn ctx(self, what: impl Display) -> Result<T> {
         self.map_err(|source| {
             let hint = match &source {
-                object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. } => {
                     " (refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions)"
                 }
                 _ => "",

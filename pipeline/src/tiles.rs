@@ -74,21 +74,28 @@ impl Moments {
         for &v in values {
             if v.is_nan() {
                 m.excluded += 1;
-            } else {
-                m.n += 1;
-                sum += v;
-                m.min = m.min.min(v);
-                m.max = m.max.max(v);
+                continue;
+            }
+            m.n += 1;
+            sum += v;
+            if v < m.min {
+                m.min = v;
+            }
+            if v > m.max {
+                m.max = v;
             }
         }
         if m.n > 0 {
             m.mean = sum / m.n as f64;
-            let mean = m.mean;
-            m.m2 = values
-                .iter()
-                .filter(|v| !v.is_nan())
-                .map(|&v| (v - mean) * (v - mean))
-                .sum();
+            let mut m2 = 0.0;
+            for &v in values {
+                // NaN compares false, so excluded values add nothing.
+                let e = v - m.mean;
+                if e == e {
+                    m2 += e * e;
+                }
+            }
+            m.m2 = m2;
         }
         m
     }
@@ -287,17 +294,23 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             gram_block(cls, &single, opt.f32_gemm, r0, m, s0, n, &mut g);
             let mut vals: [Vec<f64>; 5] = std::array::from_fn(|_| Vec::with_capacity(m * n));
             let rows = &mut acc.1;
+            let riesz_s = opt.riesz_s;
             for (ia, a) in (r0..r1).enumerate() {
                 let ma = &cls.centred[a * d..(a + 1) * d];
                 let start = if ti == tj { a + 1 } else { s0 };
+                // Row a's sums stay in registers for the whole row of the tile.
+                let mut sum_a = [0f64; 4];
+                let mut n_a = [0u64; 4];
+                let mut excl_a = 0u64;
+                let mut top_a = rows.top[a];
+                let (n2a, inva, vara) = (norm2[a], inv_norm[a], cls.var[a]);
                 for b in start..s1 {
-                    let ib = b - s0;
-                    let gab = g[ia * n + ib];
-                    let mb = &cls.centred[b * d..(b + 1) * d];
-                    let mut excluded = false;
-                    // CDNV
-                    let mut dist2 = norm2[a] + norm2[b] - 2.0 * gab;
-                    if dist2 < threshold * (norm2[a] + norm2[b]) {
+                    let gab = g[ia * n + (b - s0)];
+                    let (n2b, invb) = (norm2[b], inv_norm[b]);
+                    // CDNV, from the Gram distance unless it cancelled.
+                    let mut dist2 = n2a + n2b - 2.0 * gab;
+                    if dist2 < threshold * (n2a + n2b) {
+                        let mb = &cls.centred[b * d..(b + 1) * d];
                         dist2 = ma.iter().zip(mb).map(|(x, y)| (x - y) * (x - y)).sum();
                         acc.3 += 1;
                     }
@@ -309,70 +322,85 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
                         } else {
                             dist2.powf(half_power)
                         };
-                        (cls.var[a] + cls.var[b]) / (2.0 * denom)
+                        (vara + cls.var[b]) / (2.0 * denom)
                     } else {
                         f64::NAN
                     };
-                    // Directions
-                    let (intf, logk, riesz) = if norm2[a] > 0.0 && norm2[b] > 0.0 {
-                        let cos = (gab * inv_norm[a] * inv_norm[b]).clamp(-1.0, 1.0);
+                    // Directions, likewise recomputed when 2 - 2cos cancels.
+                    let (intf, logk, riesz) = if n2a > 0.0 && n2b > 0.0 {
+                        let mut cos = (gab * inva * invb).clamp(-1.0, 1.0);
                         let mut u2 = 2.0 - 2.0 * cos;
                         if u2 < threshold {
+                            let mb = &cls.centred[b * d..(b + 1) * d];
                             u2 = ma
                                 .iter()
                                 .zip(mb)
                                 .map(|(x, y)| {
-                                    let e = x * inv_norm[a] - y * inv_norm[b];
+                                    let e = x * inva - y * invb;
                                     e * e
                                 })
                                 .sum();
+                            cos = 1.0 - u2 / 2.0;
                             acc.3 += 1;
                         }
-                        let cos = if u2 < threshold { 1.0 - u2 / 2.0 } else { cos };
                         if u2 > 0.0 {
-                            let riesz = opt.riesz_s.map(|s| u2.powf(-s / 2.0)).unwrap_or(f64::NAN);
-                            (cos, -0.5 * u2.ln(), riesz)
+                            (
+                                cos,
+                                -0.5 * u2.ln(),
+                                riesz_s.map_or(f64::NAN, |s| u2.powf(-s / 2.0)),
+                            )
                         } else {
                             (cos, f64::NAN, f64::NAN)
                         }
                     } else {
                         (f64::NAN, f64::NAN, f64::NAN)
                     };
-                    let values = [cdnv, intf, logk, riesz, gab];
-                    for (k, v) in values.iter().enumerate() {
-                        if k == RIESZ && opt.riesz_s.is_none() {
+                    let values = [cdnv, intf, logk, riesz];
+                    let mut excluded = false;
+                    for k in 0..4 {
+                        let v = values[k];
+                        if k == RIESZ && riesz_s.is_none() {
                             continue;
                         }
-                        vals[k].push(*v);
-                        if k < 4 {
-                            if v.is_nan() {
-                                excluded = true;
-                            } else {
-                                rows.sum[k][a] += v;
-                                rows.sum[k][b] += v;
-                                rows.n[k][a] += 1;
-                                rows.n[k][b] += 1;
-                            }
-                        }
-                        if k_top > 0 && !v.is_nan() {
-                            let pv = PairValue { value: *v, a, b };
-                            keep_extremes(&mut acc.2[k].0, pv, k_top, false);
-                            keep_extremes(&mut acc.2[k].1, pv, k_top, true);
+                        vals[k].push(v);
+                        if v.is_nan() {
+                            excluded = true;
+                        } else {
+                            sum_a[k] += v;
+                            n_a[k] += 1;
+                            rows.sum[k][b] += v;
+                            rows.n[k][b] += 1;
                         }
                     }
+                    vals[GRAM].push(gab);
                     if excluded {
-                        rows.excluded[a] += 1;
+                        excl_a += 1;
                         rows.excluded[b] += 1;
                     }
                     if !intf.is_nan() {
-                        if better((intf, b), rows.top[a]) {
-                            rows.top[a] = (intf, b);
+                        if better((intf, b), top_a) {
+                            top_a = (intf, b);
                         }
                         if better((intf, a), rows.top[b]) {
                             rows.top[b] = (intf, a);
                         }
                     }
+                    if k_top > 0 {
+                        for (k, &v) in values.iter().chain(std::iter::once(&gab)).enumerate() {
+                            if !v.is_nan() && (k != RIESZ || riesz_s.is_some()) {
+                                let pv = PairValue { value: v, a, b };
+                                keep_extremes(&mut acc.2[k].0, pv, k_top, false);
+                                keep_extremes(&mut acc.2[k].1, pv, k_top, true);
+                            }
+                        }
+                    }
                 }
+                for k in 0..4 {
+                    rows.sum[k][a] += sum_a[k];
+                    rows.n[k][a] += n_a[k];
+                }
+                rows.excluded[a] += excl_a;
+                rows.top[a] = top_a;
             }
             let metrics = std::array::from_fn(|k| Moments::of(&vals[k]));
             acc.0.push(TileResult { ti, tj, metrics });

@@ -11,7 +11,9 @@ use pipeline::tiles::{self, Classes, Options};
 use crate::common::{TestLake, rel, tiny};
 
 fn lcg(seed: &mut u64) -> f64 {
-    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     ((*seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
 }
 
@@ -20,7 +22,9 @@ fn lcg(seed: &mut u64) -> f64 {
 /// identical means and one class exactly at the centre of the others.
 fn synthetic(c: usize, d: usize, clustered: bool, seed: u64) -> ClassStats {
     let mut s = seed;
-    let centres: Vec<Vec<f64>> = (0..8).map(|_| (0..d).map(|_| 3.0 * lcg(&mut s)).collect()).collect();
+    let centres: Vec<Vec<f64>> = (0..8)
+        .map(|_| (0..d).map(|_| 3.0 * lcg(&mut s)).collect())
+        .collect();
     let mut st = ClassStats::new(d);
     let mut means: Vec<Vec<f64>> = Vec::new();
     for k in 0..c / 2 {
@@ -38,7 +42,11 @@ fn synthetic(c: usize, d: usize, clustered: bool, seed: u64) -> ClassStats {
     means.push(vec![0.0; d]); // exactly the centre: zero-norm centred mean
     for (i, m) in means.iter().enumerate() {
         let count = 1 + (i * 7919 % 97) as u64 * (i % 3) as u64;
-        let m2 = if count == 1 { 0.0 } else { count as f64 * (0.5 + lcg(&mut s).abs()) };
+        let m2 = if count == 1 {
+            0.0
+        } else {
+            count as f64 * (0.5 + lcg(&mut s).abs())
+        };
         st.merge_one(i as u32 * 3 + 1, count, m, m2);
     }
     st
@@ -68,15 +76,33 @@ fn brute(cls: &Classes, k: f64, riesz: f64) -> Brute {
     };
     for a in 0..c {
         for b in a + 1..c {
-            let diff: f64 = m(a).iter().zip(m(b)).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
+            let diff: f64 = m(a)
+                .iter()
+                .zip(m(b))
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f64>()
+                .sqrt();
             let (na, nb) = (norm(m(a)), norm(m(b)));
-            let cdnv = if diff > 0.0 { (cls.var[a] + cls.var[b]) / (2.0 * diff.powf(2.0 + k)) } else { f64::NAN };
+            let cdnv = if diff > 0.0 {
+                (cls.var[a] + cls.var[b]) / (2.0 * diff.powf(2.0 + k))
+            } else {
+                f64::NAN
+            };
             let (intf, logk, rz) = if na > 0.0 && nb > 0.0 {
                 let ua: Vec<f64> = m(a).iter().map(|x| x / na).collect();
                 let ub: Vec<f64> = m(b).iter().map(|x| x / nb).collect();
                 let cos: f64 = ua.iter().zip(&ub).map(|(x, y)| x * y).sum();
-                let du: f64 = ua.iter().zip(&ub).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
-                if du > 0.0 { (cos, (1.0 / du).ln(), du.powf(-riesz)) } else { (cos, f64::NAN, f64::NAN) }
+                let du: f64 = ua
+                    .iter()
+                    .zip(&ub)
+                    .map(|(x, y)| (x - y) * (x - y))
+                    .sum::<f64>()
+                    .sqrt();
+                if du > 0.0 {
+                    (cos, (1.0 / du).ln(), du.powf(-riesz))
+                } else {
+                    (cos, f64::NAN, f64::NAN)
+                }
             } else {
                 (f64::NAN, f64::NAN, f64::NAN)
             };
@@ -109,7 +135,12 @@ fn moments(v: &[f64]) -> (f64, f64, f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     let std = (v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
-    (mean, std, v.iter().cloned().fold(f64::INFINITY, f64::min), v.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+    (
+        mean,
+        std,
+        v.iter().cloned().fold(f64::INFINITY, f64::min),
+        v.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    )
 }
 
 /// f64 mode agrees with the brute force to 1e-9 relative on random and on
@@ -122,10 +153,23 @@ fn pairwise_metrics_equal_brute_force() {
     for clustered in [false, true] {
         let st = synthetic(500, 64, clustered, if clustered { 11 } else { 3 });
         let prep = prepare(&st, 1, 0);
-        let cls = Classes { centred: &prep.centred, d: 64, var: &prep.var };
+        let cls = Classes {
+            centred: &prep.centred,
+            d: 64,
+            var: &prep.var,
+        };
         let want = brute(&cls, 2.0, 1.0);
         let run = |edge: usize, f32_gemm: bool| {
-            tiles::pairs(&cls, &Options { edge, cdnv_k: 2.0, riesz_s: Some(1.0), f32_gemm, top_k: 3 })
+            tiles::pairs(
+                &cls,
+                &Options {
+                    edge,
+                    cdnv_k: 2.0,
+                    riesz_s: Some(1.0),
+                    f32_gemm,
+                    top_k: 3,
+                },
+            )
         };
         let reports = [run(64, false), run(37, false), run(500, false), run(64, true)];
         for (ri, rep) in reports.iter().enumerate() {
@@ -135,8 +179,16 @@ fn pairwise_metrics_equal_brute_force() {
                 let (mean, std, min, max) = moments(&want.values[k]);
                 assert_eq!(got.n as usize, want.values[k].len(), "metric {k}");
                 assert_eq!(got.excluded, want.excluded[k], "metric {k}");
-                for (g, w, what) in [(got.mean, mean, "mean"), (got.std(), std, "std"), (got.min, min, "min"), (got.max, max, "max")] {
-                    assert!(rel(g, w) <= tol, "clustered={clustered} report {ri} metric {k} {what}: {g} vs {w}");
+                for (g, w, what) in [
+                    (got.mean, mean, "mean"),
+                    (got.std(), std, "std"),
+                    (got.min, min, "min"),
+                    (got.max, max, "max"),
+                ] {
+                    assert!(
+                        rel(g, w) <= tol,
+                        "clustered={clustered} report {ri} metric {k} {what}: {g} vs {w}"
+                    );
                 }
             }
             let g = tiles::combine(&rep.tiles, tiles::METRIC_GRAM);
@@ -150,7 +202,10 @@ fn pairwise_metrics_equal_brute_force() {
                     let (sum, n) = want.rows[a][k];
                     assert_eq!(rep.rows.n[k][a], n);
                     if n > 0 {
-                        assert!(rel(rep.rows.mean(k, a).unwrap(), sum / n as f64) <= tol, "row {a} metric {k}");
+                        assert!(
+                            rel(rep.rows.mean(k, a).unwrap(), sum / n as f64) <= tol,
+                            "row {a} metric {k}"
+                        );
                     }
                 }
                 assert_eq!(rep.rows.top[a].1, want.top[a].1, "top interferer of {a}");
@@ -161,14 +216,24 @@ fn pairwise_metrics_equal_brute_force() {
         assert!(reports[0].extremes[0].0.iter().all(|p| p.value.is_finite()));
         let e = &reports[0].extremes[tiles::METRIC_INTERFERENCE].1;
         let hi = moments(&want.values[1]).3;
-        assert!(rel(e[0].value, hi) < 1e-12, "largest interference {} vs {hi}", e[0].value);
+        assert!(
+            rel(e[0].value, hi) < 1e-12,
+            "largest interference {} vs {hi}",
+            e[0].value
+        );
     }
 }
 
 /// Class statistics written to a lake under `model`.
 fn write_stats(tl: &TestLake, model: &str, st: &ClassStats) {
-    let a = Artifact::new("class_stats", &[("model", model), ("split", "train"), ("layer", "1")]).unwrap();
-    tl.lake().write_artifact(&a, &[st.to_batch().unwrap()], Provenance::new("test")).unwrap();
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", model), ("split", "train"), ("layer", "1")],
+    )
+    .unwrap();
+    tl.lake()
+        .write_artifact(&a, &[st.to_batch().unwrap()], Provenance::new("test"))
+        .unwrap();
 }
 
 fn f64_col(sql: &Sql, q: &str) -> Vec<Option<f64>> {
@@ -196,7 +261,12 @@ fn simplex_etf_is_recognised() {
     write_stats(&tl, "etf", &st);
     tl.run("analyze", &[("model", "etf"), ("layer", "1"), ("tile", "16")]);
     let sql = Sql::open(tl.lake()).unwrap();
-    let one = |col: &str| f64_col(&sql, &format!("SELECT {col} FROM model_metrics WHERE model = 'etf'"))[0];
+    let one = |col: &str| {
+        f64_col(
+            &sql,
+            &format!("SELECT {col} FROM model_metrics WHERE model = 'etf'"),
+        )[0]
+    };
     let intf = one("nc2_interference_mean").unwrap();
     assert!((intf + 1.0 / (c as f64 - 1.0)).abs() < 1e-12, "{intf}");
     assert!(one("nc2_interference_std").unwrap() < 1e-12);
@@ -205,11 +275,18 @@ fn simplex_etf_is_recognised() {
     assert!(etf < 1e-6, "ETF error {etf}");
     assert!(one("nc2_equinorm_std").unwrap() < 1e-12);
     assert!(one("nc1_cdnv").unwrap() > 0.0);
-    assert!(one("nc3_duality_mean").is_none(), "no weights: NC3 must be NULL, not invented");
+    assert!(
+        one("nc3_duality_mean").is_none(),
+        "no weights: NC3 must be NULL, not invented"
+    );
     // A non-ETF (random) configuration has a clearly positive error.
     write_stats(&tl, "rnd", &synthetic(60, 16, false, 5));
     tl.run("analyze", &[("model", "rnd"), ("layer", "1")]);
-    let e = f64_col(&sql, "SELECT nc2_etf_error FROM model_metrics WHERE model = 'rnd'")[0].unwrap();
+    let e = f64_col(
+        &sql,
+        "SELECT nc2_etf_error FROM model_metrics WHERE model = 'rnd'",
+    )[0]
+    .unwrap();
     assert!(e > 0.1 && e.is_finite(), "{e}");
 }
 
@@ -220,9 +297,21 @@ fn sql_tile_totals_equal_rust_and_brute_force() {
     let tl = TestLake::new();
     let st = synthetic(300, 24, true, 9);
     write_stats(&tl, "syn", &st);
-    tl.run("analyze", &[("model", "syn"), ("layer", "1"), ("tile", "41"), ("kernels", "log,riesz")]);
+    tl.run(
+        "analyze",
+        &[
+            ("model", "syn"),
+            ("layer", "1"),
+            ("tile", "41"),
+            ("kernels", "log,riesz"),
+        ],
+    );
     let prep = prepare(&st, 1, 0);
-    let cls = Classes { centred: &prep.centred, d: 24, var: &prep.var };
+    let cls = Classes {
+        centred: &prep.centred,
+        d: 24,
+        var: &prep.var,
+    };
     let want = brute(&cls, 2.0, 1.0);
     let sql = Sql::open(tl.lake()).unwrap();
     for (k, name) in ["cdnv", "interference", "logkernel", "riesz"].iter().enumerate() {
@@ -235,14 +324,27 @@ fn sql_tile_totals_equal_rust_and_brute_force() {
         for (g, w) in [(f(0), mean), (f(1), std), (f(2), min), (f(3), max)] {
             assert!(rel(g, w) < 1e-9, "{name}: {g} vs {w}");
         }
-        assert_eq!(b.column(4).as_primitive::<Int64Type>().value(0) as usize, want.values[k].len());
-        assert_eq!(b.column(5).as_primitive::<Int64Type>().value(0) as u64, want.excluded[k]);
+        assert_eq!(
+            b.column(4).as_primitive::<Int64Type>().value(0) as usize,
+            want.values[k].len()
+        );
+        assert_eq!(
+            b.column(5).as_primitive::<Int64Type>().value(0) as u64,
+            want.excluded[k]
+        );
     }
     // No NaN reaches a model-level number.
-    let row = sql.query("SELECT * FROM model_metrics WHERE model = 'syn'", false).unwrap();
+    let row = sql
+        .query("SELECT * FROM model_metrics WHERE model = 'syn'", false)
+        .unwrap();
     for (i, c) in row[0].columns().iter().enumerate() {
         if let Some(f) = c.as_primitive_opt::<Float64Type>() {
-            assert!(f.is_null(0) || f.value(0).is_finite(), "column {} is {}", row[0].schema().field(i).name(), f.value(0));
+            assert!(
+                f.is_null(0) || f.value(0).is_finite(),
+                "column {} is {}",
+                row[0].schema().field(i).name(),
+                f.value(0)
+            );
         }
     }
 }
@@ -256,13 +358,25 @@ fn analyze_a_trained_model() {
     tl.run("eval", &[("model", "tiny")]);
     tl.run("collect", &[("model", "tiny")]);
     tl.run("decide", &[("model", "tiny")]);
-    let out = tl.run("analyze", &[("model", "tiny"), ("dump_pairs", "topk:3"), ("force", "true")]);
+    let out = tl.run(
+        "analyze",
+        &[("model", "tiny"), ("dump_pairs", "topk:3"), ("force", "true")],
+    );
     assert!(out.contains("tiny@1/train/layer=2"), "{out}");
-    let a = Artifact::new("class_stats", &[("model", "tiny@1"), ("split", "train"), ("layer", "2")]).unwrap();
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", "tiny@1"), ("split", "train"), ("layer", "2")],
+    )
+    .unwrap();
     let st = ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
     let prep = prepare(&st, 1, 0);
     let m = pipeline::model::checkpoint::ModelRef::resolve_one(tl.lake(), "tiny").unwrap();
-    let w: Vec<Vec<f32>> = m.load(&candle_core::Device::Cpu, candle_core::DType::F32).unwrap().classifier().to_vec2().unwrap();
+    let w: Vec<Vec<f32>> = m
+        .load(&candle_core::Device::Cpu, candle_core::DType::F32)
+        .unwrap()
+        .classifier()
+        .to_vec2()
+        .unwrap();
     let sql = Sql::open(tl.lake()).unwrap();
     let out = sql
         .query("SELECT class_id, nc3_cos, nc3_dot, norm, top_interferer, nc4_hits, nc4_samples, token FROM class_metrics WHERE model = 'tiny@1' AND analysed ORDER BY class_id", false)
@@ -277,7 +391,9 @@ fn analyze_a_trained_model() {
             let mc = &prep.centred[r * 8..(r + 1) * 8];
             let wc: Vec<f64> = w[c as usize].iter().map(|&x| x as f64).collect();
             let dot: f64 = wc.iter().zip(mc).map(|(a, b)| a * b).sum();
-            let want = dot / (wc.iter().map(|x| x * x).sum::<f64>().sqrt() * mc.iter().map(|x| x * x).sum::<f64>().sqrt());
+            let want = dot
+                / (wc.iter().map(|x| x * x).sum::<f64>().sqrt()
+                    * mc.iter().map(|x| x * x).sum::<f64>().sqrt());
             assert!((cos.value(i) - want).abs() < 1e-12, "class {c}");
             rows += 1;
         }
@@ -285,7 +401,10 @@ fn analyze_a_trained_model() {
     assert_eq!(rows, prep.rows.len());
     // NC4 per class equals the decisions table.
     let q = "SELECT SUM(c.nc4_hits) - SUM(d.agree) FROM class_metrics c JOIN decisions d ON c.class_id = d.class_id AND c.model = d.model WHERE c.model = 'tiny@1'";
-    let diff = sql.query(q, false).unwrap()[0].column(0).as_primitive::<UInt64Type>().value(0);
+    let diff = sql.query(q, false).unwrap()[0]
+        .column(0)
+        .as_primitive::<UInt64Type>()
+        .value(0);
     assert_eq!(diff, 0);
     let mm = sql
         .query("SELECT nc4_agreement, val_loss, nc3_duality_mean, final_layer, n_classes FROM model_metrics WHERE model = 'tiny@1'", false)
@@ -293,6 +412,8 @@ fn analyze_a_trained_model() {
     assert_eq!(mm[0].num_rows(), 1);
     assert!(mm[0].column(1).as_primitive::<Float64Type>().value(0) > 0.0);
     assert!(mm[0].column(3).as_boolean().value(0));
-    let ext = sql.query("SELECT COUNT(*) FROM pair_extremes WHERE model = 'tiny@1'", false).unwrap();
+    let ext = sql
+        .query("SELECT COUNT(*) FROM pair_extremes WHERE model = 'tiny@1'", false)
+        .unwrap();
     assert_eq!(ext[0].column(0).as_primitive::<Int64Type>().value(0), 4 * 2 * 3);
 }

@@ -15,13 +15,24 @@ use pipeline::stats::ClassStats;
 use crate::common::{TestLake, rel, tiny};
 
 fn stats_of(tl: &TestLake, model: &str, split: &str, layer: usize) -> ClassStats {
-    let a = Artifact::new("class_stats", &[("model", model), ("split", split), ("layer", &layer.to_string())]).unwrap();
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", model), ("split", split), ("layer", &layer.to_string())],
+    )
+    .unwrap();
     ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap()
 }
 
 /// Per class: (count, mean, M2) computed directly in f64 from explicitly
 /// materialised embeddings (same batches as collect, so the same f32 values).
-fn brute_force(tl: &TestLake, model: &str, dataset: &str, split: &str, layer: usize, batch: usize) -> HashMap<u32, (u64, Vec<f64>, f64)> {
+fn brute_force(
+    tl: &TestLake,
+    model: &str,
+    dataset: &str,
+    split: &str,
+    layer: usize,
+    batch: usize,
+) -> HashMap<u32, (u64, Vec<f64>, f64)> {
     let m = ModelRef::resolve_one(tl.lake(), model).unwrap();
     let net = m.load(&Device::Cpu, DType::F32).unwrap();
     let chunks = Chunks::open(tl.lake(), dataset, split).unwrap();
@@ -36,7 +47,10 @@ fn brute_force(tl: &TestLake, model: &str, dataset: &str, split: &str, layer: us
             for (r, row) in ids.chunks(t).enumerate() {
                 for pos in 0..t - 1 {
                     let y = row[pos + 1];
-                    samples.entry(y).or_default().push(h[r][pos].iter().map(|&v| v as f64).collect());
+                    samples
+                        .entry(y)
+                        .or_default()
+                        .push(h[r][pos].iter().map(|&v| v as f64).collect());
                 }
             }
             Ok(())
@@ -47,7 +61,10 @@ fn brute_force(tl: &TestLake, model: &str, dataset: &str, split: &str, layer: us
         .map(|(c, hs)| {
             let n = hs.len() as f64;
             let mu: Vec<f64> = (0..d).map(|j| hs.iter().map(|h| h[j]).sum::<f64>() / n).collect();
-            let m2 = hs.iter().map(|h| h.iter().zip(&mu).map(|(a, b)| (a - b) * (a - b)).sum::<f64>()).sum();
+            let m2 = hs
+                .iter()
+                .map(|h| h.iter().zip(&mu).map(|(a, b)| (a - b) * (a - b)).sum::<f64>())
+                .sum();
             (c, (hs.len() as u64, mu, m2))
         })
         .collect()
@@ -87,22 +104,57 @@ fn collected_statistics_equal_brute_force() {
     }
     let one = stats_of(tl, "tiny@1", "train", 2);
     let tl2 = &tl;
-    tl2.run("collect", &[("model", "tiny"), ("split", "validation"), ("vars", "two-pass"), ("batch", "3")]);
-    tl2.run("collect", &[("model", "tiny"), ("split", "validation"), ("vars", "one-pass"), ("batch", "3"), ("force", "true")]);
+    tl2.run(
+        "collect",
+        &[
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("vars", "two-pass"),
+            ("batch", "3"),
+        ],
+    );
+    tl2.run(
+        "collect",
+        &[
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("vars", "one-pass"),
+            ("batch", "3"),
+            ("force", "true"),
+        ],
+    );
     let v1 = stats_of(tl, "tiny@1", "validation", 2);
     let want = brute_force(tl, "tiny", "small", "validation", 2, 3);
     assert_stats_close(&v1, &want, 1e-10);
-    tl2.run("collect", &[("model", "tiny"), ("split", "validation"), ("vars", "two-pass"), ("batch", "3"), ("force", "true")]);
+    tl2.run(
+        "collect",
+        &[
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("vars", "two-pass"),
+            ("batch", "3"),
+            ("force", "true"),
+        ],
+    );
     let v2 = stats_of(tl, "tiny@1", "validation", 2);
     for r in 0..v1.len() {
         let r2 = v2.row_of(v1.classes[r]).unwrap();
         if v1.m2[r] > 0.0 {
-            assert!(rel(v2.m2[r2], v1.m2[r]) < 1e-9, "class {}: {} vs {}", v1.classes[r], v2.m2[r2], v1.m2[r]);
+            assert!(
+                rel(v2.m2[r2], v1.m2[r]) < 1e-9,
+                "class {}: {} vs {}",
+                v1.classes[r],
+                v2.m2[r2],
+                v1.m2[r]
+            );
         }
     }
     assert!(one.len() > 100);
     // Re-running is a no-op.
-    assert!(tl.run("collect", &[("model", "tiny"), ("layers", "all"), ("batch", "3")]).contains("up to date"));
+    assert!(
+        tl.run("collect", &[("model", "tiny"), ("layers", "all"), ("batch", "3")])
+            .contains("up to date")
+    );
 }
 
 /// Shards merged equal a single pass (1e-12: only the merge order differs),
@@ -116,11 +168,17 @@ fn shards_merge_to_the_single_pass() {
     tl.run("collect", &[("model", "tiny"), ("batch", "1"), ("force", "true")]);
     let single = stats_of(tl, "tiny@1", "train", 2);
     for i in 0..3 {
-        let out = tl.run("collect", &[("model", "tiny"), ("batch", "1"), ("shard", &format!("{i}/3"))]);
+        let out = tl.run(
+            "collect",
+            &[("model", "tiny"), ("batch", "1"), ("shard", &format!("{i}/3"))],
+        );
         assert!(out.contains(&format!("shard {i}/3")), "{out}");
     }
     let err = tl.run_err("merge", &[("model", "tiny"), ("shards", "4")]);
-    assert!(err.contains("shards 0, 1, 2, 3 of 4") && err.contains("not finished"), "{err}");
+    assert!(
+        err.contains("shards 0, 1, 2, 3 of 4") && err.contains("not finished"),
+        "{err}"
+    );
     tl.run("merge", &[("model", "tiny"), ("shards", "3")]);
     let merged = stats_of(tl, "tiny@1", "train", 2);
     assert_eq!(merged.len(), single.len());
@@ -146,26 +204,68 @@ fn shards_merge_to_the_single_pass() {
 fn interrupted_collection_resumes_to_the_same_statistics() {
     let guard = tiny();
     let tl = &*guard;
-    tl.run("collect", &[("model", "tiny"), ("split", "validation"), ("batch", "2"), ("force", "true")]);
+    tl.run(
+        "collect",
+        &[
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("batch", "2"),
+            ("force", "true"),
+        ],
+    );
     let whole = stats_of(tl, "tiny@1", "validation", 2);
     // Start from nothing, as a first run would.
-    let a = Artifact::new("class_stats", &[("model", "tiny@1"), ("split", "validation"), ("layer", "2")]).unwrap();
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", "tiny@1"), ("split", "validation"), ("layer", "2")],
+    )
+    .unwrap();
     tl.lake().delete_prefix(&a.dir()).unwrap();
-    let out = tl.run("collect", &[("model", "tiny"), ("split", "validation"), ("batch", "2"), ("stop_after", "4")]);
+    let out = tl.run(
+        "collect",
+        &[
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("batch", "2"),
+            ("stop_after", "4"),
+        ],
+    );
     assert!(out.contains("stopped at chunk 4"), "{out}");
-    let out = tl.run("collect", &[("model", "tiny"), ("split", "validation"), ("batch", "2"), ("stop_after", "6")]);
+    let out = tl.run(
+        "collect",
+        &[
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("batch", "2"),
+            ("stop_after", "6"),
+        ],
+    );
     assert!(out.contains("stopped at chunk 10"), "{out}");
     // A corrupt checkpoint is reported, not trusted.
     let key = pipeline::partials::shard_key("tiny@1", "validation", 1, 0, true);
     let good = tl.lake().get(&key).unwrap();
-    tl.lake().put(&key, bytes::Bytes::from_static(b"garbage")).unwrap();
-    let err = tl.run_err("collect", &[("model", "tiny"), ("split", "validation"), ("batch", "2")]);
-    assert!(err.contains("corrupt collection state") && err.contains("force=true"), "{err}");
+    tl.lake()
+        .put(&key, bytes::Bytes::from_static(b"garbage"))
+        .unwrap();
+    let err = tl.run_err(
+        "collect",
+        &[("model", "tiny"), ("split", "validation"), ("batch", "2")],
+    );
+    assert!(
+        err.contains("corrupt collection state") && err.contains("force=true"),
+        "{err}"
+    );
     tl.lake().put(&key, good).unwrap();
-    tl.run("collect", &[("model", "tiny"), ("split", "validation"), ("batch", "2")]);
+    tl.run(
+        "collect",
+        &[("model", "tiny"), ("split", "validation"), ("batch", "2")],
+    );
     let resumed = stats_of(tl, "tiny@1", "validation", 2);
     assert_eq!(resumed, whole);
-    assert!(tl.lake().get_opt(&key).unwrap().is_none(), "checkpoint left behind");
+    assert!(
+        tl.lake().get_opt(&key).unwrap().is_none(),
+        "checkpoint left behind"
+    );
 }
 
 /// Samples pair the embedding at position t with the token at t + 1.
@@ -180,10 +280,18 @@ fn labels_are_the_next_tokens() {
     let m = tl.lake().manifest(&src).unwrap().unwrap();
     let a = Artifact::new("chunks", &[("dataset", "small"), ("split", "hand")]).unwrap();
     let field = Arc::new(Field::new("item", DataType::UInt32, true));
-    let list = FixedSizeListArray::new(field, t as i32, Arc::new(arrow::array::UInt32Array::from(seq.clone())), None);
+    let list = FixedSizeListArray::new(
+        field,
+        t as i32,
+        Arc::new(arrow::array::UInt32Array::from(seq.clone())),
+        None,
+    );
     let batch = RecordBatch::try_new(
         pipeline::stages::pack::chunks_schema(t),
-        vec![Arc::new(UInt64Array::from(vec![0u64])) as ArrayRef, Arc::new(list)],
+        vec![
+            Arc::new(UInt64Array::from(vec![0u64])) as ArrayRef,
+            Arc::new(list),
+        ],
     )
     .unwrap();
     let mut prov = Provenance::new("test").extra("T", t as u64);
@@ -194,8 +302,17 @@ fn labels_are_the_next_tokens() {
     tl.run("collect", &[("model", "tiny"), ("split", "hand")]);
     let st = stats_of(tl, "tiny@1", "hand", 2);
     // Hidden states of the chunk, by position.
-    let net = ModelRef::resolve_one(tl.lake(), "tiny").unwrap().load(&Device::Cpu, DType::F32).unwrap();
-    let h: Vec<Vec<f32>> = net.forward(&Tensor::from_vec(seq.clone(), (1, t), &Device::Cpu).unwrap(), &[2], false).unwrap()[0]
+    let net = ModelRef::resolve_one(tl.lake(), "tiny")
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .unwrap();
+    let h: Vec<Vec<f32>> = net
+        .forward(
+            &Tensor::from_vec(seq.clone(), (1, t), &Device::Cpu).unwrap(),
+            &[2],
+            false,
+        )
+        .unwrap()[0]
         .squeeze(0)
         .unwrap()
         .to_vec2()
@@ -220,12 +337,18 @@ fn mismatched_inputs_are_refused() {
     let err = tl.run_err("collect", &[("model", "nope")]);
     assert!(err.contains("model nope") && err.contains("not found"), "{err}");
     let err = tl.run_err("collect", &[("model", "tiny"), ("split", "test")]);
-    assert!(err.contains("chunks/dataset=small/split=test") && err.contains("stage=pack"), "{err}");
+    assert!(
+        err.contains("chunks/dataset=small/split=test") && err.contains("stage=pack"),
+        "{err}"
+    );
     let err = tl.run_err("collect", &[("model", "tiny"), ("shard", "3/3")]);
     assert!(err.contains("shard"), "{err}");
     // A model whose vocabulary is smaller than the tokenizer's.
     let fixture = crate::common::repo().join("tests/fixtures/gpt_neo_tiny");
-    let err = tl.run_err("collect", &[("model", fixture.to_str().unwrap()), ("dataset", "small")]);
+    let err = tl.run_err(
+        "collect",
+        &[("model", fixture.to_str().unwrap()), ("dataset", "small")],
+    );
     assert!(err.contains("vocabulary of 500 is smaller"), "{err}");
 }
 
@@ -239,14 +362,25 @@ fn decisions_equal_a_direct_evaluation() {
     tl.run("decide", &[("model", "tiny"), ("min_per_class", "2")]);
     let st = stats_of(tl, "tiny@1", "train", 2);
     let vp: Vec<usize> = st.analysed(2, 0);
-    let net = ModelRef::resolve_one(tl.lake(), "tiny").unwrap().load(&Device::Cpu, DType::F32).unwrap();
+    let net = ModelRef::resolve_one(tl.lake(), "tiny")
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .unwrap();
     let w: Vec<Vec<f32>> = net.classifier().to_vec2().unwrap();
     let chunks = Chunks::open(tl.lake(), "small", "validation").unwrap();
     let t = chunks.t;
     let mut want: HashMap<u32, [u64; 4]> = HashMap::new();
     chunks
         .for_each_batch(tl.lake(), 0..chunks.count, 2, |_, ids, b| {
-            let h: Vec<Vec<Vec<f32>>> = net.forward(&Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap(), &[2], false).unwrap()[0].to_vec3().unwrap();
+            let h: Vec<Vec<Vec<f32>>> = net
+                .forward(
+                    &Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap(),
+                    &[2],
+                    false,
+                )
+                .unwrap()[0]
+                .to_vec3()
+                .unwrap();
             for (r, row) in ids.chunks(t).enumerate() {
                 for p in 0..t - 1 {
                     let hv: Vec<f64> = h[r][p].iter().map(|&x| x as f64).collect();
@@ -255,7 +389,12 @@ fn decisions_equal_a_direct_evaluation() {
                     for &row_i in &vp {
                         let c = st.classes[row_i];
                         let dot: f64 = w[c as usize].iter().zip(&hv).map(|(a, b)| *a as f64 * b).sum();
-                        let dist: f64 = st.mean_of(row_i).iter().zip(&hv).map(|(a, b)| (a - b) * (a - b)).sum();
+                        let dist: f64 = st
+                            .mean_of(row_i)
+                            .iter()
+                            .zip(&hv)
+                            .map(|(a, b)| (a - b) * (a - b))
+                            .sum();
                         if dot > best_lin.0 {
                             best_lin = (dot, c);
                         }
@@ -274,17 +413,27 @@ fn decisions_equal_a_direct_evaluation() {
             Ok(())
         })
         .unwrap();
-    let a = Artifact::new("decisions", &[("model", "tiny@1"), ("split", "validation"), ("layer", "2")]).unwrap();
+    let a = Artifact::new(
+        "decisions",
+        &[("model", "tiny@1"), ("split", "validation"), ("layer", "2")],
+    )
+    .unwrap();
     let mut got: HashMap<u32, [u64; 4]> = HashMap::new();
     use arrow::array::AsArray;
     use arrow::datatypes::{UInt32Type, UInt64Type};
     for b in tl.lake().read_artifact(&a).unwrap() {
         for i in 0..b.num_rows() {
             let v = |c: usize| b.column(c).as_primitive::<UInt64Type>().value(i);
-            got.insert(b.column(0).as_primitive::<UInt32Type>().value(i), [v(1), v(2), v(3), v(4)]);
+            got.insert(
+                b.column(0).as_primitive::<UInt32Type>().value(i),
+                [v(1), v(2), v(3), v(4)],
+            );
         }
     }
     assert_eq!(got, want);
     let agree: u64 = got.values().map(|v| v[1]).sum();
-    assert!(agree > 0, "no agreement at all is implausible for a trained model");
+    assert!(
+        agree > 0,
+        "no agreement at all is implausible for a trained model"
+    );
 }

@@ -13,7 +13,8 @@ use serde_json::Value;
 use crate::common::{TestLake, data, first_stories, shared};
 
 fn reference() -> Value {
-    let text = std::fs::read_to_string(crate::common::repo().join("tests/fixtures/token_reference.json")).unwrap();
+    let text =
+        std::fs::read_to_string(crate::common::repo().join("tests/fixtures/token_reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -33,9 +34,18 @@ fn known_sentences_get_gpt2_ids() {
     assert_eq!(tok.encode("Hello world").unwrap(), vec![15496, 995]);
     for s in reference()["sentences"].as_array().unwrap() {
         let text = s["text"].as_str().unwrap();
-        let want: Vec<u32> = s["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = s["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tok.encode(text).unwrap(), want, "fast path: {text:?}");
-        assert_eq!(tok.encode_reference(text).unwrap(), want, "tokenizers crate: {text:?}");
+        assert_eq!(
+            tok.encode_reference(text).unwrap(),
+            want,
+            "tokenizers crate: {text:?}"
+        );
     }
 }
 
@@ -61,7 +71,11 @@ fn fast_path_equals_the_reference_encoder_on_whole_files() {
         let text = std::fs::read_to_string(shared(f)).unwrap();
         let mut docs = 0;
         for doc in text.split("\n<|endoftext|>\n") {
-            assert_eq!(tok.encode(doc).unwrap(), tok.encode_reference(doc).unwrap(), "{f}: {doc:.80}");
+            assert_eq!(
+                tok.encode(doc).unwrap(),
+                tok.encode_reference(doc).unwrap(),
+                "{f}: {doc:.80}"
+            );
             docs += 1;
         }
         assert!(docs > 900, "{f}: {docs}");
@@ -84,11 +98,17 @@ fn tokens_of_the_shipped_sample_match_an_independent_implementation() {
     let tl = TestLake::new();
     tl.run(
         "ingest",
-        &[("train", &data("tinystories_train_sample.txt")), ("validation", &data("tinystories_val_sample.txt"))],
+        &[
+            ("train", &data("tinystories_train_sample.txt")),
+            ("validation", &data("tinystories_val_sample.txt")),
+        ],
     );
     tl.run("tokenize", &[("tokenizer", &data("tokenizer.json"))]);
     let refs = reference();
-    for (split, file) in [("train", "data/tinystories_train_sample.txt"), ("validation", "data/tinystories_val_sample.txt")] {
+    for (split, file) in [
+        ("train", "data/tinystories_train_sample.txt"),
+        ("validation", "data/tinystories_val_sample.txt"),
+    ] {
         let want = &refs[file];
         let a = Artifact::new("tokens", &[("dataset", "sample"), ("split", split)]).unwrap();
         let mut counts = Vec::new();
@@ -105,13 +125,30 @@ fn tokens_of_the_shipped_sample_match_an_independent_implementation() {
                 all.extend(ids);
             }
         }
-        assert_eq!(counts.len() as u64, want["documents"].as_u64().unwrap(), "{split}");
-        let want_counts: Vec<u64> = want["doc_tokens"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        assert_eq!(
+            counts.len() as u64,
+            want["documents"].as_u64().unwrap(),
+            "{split}"
+        );
+        let want_counts: Vec<u64> = want["doc_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
         assert_eq!(counts, want_counts, "{split}");
         assert_eq!(all.len() as u64, want["tokens"].as_u64().unwrap());
-        assert_eq!(checksum(all.into_iter()), want["checksum"].as_u64().unwrap(), "{split}");
-        let first_want: Vec<u32> =
-            want["first_doc_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(
+            checksum(all.into_iter()),
+            want["checksum"].as_u64().unwrap(),
+            "{split}"
+        );
+        let first_want: Vec<u32> = want["first_doc_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(first.unwrap(), first_want);
     }
     // Re-running is a no-op that says so.
@@ -152,10 +189,25 @@ fn read_chunks(tl: &TestLake, dataset: &str, split: &str) -> Vec<Vec<u32>> {
 #[test]
 fn pack_and_vocab_on_real_tokens() {
     let tl = TestLake::new();
-    let train = tl.file("t.txt", first_stories(&data("tinystories_train_sample.txt"), 257).as_bytes());
+    let train = tl.file(
+        "t.txt",
+        first_stories(&data("tinystories_train_sample.txt"), 257).as_bytes(),
+    );
     tl.run("ingest", &[("dataset", "p"), ("train", &train)]);
-    tl.run("tokenize", &[("dataset", "p"), ("tokenizer", &data("tokenizer.json"))]);
-    tl.run("pack", &[("dataset", "p"), ("T", "64"), ("mode", "hf"), ("shards", "3"), ("batch", "40")]);
+    tl.run(
+        "tokenize",
+        &[("dataset", "p"), ("tokenizer", &data("tokenizer.json"))],
+    );
+    tl.run(
+        "pack",
+        &[
+            ("dataset", "p"),
+            ("T", "64"),
+            ("mode", "hf"),
+            ("shards", "3"),
+            ("batch", "40"),
+        ],
+    );
     let docs = read_tokens(&tl, "p", "train");
     let (n, t, shards, batch) = (docs.len(), 64, 3, 40);
     let mut want = Vec::new();
@@ -210,7 +262,11 @@ fn pack_and_vocab_on_real_tokens() {
 #[test]
 fn tabular_corpora_give_the_same_documents() {
     let tl = TestLake::new();
-    let texts = ["First story.\n\nWith a blank line.", "  Second, with \"quotes\", commas and é.", ""];
+    let texts = [
+        "First story.\n\nWith a blank line.",
+        "  Second, with \"quotes\", commas and é.",
+        "",
+    ];
     // JSON Lines with extra fields.
     let jsonl: String = texts
         .iter()
@@ -226,7 +282,8 @@ fn tabular_corpora_give_the_same_documents() {
     let csv = tl.file("c.csv", csv.as_bytes());
     // Parquet as Hugging Face exports it.
     let schema = Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, true)]));
-    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(texts.to_vec()))]).unwrap();
+    let batch =
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(texts.to_vec()))]).unwrap();
     let mut buf = Vec::new();
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, None).unwrap();
     w.write(&batch).unwrap();
@@ -236,15 +293,29 @@ fn tabular_corpora_give_the_same_documents() {
         tl.run("ingest", &[("dataset", name), ("train", file)]);
         let a = Artifact::new("documents", &[("dataset", name), ("split", "train")]).unwrap();
         let b = &tl.lake().read_artifact(&a).unwrap()[0];
-        let got: Vec<&str> = (0..b.num_rows()).map(|i| b.column(3).as_string::<i32>().value(i)).collect();
+        let got: Vec<&str> = (0..b.num_rows())
+            .map(|i| b.column(3).as_string::<i32>().value(i))
+            .collect();
         assert_eq!(got, texts.to_vec(), "{name}");
     }
     // A missing column is named, with the ones that exist.
-    let err = tl.run_err("ingest", &[("dataset", "x"), ("train", &csv), ("text_column", "story")]);
-    assert!(err.contains("no column 'story'") && err.contains("id, text, other"), "{err}");
-    let err = tl.run_err("ingest", &[("dataset", "x"), ("train", &pq), ("text_column", "story")]);
+    let err = tl.run_err(
+        "ingest",
+        &[("dataset", "x"), ("train", &csv), ("text_column", "story")],
+    );
+    assert!(
+        err.contains("no column 'story'") && err.contains("id, text, other"),
+        "{err}"
+    );
+    let err = tl.run_err(
+        "ingest",
+        &[("dataset", "x"), ("train", &pq), ("text_column", "story")],
+    );
     assert!(err.contains("no column 'story'"), "{err}");
-    let err = tl.run_err("ingest", &[("dataset", "x"), ("train", &jsonl), ("text_column", "story")]);
+    let err = tl.run_err(
+        "ingest",
+        &[("dataset", "x"), ("train", &jsonl), ("text_column", "story")],
+    );
     assert!(err.contains("no 'story' field"), "{err}");
     let nulls = tl.file("n.jsonl", b"{\"text\": \"a\"}\n{\"text\": null}\n");
     let err = tl.run_err("ingest", &[("dataset", "x"), ("train", &nulls)]);
@@ -256,28 +327,55 @@ fn bad_inputs_are_refused_with_a_clear_error_and_nothing_written() {
     let tl = TestLake::new();
     let bad = tl.file("bad.txt", b"fine story\n<|endoftext|>\nbroken \xc3\x28 here\n");
     let err = tl.run_err("ingest", &[("dataset", "b"), ("train", &bad)]);
-    assert!(err.contains("bad.txt") && err.contains("invalid UTF-8 at byte offset 32"), "{err}");
+    assert!(
+        err.contains("bad.txt") && err.contains("invalid UTF-8 at byte offset 32"),
+        "{err}"
+    );
     let empty = tl.file("empty.txt", b"");
     let err = tl.run_err("ingest", &[("dataset", "b"), ("train", &empty)]);
     assert!(err.contains("no documents"), "{err}");
     let err = tl.run_err("ingest", &[("dataset", "b"), ("train", "/nonexistent/x.txt")]);
-    assert!(err.contains("/nonexistent/x.txt") && err.contains("no such file"), "{err}");
-    assert!(tl.lake().list("documents").unwrap().is_empty(), "a failed ingest left files behind");
+    assert!(
+        err.contains("/nonexistent/x.txt") && err.contains("no such file"),
+        "{err}"
+    );
+    assert!(
+        tl.lake().list("documents").unwrap().is_empty(),
+        "a failed ingest left files behind"
+    );
 
-    let good = tl.file("good.txt", first_stories(&data("tinystories_val_sample.txt"), 5).as_bytes());
+    let good = tl.file(
+        "good.txt",
+        first_stories(&data("tinystories_val_sample.txt"), 5).as_bytes(),
+    );
     tl.run("ingest", &[("dataset", "b"), ("train", &good)]);
     let junk = tl.file("tok.json", b"{\"not\": \"a tokenizer\"}");
     let err = tl.run_err("tokenize", &[("dataset", "b"), ("tokenizer", &junk)]);
-    assert!(err.contains("tok.json") && err.contains("not a valid tokenizer.json"), "{err}");
+    assert!(
+        err.contains("tok.json") && err.contains("not a valid tokenizer.json"),
+        "{err}"
+    );
     assert!(tl.lake().list("tokens").unwrap().is_empty());
-    tl.run("tokenize", &[("dataset", "b"), ("tokenizer", &data("tokenizer.json"))]);
+    tl.run(
+        "tokenize",
+        &[("dataset", "b"), ("tokenizer", &data("tokenizer.json"))],
+    );
     let err = tl.run_err("pack", &[("dataset", "b"), ("T", "1")]);
-    assert!(err.contains("parameter T") && err.contains("at least 2 tokens"), "{err}");
+    assert!(
+        err.contains("parameter T") && err.contains("at least 2 tokens"),
+        "{err}"
+    );
     let err = tl.run_err("pack", &[("dataset", "b"), ("T", "100000")]);
     assert!(err.contains("no chunk of 100000 tokens"), "{err}");
     assert!(tl.lake().list("chunks").unwrap().is_empty());
-    let err = tl.run_err("tokenize", &[("dataset", "nope"), ("tokenizer", &data("tokenizer.json"))]);
-    assert!(err.contains("documents/dataset=nope/split=train") && err.contains("stage=ingest"), "{err}");
+    let err = tl.run_err(
+        "tokenize",
+        &[("dataset", "nope"), ("tokenizer", &data("tokenizer.json"))],
+    );
+    assert!(
+        err.contains("documents/dataset=nope/split=train") && err.contains("stage=ingest"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -286,7 +384,15 @@ fn seeded_holdout_is_reproducible() {
     let src = data("tinystories_train_sample.txt");
     // The byte offsets of the documents sent to validation.
     let held_out = |ds: &str, seed: &str| -> (u64, Vec<u64>) {
-        tl.run("ingest", &[("dataset", ds), ("input", &src), ("holdout", "0.25"), ("seed", seed)]);
+        tl.run(
+            "ingest",
+            &[
+                ("dataset", ds),
+                ("input", &src),
+                ("holdout", "0.25"),
+                ("seed", seed),
+            ],
+        );
         let rows = |s: &str| {
             let a = Artifact::new("documents", &[("dataset", ds), ("split", s)]).unwrap();
             tl.lake().read_artifact(&a).unwrap()

@@ -13,7 +13,10 @@ use pipeline::model::{GptNeo, GptNeoConfig, init_weights, loss, parameter_names}
 use crate::common::{TestLake, repo, tiny};
 
 fn fixture_dir() -> String {
-    repo().join("tests/fixtures/gpt_neo_tiny").to_string_lossy().to_string()
+    repo()
+        .join("tests/fixtures/gpt_neo_tiny")
+        .to_string_lossy()
+        .to_string()
 }
 
 /// The forward pass equals Hugging Face transformers' on a random 3-layer
@@ -25,23 +28,48 @@ fn forward_matches_transformers() {
     let m = ModelRef::resolve(&lake, &fixture_dir()).unwrap();
     assert_eq!(m.id, "gpt_neo_tiny");
     let model = m.load(&Device::Cpu, DType::F32).unwrap();
-    let expected = candle_core::safetensors::load(repo().join("tests/fixtures/gpt_neo_tiny/expected.safetensors"), &Device::Cpu).unwrap();
+    let expected = candle_core::safetensors::load(
+        repo().join("tests/fixtures/gpt_neo_tiny/expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
     let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
     let layers: Vec<usize> = (0..=3).collect();
     let hs = model.forward(&ids, &layers, false).unwrap();
     let mut worst = 0f32;
     for (l, h) in hs.iter().enumerate() {
         let want = &expected[&format!("hidden_{l}")];
-        let diff: f32 = (h - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (h - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         worst = worst.max(diff);
         assert!(diff < 1e-4, "hidden state {l}: max |diff| {diff}");
     }
     let logits = model.logits(&hs[3]).unwrap();
-    let diff: f32 = (logits - &expected["logits"]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (logits - &expected["logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff < 1e-4, "logits: max |diff| {diff}");
     // The training formulation (primitive ops) gives the same numbers.
     let ht = model.forward(&ids, &[3], true).unwrap().remove(0);
-    let diff: f32 = (ht - &hs[3]).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    let diff: f32 = (ht - &hs[3])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff < 1e-5, "train-mode forward differs by {diff}");
 }
 
@@ -65,13 +93,35 @@ fn gradients_match_finite_differences() {
         let h = h.narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), 8)).unwrap();
         loss::cross_entropy(&model.logits(&h).unwrap(), &labels).unwrap()
     };
-    let vars: HashMap<String, Var> = names.iter().map(|n| (n.clone(), Var::from_tensor(&init[n]).unwrap())).collect();
-    let as_tensors: HashMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let vars: HashMap<String, Var> = names
+        .iter()
+        .map(|n| (n.clone(), Var::from_tensor(&init[n]).unwrap()))
+        .collect();
+    let as_tensors: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
     let grads = loss_of(&as_tensors).backward().unwrap();
     let eps = 1e-6;
     let mut checked = 0;
-    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.attention.q_proj.weight", "transformer.h.1.attn.attention.k_proj.weight", "transformer.h.1.attn.attention.out_proj.bias", "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.bias"] {
-        let g = grads.get(vars[name].as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for name in [
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.h.0.ln_1.weight",
+        "transformer.h.0.attn.attention.q_proj.weight",
+        "transformer.h.1.attn.attention.k_proj.weight",
+        "transformer.h.1.attn.attention.out_proj.bias",
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.1.mlp.c_proj.bias",
+        "transformer.ln_f.bias",
+    ] {
+        let g = grads
+            .get(vars[name].as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let base = init[name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for idx in [0, base.len() / 2, base.len() - 1] {
             let numeric = {
@@ -79,13 +129,20 @@ fn gradients_match_finite_differences() {
                     let mut v = base.clone();
                     v[idx] += delta;
                     let mut ts = init.clone();
-                    ts.insert(name.to_string(), Tensor::from_vec(v, init[name].shape(), &dev).unwrap());
+                    ts.insert(
+                        name.to_string(),
+                        Tensor::from_vec(v, init[name].shape(), &dev).unwrap(),
+                    );
                     loss_of(&ts).to_scalar::<f64>().unwrap()
                 };
                 (f(eps) - f(-eps)) / (2.0 * eps)
             };
             let err = (g[idx] - numeric).abs();
-            assert!(err < 1e-8 || err < 1e-5 * numeric.abs(), "{name}[{idx}]: autograd {} vs numeric {numeric}", g[idx]);
+            assert!(
+                err < 1e-8 || err < 1e-5 * numeric.abs(),
+                "{name}[{idx}]: autograd {} vs numeric {numeric}",
+                g[idx]
+            );
             checked += 1;
         }
     }
@@ -116,9 +173,22 @@ fn saved_models_load_back_bit_identically() {
     let by_path = ModelRef::resolve(tl.lake(), dir.to_str().unwrap()).unwrap();
     assert!(!by_path.in_lake);
     let x = Tensor::new(&[[1u32, 50256, 7, 9]], &Device::Cpu).unwrap();
-    let h1 = m.load(&Device::Cpu, DType::F32).unwrap().forward(&x, &[2], false).unwrap().remove(0);
-    let h2 = by_path.load(&Device::Cpu, DType::F32).unwrap().forward(&x, &[2], false).unwrap().remove(0);
-    assert_eq!(h1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), h2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let h1 = m
+        .load(&Device::Cpu, DType::F32)
+        .unwrap()
+        .forward(&x, &[2], false)
+        .unwrap()
+        .remove(0);
+    let h2 = by_path
+        .load(&Device::Cpu, DType::F32)
+        .unwrap()
+        .forward(&x, &[2], false)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        h1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        h2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -136,17 +206,43 @@ fn unsupported_or_inconsistent_checkpoints_are_refused() {
         d.to_string_lossy().to_string()
     };
     let gpt2 = copy("gpt2ish", &|c| c.replace("\"gpt_neo\"", "\"gpt2\""), false);
-    let err = ModelRef::resolve(tl.lake(), &gpt2).unwrap().load(&Device::Cpu, DType::F32).err().unwrap().to_string();
+    let err = ModelRef::resolve(tl.lake(), &gpt2)
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("model_type 'gpt2' is not supported"), "{err}");
-    let wide = copy("wide", &|c| c.replace("\"hidden_size\": 32", "\"hidden_size\": 64"), false);
-    let err = ModelRef::resolve(tl.lake(), &wide).unwrap().load(&Device::Cpu, DType::F32).err().unwrap().to_string();
-    assert!(err.contains("has shape") && err.contains("config implies"), "{err}");
+    let wide = copy(
+        "wide",
+        &|c| c.replace("\"hidden_size\": 32", "\"hidden_size\": 64"),
+        false,
+    );
+    let err = ModelRef::resolve(tl.lake(), &wide)
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("has shape") && err.contains("config implies"),
+        "{err}"
+    );
     let empty = copy("noweights", &|c| c.to_string(), true);
-    let err = ModelRef::resolve(tl.lake(), &empty).unwrap().load(&Device::Cpu, DType::F32).err().unwrap().to_string();
+    let err = ModelRef::resolve(tl.lake(), &empty)
+        .unwrap()
+        .load(&Device::Cpu, DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("no model.safetensors"), "{err}");
-    let err = ModelRef::resolve(tl.lake(), "no_such_model").unwrap_err().to_string();
+    let err = ModelRef::resolve(tl.lake(), "no_such_model")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not found"), "{err}");
-    let err = ModelRef::resolve(tl.lake(), &format!("{}@3", fixture_dir())).unwrap_err().to_string();
+    let err = ModelRef::resolve(tl.lake(), &format!("{}@3", fixture_dir()))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("checkpoint index 3 does not exist"), "{err}");
 }
 
@@ -165,18 +261,35 @@ fn training_learns_and_eval_reports_it() {
                   n AS (SELECT CAST(SUM(count) AS DOUBLE) AS n FROM t)
              SELECT SUM(CAST(v.count AS DOUBLE) * -ln((CAST(t.count AS DOUBLE) + 0.5) / (n.n + 0.5 * 50257))) / SUM(CAST(v.count AS DOUBLE))
              FROM v JOIN t USING (token_id) CROSS JOIN n";
-    let baseline = sql.query(q, false).unwrap()[0].column(0).as_primitive::<Float64Type>().value(0);
+    let baseline = sql.query(q, false).unwrap()[0]
+        .column(0)
+        .as_primitive::<Float64Type>()
+        .value(0);
     let q = "SELECT val_loss, val_acc, perplexity, epoch, depth, width, n_params FROM models WHERE model = 'tiny@1'";
     let b = &sql.query(q, false).unwrap()[0];
     let val_loss = b.column(0).as_primitive::<Float64Type>().value(0);
     let ppl = b.column(2).as_primitive::<Float64Type>().value(0);
     assert!((ppl - val_loss.exp()).abs() < 1e-9 * ppl);
-    assert!(val_loss < baseline - 0.4, "val_loss {val_loss} vs unigram baseline {baseline}");
+    assert!(
+        val_loss < baseline - 0.4,
+        "val_loss {val_loss} vs unigram baseline {baseline}"
+    );
     let q0 = "SELECT val_loss FROM models WHERE model = 'tiny@0'";
-    let first = sql.query(q0, false).unwrap()[0].column(0).as_primitive::<Float64Type>().value(0);
-    assert!(val_loss < first, "epoch 2 ({val_loss}) should improve on epoch 1 ({first})");
+    let first = sql.query(q0, false).unwrap()[0]
+        .column(0)
+        .as_primitive::<Float64Type>()
+        .value(0);
+    assert!(
+        val_loss < first,
+        "epoch 2 ({val_loss}) should improve on epoch 1 ({first})"
+    );
     // The train log is complete: one row per 10 steps plus epoch ends.
-    let log = sql.query("SELECT MAX(step), MIN(loss), MAX(loss) FROM train_log WHERE model = 'tiny'", false).unwrap();
+    let log = sql
+        .query(
+            "SELECT MAX(step), MIN(loss), MAX(loss) FROM train_log WHERE model = 'tiny'",
+            false,
+        )
+        .unwrap();
     let max_loss = log[0].column(2).as_primitive::<Float64Type>().value(0);
     let min_loss = log[0].column(1).as_primitive::<Float64Type>().value(0);
     assert!(max_loss > 9.0 && min_loss < 7.0, "{min_loss} .. {max_loss}");
@@ -191,7 +304,16 @@ fn training_learns_and_eval_reports_it() {
 #[test]
 fn interrupted_training_resumes_to_the_same_model() {
     let tl = crate::common::small_dataset(40, 10, 32);
-    let base = [("dataset", "small"), ("depth", "1"), ("width", "8"), ("heads", "2"), ("context", "64"), ("epochs", "2"), ("lr", "0.01"), ("batch", "8")];
+    let base = [
+        ("dataset", "small"),
+        ("depth", "1"),
+        ("width", "8"),
+        ("heads", "2"),
+        ("context", "64"),
+        ("epochs", "2"),
+        ("lr", "0.01"),
+        ("batch", "8"),
+    ];
     let with = |name: &'static str, extra: &[(&'static str, &'static str)]| {
         let mut v: Vec<(&str, &str)> = base.to_vec();
         v.push(("name", name));
@@ -199,13 +321,25 @@ fn interrupted_training_resumes_to_the_same_model() {
         v
     };
     tl.run("train", &with("whole", &[]));
-    let out = tl.run("train", &with("halves", &[("stop_after", "3"), ("save_every", "2")]));
+    let out = tl.run(
+        "train",
+        &with("halves", &[("stop_after", "3"), ("save_every", "2")]),
+    );
     assert!(out.contains("stopped after step 3"), "{out}");
-    let out = tl.run("train", &with("halves", &[("stop_after", "4"), ("save_every", "2")]));
+    let out = tl.run(
+        "train",
+        &with("halves", &[("stop_after", "4"), ("save_every", "2")]),
+    );
     assert!(out.contains("stopped after step 7"), "{out}");
     tl.run("train", &with("halves", &[("save_every", "2")]));
-    let a = ModelRef::resolve(tl.lake(), "whole").unwrap().tensors(&Device::Cpu, DType::F32).unwrap();
-    let b = ModelRef::resolve(tl.lake(), "halves").unwrap().tensors(&Device::Cpu, DType::F32).unwrap();
+    let a = ModelRef::resolve(tl.lake(), "whole")
+        .unwrap()
+        .tensors(&Device::Cpu, DType::F32)
+        .unwrap();
+    let b = ModelRef::resolve(tl.lake(), "halves")
+        .unwrap()
+        .tensors(&Device::Cpu, DType::F32)
+        .unwrap();
     for (k, v) in &a {
         let x = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let y = b[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -214,7 +348,10 @@ fn interrupted_training_resumes_to_the_same_model() {
     }
     let logs = pipeline::sql::Sql::open(tl.lake())
         .unwrap()
-        .query("SELECT model, COUNT(*), MAX(step) FROM train_log GROUP BY model ORDER BY model", false)
+        .query(
+            "SELECT model, COUNT(*), MAX(step) FROM train_log GROUP BY model ORDER BY model",
+            false,
+        )
         .unwrap();
     let counts = logs[0].column(1).as_primitive::<arrow::datatypes::Int64Type>();
     assert_eq!(counts.value(0), counts.value(1), "resumed log rows differ");
@@ -240,11 +377,26 @@ seeds = [3]
 "#,
     );
     let out = tl.run("train", &[("grid", &grid)]);
-    assert!(out.contains("01x0004_01d03") && out.contains("01x0008_01d03"), "{out}");
+    assert!(
+        out.contains("01x0004_01d03") && out.contains("01x0008_01d03"),
+        "{out}"
+    );
     let again = tl.run("train", &[("grid", &grid)]);
     assert_eq!(again.matches("up to date").count(), 2, "{again}");
     // The same name with another recipe is refused rather than overwritten.
-    let err = tl.run_err("train", &[("dataset", "small"), ("depth", "1"), ("width", "8"), ("heads", "2"), ("context", "64"), ("seed", "3"), ("weight_decay", "0.0005"), ("lr", "0.02")]);
+    let err = tl.run_err(
+        "train",
+        &[
+            ("dataset", "small"),
+            ("depth", "1"),
+            ("width", "8"),
+            ("heads", "2"),
+            ("context", "64"),
+            ("seed", "3"),
+            ("weight_decay", "0.0005"),
+            ("lr", "0.02"),
+        ],
+    );
     assert!(err.contains("exists with another recipe"), "{err}");
     let a = Artifact::new("train_log", &[("model", "01x0004_01d03")]).unwrap();
     assert!(tl.lake().manifest(&a).unwrap().is_some());

@@ -46,9 +46,22 @@ fn s3s_fs() -> PathBuf {
 fn start(bucket: &str) -> Server {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join(bucket)).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(s3s_fs())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", KEY, "--secret-key", SECRET])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            KEY,
+            "--secret-key",
+            SECRET,
+        ])
         .arg(root.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -82,7 +95,11 @@ fn pipeline(server_port: u16, secret: &str, lake: &str, args: &[&str], extra_env
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
@@ -118,27 +135,80 @@ fn stages_and_sql_run_on_an_s3_lake() {
     let val = write("val.txt", 10, "tinystories_val_sample.txt");
     let lake = "s3://lakebucket/study";
     let run = |args: &[&str]| ok(&pipeline(server.port, SECRET, lake, args, &[]));
-    run(&["run", "stage=ingest", "dataset=s", &format!("train={train}"), &format!("validation={val}")]);
-    run(&["run", "stage=tokenize", "dataset=s", &format!("tokenizer={}", data("tokenizer.json"))]);
+    run(&[
+        "run",
+        "stage=ingest",
+        "dataset=s",
+        &format!("train={train}"),
+        &format!("validation={val}"),
+    ]);
+    run(&[
+        "run",
+        "stage=tokenize",
+        "dataset=s",
+        &format!("tokenizer={}", data("tokenizer.json")),
+    ]);
     run(&["run", "stage=pack", "dataset=s", "T=64"]);
-    let out = run(&["sql", "SELECT split, COUNT(*) AS docs FROM documents GROUP BY split ORDER BY split", "--format", "csv"]);
+    let out = run(&[
+        "sql",
+        "SELECT split, COUNT(*) AS docs FROM documents GROUP BY split ORDER BY split",
+        "--format",
+        "csv",
+    ]);
     assert_eq!(out.trim(), "split,docs\ntrain,40\nvalidation,10", "{out}");
-    let out = run(&["sql", "SELECT SUM(n_tokens) FROM tokens WHERE split = 'train'", "--format", "csv"]);
-    assert!(out.lines().nth(1).unwrap().parse::<u64>().unwrap() > 5000, "{out}");
+    let out = run(&[
+        "sql",
+        "SELECT SUM(n_tokens) FROM tokens WHERE split = 'train'",
+        "--format",
+        "csv",
+    ]);
+    assert!(
+        out.lines().nth(1).unwrap().parse::<u64>().unwrap() > 5000,
+        "{out}"
+    );
     let status = run(&["status"]);
-    assert!(status.contains("s3://lakebucket/study") && status.contains("chunks") && status.contains("dataset=s/split=train"), "{status}");
+    assert!(
+        status.contains("s3://lakebucket/study")
+            && status.contains("chunks")
+            && status.contains("dataset=s/split=train"),
+        "{status}"
+    );
     // Overwrite a partition: the new data replaces the old one atomically, one
     // file per partition, nothing staged or half-written left behind.
     let bigger = write("train2.txt", 55, "tinystories_train_sample.txt");
-    run(&["run", "stage=ingest", "dataset=s", &format!("train={bigger}"), &format!("validation={val}")]);
-    let out = run(&["sql", "SELECT COUNT(*) AS docs FROM documents WHERE split = 'train'", "--format", "csv"]);
+    run(&[
+        "run",
+        "stage=ingest",
+        "dataset=s",
+        &format!("train={bigger}"),
+        &format!("validation={val}"),
+    ]);
+    let out = run(&[
+        "sql",
+        "SELECT COUNT(*) AS docs FROM documents WHERE split = 'train'",
+        "--format",
+        "csv",
+    ]);
     assert_eq!(out.trim(), "docs\n55");
     let objs = objects(&server, "lakebucket");
-    let docs: Vec<&String> = objs.iter().filter(|o| o.starts_with("study/documents/")).collect();
+    let docs: Vec<&String> = objs
+        .iter()
+        .filter(|o| o.starts_with("study/documents/"))
+        .collect();
     assert_eq!(docs.len(), 4, "{docs:?}"); // part-0 and manifest, two splits
-    assert!(objs.iter().all(|o| o.ends_with(".parquet") || o.ends_with(".json")), "{objs:?}");
+    assert!(
+        objs.iter()
+            .all(|o| o.ends_with(".parquet") || o.ends_with(".json")),
+        "{objs:?}"
+    );
     // Writes are refused in SQL here too.
-    let o = pipeline(server.port, SECRET, lake, &["sql", "CREATE TABLE x AS SELECT 1"], &[]);
+    let o = pipeline(
+        server.port,
+        SECRET,
+        lake,
+        &["sql", "CREATE TABLE x AS SELECT 1"],
+        &[],
+    );
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("read-only"));
 }
 
@@ -153,7 +223,9 @@ fn large_artifacts_use_multipart_uploads() {
     let mut text = String::new();
     while text.len() < 12 << 20 {
         for _ in 0..120 {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             text.push_str(&format!("w{:x} ", s >> 20));
         }
         text.push_str("\n<|endoftext|>\n");
@@ -165,35 +237,91 @@ fn large_artifacts_use_multipart_uploads() {
         server.port,
         SECRET,
         lake,
-        &["run", "stage=ingest", "dataset=b", &format!("train={}", p.display())],
+        &[
+            "run",
+            "stage=ingest",
+            "dataset=b",
+            &format!("train={}", p.display()),
+        ],
         &[("PIPELINE_UPLOAD_PART_BYTES", "5242880")],
     );
     ok(&o);
-    let f = server.root.path().join("big/l/documents/dataset=b/split=train/part-0.parquet");
+    let f = server
+        .root
+        .path()
+        .join("big/l/documents/dataset=b/split=train/part-0.parquet");
     assert!(std::fs::metadata(&f).unwrap().len() > 5 << 20);
-    let out = ok(&pipeline(server.port, SECRET, lake, &["sql", "SELECT COUNT(*) AS n, SUM(length(text)) AS chars FROM documents", "--format", "csv"], &[]));
+    let out = ok(&pipeline(
+        server.port,
+        SECRET,
+        lake,
+        &[
+            "sql",
+            "SELECT COUNT(*) AS n, SUM(length(text)) AS chars FROM documents",
+            "--format",
+            "csv",
+        ],
+        &[],
+    ));
     let line = out.lines().nth(1).unwrap().to_string();
     let docs = text.matches("<|endoftext|>").count();
-    assert!(line.starts_with(&format!("{docs},")), "{line} vs {docs} documents");
+    assert!(
+        line.starts_with(&format!("{docs},")),
+        "{line} vs {docs} documents"
+    );
 }
 
 #[test]
 fn wrong_credentials_and_a_stopped_server_fail_clearly_and_quickly() {
     let server = start("lakebucket");
     let started = Instant::now();
-    let o = pipeline(server.port, "wrong-secret", "s3://lakebucket/x", &["run", "stage=ingest", &format!("train={}", data("tinystories_val_sample.txt"))], &[]);
+    let o = pipeline(
+        server.port,
+        "wrong-secret",
+        "s3://lakebucket/x",
+        &[
+            "run",
+            "stage=ingest",
+            &format!("train={}", data("tinystories_val_sample.txt")),
+        ],
+        &[],
+    );
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "wrong credentials were accepted");
-    assert!(err.contains("s3://lakebucket/x") && (err.contains("403") || err.contains("Signature") || err.contains("Access")), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
-    assert!(objects(&server, "lakebucket").is_empty(), "something was written with wrong credentials");
+    assert!(
+        err.contains("s3://lakebucket/x")
+            && (err.contains("403") || err.contains("Signature") || err.contains("Access")),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        objects(&server, "lakebucket").is_empty(),
+        "something was written with wrong credentials"
+    );
 
     let port = server.port;
     drop(server);
     let started = Instant::now();
-    let o = pipeline(port, SECRET, "s3://lakebucket/x", &["sql", "SELECT COUNT(*) FROM documents"], &[]);
+    let o = pipeline(
+        port,
+        SECRET,
+        "s3://lakebucket/x",
+        &["sql", "SELECT COUNT(*) FROM documents"],
+        &[],
+    );
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success());
-    assert!(err.to_lowercase().contains("connect") || err.contains("error sending request"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        err.to_lowercase().contains("connect") || err.contains("error sending request"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
 }

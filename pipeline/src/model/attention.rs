@@ -97,27 +97,30 @@ impl Float for f64 {
 
 fn forward<T: Float>(src: &[T], t: usize, window: Option<usize>) -> Vec<T> {
     let mut out = vec![T::ZERO; src.len()];
-    out.par_chunks_mut(t).zip(src.par_chunks(t)).enumerate().for_each(|(row, (o, z))| {
-        let i = row % t;
-        let (lo, hi) = visible(i, window);
-        let zs = &z[lo..hi];
-        let mut m = zs[0];
-        for &x in zs {
-            if x > m {
-                m = x;
+    out.par_chunks_mut(t)
+        .zip(src.par_chunks(t))
+        .enumerate()
+        .for_each(|(row, (o, z))| {
+            let i = row % t;
+            let (lo, hi) = visible(i, window);
+            let zs = &z[lo..hi];
+            let mut m = zs[0];
+            for &x in zs {
+                if x > m {
+                    m = x;
+                }
             }
-        }
-        let os = &mut o[lo..hi];
-        let mut sum = T::ZERO;
-        for (oj, &x) in os.iter_mut().zip(zs) {
-            let e = x.exp_shift(m);
-            *oj = e;
-            sum = sum.add(e);
-        }
-        for oj in os.iter_mut() {
-            *oj = oj.div(sum);
-        }
-    });
+            let os = &mut o[lo..hi];
+            let mut sum = T::ZERO;
+            for (oj, &x) in os.iter_mut().zip(zs) {
+                let e = x.exp_shift(m);
+                *oj = e;
+                sum = sum.add(e);
+            }
+            for oj in os.iter_mut() {
+                *oj = oj.div(sum);
+            }
+        });
     out
 }
 
@@ -176,8 +179,12 @@ impl CustomOp2 for CausalSoftmaxGrad {
         let (a1, b1, t, _) = dims(l1)?;
         let (a2, b2, _, _) = dims(l2)?;
         let out = match (s1, s2) {
-            (CpuStorage::F32(y), CpuStorage::F32(g)) => CpuStorage::F32(backward(&y[a1..b1], &g[a2..b2], t, self.window)),
-            (CpuStorage::F64(y), CpuStorage::F64(g)) => CpuStorage::F64(backward(&y[a1..b1], &g[a2..b2], t, self.window)),
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(backward(&y[a1..b1], &g[a2..b2], t, self.window))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(backward(&y[a1..b1], &g[a2..b2], t, self.window))
+            }
             _ => candle_core::bail!("causal softmax grad: unsupported dtypes"),
         };
         Ok((out, l1.shape().clone()))
@@ -218,11 +225,30 @@ mod tests {
             let (v1, v2) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
             let fused = causal_softmax(v1.as_tensor(), window).unwrap();
             let mask: Vec<f64> = (0..7)
-                .flat_map(|i| (0..7).map(move |j| if j <= i && window.is_none_or(|w| i - j < w) { 0.0 } else { f64::MIN }))
+                .flat_map(|i| {
+                    (0..7).map(move |j| {
+                        if j <= i && window.is_none_or(|w| i - j < w) {
+                            0.0
+                        } else {
+                            f64::MIN
+                        }
+                    })
+                })
                 .collect();
             let mask = Tensor::from_vec(mask, (7, 7), &dev).unwrap();
-            let plain = candle_nn::ops::softmax(&v2.as_tensor().broadcast_add(&mask).unwrap(), candle_core::D::Minus1).unwrap();
-            let d: f64 = (&fused - &plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let plain = candle_nn::ops::softmax(
+                &v2.as_tensor().broadcast_add(&mask).unwrap(),
+                candle_core::D::Minus1,
+            )
+            .unwrap();
+            let d: f64 = (&fused - &plain)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
             assert!(d < 1e-15, "forward differs by {d}");
             let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();

@@ -296,6 +296,7 @@ impl Stage for Collect {
             .save(&ctx.lake, &resume_key)
         };
         let passes = if two_pass { 2 } else { 1 };
+        let mut budget = (stop_after > 0).then_some(stop_after);
         let total = (range.end - range.start) * passes as u64 * chunks.t as u64;
         let bar = crate::progress::bar(total, "collect", "tok");
         bar.set_position(
@@ -315,13 +316,15 @@ impl Stage for Collect {
             } else {
                 vec![None; layers.len()]
             };
+            // With stop_after, this invocation covers whole batches up to the
+            // budget and then leaves a checkpoint.
+            let until = match budget {
+                Some(left) => (next + left.div_ceil(batch as u64) * batch as u64).min(range.end),
+                None => range.end,
+            };
             let mut since = 0u64;
-            let mut done_here = 0u64;
-            let mut stopped = false;
-            chunks.for_each_batch(&ctx.lake, next..range.end, batch, |first, ids, b| {
-                if stopped {
-                    return Ok(());
-                }
+            let from = next;
+            chunks.for_each_batch(&ctx.lake, next..until, batch, |first, ids, b| {
                 let t0 = Instant::now();
                 let (hs, labels) = samples(&model, ids, b, chunks.t, &layers)?;
                 // Make the forward's time measurable apart from accumulation.
@@ -341,17 +344,17 @@ impl Stage for Collect {
                 bar.inc((b * chunks.t) as u64);
                 next = first + b as u64;
                 since += b as u64;
-                done_here += b as u64;
-                if stop_after > 0 && done_here >= stop_after && next < range.end {
-                    save(&stats, next, pass)?;
-                    stopped = true;
-                } else if since >= every && next < range.end {
+                if since >= every && next < until {
                     save(&stats, next, pass)?;
                     since = 0;
                 }
                 Ok(())
             })?;
-            if stopped {
+            if let Some(left) = budget.as_mut() {
+                *left = left.saturating_sub(next - from);
+            }
+            if next < range.end {
+                save(&stats, next, pass)?;
                 bar.finish_and_clear();
                 return Ok(format!(
                     "collect {} on {split}: stopped at chunk {next} of {} (stop_after={stop_after}); run again to continue",
