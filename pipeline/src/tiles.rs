@@ -67,39 +67,6 @@ impl Default for Moments {
 }
 
 impl Moments {
-    /// Exact two-pass moments of `values` (NaN marks an excluded value).
-    fn of(values: &[f64]) -> Moments {
-        let mut m = Moments::default();
-        let mut sum = 0.0;
-        for &v in values {
-            if v.is_nan() {
-                m.excluded += 1;
-                continue;
-            }
-            m.n += 1;
-            sum += v;
-            if v < m.min {
-                m.min = v;
-            }
-            if v > m.max {
-                m.max = v;
-            }
-        }
-        if m.n > 0 {
-            m.mean = sum / m.n as f64;
-            let mut m2 = 0.0;
-            for &v in values {
-                // NaN compares false, so excluded values add nothing.
-                let e = v - m.mean;
-                if e == e {
-                    m2 += e * e;
-                }
-            }
-            m.m2 = m2;
-        }
-        m
-    }
-
     /// Chan's combination of two sets of moments.
     pub fn combine(&self, o: &Moments) -> Moments {
         let n = self.n + o.n;
@@ -275,7 +242,19 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
     let tiles: Vec<(usize, usize)> = (0..nt).flat_map(|i| (i..nt).map(move |j| (i, j))).collect();
     let threshold = recompute_below(opt.f32_gemm);
     let half_power = (2.0 + opt.cdnv_k) / 2.0;
+
     let k_top = opt.top_k;
+    let shared = Shared {
+        cls,
+        norm2: &norm2,
+        inv_norm: &inv_norm,
+        single: &single,
+        f32_gemm: opt.f32_gemm,
+        threshold,
+        half_power,
+        riesz_s: opt.riesz_s,
+        k_top,
+    };
 
     type Acc = (
         Vec<TileResult>,
@@ -287,122 +266,9 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
     let (mut results, rows, extremes, recomputed) = tiles
         .par_iter()
         .fold(init, |mut acc, &(ti, tj)| {
-            let (r0, r1) = (ti * edge, ((ti + 1) * edge).min(c));
-            let (s0, s1) = (tj * edge, ((tj + 1) * edge).min(c));
-            let (m, n) = (r1 - r0, s1 - s0);
-            let mut g = vec![0f64; m * n];
-            gram_block(cls, &single, opt.f32_gemm, r0, m, s0, n, &mut g);
-            let mut vals: [Vec<f64>; 5] = std::array::from_fn(|_| Vec::with_capacity(m * n));
-            let rows = &mut acc.1;
-            let riesz_s = opt.riesz_s;
-            for (ia, a) in (r0..r1).enumerate() {
-                let ma = &cls.centred[a * d..(a + 1) * d];
-                let start = if ti == tj { a + 1 } else { s0 };
-                // Row a's sums stay in registers for the whole row of the tile.
-                let mut sum_a = [0f64; 4];
-                let mut n_a = [0u64; 4];
-                let mut excl_a = 0u64;
-                let mut top_a = rows.top[a];
-                let (n2a, inva, vara) = (norm2[a], inv_norm[a], cls.var[a]);
-                for b in start..s1 {
-                    let gab = g[ia * n + (b - s0)];
-                    let (n2b, invb) = (norm2[b], inv_norm[b]);
-                    // CDNV, from the Gram distance unless it cancelled.
-                    let mut dist2 = n2a + n2b - 2.0 * gab;
-                    if dist2 < threshold * (n2a + n2b) {
-                        let mb = &cls.centred[b * d..(b + 1) * d];
-                        dist2 = ma.iter().zip(mb).map(|(x, y)| (x - y) * (x - y)).sum();
-                        acc.3 += 1;
-                    }
-                    let cdnv = if dist2 > 0.0 {
-                        let denom = if half_power == 2.0 {
-                            dist2 * dist2
-                        } else if half_power == 1.0 {
-                            dist2
-                        } else {
-                            dist2.powf(half_power)
-                        };
-                        (vara + cls.var[b]) / (2.0 * denom)
-                    } else {
-                        f64::NAN
-                    };
-                    // Directions, likewise recomputed when 2 - 2cos cancels.
-                    let (intf, logk, riesz) = if n2a > 0.0 && n2b > 0.0 {
-                        let mut cos = (gab * inva * invb).clamp(-1.0, 1.0);
-                        let mut u2 = 2.0 - 2.0 * cos;
-                        if u2 < threshold {
-                            let mb = &cls.centred[b * d..(b + 1) * d];
-                            u2 = ma
-                                .iter()
-                                .zip(mb)
-                                .map(|(x, y)| {
-                                    let e = x * inva - y * invb;
-                                    e * e
-                                })
-                                .sum();
-                            cos = 1.0 - u2 / 2.0;
-                            acc.3 += 1;
-                        }
-                        if u2 > 0.0 {
-                            (
-                                cos,
-                                -0.5 * u2.ln(),
-                                riesz_s.map_or(f64::NAN, |s| u2.powf(-s / 2.0)),
-                            )
-                        } else {
-                            (cos, f64::NAN, f64::NAN)
-                        }
-                    } else {
-                        (f64::NAN, f64::NAN, f64::NAN)
-                    };
-                    let values = [cdnv, intf, logk, riesz];
-                    let mut excluded = false;
-                    for k in 0..4 {
-                        let v = values[k];
-                        if k == RIESZ && riesz_s.is_none() {
-                            continue;
-                        }
-                        vals[k].push(v);
-                        if v.is_nan() {
-                            excluded = true;
-                        } else {
-                            sum_a[k] += v;
-                            n_a[k] += 1;
-                            rows.sum[k][b] += v;
-                            rows.n[k][b] += 1;
-                        }
-                    }
-                    vals[GRAM].push(gab);
-                    if excluded {
-                        excl_a += 1;
-                        rows.excluded[b] += 1;
-                    }
-                    if !intf.is_nan() {
-                        if better((intf, b), top_a) {
-                            top_a = (intf, b);
-                        }
-                        if better((intf, a), rows.top[b]) {
-                            rows.top[b] = (intf, a);
-                        }
-                    }
-                    if k_top > 0 {
-                        for (k, &v) in values.iter().chain(std::iter::once(&gab)).enumerate() {
-                            if !v.is_nan() && (k != RIESZ || riesz_s.is_some()) {
-                                let pv = PairValue { value: v, a, b };
-                                keep_extremes(&mut acc.2[k].0, pv, k_top, false);
-                                keep_extremes(&mut acc.2[k].1, pv, k_top, true);
-                            }
-                        }
-                    }
-                }
-                for k in 0..4 {
-                    rows.sum[k][a] += sum_a[k];
-                    rows.n[k][a] += n_a[k];
-                }
-                rows.excluded[a] += excl_a;
-                rows.top[a] = top_a;
-            }
-            let metrics = std::array::from_fn(|k| Moments::of(&vals[k]));
+            let r = (ti * edge)..((ti + 1) * edge).min(c);
+            let s = (tj * edge)..((tj + 1) * edge).min(c);
+            let metrics = shared.tile(r, s, ti == tj, &mut acc.1, &mut acc.2, &mut acc.3);
             acc.0.push(TileResult { ti, tj, metrics });
             acc
         })
@@ -431,6 +297,251 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         rows,
         extremes,
         recomputed,
+    }
+}
+
+/// What every tile reads.
+struct Shared<'a> {
+    cls: &'a Classes<'a>,
+    norm2: &'a [f64],
+    inv_norm: &'a [f64],
+    single: &'a [f32],
+    f32_gemm: bool,
+    threshold: f64,
+    half_power: f64,
+    riesz_s: Option<f64>,
+    k_top: usize,
+}
+
+/// Running first-pass moments of one metric in one tile.
+#[derive(Clone, Copy)]
+struct FirstPass {
+    n: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    excluded: u64,
+}
+
+impl FirstPass {
+    fn new() -> Self {
+        FirstPass {
+            n: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+            excluded: 0,
+        }
+    }
+}
+
+impl Shared<'_> {
+    /// Reduce the tile rows `r` x columns `s` (upper triangle only when
+    /// `diag`): per-metric moments, and the row/column sums into `rows`.
+    ///
+    /// Each row of the tile is evaluated column-wise into small buffers with
+    /// branch-free loops (NaN marks an undefined value), which the compiler
+    /// vectorises; only the rare cancelled pairs take a scalar path.
+    fn tile(
+        &self,
+        r: std::ops::Range<usize>,
+        s: std::ops::Range<usize>,
+        diag: bool,
+        rows: &mut RowSums,
+        extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
+        recomputed: &mut u64,
+    ) -> [Moments; 5] {
+        let cls = self.cls;
+        let d = cls.d;
+        let (m, n) = (r.len(), s.len());
+        let mut g = vec![0f64; m * n];
+        gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, &mut g);
+        let metrics = if self.riesz_s.is_some() { 5 } else { 4 };
+        // Values kept for the exact second pass (M2), per metric.
+        let mut vals: [Vec<f64>; 5] = std::array::from_fn(|_| Vec::with_capacity(m * n));
+        let mut first = [FirstPass::new(); 5];
+        let mut buf: [Vec<f64>; 5] = std::array::from_fn(|_| vec![0.0; n]);
+        let mut u2buf = vec![0.0; n];
+        let (n2, inv, var) = (self.norm2, self.inv_norm, cls.var);
+        for (ia, a) in r.clone().enumerate() {
+            let j0 = if diag { ia + 1 } else { 0 };
+            if j0 >= n {
+                continue;
+            }
+            let cols = s.start + j0..s.end;
+            let len = cols.len();
+            let grow = &g[ia * n + j0..(ia + 1) * n];
+            let (n2b, invb, varb) = (&n2[cols.clone()], &inv[cols.clone()], &var[cols.clone()]);
+            let (n2a, inva, vara) = (n2[a], inv[a], var[a]);
+            let [cdnv, intf, logk, riesz, gram] = &mut buf;
+            let (cdnv, intf, logk, riesz, gram) = (
+                &mut cdnv[..len],
+                &mut intf[..len],
+                &mut logk[..len],
+                &mut riesz[..len],
+                &mut gram[..len],
+            );
+            let u2 = &mut u2buf[..len];
+            gram.copy_from_slice(grow);
+            // Squared distances and directions from the Gram entries.
+            for j in 0..len {
+                let dist2 = n2a + n2b[j] - 2.0 * grow[j];
+                cdnv[j] = dist2;
+                let cos = grow[j] * inva * invb[j];
+                let cos = if cos > 1.0 {
+                    1.0
+                } else if cos < -1.0 {
+                    -1.0
+                } else {
+                    cos
+                };
+                intf[j] = cos;
+                u2[j] = 2.0 - 2.0 * cos;
+            }
+            // Pairs whose subtraction cancelled: recompute from the vectors.
+            let ma = &cls.centred[a * d..(a + 1) * d];
+            for j in 0..len {
+                let b = cols.start + j;
+                if cdnv[j] < self.threshold * (n2a + n2b[j]) {
+                    let mb = &cls.centred[b * d..(b + 1) * d];
+                    cdnv[j] = ma.iter().zip(mb).map(|(x, y)| (x - y) * (x - y)).sum();
+                    *recomputed += 1;
+                }
+                if u2[j] < self.threshold && n2a > 0.0 && n2b[j] > 0.0 {
+                    let mb = &cls.centred[b * d..(b + 1) * d];
+                    u2[j] = ma
+                        .iter()
+                        .zip(mb)
+                        .map(|(x, y)| {
+                            let e = x * inva - y * invb[j];
+                            e * e
+                        })
+                        .sum();
+                    intf[j] = 1.0 - u2[j] / 2.0;
+                    *recomputed += 1;
+                }
+            }
+            // Metric values; NaN where undefined.
+            let hp = self.half_power;
+            for j in 0..len {
+                let dist2 = cdnv[j];
+                let denom = if hp == 2.0 {
+                    dist2 * dist2
+                } else if hp == 1.0 {
+                    dist2
+                } else {
+                    dist2.powf(hp)
+                };
+                let v = (vara + varb[j]) / (2.0 * denom);
+                cdnv[j] = if dist2 > 0.0 { v } else { f64::NAN };
+                let directed = n2a > 0.0 && n2b[j] > 0.0;
+                intf[j] = if directed { intf[j] } else { f64::NAN };
+                logk[j] = if directed && u2[j] > 0.0 { u2[j] } else { f64::NAN };
+            }
+            for x in logk.iter_mut() {
+                if *x == *x {
+                    *x = -0.5 * x.ln();
+                }
+            }
+            if let Some(rs) = self.riesz_s {
+                for (x, &l) in riesz.iter_mut().zip(logk.iter()) {
+                    // ||u - u'||^-s = exp(s * log(1/||u - u'||)).
+                    *x = if l == l { (rs * l).exp() } else { f64::NAN };
+                }
+            }
+            // Reductions: tile moments, row a, columns b.
+            let mut excl = vec![false; len];
+            for (k, v) in [&*cdnv, &*intf, &*logk, &*riesz, &*gram].into_iter().enumerate() {
+                if k == RIESZ && metrics == 4 {
+                    continue;
+                }
+                vals[k].extend_from_slice(v);
+                let f = &mut first[k];
+                let (mut sum, mut cnt, mut mn, mut mx) = (0.0, 0u64, f.min, f.max);
+                for &x in v {
+                    let ok = x == x;
+                    sum += if ok { x } else { 0.0 };
+                    cnt += ok as u64;
+                    mn = if x < mn { x } else { mn };
+                    mx = if x > mx { x } else { mx };
+                }
+                f.n += cnt;
+                f.sum += sum;
+                f.min = mn;
+                f.max = mx;
+                f.excluded += len as u64 - cnt;
+                if k < 4 {
+                    rows.sum[k][a] += sum;
+                    rows.n[k][a] += cnt;
+                    let (cs, cn) = (&mut rows.sum[k][cols.clone()], &mut rows.n[k][cols.clone()]);
+                    for ((s_, n_), &x) in cs.iter_mut().zip(cn.iter_mut()).zip(v) {
+                        let ok = x == x;
+                        *s_ += if ok { x } else { 0.0 };
+                        *n_ += ok as u64;
+                    }
+                    for (e, &x) in excl.iter_mut().zip(v) {
+                        *e |= x != x;
+                    }
+                }
+            }
+            // Pairs undefined in some metric, and the top interferers.
+            let mut top_a = rows.top[a];
+            for (j, (&e, &cos)) in excl.iter().zip(intf.iter()).enumerate() {
+                let b = cols.start + j;
+                if e {
+                    rows.excluded[a] += 1;
+                    rows.excluded[b] += 1;
+                }
+                if cos == cos {
+                    if better((cos, b), top_a) {
+                        top_a = (cos, b);
+                    }
+                    if better((cos, a), rows.top[b]) {
+                        rows.top[b] = (cos, a);
+                    }
+                }
+            }
+            rows.top[a] = top_a;
+            if self.k_top > 0 {
+                for (k, v) in [&*cdnv, &*intf, &*logk, &*riesz, &*gram].into_iter().enumerate() {
+                    if k == RIESZ && metrics == 4 {
+                        continue;
+                    }
+                    for (j, &x) in v.iter().enumerate() {
+                        if x == x {
+                            let pv = PairValue {
+                                value: x,
+                                a,
+                                b: cols.start + j,
+                            };
+                            keep_extremes(&mut extremes[k].0, pv, self.k_top, false);
+                            keep_extremes(&mut extremes[k].1, pv, self.k_top, true);
+                        }
+                    }
+                }
+            }
+        }
+        // Second pass over the kept values: M2 about the tile mean.
+        std::array::from_fn(|k| {
+            let f = first[k];
+            if f.n == 0 && k == RIESZ && metrics == 4 {
+                return Moments::default();
+            }
+            let mean = if f.n > 0 { f.sum / f.n as f64 } else { 0.0 };
+            let mut m2 = 0.0;
+            for &x in &vals[k] {
+                let e = x - mean;
+                m2 += if e == e { e * e } else { 0.0 };
+            }
+            Moments {
+                n: f.n,
+                mean,
+                m2: if f.n > 0 { m2 } else { 0.0 },
+                min: f.min,
+                max: f.max,
+                excluded: f.excluded,
+            }
+        })
     }
 }
 
