@@ -343,6 +343,26 @@ fn mismatched_inputs_are_refused() {
     );
     let err = tl.run_err("collect", &[("model", "tiny"), ("shard", "3/3")]);
     assert!(err.contains("shard"), "{err}");
+    // Data tokenized with another vocabulary than the model's own tokenizer:
+    // the shipped tokenizer with the ids of two tokens swapped.
+    let other = std::fs::read_to_string(crate::common::data("tokenizer.json"))
+        .unwrap()
+        .replacen("\"hello\":31373", "\"hello\":X", 1)
+        .replacen("\"world\":6894", "\"world\":31373", 1)
+        .replacen("\"hello\":X", "\"hello\":6894", 1);
+    let other = tl.file("other_tokenizer.json", other.as_bytes());
+    let text = tl.file(
+        "few.txt",
+        crate::common::first_stories(&crate::common::data("tinystories_val_sample.txt"), 12).as_bytes(),
+    );
+    tl.run("ingest", &[("dataset", "other"), ("train", &text)]);
+    tl.run("tokenize", &[("dataset", "other"), ("tokenizer", &other)]);
+    tl.run("pack", &[("dataset", "other"), ("T", "32")]);
+    let err = tl.run_err("collect", &[("model", "tiny"), ("dataset", "other")]);
+    assert!(
+        err.contains("another vocabulary than the one the data was tokenized with"),
+        "{err}"
+    );
     // A model whose vocabulary is smaller than the tokenizer's.
     let fixture = crate::common::repo().join("tests/fixtures/gpt_neo_tiny");
     let err = tl.run_err(
