@@ -96,6 +96,14 @@ impl Source {
         self.store.get(&self.key)
     }
 
+    /// A synchronous streaming reader over the file; `progress` counts the
+    /// bytes as they arrive.
+    pub fn reader_with_progress(&self, progress: indicatif::ProgressBar) -> Result<SourceReader> {
+        let mut r = self.reader()?;
+        r.progress = progress;
+        Ok(r)
+    }
+
     /// A synchronous streaming reader over the file.
     pub fn reader(&self) -> Result<SourceReader> {
         let path = self.store.path(&self.key);
@@ -109,6 +117,7 @@ impl Source {
             stream: result.into_stream(),
             current: Bytes::new(),
             name: self.name.clone(),
+            progress: indicatif::ProgressBar::hidden(),
         })
     }
 }
@@ -119,6 +128,7 @@ pub struct SourceReader {
     stream: BoxStream<'static, object_store::Result<Bytes>>,
     current: Bytes,
     name: String,
+    progress: indicatif::ProgressBar,
 }
 
 impl SourceReader {
@@ -129,7 +139,11 @@ impl SourceReader {
         }
         match self.lake.block_on(self.stream.next()) {
             None => Ok(None),
-            Some(r) => r.map(Some).ctx(format!("reading {}", self.name)),
+            Some(r) => {
+                let b = r.ctx(format!("reading {}", self.name))?;
+                self.progress.inc(b.len() as u64);
+                Ok(Some(b))
+            }
         }
     }
 }
@@ -139,7 +153,10 @@ impl Read for SourceReader {
         while self.current.is_empty() {
             match self.lake.block_on(self.stream.next()) {
                 None => return Ok(0),
-                Some(Ok(b)) => self.current = b,
+                Some(Ok(b)) => {
+                    self.progress.inc(b.len() as u64);
+                    self.current = b
+                }
                 Some(Err(e)) => return Err(std::io::Error::other(e)),
             }
         }

@@ -379,7 +379,7 @@ fn read_documents(
 
 /// Stream a separator-delimited text file (see the module docs for the rules).
 pub fn read_txt(src: &Source, separator: &str, bar: &indicatif::ProgressBar, f: &mut DocFn) -> Result<()> {
-    let mut reader = src.reader()?;
+    let mut reader = src.reader_with_progress(bar.clone())?;
     let sep = separator.as_bytes();
     let mut pending: Vec<u8> = Vec::new(); // bytes after the last complete line
     let mut pending_at: u64 = 0; // file offset of pending[0]
@@ -405,7 +405,6 @@ pub fn read_txt(src: &Source, separator: &str, bar: &indicatif::ProgressBar, f: 
         line == sep || (line.len() == sep.len() + 1 && line.ends_with(b"\r") && &line[..sep.len()] == sep)
     };
     while let Some(chunk) = reader.next_chunk()? {
-        bar.inc(chunk.len() as u64);
         pending.extend_from_slice(&chunk);
         let mut start = 0;
         while let Some(nl) = memchr::memchr(b'\n', &pending[start..]) {
@@ -461,7 +460,7 @@ fn read_delimited(
     let schema = Arc::new(Schema::new(vec![Field::new(column, DataType::Utf8, true)]));
     let mut row0 = 0u64;
     if format == "jsonl" {
-        let reader = std::io::BufReader::with_capacity(1 << 20, src.reader()?);
+        let reader = std::io::BufReader::with_capacity(1 << 20, src.reader_with_progress(bar.clone())?);
         let json = arrow::json::ReaderBuilder::new(schema)
             .with_batch_size(4096)
             .build(reader)
@@ -480,7 +479,6 @@ fn read_delimited(
             }
             text_of_batch(src, &batch, row0, f)?;
             row0 += batch.num_rows() as u64;
-            bar.set_position(bar.position().max(1));
         }
         return Ok(());
     }
@@ -516,7 +514,10 @@ fn read_delimited(
         .with_null_regex(never)
         .with_batch_size(4096)
         .with_projection(vec![idx])
-        .build(std::io::BufReader::with_capacity(1 << 20, src.reader()?))
+        .build(std::io::BufReader::with_capacity(
+            1 << 20,
+            src.reader_with_progress(bar.clone())?,
+        ))
         .ctx(&src.name)?;
     for batch in csv {
         let batch = batch.map_err(|e| Error::input(&src.name, format!("after row {row0}: {e}")))?;
@@ -561,18 +562,20 @@ fn read_parquet(src: &Source, column: &str, bar: &indicatif::ProgressBar, f: &mu
         .position(|c| c.path().parts().first().map(String::as_str) == Some(column))
         .unwrap_or(pos);
     let mask = ProjectionMask::leaves(builder.parquet_schema(), [leaf]);
+    let total_rows = builder.metadata().file_metadata().num_rows().max(0) as u64;
     let mut stream = builder
         .with_projection(mask)
         .with_batch_size(4096)
         .build()
         .ctx(&src.name)?;
     let mut row0 = 0u64;
-    let rows_total = src.size.max(1);
+    // Progress in bytes, pro rata of the rows read.
+    let start = bar.position();
     while let Some(batch) = src.store.block_on(stream.next()) {
         let batch = batch.ctx(&src.name)?;
         text_of_batch(src, &batch, row0, f)?;
         row0 += batch.num_rows() as u64;
-        bar.set_position(rows_total.min(bar.position() + 1));
+        bar.set_position(start + src.size * row0 / total_rows.max(1));
     }
     Ok(())
 }
