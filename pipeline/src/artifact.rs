@@ -399,6 +399,21 @@ impl Lake {
         }
     }
 
+    /// The manifest of an artifact made by the same stage, parameters and
+    /// inputs as `prov` would make it now (so there is nothing to redo);
+    /// `None` when it is missing, different, or `force` asks for a redo.
+    pub fn up_to_date(
+        &self,
+        artifact: &Artifact,
+        prov: &Provenance,
+        force: bool,
+    ) -> Result<Option<Manifest>> {
+        if force {
+            return Ok(None);
+        }
+        Ok(self.manifest(artifact)?.filter(|m| prov.matches(m)))
+    }
+
     /// The manifest of an input artifact, checked against its data object.
     /// `hint` tells the user which stage produces it.
     pub fn require(&self, artifact: &Artifact, hint: &str) -> Result<Manifest> {

@@ -221,13 +221,13 @@ impl ModelRef {
     }
 
     /// Check a model against the tokenizer of the data it will read.
-    pub fn check_vocab(&self, model: &GptNeo, tok: &crate::tokenizer::TextTokenizer) -> Result<()> {
-        if model.config.vocab_size < tok.vocab_size() {
+    pub fn check_vocab(&self, config: &GptNeoConfig, tok: &crate::tokenizer::TextTokenizer) -> Result<()> {
+        if config.vocab_size < tok.vocab_size() {
             return Err(Error::model(
                 &self.id,
                 format!(
                     "vocabulary of {} is smaller than the data's tokenizer ({} ids, {})",
-                    model.config.vocab_size,
+                    config.vocab_size,
                     tok.vocab_size(),
                     tok.name
                 ),

@@ -176,15 +176,7 @@ impl Stage for Collect {
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
         let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
-        let dataset = match p.opt("dataset") {
-            Some(d) => d.to_string(),
-            None => m.trained_dataset()?.ok_or_else(|| {
-                p.invalid(
-                    "dataset",
-                    format!("model {} has no recorded dataset; give dataset=", m.id),
-                )
-            })?,
-        };
+        let dataset = crate::stages::dataset_for(p, &m)?;
         let split = p.nonempty("split")?;
         let batch = p.usize_in("batch", 1, 1 << 16)?;
         let (shard, of) = parse_shard(p.str("shard")).map_err(|e| p.invalid("shard", e.to_string()))?;
@@ -202,6 +194,7 @@ impl Stage for Collect {
         let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
         chunks.check_tokenizer(&tok)?;
         let config = m.config()?;
+        m.check_vocab(&config, &tok)?;
         let layers = parse_layers(p.str("layers"), config.num_layers)
             .map_err(|e| p.invalid("layers", e.to_string()))?;
         if config.max_position_embeddings < chunks.t {
@@ -247,7 +240,6 @@ impl Stage for Collect {
         }
 
         let model = m.load(&device, dtype)?;
-        m.check_vocab(&model, &tok)?;
         let d = model.config.hidden_size;
         let range = (shard * chunks.count / of)..((shard + 1) * chunks.count / of);
         let state_id = blake3::hash(

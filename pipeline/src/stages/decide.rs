@@ -88,15 +88,7 @@ impl Stage for Decide {
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
         let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
-        let dataset = match p.opt("dataset") {
-            Some(d) => d.to_string(),
-            None => m.trained_dataset()?.ok_or_else(|| {
-                p.invalid(
-                    "dataset",
-                    format!("model {} has no recorded dataset; give dataset=", m.id),
-                )
-            })?,
-        };
+        let dataset = crate::stages::dataset_for(p, &m)?;
         let split = p.nonempty("split")?;
         let stats_split = p.nonempty("stats_split")?;
         let min = p.u64("min_per_class")?;
@@ -151,17 +143,13 @@ impl Stage for Decide {
             .param("precision", p.str("precision"))
             .input(&stats_m)
             .input(&chunks.manifest);
-        if !p.bool("force")? {
-            if let Some(existing) = ctx.lake.manifest(&out)? {
-                if prov.matches(&existing) {
-                    return Ok(format!("{}: up to date", out));
-                }
-            }
+        if ctx.lake.up_to_date(&out, &prov, p.bool("force")?)?.is_some() {
+            return Ok(format!("{out}: up to date"));
         }
 
         let device = crate::model::device(p.str("device"))?;
         let model = m.load(&device, DType::F32)?;
-        m.check_vocab(&model, &tok)?;
+        m.check_vocab(&model.config, &tok)?;
         let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
         let rows = stats.analysed(min, max);
         if rows.is_empty() {

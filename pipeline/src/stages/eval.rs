@@ -166,15 +166,7 @@ impl Stage for Eval {
         let device = crate::model::device(p.str("device"))?;
         let mut lines = Vec::new();
         for m in expand_models(&ctx.lake, p.nonempty("model")?)? {
-            let dataset = match p.opt("dataset") {
-                Some(d) => d.to_string(),
-                None => m.trained_dataset()?.ok_or_else(|| {
-                    p.invalid(
-                        "dataset",
-                        format!("model {} has no recorded dataset; give dataset=", m.id),
-                    )
-                })?,
-            };
+            let dataset = crate::stages::dataset_for(p, &m)?;
             let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
             let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
             chunks.check_tokenizer(&tok)?;
@@ -184,16 +176,12 @@ impl Stage for Eval {
                 .param("weights", format!("{} [{weights_version}]", m.source))
                 .param("split", split)
                 .input(&chunks.manifest);
-            if !p.bool("force")? {
-                if let Some(existing) = ctx.lake.manifest(&out)? {
-                    if prov.matches(&existing) {
-                        lines.push(format!("{}: up to date", m.id));
-                        continue;
-                    }
-                }
+            if ctx.lake.up_to_date(&out, &prov, p.bool("force")?)?.is_some() {
+                lines.push(format!("{}: up to date", m.id));
+                continue;
             }
             let model = m.load(&device, DType::F32)?;
-            m.check_vocab(&model, &tok)?;
+            m.check_vocab(&model.config, &tok)?;
             if model.config.max_position_embeddings < chunks.t {
                 return Err(Error::model(
                     &m.id,

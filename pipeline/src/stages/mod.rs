@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::lake::Lake;
+use crate::model::checkpoint::ModelRef;
 use crate::params::{Config, ParamSpec, Params};
 
 pub mod all;
@@ -77,6 +78,20 @@ pub fn find(name: &str) -> Result<&'static dyn Stage> {
         let names: Vec<&str> = all().iter().map(|s| s.name()).collect();
         Error::invalid(format!("unknown stage '{name}'; stages: {}", names.join(", ")))
     })
+}
+
+/// The dataset a stage works on for model `m`: the `dataset` parameter, or
+/// the dataset the model was trained on.
+pub fn dataset_for(p: &Params, m: &ModelRef) -> Result<String> {
+    match p.opt("dataset") {
+        Some(d) => Ok(d.to_string()),
+        None => m.trained_dataset()?.ok_or_else(|| {
+            p.invalid(
+                "dataset",
+                format!("model {} has no recorded dataset; give dataset=", m.id),
+            )
+        }),
+    }
 }
 
 /// Resolve parameters (config file, then `explicit`) and run a stage by name.

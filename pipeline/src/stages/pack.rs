@@ -221,13 +221,9 @@ impl Stage for Pack {
                     prov = prov.extra(k, v.clone());
                 }
             }
-            if !p.bool("force")? {
-                if let Some(m) = ctx.lake.manifest(&out)? {
-                    if prov.matches(&m) {
-                        summary.push(format!("{split}: up to date ({} chunks)", m.rows));
-                        continue;
-                    }
-                }
+            if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
+                summary.push(format!("{split}: up to date ({} chunks)", m.rows));
+                continue;
             }
             let grouping = if mode == "hf" {
                 Grouping::Hf {

@@ -99,13 +99,9 @@ impl Stage for Tokenize {
                 .extra("tokenizer_fingerprint", tok.fingerprint())
                 .extra("tokenizer_source", src.name.as_str())
                 .extra("vocab_size", tok.vocab_size() as u64);
-            if !p.bool("force")? {
-                if let Some(m) = ctx.lake.manifest(&out)? {
-                    if prov.matches(&m) {
-                        summary.push(format!("{split}: up to date ({} docs)", m.rows));
-                        continue;
-                    }
-                }
+            if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
+                summary.push(format!("{split}: up to date ({} docs)", m.rows));
+                continue;
             }
             let started = std::time::Instant::now();
             let (staged, n_tokens, text_bytes) = tokenize_split(ctx, &docs, &tok, batch_docs)?;

@@ -61,16 +61,10 @@ impl Stage for Vocab {
             let chunks_m = ctx.lake.require(&chunks, "run stage=pack")?;
             let out = Artifact::new("vocab", &[("dataset", dataset), ("split", split)])?;
             let prov = Provenance::new("vocab").input(&chunks_m);
-            if !p.bool("force")? {
-                if let Some(m) = ctx.lake.manifest(&out)? {
-                    if prov.matches(&m) {
-                        summary.push(format!(
-                            "{split}: up to date (C = {})",
-                            m.extra_u64("classes").unwrap_or(0)
-                        ));
-                        continue;
-                    }
-                }
+            if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
+                let classes = m.extra_u64("classes").unwrap_or(0);
+                summary.push(format!("{split}: up to date (C = {classes})"));
+                continue;
             }
             let mut counts = vec![0u64; v];
             let stream = ctx.lake.stream_artifact(&chunks, 1024)?;
