@@ -67,11 +67,9 @@ impl Stage for All {
             tracing::info!(stage, "experiment step");
             m
         };
-        let mut log = Vec::new();
-        let mut step = |name: &str, params: BTreeMap<String, String>| -> Result<String> {
+        let step = |name: &str, params: BTreeMap<String, String>| -> Result<String> {
             let s = stages::run(ctx, name, &params)?;
             eprintln!("[{name}] {s}");
-            log.push(s.clone());
             Ok(s)
         };
         step(
@@ -131,7 +129,8 @@ impl Stage for All {
             step("decide", with(&exp.decide, true))?;
             step("analyze", with(&exp.analyze, false))?;
         }
-        let table = step("correlate", pairs(&exp.correlate))?;
+        // The correlation table is this stage's own result: printed once, by the caller.
+        let table = stages::run(ctx, "correlate", &pairs(&exp.correlate))?;
         Ok(format!(
             "{table}\nlake: {} (query it with `pipeline sql`)",
             ctx.lake.url()

@@ -319,7 +319,7 @@ impl Stage for Analyze {
         let cdnv = tiles::combine(&report.tiles, tiles::METRIC_CDNV);
         let intf = tiles::combine(&report.tiles, tiles::METRIC_INTERFERENCE);
         let rss = crate::bench::peak_rss_mib()
-            .map(|m| format!(", peak RSS {m:.0} MiB"))
+            .map(|m| format!(", process peak RSS {m:.0} MiB"))
             .unwrap_or_default();
         Ok(format!(
             "{id}/{split}/layer={layer}: |V'| = {c}, {} pairs in {} tiles ({pair_secs:.2}s, {} recomputed exactly{rss}); CDNV mean {:.4e}, interference mean {:.4}",
