@@ -7,12 +7,12 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Device, Tensor};
 
 use crate::artifact::{Artifact, Provenance};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::{GptNeo, GptNeoConfig, init_weights, loss, parameter_names};
+use crate::model::{GptNeo, GptNeoConfig, init_weights, loss};
 use crate::stages::{self, Ctx};
 use crate::stats::ClassStats;
 
@@ -83,17 +83,7 @@ pub fn data(source: &str, tokenizer: &str, mb: usize) -> Result<String> {
 pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -> Result<String> {
     let dev = Device::Cpu;
     let config = GptNeoConfig::grid(depth, width, 16, 50257, t.max(2048));
-    let init = init_weights(&config, 0, &dev)?;
-    let names = parameter_names(&config);
-    let vars: Vec<(String, Var)> = names
-        .iter()
-        .map(|n| Ok((n.clone(), Var::from_tensor(&init[n]).ctx("vars")?)))
-        .collect::<Result<_>>()?;
-    let tensors = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let net = GptNeo::from_tensors(config, &tensors, "bench")?;
+    let (net, vars) = GptNeo::trainable(config, 0, &dev, "bench")?;
     let mut opt = crate::model::optim::AdamW::new(
         vars,
         crate::model::optim::AdamWConfig {

@@ -28,7 +28,7 @@ pub mod optim;
 
 use std::collections::HashMap;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor, Var};
 
 pub use config::GptNeoConfig;
 
@@ -156,6 +156,30 @@ pub fn decays(name: &str) -> bool {
 }
 
 impl GptNeo {
+    /// A freshly initialised model ([`init_weights`] with `seed`) whose
+    /// parameters are `Var`s, in [`parameter_names`] order: an optimiser
+    /// updates them in place and the model reads the updated values.
+    pub fn trainable(
+        config: GptNeoConfig,
+        seed: u64,
+        device: &Device,
+        model: &str,
+    ) -> Result<(Self, Vec<(String, Var)>)> {
+        let init = init_weights(&config, seed, device)?;
+        let vars: Vec<(String, Var)> = parameter_names(&config)
+            .into_iter()
+            .map(|n| {
+                let v = Var::from_tensor(&init[&n]).ctx("creating variables")?;
+                Ok((n, v))
+            })
+            .collect::<Result<_>>()?;
+        let tensors: HashMap<String, Tensor> = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        Ok((Self::from_tensors(config, &tensors, model)?, vars))
+    }
+
     /// Build from named tensors (HF checkpoint names), checking every shape.
     pub fn from_tensors(
         config: GptNeoConfig,

@@ -43,7 +43,7 @@ use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::model::checkpoint::{lake_root, safetensors_bytes, save_dir};
 use crate::model::optim::{AdamW, AdamWConfig};
-use crate::model::{GptNeo, GptNeoConfig, init_weights, loss, naming, parameter_names};
+use crate::model::{GptNeo, GptNeoConfig, loss, naming};
 use crate::params::{Config, ParamSpec, Params, param};
 use crate::stages::{Ctx, Stage};
 
@@ -291,17 +291,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
         recipe.context,
     );
     config.validate(&recipe.name)?;
-    let init = init_weights(&config, recipe.init_seed, &device)?;
-    let names = parameter_names(&config);
-    let vars: Vec<(String, Var)> = names
-        .iter()
-        .map(|n| Ok((n.clone(), Var::from_tensor(&init[n]).ctx("creating variables")?)))
-        .collect::<Result<_>>()?;
-    let tensors: HashMap<String, Tensor> = vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
-    let model = GptNeo::from_tensors(config.clone(), &tensors, &recipe.name)?;
+    let (model, vars) = GptNeo::trainable(config.clone(), recipe.init_seed, &device, &recipe.name)?;
     let mut opt = AdamW::new(
         vars.clone(),
         AdamWConfig {
