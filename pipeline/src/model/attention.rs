@@ -12,6 +12,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::ops::{Add, Div, Mul, Sub};
 
 use super::loss::exp_f32;
 
@@ -46,13 +47,21 @@ fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
     Ok((o1, o2, t, (o2 - o1) / (t * t).max(1)))
 }
 
-trait Float: Copy + Send + Sync + PartialOrd + 'static {
+/// The element types of the CPU kernels; only the exponential differs
+/// (f32 uses the fast `exp_f32` of the loss).
+trait Float:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+{
     const ZERO: Self;
     fn exp_shift(self, m: Self) -> Self;
-    fn add(self, o: Self) -> Self;
-    fn sub(self, o: Self) -> Self;
-    fn mul(self, o: Self) -> Self;
-    fn div(self, o: Self) -> Self;
 }
 
 impl Float for f32 {
@@ -61,18 +70,6 @@ impl Float for f32 {
     fn exp_shift(self, m: Self) -> Self {
         exp_f32(self - m)
     }
-    fn add(self, o: Self) -> Self {
-        self + o
-    }
-    fn sub(self, o: Self) -> Self {
-        self - o
-    }
-    fn mul(self, o: Self) -> Self {
-        self * o
-    }
-    fn div(self, o: Self) -> Self {
-        self / o
-    }
 }
 
 impl Float for f64 {
@@ -80,18 +77,6 @@ impl Float for f64 {
     #[inline(always)]
     fn exp_shift(self, m: Self) -> Self {
         (self - m).exp()
-    }
-    fn add(self, o: Self) -> Self {
-        self + o
-    }
-    fn sub(self, o: Self) -> Self {
-        self - o
-    }
-    fn mul(self, o: Self) -> Self {
-        self * o
-    }
-    fn div(self, o: Self) -> Self {
-        self / o
     }
 }
 
@@ -115,10 +100,10 @@ fn forward<T: Float>(src: &[T], t: usize, window: Option<usize>) -> Vec<T> {
             for (oj, &x) in os.iter_mut().zip(zs) {
                 let e = x.exp_shift(m);
                 *oj = e;
-                sum = sum.add(e);
+                sum = sum + e;
             }
             for oj in os.iter_mut() {
-                *oj = oj.div(sum);
+                *oj = *oj / sum;
             }
         });
     out
@@ -134,10 +119,10 @@ fn backward<T: Float>(y: &[T], g: &[T], t: usize, window: Option<usize>) -> Vec<
             let (lo, hi) = visible(i, window);
             let mut dot = T::ZERO;
             for (&a, &b) in y[lo..hi].iter().zip(&g[lo..hi]) {
-                dot = dot.add(a.mul(b));
+                dot = dot + a * b;
             }
             for ((oj, &a), &b) in o[lo..hi].iter_mut().zip(&y[lo..hi]).zip(&g[lo..hi]) {
-                *oj = a.mul(b.sub(dot));
+                *oj = a * (b - dot);
             }
         });
     out
@@ -215,6 +200,17 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     /// Fused forward and backward against the additive-mask formulation, f64.
     #[test]
     fn fused_causal_softmax_matches_masked_softmax() {
@@ -241,25 +237,11 @@ mod tests {
                 candle_core::D::Minus1,
             )
             .unwrap();
-            let d: f64 = (&fused - &plain)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = max_abs_diff(&fused, &plain);
             assert!(d < 1e-15, "forward differs by {d}");
             let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (plain * &w).unwrap().sum_all().unwrap().backward().unwrap();
-            let d: f64 = (g1.get(v1.as_tensor()).unwrap() - g2.get(v2.as_tensor()).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let d = max_abs_diff(g1.get(v1.as_tensor()).unwrap(), g2.get(v2.as_tensor()).unwrap());
             assert!(d < 1e-14, "backward differs by {d}");
         }
     }
