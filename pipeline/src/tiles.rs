@@ -362,6 +362,7 @@ impl Shared<'_> {
         let mut first = [FirstPass::new(); 5];
         let mut buf: [Vec<f64>; 5] = std::array::from_fn(|_| vec![0.0; n]);
         let mut u2buf = vec![0.0; n];
+        let mut excl_buf = vec![false; n];
         let (n2, inv, var) = (self.norm2, self.inv_norm, cls.var);
         for (ia, a) in r.clone().enumerate() {
             let j0 = if diag { ia + 1 } else { 0 };
@@ -450,7 +451,8 @@ impl Shared<'_> {
                 }
             }
             // Reductions: tile moments, row a, columns b.
-            let mut excl = vec![false; len];
+            let excl = &mut excl_buf[..len];
+            excl.fill(false);
             for (k, v) in [&*cdnv, &*intf, &*logk, &*riesz, &*gram].into_iter().enumerate() {
                 if k == RIESZ && metrics == 4 {
                     continue;
