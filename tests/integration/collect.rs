@@ -103,39 +103,24 @@ fn collected_statistics_equal_brute_force() {
         assert_stats_close(&stats_of(tl, "tiny@1", "train", layer), &want, 1e-10);
     }
     let one = stats_of(tl, "tiny@1", "train", 2);
-    let tl2 = &tl;
-    tl2.run(
-        "collect",
-        &[
-            ("model", "tiny"),
-            ("split", "validation"),
-            ("vars", "two-pass"),
-            ("batch", "3"),
-        ],
-    );
-    tl2.run(
-        "collect",
-        &[
-            ("model", "tiny"),
-            ("split", "validation"),
-            ("vars", "one-pass"),
-            ("batch", "3"),
-            ("force", "true"),
-        ],
-    );
+    let collect_validation = |vars: &str, force: &str| {
+        tl.run(
+            "collect",
+            &[
+                ("model", "tiny"),
+                ("split", "validation"),
+                ("vars", vars),
+                ("batch", "3"),
+                ("force", force),
+            ],
+        )
+    };
+    collect_validation("two-pass", "false");
+    collect_validation("one-pass", "true");
     let v1 = stats_of(tl, "tiny@1", "validation", 2);
     let want = brute_force(tl, "tiny", "small", "validation", 2, 3);
     assert_stats_close(&v1, &want, 1e-10);
-    tl2.run(
-        "collect",
-        &[
-            ("model", "tiny"),
-            ("split", "validation"),
-            ("vars", "two-pass"),
-            ("batch", "3"),
-            ("force", "true"),
-        ],
-    );
+    collect_validation("two-pass", "true");
     let v2 = stats_of(tl, "tiny@1", "validation", 2);
     for r in 0..v1.len() {
         let r2 = v2.row_of(v1.classes[r]).unwrap();

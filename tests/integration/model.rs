@@ -19,6 +19,18 @@ fn fixture_dir() -> String {
         .to_string()
 }
 
+/// max |a - b| over all elements of two f32 tensors of one shape.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// The forward pass equals Hugging Face transformers' on a random 3-layer
 /// model with a local window shorter than the sequence: every hidden state
 /// and the logits, to 1e-4 absolute (f32; observed max difference ~1e-6).
@@ -36,40 +48,16 @@ fn forward_matches_transformers() {
     let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
     let layers: Vec<usize> = (0..=3).collect();
     let hs = model.forward(&ids, &layers, false).unwrap();
-    let mut worst = 0f32;
     for (l, h) in hs.iter().enumerate() {
-        let want = &expected[&format!("hidden_{l}")];
-        let diff: f32 = (h - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        worst = worst.max(diff);
+        let diff = max_abs_diff(h, &expected[&format!("hidden_{l}")]);
         assert!(diff < 1e-4, "hidden state {l}: max |diff| {diff}");
     }
     let logits = model.logits(&hs[3]).unwrap();
-    let diff: f32 = (logits - &expected["logits"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&logits, &expected["logits"]);
     assert!(diff < 1e-4, "logits: max |diff| {diff}");
     // The training formulation (primitive ops) gives the same numbers.
     let ht = model.forward(&ids, &[3], true).unwrap().remove(0);
-    let diff: f32 = (ht - &hs[3])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&ht, &hs[3]);
     assert!(diff < 1e-5, "train-mode forward differs by {diff}");
 }
 
