@@ -13,9 +13,11 @@
 //! Data is first written to a local staging file (hashed with BLAKE3 on the
 //! way), then uploaded, then the manifest is written. The manifest records the
 //! producing stage, its parameters, the content hashes of its inputs, the row
-//! count, size and hash of the data. A consumer checks that the data object's
-//! size matches its manifest, so an artifact caught between its data and its
-//! manifest write is reported, not read.
+//! count, size and hash of the data, and the hash of each 1 MiB block of it.
+//! A consumer checks that the data object's size matches its manifest, so an
+//! artifact caught between its data and its manifest write is reported, not
+//! read, and every byte read is checked against the hashes
+//! ([`crate::integrity`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -158,6 +160,10 @@ pub struct Manifest {
     pub rows: u64,
     pub bytes: u64,
     pub content_hash: String,
+    /// BLAKE3 of each block of the data file (range reads are checked
+    /// against these); absent in manifests written before they existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<crate::integrity::Blocks>,
     pub created: String,
     pub tool_version: String,
     /// Stage-specific facts (chunk length T, classes C, ...).
@@ -217,18 +223,16 @@ impl Provenance {
     }
 }
 
-/// A `Write` that hashes and counts what passes through.
+/// A `Write` that hashes what passes through (whole file and blocks).
 struct HashingFile {
     file: std::io::BufWriter<std::fs::File>,
-    hasher: blake3::Hasher,
-    bytes: u64,
+    digest: crate::integrity::Digester,
 }
 
 impl Write for HashingFile {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
+        self.digest.update(&buf[..n]);
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -242,6 +246,7 @@ pub struct StagedFile {
     pub rows: u64,
     pub bytes: u64,
     pub content_hash: String,
+    pub blocks: crate::integrity::Blocks,
 }
 
 /// Streams record batches of one table into a staged Parquet file, checking
@@ -280,8 +285,7 @@ impl TableWriter {
         let (file, path) = tmp.into_parts();
         let sink = HashingFile {
             file: std::io::BufWriter::with_capacity(1 << 20, file),
-            hasher: blake3::Hasher::new(),
-            bytes: 0,
+            digest: crate::integrity::Digester::new(),
         };
         let writer = ArrowWriter::try_new(sink, arrow, Some(writer_props(row_group_rows)))
             .ctx(format!("starting a Parquet file for {table}"))?;
@@ -313,11 +317,13 @@ impl TableWriter {
             .into_inner()
             .ctx(format!("closing the {} Parquet file", self.schema.table))?;
         sink.flush().ctx("flushing the staging file")?;
+        let (bytes, content_hash, blocks) = sink.digest.finish();
         Ok(StagedFile {
             path: self.path.take().expect("finish is called once"),
             rows: self.rows,
-            bytes: sink.bytes,
-            content_hash: sink.hasher.finalize().to_hex().to_string(),
+            bytes,
+            content_hash,
+            blocks,
         })
     }
 }
@@ -367,6 +373,7 @@ impl Lake {
             rows: staged.rows,
             bytes: staged.bytes,
             content_hash: staged.content_hash,
+            blocks: Some(staged.blocks),
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             extra: prov.extra,

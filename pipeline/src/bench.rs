@@ -256,8 +256,8 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
     };
     match what {
         "data" => data(
-            &get("source", "../shared/data/TinyStories-train_first2MiB.txt"),
-            &get("tokenizer", "data/tokenizer.json"),
+            &get("source", "data/tinystories_train_sample.txt"),
+            &get("tokenizer", "gpt2"),
             num("mb", 100)?,
         ),
         "model" => model(
@@ -271,7 +271,7 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
             num("depth", 1)?,
             num("width", 64)?,
             &get("train", "data/tinystories_train_sample.txt"),
-            &get("tokenizer", "data/tokenizer.json"),
+            &get("tokenizer", "gpt2"),
             num("batch", 2)?,
         ),
         "analyze" => analyze(

@@ -11,8 +11,14 @@
 //!
 //! Writes are atomic per object: a single `put` or a completed multipart upload is
 //! the only way bytes become visible in every backend above, so a reader never sees
-//! a half-written file. Network calls retry a bounded number of times
-//! (`PIPELINE_S3_RETRIES`, default 3, within `PIPELINE_S3_RETRY_SECS`, default 15 s).
+//! a half-written file. Every read of a table's data file is checked against its
+//! manifest's hashes ([`crate::integrity`]). Network calls retry with exponential
+//! backoff and jitter until `PIPELINE_S3_RETRY_SECS` (default 15 s) have passed,
+//! so a server that is away for a few seconds does not fail a stage. A multipart
+//! upload that cannot finish is aborted: on error, on SIGINT/SIGTERM
+//! ([`abort_uploads_in_flight`]), and, after a kill -9, by the next upload to the
+//! same key or by `pipeline verify --repair` (uploads are journalled under
+//! `_uploads/`).
 //!
 //! The lake owns a tokio runtime so that the stages, which are plain synchronous
 //! compute code, can call the async object-store API with [`Lake::block_on`].
@@ -26,14 +32,17 @@ use futures::TryStreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientOptions, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    BackoffConfig, ClientOptions, MultipartId, ObjectMeta, ObjectStore, ObjectStoreExt, PutPayload,
+    RetryConfig,
 };
 use tokio::runtime::Runtime;
 use url::Url;
 
 use crate::error::{Context, Error, Result};
+use crate::integrity::CheckedStore;
 
 /// Size of one multipart-upload part when a local file is uploaded
 /// (`PIPELINE_UPLOAD_PART_BYTES`, default 16 MiB; S3 needs at least 5 MiB).
@@ -48,7 +57,12 @@ fn part_bytes() -> usize {
 /// A handle on the results lake.
 #[derive(Clone)]
 pub struct Lake {
+    /// The backend wrapped in a [`CheckedStore`].
     store: Arc<dyn ObjectStore>,
+    /// The backend itself (for `verify`, which compares everything itself).
+    raw: Arc<dyn ObjectStore>,
+    /// The backend's multipart API where uploads need journalling (S3).
+    multipart: Option<Arc<dyn MultipartStore>>,
     /// Prefix of the lake inside `store` (empty for the store's root).
     root: Path,
     /// The URL the user gave, normalised (`file:///abs`, `s3://b/p`, `memory://`).
@@ -93,8 +107,11 @@ impl Lake {
         }
         if let Some(rest) = url.strip_prefix("memory://") {
             let root = Path::parse(rest.trim_matches('/')).map_err(|e| bad(&format!("invalid path: {e}")))?;
+            let raw: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
             return Ok(Lake {
-                store: Arc::new(InMemory::new()),
+                store: Arc::new(CheckedStore::new(raw.clone())),
+                raw,
+                multipart: None,
                 root,
                 url: "memory://".to_string() + rest.trim_matches('/'),
                 store_url: Url::parse("memory://").expect("static URL"),
@@ -109,7 +126,7 @@ impl Lake {
                 .ok_or_else(|| bad("expected s3://bucket[/prefix]"))?
                 .to_string();
             let prefix = parsed.path().trim_matches('/').to_string();
-            let store = build_s3(&bucket).map_err(|e| bad(&e))?;
+            let store = Arc::new(build_s3(&bucket).map_err(|e| bad(&e))?);
             let root = Path::parse(&prefix).map_err(|e| bad(&format!("invalid prefix: {e}")))?;
             let norm = if prefix.is_empty() {
                 format!("s3://{bucket}")
@@ -117,7 +134,9 @@ impl Lake {
                 format!("s3://{bucket}/{prefix}")
             };
             return Ok(Lake {
-                store: Arc::new(store),
+                store: Arc::new(CheckedStore::new(store.clone())),
+                raw: store.clone(),
+                multipart: Some(store),
                 root,
                 url: norm,
                 store_url: Url::parse(&format!("s3://{bucket}"))
@@ -143,8 +162,11 @@ impl Lake {
             .to_string();
         let root =
             Path::parse(abs_str.trim_start_matches('/')).map_err(|e| bad(&format!("invalid path: {e}")))?;
+        let raw: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new().with_automatic_cleanup(true));
         Ok(Lake {
-            store: Arc::new(LocalFileSystem::new().with_automatic_cleanup(true)),
+            store: Arc::new(CheckedStore::new(raw.clone())),
+            raw,
+            multipart: None,
             root,
             url: format!("file://{abs_str}"),
             store_url: Url::parse("file:///").expect("static URL"),
@@ -230,6 +252,16 @@ impl Lake {
         .ctx(format!("reading {}", self.display(rel)))
     }
 
+    /// Read a key without checking it against its manifest (for `verify`).
+    pub fn get_unchecked(&self, rel: &str) -> Result<Bytes> {
+        let path = self.path(rel);
+        self.block_on(async {
+            let r = self.raw.get(&path).await?;
+            r.bytes().await
+        })
+        .ctx(format!("reading {}", self.display(rel)))
+    }
+
     /// Read a key, or `None` where it does not exist.
     pub fn get_opt(&self, rel: &str) -> Result<Option<Bytes>> {
         match self.get(rel) {
@@ -278,40 +310,126 @@ impl Lake {
         }
         let path = self.path(rel);
         let what = format!("uploading {}", self.display(rel));
-        self.block_on(async {
-            let mut upload = self.store.put_multipart(&path).await.ctx(&what)?;
-            let result: Result<()> = async {
-                let mut file = std::fs::File::open(local).ctx(format!("staged file {}", local.display()))?;
-                loop {
-                    let mut buf = vec![0u8; part];
-                    let mut filled = 0;
-                    while filled < part {
-                        let n = file
-                            .read(&mut buf[filled..])
-                            .ctx(format!("staged file {}", local.display()))?;
-                        if n == 0 {
+        let read_part = |file: &mut std::fs::File| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; part];
+            let mut filled = 0;
+            while filled < part {
+                let n = file
+                    .read(&mut buf[filled..])
+                    .ctx(format!("staged file {}", local.display()))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            buf.truncate(filled);
+            Ok(buf)
+        };
+        let mut file = std::fs::File::open(local).ctx(format!("staged file {}", local.display()))?;
+        let Some(mp) = self.multipart.clone() else {
+            // Local and in-memory stores: the backend stages and renames.
+            return self.block_on(async {
+                let mut upload = self.store.put_multipart(&path).await.ctx(&what)?;
+                let result: Result<()> = async {
+                    loop {
+                        let buf = read_part(&mut file)?;
+                        let last = buf.len() < part;
+                        if !buf.is_empty() {
+                            upload.put_part(PutPayload::from(buf)).await.ctx(&what)?;
+                        }
+                        if last {
                             break;
                         }
-                        filled += n;
                     }
-                    if filled == 0 {
-                        break;
+                    upload.complete().await.ctx(&what)?;
+                    Ok(())
+                }
+                .await;
+                if result.is_err() {
+                    let _ = upload.abort().await;
+                }
+                result
+            });
+        };
+        // S3: an upload left by a killed writer of this key goes first.
+        self.abort_journalled(rel)?;
+        self.block_on(async {
+            let id = mp.create_multipart(&path).await.ctx(&what)?;
+            let journal = upload_journal_key(rel);
+            let entry = serde_json::json!({
+                "key": rel,
+                "upload_id": id,
+                "started": chrono::Utc::now().to_rfc3339(),
+                "pid": std::process::id(),
+            });
+            self.store
+                .put(&self.path(&journal), PutPayload::from(serde_json::to_vec(&entry).expect("json")))
+                .await
+                .ctx(format!("journalling {what}"))?;
+            let token = in_flight::register(mp.clone(), path.clone(), id.clone());
+            let result: Result<()> = async {
+                let mut parts: Vec<PartId> = Vec::new();
+                loop {
+                    let buf = read_part(&mut file)?;
+                    let last = buf.len() < part;
+                    if !buf.is_empty() {
+                        let p = mp.put_part(&path, &id, parts.len(), PutPayload::from(buf)).await.ctx(&what)?;
+                        parts.push(p);
                     }
-                    buf.truncate(filled);
-                    upload.put_part(PutPayload::from(buf)).await.ctx(&what)?;
-                    if filled < part {
+                    if last {
                         break;
                     }
                 }
-                upload.complete().await.ctx(&what)?;
+                mp.complete_multipart(&path, &id, parts).await.ctx(&what)?;
                 Ok(())
             }
             .await;
             if result.is_err() {
-                let _ = upload.abort().await;
+                let _ = mp.abort_multipart(&path, &id).await;
             }
+            in_flight::unregister(token);
+            let _ = self.store.delete(&self.path(&journal)).await;
             result
         })
+    }
+
+    /// Abort an upload to `rel` that a killed process left behind (S3 only).
+    fn abort_journalled(&self, rel: &str) -> Result<()> {
+        let Some(mp) = self.multipart.clone() else {
+            return Ok(());
+        };
+        let key = upload_journal_key(rel);
+        let Some(bytes) = self.get_opt(&key)? else {
+            return Ok(());
+        };
+        if let Ok(entry) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(id) = entry.get("upload_id").and_then(|v| v.as_str())
+        {
+            let id: MultipartId = id.to_string();
+            tracing::warn!(key = rel, upload = %id, "aborting an upload a killed process left behind");
+            let _ = self.block_on(mp.abort_multipart(&self.path(rel), &id));
+        }
+        self.delete(&key)
+    }
+
+    /// Journalled multipart uploads that never finished: (lake key, upload id,
+    /// journal key). `abort` aborts them and removes their journal entries.
+    pub fn stale_uploads(&self, abort: bool) -> Result<Vec<(String, String, String)>> {
+        let mut out = Vec::new();
+        for (jkey, _) in self.list(UPLOAD_JOURNAL)? {
+            let bytes = self.get(&jkey)?;
+            let entry: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let key = entry.get("key").and_then(|v| v.as_str()).unwrap_or("?").to_string();
+            let id = entry.get("upload_id").and_then(|v| v.as_str()).unwrap_or("?").to_string();
+            if abort {
+                if let Some(mp) = &self.multipart {
+                    let _ = self.block_on(mp.abort_multipart(&self.path(&key), &id.clone()));
+                }
+                self.delete(&jkey)?;
+            }
+            out.push((key, id, jkey));
+        }
+        Ok(out)
     }
 
     pub fn delete(&self, rel: &str) -> Result<()> {
@@ -347,6 +465,40 @@ impl Lake {
         Ok(out)
     }
 
+    /// Copy every object of this lake into `dest` (another URL: disk to
+    /// bucket, bucket to disk, one directory to another). Data files are read
+    /// through the integrity check, so damage is never copied; manifests go
+    /// last, so an interrupted copy leaves data without manifests (which
+    /// stages ignore and `verify` lists) rather than manifests without data.
+    /// Returns (objects, bytes).
+    pub fn copy_to(&self, dest: &Lake) -> Result<(u64, u64)> {
+        let mut keys: Vec<(String, u64)> = self
+            .list("")?
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(&format!("{UPLOAD_JOURNAL}/")))
+            .map(|(k, m)| (k, m.size))
+            .collect();
+        keys.sort_by_key(|(k, _)| (k.ends_with(crate::artifact::MANIFEST_FILE), k.clone()));
+        let total: u64 = keys.iter().map(|(_, s)| s).sum();
+        let bar = crate::progress::bytes_bar(total, "copy");
+        let mut bytes = 0u64;
+        for (key, size) in &keys {
+            if *size as usize <= part_bytes() {
+                dest.put(key, self.get(key)?)?;
+            } else {
+                let mut staged = tempfile::NamedTempFile::new().ctx("creating a staging file")?;
+                let src = crate::source::Source::open_key(self, key)?;
+                let mut reader = src.reader()?;
+                std::io::copy(&mut reader, staged.as_file_mut()).ctx(format!("copying {}", self.display(key)))?;
+                dest.put_file(key, staged.path())?;
+            }
+            bytes += size;
+            bar.inc(*size);
+        }
+        bar.finish_and_clear();
+        Ok((keys.len() as u64, bytes))
+    }
+
     /// Delete every object under a prefix (used to discard staging areas).
     pub fn delete_prefix(&self, prefix: &str) -> Result<()> {
         for (rel, _) in self.list(prefix)? {
@@ -354,6 +506,55 @@ impl Lake {
         }
         Ok(())
     }
+}
+
+/// Where multipart uploads in progress are journalled.
+pub const UPLOAD_JOURNAL: &str = "_uploads";
+
+fn upload_journal_key(rel: &str) -> String {
+    format!("{UPLOAD_JOURNAL}/{}.json", &blake3::hash(rel.as_bytes()).to_hex()[..24])
+}
+
+/// Multipart uploads in progress in this process, so a signal handler can
+/// abort them before the process exits.
+mod in_flight {
+    use std::sync::{Arc, Mutex};
+
+    use object_store::MultipartId;
+    use object_store::multipart::MultipartStore;
+    use object_store::path::Path;
+
+    type Entry = (u64, Arc<dyn MultipartStore>, Path, MultipartId);
+    static UPLOADS: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    pub fn register(store: Arc<dyn MultipartStore>, path: Path, id: MultipartId) -> u64 {
+        let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        UPLOADS.lock().unwrap_or_else(|p| p.into_inner()).push((token, store, path, id));
+        token
+    }
+
+    pub fn unregister(token: u64) {
+        UPLOADS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|e| e.0 != token);
+    }
+
+    pub fn take_all() -> Vec<Entry> {
+        std::mem::take(&mut *UPLOADS.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// Abort every multipart upload this process has in progress (called on
+/// SIGINT/SIGTERM before exiting, so no parts stay on the server).
+pub async fn abort_uploads_in_flight() -> usize {
+    let all = in_flight::take_all();
+    let n = all.len();
+    for (_, store, path, id) in all {
+        let _ = store.abort_multipart(&path, &id).await;
+    }
+    n
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
@@ -365,6 +566,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 /// Build an S3 client from the standard AWS environment, for one bucket.
 fn build_s3(bucket: &str) -> std::result::Result<object_store::aws::AmazonS3, String> {
+    check_s3_credentials()?;
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let endpoint = std::env::var("AWS_ENDPOINT_URL")
         .ok()
@@ -405,13 +607,15 @@ fn build_s3(bucket: &str) -> std::result::Result<object_store::aws::AmazonS3, St
     if std::env::var("AWS_REGION").is_err() && std::env::var("AWS_DEFAULT_REGION").is_err() {
         builder = builder.with_region("us-east-1");
     }
+    // Exponential backoff with decorrelated jitter (object_store's), retried
+    // until the time budget is spent: the budget, not a count, ends retries.
     let retry = RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(3),
             base: 2.0,
         },
-        max_retries: env_u64("PIPELINE_S3_RETRIES", 3) as usize,
+        max_retries: env_u64("PIPELINE_S3_RETRIES", 1000) as usize,
         retry_timeout: Duration::from_secs(env_u64("PIPELINE_S3_RETRY_SECS", 15)),
     };
     builder
@@ -419,6 +623,34 @@ fn build_s3(bucket: &str) -> std::result::Result<object_store::aws::AmazonS3, St
         .with_retry(retry)
         .build()
         .map_err(|e| format!("cannot configure S3 client: {e}"))
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// Refuse to go on without credentials rather than asking the cloud's
+/// instance-metadata address (169.254.169.254) and reporting its refusal.
+fn check_s3_credentials() -> std::result::Result<(), String> {
+    let key = env_set("AWS_ACCESS_KEY_ID");
+    let secret = env_set("AWS_SECRET_ACCESS_KEY");
+    match (key, secret) {
+        (true, true) => return Ok(()),
+        (true, false) => return Err("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not".into()),
+        (false, true) => return Err("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not".into()),
+        (false, false) => {}
+    }
+    let other_provider = env_set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || env_set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || env_set("AWS_CONTAINER_CREDENTIALS_FULL_URI");
+    let anonymous = std::env::var("AWS_SKIP_SIGNATURE").is_ok_and(|v| v == "true");
+    let metadata = std::env::var("PIPELINE_S3_INSTANCE_METADATA").is_ok_and(|v| v == "true");
+    if other_provider || anonymous || metadata {
+        return Ok(());
+    }
+    Err("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with AWS_ENDPOINT_URL for an S3-compatible server); \
+         or PIPELINE_S3_INSTANCE_METADATA=true to use the cloud instance's role, or AWS_SKIP_SIGNATURE=true for a public bucket"
+        .into())
 }
 
 #[cfg(test)]

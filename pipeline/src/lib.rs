@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chunks;
 pub mod error;
 pub mod experiment;
+pub mod integrity;
 pub mod lake;
 pub mod model;
 pub mod params;
@@ -22,5 +23,6 @@ pub mod stages;
 pub mod stats;
 pub mod tiles;
 pub mod tokenizer;
+pub mod verify;
 
 pub use error::{Error, Result};

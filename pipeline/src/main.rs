@@ -56,15 +56,45 @@ enum Command {
         file: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "table")]
         format: Format,
-        /// Also write the result to a Parquet file (local path or s3:// URL)
+        /// Also write the result to a Parquet file (local path or s3:// URL;
+        /// inside the lake only with --allow-write)
         #[arg(long)]
         out: Option<String>,
-        /// Allow DDL/DML statements (CREATE, INSERT, COPY, SET)
+        /// Replace the --out file if it exists
+        #[arg(long)]
+        force: bool,
+        /// Allow DDL/DML statements (CREATE, INSERT, COPY, SET) and --out
+        /// targets inside the lake
         #[arg(long)]
         allow_write: bool,
+        /// Memory the query may hold before spilling or failing: bytes, or
+        /// with K, M, G (default: half of this machine's memory)
+        #[arg(long, value_name = "SIZE")]
+        memory_limit: Option<String>,
+        /// Stop the query after this many seconds
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
     },
     /// What exists in the lake, per table and partition, with row counts
     Status,
+    /// Copy the whole lake to another location (a directory or s3:// URL);
+    /// results stay up to date there, since identities are content hashes
+    Copy {
+        /// Where to: a directory, file:// or s3://bucket/prefix
+        dest: String,
+        /// Copy into a destination that already holds objects
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check every artifact of the lake (or one table) against its recorded
+    /// hashes; list what is damaged or orphaned (exit status 1 if damaged)
+    Verify {
+        /// Only this table (or weights, partials, tokenizers)
+        table: Option<String>,
+        /// Abort multipart uploads that killed processes left on the server
+        #[arg(long)]
+        repair: bool,
+    },
     /// Benchmark a stage: data | model | collect | analyze [key=value ...]
     Bench {
         what: String,
@@ -99,9 +129,40 @@ fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
 }
 
+/// On SIGINT or SIGTERM (Ctrl-C, `scancel`, a scheduler's preemption),
+/// abort the multipart uploads in progress so no parts stay on the server,
+/// then exit as the signal asks. Resumable stages continue from their last
+/// checkpoint when run again.
+fn handle_signals() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            else {
+                return;
+            };
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            };
+            let aborted = pipeline::lake::abort_uploads_in_flight().await;
+            if aborted > 0 {
+                eprintln!("interrupted: aborted {aborted} upload(s) in progress");
+            } else {
+                eprintln!("interrupted");
+            }
+            std::process::exit(code);
+        });
+    });
+}
+
 fn main() {
     tune_allocator();
     let cli = Cli::parse();
+    handle_signals();
     let filter = if cli.quiet { "warn" } else { "info" };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -189,7 +250,10 @@ fn real_main(cli: Cli) -> Result<()> {
             file,
             format,
             out,
+            force,
             allow_write,
+            memory_limit,
+            timeout,
         } => {
             let text = match (query, file) {
                 (Some(q), None) => q,
@@ -200,12 +264,70 @@ fn real_main(cli: Cli) -> Result<()> {
                 (None, None) => bail!("give a query, or -f FILE"),
             };
             let lake = Lake::open(&lake_url)?;
-            let sql = Sql::open(&lake)?;
-            let batches = sql.query(&text, allow_write)?;
-            print_batches(&batches, format)?;
-            if let Some(out) = out {
-                write_parquet_out(&lake, &out, &batches)?;
-                eprintln!("wrote {out}");
+            let mut limits = pipeline::sql::Limits::default();
+            if let Some(m) = &memory_limit {
+                limits.memory_bytes = parse_size(m).with_context(|| format!("--memory-limit {m}"))?;
+            }
+            if let Some(t) = timeout {
+                if !(t > 0.0 && t.is_finite()) {
+                    bail!("--timeout {t}: expected a positive number of seconds");
+                }
+                limits.timeout = Some(std::time::Duration::from_secs_f64(t));
+            }
+            // Check the output target before running anything.
+            let target = match &out {
+                Some(o) => Some(OutTarget::check(&lake, o, allow_write, force)?),
+                None => None,
+            };
+            let sql = Sql::open_with(&lake, limits)?;
+            let mut printer = Printer::new(format);
+            let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
+            let staging = tempfile::NamedTempFile::new().context("creating a staging file for --out")?;
+            let schema = sql.query_each(&text, allow_write, |b| {
+                printer.batch(&b)?;
+                if target.is_some() {
+                    use pipeline::error::Context as _;
+                    if writer.is_none() {
+                        let f = staging.reopen().ctx("the --out staging file")?;
+                        writer = Some(
+                            parquet::arrow::ArrowWriter::try_new(f, b.schema(), None).ctx("writing --out")?,
+                        );
+                    }
+                    writer.as_mut().expect("created above").write(&b).ctx("writing --out")?;
+                }
+                Ok(())
+            })?;
+            printer.finish(schema.clone())?;
+            if let Some(t) = target {
+                let w = match writer {
+                    Some(w) => w,
+                    None => parquet::arrow::ArrowWriter::try_new(staging.reopen()?, schema, None)?,
+                };
+                w.close()?;
+                t.store.put_file(&t.key, staging.path())?;
+                eprintln!("wrote {}", t.display);
+            }
+            Ok(())
+        }
+        Command::Copy { dest, force } => {
+            let lake = Lake::open(&lake_url)?;
+            let to = lake.open_sibling(&dest)?;
+            if to.url() == lake.url() {
+                bail!("copy: {dest} is the lake itself");
+            }
+            if !force && !to.list("")?.is_empty() {
+                bail!("copy: {} is not empty; pass --force to copy into it", to.url());
+            }
+            let (n, bytes) = lake.copy_to(&to)?;
+            println!("copied {n} objects ({:.1} MB) from {} to {}", bytes as f64 / 1e6, lake.url(), to.url());
+            Ok(())
+        }
+        Command::Verify { table, repair } => {
+            let lake = Lake::open(&lake_url)?;
+            let report = pipeline::verify::verify(&lake, table.as_deref(), repair)?;
+            print!("{}", pipeline::verify::render(&lake, &report));
+            if report.damaged() > 0 {
+                std::process::exit(1);
             }
             Ok(())
         }
@@ -230,68 +352,201 @@ fn real_main(cli: Cli) -> Result<()> {
     }
 }
 
-fn print_batches(batches: &[arrow::record_batch::RecordBatch], format: Format) -> Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match format {
-        Format::Table => {
-            let table = arrow::util::pretty::pretty_format_batches(batches)?;
-            writeln!(stdout, "{table}")?;
+/// A size like `512M`, `2G`, `1.5G` or a byte count.
+fn parse_size(text: &str) -> Result<usize> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (t, 1f64),
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1f64,
+                "K" => 1024f64,
+                "M" => 1024f64 * 1024.0,
+                "G" => 1024f64 * 1024.0 * 1024.0,
+                "T" => 1024f64 * 1024.0 * 1024.0 * 1024.0,
+                _ => bail!("unknown unit '{}' (use K, M, G or T)", &t[i..]),
+            };
+            (&t[..i], m)
         }
-        Format::Csv => {
-            let mut w = arrow::csv::WriterBuilder::new()
-                .with_header(true)
-                .build(&mut stdout);
-            for b in batches {
-                w.write(b)?;
-            }
-        }
-        Format::Json => {
-            let mut w = arrow::json::ArrayWriter::new(&mut stdout);
-            for b in batches {
-                w.write(b)?;
-            }
-            w.finish()?;
-            writeln!(stdout)?;
-        }
+    };
+    let x: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("'{text}' is not a size"))?;
+    if !(x > 0.0 && x.is_finite()) {
+        bail!("'{text}' is not a positive size");
     }
-    Ok(())
+    Ok((x * mult) as usize)
 }
 
-/// Write a query result as a Parquet file through object_store.
-fn write_parquet_out(lake: &Lake, out: &str, batches: &[arrow::record_batch::RecordBatch]) -> Result<()> {
-    let Some(first) = batches.first() else {
-        bail!("the query returned no batches; nothing written to {out}");
-    };
-    let mut buf = Vec::new();
-    {
-        let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, first.schema(), None)?;
-        for b in batches {
-            w.write(b)?;
+/// Rows of a table-format result printed per table block, so results
+/// stream instead of being held whole.
+const TABLE_BLOCK_ROWS: usize = 1000;
+
+/// Prints result batches as they arrive.
+struct Printer {
+    format: Format,
+    pending: Vec<arrow::record_batch::RecordBatch>,
+    pending_rows: usize,
+    csv: Option<arrow::csv::Writer<std::io::Stdout>>,
+    json: Option<arrow::json::ArrayWriter<std::io::Stdout>>,
+    printed_any: bool,
+}
+
+impl Printer {
+    fn new(format: Format) -> Self {
+        Printer {
+            format,
+            pending: Vec::new(),
+            pending_rows: 0,
+            csv: None,
+            json: None,
+            printed_any: false,
         }
-        w.close()?;
     }
-    let (dir, key) = if out.starts_with("s3://") {
-        let url = url::Url::parse(out)?;
-        (
-            format!("s3://{}", url.host_str().unwrap_or_default()),
-            url.path().trim_start_matches('/').to_string(),
-        )
-    } else {
-        let abs = std::path::absolute(out)?;
-        let parent = abs.parent().context("output path has no directory")?;
-        std::fs::create_dir_all(parent)?;
-        (
-            parent.to_string_lossy().to_string(),
-            abs.file_name()
-                .context("output path has no file name")?
+
+    fn batch(&mut self, b: &arrow::record_batch::RecordBatch) -> pipeline::Result<()> {
+        let arrow_err = |e: arrow::error::ArrowError| pipeline::Error::Arrow {
+            what: "printing the result".into(),
+            source: e,
+        };
+        self.printed_any = true;
+        match self.format {
+            Format::Table => {
+                self.pending_rows += b.num_rows();
+                self.pending.push(b.clone());
+                if self.pending_rows >= TABLE_BLOCK_ROWS {
+                    self.flush_table().map_err(arrow_err)?;
+                }
+            }
+            Format::Csv => self
+                .csv
+                .get_or_insert_with(|| arrow::csv::WriterBuilder::new().with_header(true).build(std::io::stdout()))
+                .write(b)
+                .map_err(arrow_err)?,
+            Format::Json => self
+                .json
+                .get_or_insert_with(|| arrow::json::ArrayWriter::new(std::io::stdout()))
+                .write(b)
+                .map_err(arrow_err)?,
+        }
+        Ok(())
+    }
+
+    fn flush_table(&mut self) -> std::result::Result<(), arrow::error::ArrowError> {
+        use std::io::Write;
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let table = arrow::util::pretty::pretty_format_batches(&self.pending)?;
+        writeln!(std::io::stdout().lock(), "{table}")?;
+        self.pending.clear();
+        self.pending_rows = 0;
+        Ok(())
+    }
+
+    /// Print what is pending; an empty result still shows its columns.
+    fn finish(mut self, schema: arrow::datatypes::SchemaRef) -> Result<()> {
+        use std::io::Write;
+        if !self.printed_any {
+            self.batch(&arrow::record_batch::RecordBatch::new_empty(schema))?;
+        }
+        match self.format {
+            Format::Table => self.flush_table()?,
+            Format::Csv => {}
+            Format::Json => match self.json.take() {
+                Some(mut w) => {
+                    w.finish()?;
+                    writeln!(std::io::stdout())?;
+                }
+                None => println!("[]"),
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Where `sql --out` writes, checked before the query runs.
+struct OutTarget {
+    store: Lake,
+    key: String,
+    display: String,
+}
+
+impl OutTarget {
+    /// Resolve `out` and refuse a target inside the lake (unless
+    /// `allow_write`) or an existing file (unless `force`).
+    fn check(lake: &Lake, out: &str, allow_write: bool, force: bool) -> Result<Self> {
+        let (store, key, inside) = if out.starts_with("s3://") || out.starts_with("s3a://") {
+            let url = url::Url::parse(out).with_context(|| format!("--out {out}"))?;
+            let bucket = url.host_str().unwrap_or_default().to_string();
+            let key = url.path().trim_start_matches('/').to_string();
+            if key.is_empty() || key.ends_with('/') {
+                bail!("--out {out}: give a file name, not a bucket or prefix");
+            }
+            let inside = match lake.url().strip_prefix("s3://") {
+                Some(rest) => {
+                    let (lb, lp) = rest.split_once('/').unwrap_or((rest, ""));
+                    lb == bucket && (lp.is_empty() || key == lp || key.starts_with(&format!("{lp}/")))
+                }
+                None => false,
+            };
+            (lake.open_sibling(&format!("s3://{bucket}"))?, key, inside)
+        } else if out.contains("://") && !out.starts_with("file://") {
+            bail!("--out {out}: expected a local path, file:// or s3:// URL");
+        } else {
+            let path = std::path::PathBuf::from(out.strip_prefix("file://").unwrap_or(out));
+            let abs = resolve_path(&std::path::absolute(&path)?);
+            let parent = abs.parent().context("--out has no directory")?.to_path_buf();
+            let name = abs
+                .file_name()
+                .context("--out has no file name")?
                 .to_string_lossy()
-                .to_string(),
-        )
-    };
-    let store = lake.open_sibling(&dir)?;
-    store.put(&key, bytes::Bytes::from(buf))?;
-    Ok(())
+                .to_string();
+            let inside = match lake.url().strip_prefix("file://") {
+                Some(root) => abs.starts_with(resolve_path(std::path::Path::new(root))),
+                None => false,
+            };
+            std::fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+            (lake.open_sibling(&parent.to_string_lossy())?, name, inside)
+        };
+        if inside && !allow_write {
+            bail!(
+                "--out {out} is inside the lake {}: writing there could replace or break its tables; choose a path outside it (or pass --allow-write if you mean it)",
+                lake.url()
+            );
+        }
+        if store.exists(&key)? && !force {
+            bail!("--out {out} exists; pass --force to replace it");
+        }
+        Ok(OutTarget {
+            display: store.display(&key),
+            store,
+            key,
+        })
+    }
+}
+
+/// A path with symbolic links and `..` resolved as far as it exists.
+fn resolve_path(p: &std::path::Path) -> std::path::PathBuf {
+    let mut existing = p.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut out = std::fs::canonicalize(&existing).unwrap_or(existing);
+    for part in rest.into_iter().rev() {
+        if part == ".." {
+            out.pop();
+        } else if part != "." {
+            out.push(part);
+        }
+    }
+    out
 }
 
 fn print_status(lake: &Lake) -> Result<()> {

@@ -79,6 +79,13 @@ impl StateObject {
             .filter(|s| !s.is_empty())
             .map(|l| l.parse().map_err(|_| corrupt(format!("layer '{l}'"))))
             .collect::<Result<_>>()?;
+        let names: Vec<String> = layers
+            .iter()
+            .flat_map(|l| {
+                ["classes", "count", "mean", "m2"].map(|t| format!("layer{l}.{t}"))
+            })
+            .collect();
+        crate::stats::check_safetensors_hash(&st, &names, &meta).map_err(|e| corrupt(e.to_string()))?;
         let stats = layers
             .iter()
             .map(|l| {
@@ -101,15 +108,9 @@ impl StateObject {
 }
 
 /// What collected statistics depend on, as manifest inputs: the chunks and
-/// the model weights (by source and version).
-pub fn collect_inputs(chunks: &Manifest, weights_source: &str, weights_version: &str) -> Vec<InputRef> {
-    vec![
-        chunks.input_ref(),
-        InputRef {
-            artifact: format!("weights:{weights_source}"),
-            content_hash: weights_version.to_string(),
-        },
-    ]
+/// the model weights (by content).
+pub fn collect_inputs(chunks: &Manifest, weights: InputRef) -> Vec<InputRef> {
+    vec![chunks.input_ref(), weights]
 }
 
 /// Commit finished statistics as `class_stats/model=ID/split=S/layer=L`,

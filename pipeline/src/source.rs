@@ -25,8 +25,6 @@ pub struct Source {
     /// The name the user gave, for messages.
     pub name: String,
     pub size: u64,
-    /// Last-modified time and e-tag, to tell whether the file changed.
-    pub version: String,
 }
 
 impl Source {
@@ -65,21 +63,31 @@ impl Source {
                 .ok_or_else(|| Error::input(spec, "path is not UTF-8"))?;
             (lake.open_sibling(parent_str)?, name.to_string())
         };
+        let mut src = Self::open_key(&store, &key).map_err(|e| match e {
+            Error::Input { problem, .. } => Error::input(spec, problem),
+            other => other,
+        })?;
+        src.name = spec.to_string();
+        Ok(src)
+    }
+
+    /// A file at `key` of an opened store.
+    pub fn open_key(store: &Lake, key: &str) -> Result<Self> {
+        let name = store.display(key);
         let meta = store
-            .head_opt(&key)?
-            .ok_or_else(|| Error::input(spec, "no such file"))?;
+            .head_opt(key)?
+            .ok_or_else(|| Error::input(&name, "no such file"))?;
         Ok(Source {
-            store,
-            key,
-            name: spec.to_string(),
+            store: store.clone(),
+            key: key.to_string(),
+            name,
             size: meta.size,
-            version: format!(
-                "{}:{}:{}",
-                meta.size,
-                meta.last_modified.timestamp_millis(),
-                meta.e_tag.unwrap_or_default()
-            ),
         })
+    }
+
+    /// The file's identity by content (BLAKE3, cached in `lake`).
+    pub fn content_id(&self, lake: &Lake) -> Result<String> {
+        crate::integrity::content_id(lake, &self.store, &self.key)
     }
 
     /// The file name's extension, lower-cased.

@@ -287,10 +287,18 @@ impl ClassStats {
 }
 
 /// Serialise named raw tensors with JSON metadata as one safetensors object.
+/// The metadata also carries `blake3`, the hash of every tensor's bytes in
+/// order, which [`check_safetensors_hash`] verifies on reading.
 pub fn pack_safetensors(
     tensors: &[(String, Vec<u8>, safetensors::Dtype, Vec<usize>)],
-    meta: HashMap<String, String>,
+    mut meta: HashMap<String, String>,
 ) -> Result<Vec<u8>> {
+    let mut h = blake3::Hasher::new();
+    for (name, b, _, _) in tensors {
+        h.update(name.as_bytes());
+        h.update(b);
+    }
+    meta.insert("blake3".into(), h.finalize().to_hex().to_string());
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .map(|(n, b, dt, shape)| {
@@ -300,6 +308,35 @@ pub fn pack_safetensors(
         })
         .collect::<Result<_>>()?;
     safetensors::serialize(views, Some(meta)).map_err(|e| Error::invalid(format!("serialising: {e}")))
+}
+
+/// Check the `blake3` that [`pack_safetensors`] recorded against the tensors
+/// of `st` named `names`, in that order. `Ok(false)` when none was recorded.
+pub fn check_safetensors_hash(
+    st: &safetensors::SafeTensors,
+    names: &[String],
+    meta: &HashMap<String, String>,
+) -> Result<bool> {
+    let Some(want) = meta.get("blake3") else {
+        return Ok(false);
+    };
+    let mut h = blake3::Hasher::new();
+    for n in names {
+        let t = st
+            .tensor(n)
+            .map_err(|e| Error::invalid(format!("{n}: {e}")))?;
+        h.update(n.as_bytes());
+        h.update(t.data());
+    }
+    let got = h.finalize().to_hex().to_string();
+    if &got != want {
+        return Err(Error::invalid(format!(
+            "its tensors hash to BLAKE3 {} but it records {}",
+            &got[..12],
+            &want[..want.len().min(12)]
+        )));
+    }
+    Ok(true)
 }
 
 /// Reduce one batch of samples `h` [N, d] with labels to per-class partials,

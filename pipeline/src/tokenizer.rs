@@ -356,6 +356,28 @@ fn for_each_piece(text: &str, memo: &mut FxHashMap<char, Class>, mut f: impl FnM
     }
 }
 
+/// The GPT-Neo (= GPT-2) tokenizer shipped in `data/tokenizer.json`, compiled
+/// in so the default works from any directory and on machines without the
+/// repository.
+pub const GPT2_TOKENIZER_JSON: &[u8] = include_bytes!("../../data/tokenizer.json");
+
+/// The name that selects [`GPT2_TOKENIZER_JSON`] wherever a tokenizer file is
+/// expected.
+pub const BUILTIN_GPT2: &str = "gpt2";
+
+/// The bytes of a tokenizer named by `spec` (a path, `s3://` URL, `lake:KEY`,
+/// or `gpt2` for the built-in one) and the name to show for it.
+pub fn read_tokenizer_json(lake: &crate::lake::Lake, spec: &str) -> Result<(bytes::Bytes, String)> {
+    if spec == BUILTIN_GPT2 {
+        return Ok((
+            bytes::Bytes::from_static(GPT2_TOKENIZER_JSON),
+            "built-in GPT-2 tokenizer".to_string(),
+        ));
+    }
+    let src = crate::source::Source::open(lake, spec)?;
+    Ok((src.bytes()?, src.name))
+}
+
 /// Lake key of a stored tokenizer copy.
 pub fn tokenizer_key(fingerprint: &str) -> String {
     format!("tokenizers/{fingerprint}.json")

@@ -18,14 +18,11 @@ pub fn data(name: &str) -> String {
     repo().join("data").join(name).to_string_lossy().to_string()
 }
 
-/// `../shared/data` next to the repository (present here and in CI).
-pub fn shared(name: &str) -> PathBuf {
-    let p = repo().join("../shared/data").join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: the tests need ../shared/data beside the repository",
-        p.display()
-    );
+/// A file under `tests/fixtures` (everything the tests read lives in the
+/// repository).
+pub fn fixture(name: &str) -> PathBuf {
+    let p = repo().join("tests/fixtures").join(name);
+    assert!(p.exists(), "{} is missing from the repository", p.display());
     p
 }
 

@@ -6,6 +6,7 @@ mod analyze;
 mod collect;
 mod common;
 mod data;
+mod faults;
 mod foundation;
 mod model;
 mod s3;

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use crate::common::{bin, data, first_stories};
 
-const KEY: &str = "pipelinetest";
-const SECRET: &str = "pipelinetestsecret";
+pub const KEY: &str = "pipelinetest";
+pub const SECRET: &str = "pipelinetestsecret";
 
-struct Server {
-    child: Child,
-    port: u16,
-    root: tempfile::TempDir,
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub root: tempfile::TempDir,
 }
 
 impl Drop for Server {
@@ -28,7 +28,7 @@ impl Drop for Server {
     }
 }
 
-fn s3s_fs() -> PathBuf {
+pub fn s3s_fs() -> PathBuf {
     if let Ok(out) = Command::new("which").arg("s3s-fs").output() {
         if out.status.success() {
             return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -43,7 +43,7 @@ fn s3s_fs() -> PathBuf {
     p
 }
 
-fn start(bucket: &str) -> Server {
+pub fn start(bucket: &str) -> Server {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join(bucket)).unwrap();
     let port = TcpListener::bind("127.0.0.1:0")
@@ -51,6 +51,12 @@ fn start(bucket: &str) -> Server {
         .local_addr()
         .unwrap()
         .port();
+    let child = spawn(root.path(), port);
+    Server { child, port, root }
+}
+
+/// Start s3s-fs on `port` serving `root`, and wait until it accepts.
+pub fn spawn(root: &std::path::Path, port: u16) -> Child {
     let child = Command::new(s3s_fs())
         .args([
             "--host",
@@ -62,7 +68,7 @@ fn start(bucket: &str) -> Server {
             "--secret-key",
             SECRET,
         ])
-        .arg(root.path())
+        .arg(root)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -72,10 +78,10 @@ fn start(bucket: &str) -> Server {
         assert!(Instant::now() < deadline, "s3s-fs did not start on port {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Server { child, port, root }
+    child
 }
 
-fn pipeline(server_port: u16, secret: &str, lake: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+pub fn pipeline(server_port: u16, secret: &str, lake: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(bin());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -94,7 +100,7 @@ fn pipeline(server_port: u16, secret: &str, lake: &str, args: &[&str], extra_env
     cmd.output().unwrap()
 }
 
-fn ok(o: &Output) -> String {
+pub fn ok(o: &Output) -> String {
     assert!(
         o.status.success(),
         "failed: {}",
@@ -104,7 +110,7 @@ fn ok(o: &Output) -> String {
 }
 
 /// Objects stored by the server under a bucket, relative to it.
-fn objects(server: &Server, bucket: &str) -> Vec<String> {
+pub fn objects(server: &Server, bucket: &str) -> Vec<String> {
     let base = server.root.path().join(bucket);
     let mut out = Vec::new();
     let mut stack = vec![base.clone()];

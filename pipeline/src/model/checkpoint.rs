@@ -11,19 +11,53 @@
 //!
 //! Saved checkpoints load in `transformers` with
 //! `GPTNeoForCausalLM.from_pretrained(dir)`: HF tensor names, tied lm_head left
-//! out, safetensors metadata `format = pt`. `trainer_state.json` is written
-//! last, so a directory without it is an interrupted save.
+//! out, safetensors metadata `format = pt`. `_checksums.json` records the size
+//! and BLAKE3 of every file saved, and every load checks the files against it;
+//! `trainer_state.json` is written last, so a directory without it is an
+//! interrupted save.
+//!
+//! A model's identity in manifests is its content ([`ModelRef::weights_version`]):
+//! the recorded hashes, or for a directory from elsewhere the hashes of its
+//! files (cached), never its path or modification time, so a lake copied or
+//! moved keeps its results up to date.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::artifact::check_partition_value;
+use crate::artifact::{InputRef, check_partition_value};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
 use crate::model::{GptNeo, GptNeoConfig, parameter_names};
+
+/// Sizes and hashes of the files of a saved weights directory.
+pub const CHECKSUMS_FILE: &str = "_checksums.json";
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct FileSum {
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+/// `_checksums.json`: file name -> size and BLAKE3.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Checksums {
+    pub files: BTreeMap<String, FileSum>,
+}
+
+impl Checksums {
+    fn add(&mut self, name: &str, bytes: &[u8]) {
+        self.files.insert(
+            name.to_string(),
+            FileSum {
+                bytes: bytes.len() as u64,
+                blake3: crate::integrity::hash_hex(bytes),
+            },
+        );
+    }
+}
 
 /// Where the weights of one model checkpoint live.
 #[derive(Debug, Clone)]
@@ -43,6 +77,8 @@ pub struct ModelRef {
     /// Whether it was trained by this pipeline (`weights/NAME` in the lake).
     pub in_lake: bool,
     pub source: String,
+    /// The lake, where content hashes of outside files are cached.
+    pub lake: Lake,
 }
 
 fn join(a: &str, b: &str) -> String {
@@ -141,12 +177,20 @@ impl ModelRef {
             None => {
                 if !store.exists(&join(&root, "config.json"))? {
                     let cks = list_checkpoints(&store, &root)?;
+                    if cks.is_empty() {
+                        return Err(Error::model(
+                            spec,
+                            format!(
+                                "{source} is not a Hugging Face model directory: it has no config.json and no checkpoint-N/ subdirectories"
+                            ),
+                        ));
+                    }
                     return Err(Error::model(
                         spec,
                         format!(
                             "no top-level config.json in {source}; it has {} checkpoint(s): use {base}@0..{}",
                             cks.len(),
-                            cks.len().saturating_sub(1)
+                            cks.len() - 1
                         ),
                     ));
                 }
@@ -180,6 +224,7 @@ impl ModelRef {
             step,
             in_lake,
             source,
+            lake: lake.clone(),
         })
     }
 
@@ -197,17 +242,126 @@ impl ModelRef {
         Ok(r)
     }
 
-    /// Size and modification time of the weights, to tell versions apart.
-    pub fn weights_version(&self) -> Result<String> {
-        for f in ["model.safetensors", "model.safetensors.index.json"] {
-            if let Some(h) = self.store.head_opt(&self.key(f))? {
-                return Ok(format!("{f}:{}:{}", h.size, h.last_modified.timestamp_millis()));
-            }
+    /// The weight files of the selected checkpoint: the shards named by
+    /// `model.safetensors.index.json`, or `model.safetensors`.
+    pub fn weight_files(&self) -> Result<Vec<String>> {
+        if let Some(idx) = self.store.get_opt(&self.key("model.safetensors.index.json"))? {
+            let v: Value = serde_json::from_slice(&idx)
+                .map_err(|e| Error::model(&self.id, format!("model.safetensors.index.json: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::model(&self.id, "model.safetensors.index.json has no weight_map"))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            shards.sort();
+            shards.dedup();
+            return Ok(shards);
         }
+        if self.store.exists(&self.key("model.safetensors"))? {
+            return Ok(vec!["model.safetensors".to_string()]);
+        }
+        let hint = if self.store.exists(&self.key("pytorch_model.bin"))? {
+            " (only pytorch_model.bin: convert it to safetensors first)"
+        } else {
+            ""
+        };
         Err(Error::model(
             &self.id,
-            format!("no model.safetensors in {}", self.store.display(&self.dir)),
+            format!("no model.safetensors in {}{hint}", self.store.display(&self.dir)),
         ))
+    }
+
+    /// `_checksums.json` of the selected weights, if they have one.
+    pub fn checksums(&self) -> Result<Option<Checksums>> {
+        match self.store.get_opt(&self.key(CHECKSUMS_FILE))? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                Error::model(
+                    &self.id,
+                    format!("{} is corrupt: {e}", self.store.display(&self.key(CHECKSUMS_FILE))),
+                )
+            }),
+        }
+    }
+
+    /// The identity of the weights by content: BLAKE3 over the hashes of the
+    /// weight files and `config.json`, from `_checksums.json` where the save
+    /// recorded them, else hashed (once per file version; see
+    /// [`crate::integrity::content_id`]).
+    pub fn weights_version(&self) -> Result<String> {
+        let sums = self.checksums()?.unwrap_or_default();
+        let mut files = self.weight_files()?;
+        files.push("config.json".to_string());
+        let mut h = blake3::Hasher::new();
+        for f in &files {
+            let id = match sums.files.get(f) {
+                Some(s) => format!("blake3:{}", s.blake3),
+                None => crate::integrity::content_id(&self.lake, &self.store, &self.key(f))?,
+            };
+            h.update(f.as_bytes());
+            h.update(b"=");
+            h.update(id.as_bytes());
+            h.update(b"\n");
+        }
+        Ok(format!("blake3:{}", &h.finalize().to_hex()[..32]))
+    }
+
+    /// The weights as a manifest input: named by model id, identified by content.
+    pub fn weights_input(&self) -> Result<InputRef> {
+        Ok(InputRef {
+            artifact: format!("weights:{}", self.id),
+            content_hash: self.weights_version()?,
+        })
+    }
+
+    /// Read one file of the selected weights, checked against
+    /// `_checksums.json` when the save recorded it.
+    pub fn read_checked(&self, file: &str, sums: Option<&Checksums>) -> Result<Bytes> {
+        let key = self.key(file);
+        let bytes = self.store.get(&key)?;
+        if let Some(want) = sums.and_then(|s| s.files.get(file)) {
+            let got = crate::integrity::hash_hex(&bytes);
+            if bytes.len() as u64 != want.bytes || got != want.blake3 {
+                let repair = if self.in_lake {
+                    format!("run stage=train for {} again to repair it", self.name)
+                } else {
+                    "restore it from its source".to_string()
+                };
+                return Err(Error::model(
+                    &self.id,
+                    format!(
+                        "{} is damaged: {} bytes with BLAKE3 {}, but {CHECKSUMS_FILE} records {} bytes with {} (a truncated copy or an interrupted write); {repair}",
+                        self.store.display(&key),
+                        bytes.len(),
+                        crate::artifact::short(&got),
+                        want.bytes,
+                        crate::artifact::short(&want.blake3)
+                    ),
+                ));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Problems with the recorded files of the selected weights (missing,
+    /// other size or hash); empty when they are whole or nothing is recorded.
+    pub fn damaged_files(&self) -> Result<Vec<String>> {
+        let Some(sums) = self.checksums()? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for name in sums.files.keys() {
+            if !self.store.exists(&self.key(name))? {
+                out.push(format!("{} is missing", self.store.display(&self.key(name))));
+            } else if let Err(e) = self.read_checked(name, Some(&sums)) {
+                out.push(e.to_string());
+            }
+        }
+        Ok(out)
     }
 
     /// The dataset a model was trained on, from its recipe.
@@ -256,12 +410,13 @@ impl ModelRef {
     }
 
     pub fn config(&self) -> Result<GptNeoConfig> {
-        let bytes = self.store.get_opt(&self.key("config.json"))?.ok_or_else(|| {
-            Error::model(
+        if !self.store.exists(&self.key("config.json"))? {
+            return Err(Error::model(
                 &self.id,
                 format!("no config.json in {}", self.store.display(&self.dir)),
-            )
-        })?;
+            ));
+        }
+        let bytes = self.read_checked("config.json", self.checksums()?.as_ref())?;
         let text =
             std::str::from_utf8(&bytes).map_err(|_| Error::model(&self.id, "config.json is not UTF-8"))?;
         GptNeoConfig::from_json(text, &self.id)
@@ -296,40 +451,19 @@ impl ModelRef {
 
     /// All tensors of the selected weights, converted to `dtype` on `device`.
     pub fn tensors(&self, device: &Device, dtype: DType) -> Result<HashMap<String, Tensor>> {
-        let mut files = Vec::new();
-        if let Some(idx) = self.store.get_opt(&self.key("model.safetensors.index.json"))? {
-            let v: Value = serde_json::from_slice(&idx)
-                .map_err(|e| Error::model(&self.id, format!("model.safetensors.index.json: {e}")))?;
-            let map = v
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .ok_or_else(|| Error::model(&self.id, "model.safetensors.index.json has no weight_map"))?;
-            let mut shards: Vec<String> = map
-                .values()
-                .filter_map(Value::as_str)
-                .map(str::to_string)
-                .collect();
-            shards.sort();
-            shards.dedup();
-            files.extend(shards);
-        } else if self.store.exists(&self.key("model.safetensors"))? {
-            files.push("model.safetensors".to_string());
-        } else {
-            let hint = if self.store.exists(&self.key("pytorch_model.bin"))? {
-                " (only pytorch_model.bin: convert it to safetensors first)"
-            } else {
-                ""
-            };
-            return Err(Error::model(
-                &self.id,
-                format!("no model.safetensors in {}{hint}", self.store.display(&self.dir)),
-            ));
-        }
+        let files = self.weight_files()?;
+        let sums = self.checksums()?;
         let mut out = HashMap::new();
         for f in files {
-            let bytes = self.store.get(&self.key(&f))?;
+            let bytes = self.read_checked(&f, sums.as_ref())?;
             let loaded = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
-                Error::model(&self.id, format!("{f} is not a readable safetensors file: {e}"))
+                Error::model(
+                    &self.id,
+                    format!(
+                        "{} is not a readable safetensors file ({e}): truncated or damaged",
+                        self.store.display(&self.key(&f))
+                    ),
+                )
             })?;
             for (k, t) in loaded {
                 let t = if t.dtype() == dtype {
@@ -389,14 +523,21 @@ pub fn save_dir(
         })
         .collect::<Result<_>>()?;
     store.delete(&join(dir, "trainer_state.json"))?;
-    store.put(
-        &join(dir, "model.safetensors"),
-        Bytes::from(safetensors_bytes(&named)?),
-    )?;
-    store.put(&join(dir, "config.json"), Bytes::from(config.to_json()))?;
+    let mut sums = Checksums::default();
+    let weights = Bytes::from(safetensors_bytes(&named)?);
+    sums.add("model.safetensors", &weights);
+    store.put(&join(dir, "model.safetensors"), weights)?;
+    let config_json = Bytes::from(config.to_json());
+    sums.add("config.json", &config_json);
+    store.put(&join(dir, "config.json"), config_json)?;
     for (name, bytes) in extra {
+        sums.add(name, bytes);
         store.put(&join(dir, name), bytes.clone())?;
     }
+    store.put(
+        &join(dir, CHECKSUMS_FILE),
+        Bytes::from(serde_json::to_vec_pretty(&sums).expect("json")),
+    )?;
     store.put(
         &join(dir, "trainer_state.json"),
         Bytes::from(serde_json::to_vec_pretty(trainer_state).expect("json")),

@@ -9,10 +9,17 @@
 //! The SQL text itself lives in `sql/*.sql` (compiled into the binary); this
 //! module holds only registration glue and `{{name}}` template filling for the
 //! `-- kind: query` files that stages run with parameters.
+//!
+//! Every session runs under a memory pool ([`Limits`]): operators that buffer
+//! (sorts, joins, aggregations) account their memory there, spill to disk
+//! where DataFusion can, and otherwise fail with an error that names the
+//! limit. Results can be consumed as a stream ([`Sql::query_each`]), so a
+//! large result never has to be held whole.
 
 pub mod udf;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
@@ -97,15 +104,66 @@ pub fn render(name: &str, vars: &[(&str, &str)]) -> Result<String> {
     Ok(text)
 }
 
+/// Resource limits of a session.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Bytes the session's operators may hold before spilling or failing.
+    pub memory_bytes: usize,
+    /// Wall-clock limit of one statement.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    /// Half of the machine's memory (a quarter if it cannot be read), no time
+    /// limit.
+    fn default() -> Self {
+        Limits {
+            memory_bytes: total_memory_bytes().map(|b| b / 2).unwrap_or(1 << 30),
+            timeout: None,
+        }
+    }
+}
+
+/// Physical memory of this machine (Linux `/proc/meminfo`).
+pub fn total_memory_bytes() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: usize = info
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// A byte count for messages ("512.0 MiB").
+pub fn human_bytes(b: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    format!("{x:.1} {}", units[u])
+}
+
 /// A DataFusion session over a lake.
 pub struct Sql {
     pub ctx: SessionContext,
     lake: Lake,
+    limits: Limits,
 }
 
 impl Sql {
-    /// Register every lake table, the UDFs and the views.
+    /// Register every lake table, the UDFs and the views, with default limits.
     pub fn open(lake: &Lake) -> Result<Self> {
+        Self::open_with(lake, Limits::default())
+    }
+
+    /// As [`Sql::open`], under `limits`.
+    pub fn open_with(lake: &Lake, limits: Limits) -> Result<Self> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(2);
@@ -113,6 +171,7 @@ impl Sql {
         // a query must see every committed file.
         let runtime = RuntimeEnvBuilder::new()
             .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
+            .with_memory_limit(limits.memory_bytes, 1.0)
             .build_arc()
             .ctx("building the SQL runtime")?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
@@ -121,6 +180,7 @@ impl Sql {
         let sql = Sql {
             ctx,
             lake: lake.clone(),
+            limits,
         };
         for t in schemas::tables().iter().filter(|t| t.kind == "table") {
             sql.register_table(&t.table)?;
@@ -176,31 +236,88 @@ impl Sql {
         Ok(())
     }
 
-    /// Run one statement. Without `allow_write`, DDL, DML (INSERT, COPY) and
-    /// session statements are refused before anything runs.
+    /// Run one statement and collect its result. Without `allow_write`, DDL,
+    /// DML (INSERT, COPY) and session statements are refused before anything
+    /// runs.
     pub fn query(&self, sql: &str, allow_write: bool) -> Result<Vec<RecordBatch>> {
-        let plan = self
-            .lake
-            .block_on(self.ctx.state().create_logical_plan(sql))
-            .ctx("planning the query")?;
-        if !allow_write {
-            let ro = SQLOptions::new()
-                .with_allow_ddl(false)
-                .with_allow_dml(false)
-                .with_allow_statements(false);
-            ro.verify_plan(&plan).map_err(|e| {
-                Error::Sql(format!(
-                    "refused: SQL is read-only by default and this statement would write or change the session ({}); pass --allow-write to run it",
-                    e.strip_backtrace()
-                ))
-            })?;
+        let mut out = Vec::new();
+        self.query_each(sql, allow_write, |b| {
+            out.push(b);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Run one statement, handing each result batch to `f` as it arrives, under
+    /// the session's memory and time limits. Returns the result's schema.
+    pub fn query_each(
+        &self,
+        sql: &str,
+        allow_write: bool,
+        mut f: impl FnMut(RecordBatch) -> Result<()>,
+    ) -> Result<arrow::datatypes::SchemaRef> {
+        let work = async {
+            let plan = self
+                .ctx
+                .state()
+                .create_logical_plan(sql)
+                .await
+                .ctx("planning the query")?;
+            if !allow_write {
+                let ro = SQLOptions::new()
+                    .with_allow_ddl(false)
+                    .with_allow_dml(false)
+                    .with_allow_statements(false);
+                ro.verify_plan(&plan).map_err(|e| {
+                    Error::Sql(format!(
+                        "refused: SQL is read-only by default and this statement would write or change the session ({}); pass --allow-write to run it",
+                        e.strip_backtrace()
+                    ))
+                })?;
+            }
+            let df = self
+                .ctx
+                .execute_logical_plan(plan)
+                .await
+                .map_err(|e| self.explain(e))?;
+            let mut stream = df.execute_stream().await.map_err(|e| self.explain(e))?;
+            let schema = stream.schema();
+            use futures::StreamExt;
+            while let Some(b) = stream.next().await {
+                f(b.map_err(|e| self.explain(e))?)?;
+            }
+            Ok(schema)
+        };
+        match self.limits.timeout {
+            None => self.lake.block_on(work),
+            Some(t) => self
+                .lake
+                .block_on(async { tokio::time::timeout(t, work).await })
+                .map_err(|_| {
+                    Error::Sql(format!(
+                        "the query was stopped after its time limit of {} s (--timeout)",
+                        t.as_secs_f64()
+                    ))
+                })?,
         }
-        self.lake
-            .block_on(async {
-                let df = self.ctx.execute_logical_plan(plan).await?;
-                df.collect().await
-            })
-            .ctx("running the query")
+    }
+
+    /// A DataFusion error in words, naming the memory limit when it was hit.
+    fn explain(&self, e: datafusion::error::DataFusionError) -> Error {
+        let text = e.to_string();
+        // DataFusion reports an exhausted pool as "Resources exhausted", and
+        // at very small limits sometimes as a failed spill.
+        if text.contains("Resources exhausted") || text.contains("to spill") {
+            return Error::Sql(format!(
+                "the query needs more memory than the SQL memory limit of {} (--memory-limit; spilling to disk did not suffice): {}",
+                human_bytes(self.limits.memory_bytes),
+                e.strip_backtrace()
+            ));
+        }
+        Error::DataFusion {
+            what: "running the query".into(),
+            source: Box::new(e),
+        }
     }
 
     /// Run a named query file with its placeholders filled (always read-only).

@@ -25,7 +25,7 @@ use arrow::datatypes::{UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device};
 
-use crate::artifact::{Artifact, InputRef, Provenance, file_schema};
+use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
@@ -185,7 +185,7 @@ impl Stage for Analyze {
         )?;
         let dec_m = ctx.lake.manifest(&dec_a)?;
         let weights = match &model_ref {
-            Some(m) => Some((m, m.weights_version()?)),
+            Some(m) => Some((m, m.weights_input()?)),
             None => None,
         };
         let mut prov = Provenance::new("analyze")
@@ -201,11 +201,8 @@ impl Stage for Analyze {
         if let Some(d) = &dec_m {
             prov = prov.input(d);
         }
-        if let Some((m, v)) = &weights {
-            prov.inputs.push(InputRef {
-                artifact: format!("weights:{}", m.source),
-                content_hash: v.clone(),
-            });
+        if let Some((_, w)) = &weights {
+            prov.inputs.push(w.clone());
         }
         let parts = [
             ("model", id.as_str()),

@@ -206,8 +206,9 @@ impl Stage for Collect {
                 ),
             ));
         }
-        let version = m.weights_version()?;
-        let inputs = collect_inputs(&chunks.manifest, &m.source, &version);
+        let weights = m.weights_input()?;
+        let version = weights.content_hash.clone();
+        let inputs = collect_inputs(&chunks.manifest, weights);
         let mut prov = Provenance::new("collect")
             .param("vars", if two_pass { "two-pass" } else { "one-pass" })
             .extra("model_source", m.source.as_str())
@@ -366,11 +367,10 @@ impl Stage for Collect {
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let rate = clock.tokens as f64 / secs;
         let share = clock.accumulate / (clock.forward + clock.accumulate).max(1e-9);
-        tracing::info!(
-            tokens = clock.tokens,
-            tokens_per_s = rate,
-            accumulate_share = share,
-            "collected"
+        tracing::debug!(
+            "collected {} tokens at {rate:.0} tokens/s, {:.1}% of the time accumulating",
+            clock.tokens,
+            100.0 * share
         );
 
         let summary = if of == 1 {

@@ -173,7 +173,7 @@ impl Stage for Eval {
             let weights_version = m.weights_version()?;
             let out = Artifact::new("models", &[("model", &m.id)])?;
             let prov = Provenance::new("eval")
-                .param("weights", format!("{} [{weights_version}]", m.source))
+                .param("weights", &weights_version)
                 .param("split", split)
                 .input(&chunks.manifest);
             if ctx.lake.up_to_date(&out, &prov, p.bool("force")?)?.is_some() {

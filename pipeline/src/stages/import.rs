@@ -204,7 +204,8 @@ impl Stage for Import {
             &out,
             &[batch],
             Provenance::new("import")
-                .param("input", format!("{} [{}]", src.name, src.version))
+                .param("input", src.content_id(&ctx.lake)?)
+                .extra("input", src.name.as_str())
                 .param("columns", p.str("columns")),
         )?;
         Ok(format!(

@@ -153,7 +153,10 @@ impl Stage for Ingest {
             ("input", &input_src),
         ] {
             for (i, s) in srcs.iter().enumerate() {
-                prov = prov.param(&format!("{role}.{i}"), format!("{} [{}]", s.name, s.version));
+                // The input's identity is its content; its name is only noted.
+                prov = prov
+                    .param(&format!("{role}.{i}"), s.content_id(&ctx.lake)?)
+                    .extra(&format!("{role}.{i}"), s.name.as_str());
             }
         }
 
@@ -204,10 +207,32 @@ impl Stage for Ingest {
             .map(|s| s.size)
             .sum();
         let bar = crate::progress::bytes_bar(total_bytes, "ingest");
+        // Read one source; a source without any text (only separators,
+        // blank lines) is refused by name rather than ingested as blanks.
+        let read = |src: &Source, f: &mut dyn FnMut(u64, &str) -> Result<()>| -> Result<()> {
+            let (mut docs, mut with_text) = (0u64, 0u64);
+            read_documents(src, &opts, &bar, &mut |o, t| {
+                docs += 1;
+                with_text += u64::from(!t.trim().is_empty());
+                f(o, t)
+            })?;
+            if docs == 0 {
+                return Err(Error::input(&src.name, "holds no documents (the file is empty)"));
+            }
+            if with_text == 0 {
+                return Err(Error::input(
+                    &src.name,
+                    format!(
+                        "holds no text: its {docs} document(s) are empty or whitespace (a file of separator lines only?)"
+                    ),
+                ));
+            }
+            Ok(())
+        };
         if !input_src.is_empty() {
             let mut index: u64 = 0;
             for src in &input_src {
-                read_documents(src, &opts, &bar, &mut |offset, text| {
+                read(src, &mut |offset, text| {
                     let to_val = holdout > 0.0 && unit_hash(seed, index) < holdout;
                     index += 1;
                     sinks[usize::from(to_val)].push(&src.name, offset, text)
@@ -215,10 +240,10 @@ impl Stage for Ingest {
             }
         } else {
             for src in &train_src {
-                read_documents(src, &opts, &bar, &mut |o, t| sinks[0].push(&src.name, o, t))?;
+                read(src, &mut |o, t| sinks[0].push(&src.name, o, t))?;
             }
             for src in &val_src {
-                read_documents(src, &opts, &bar, &mut |o, t| sinks[1].push(&src.name, o, t))?;
+                read(src, &mut |o, t| sinks[1].push(&src.name, o, t))?;
             }
         }
         bar.finish_and_clear();

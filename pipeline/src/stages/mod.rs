@@ -98,10 +98,14 @@ pub fn dataset_for(p: &Params, m: &ModelRef) -> Result<String> {
 pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result<String> {
     let stage = find(name)?;
     let params = Params::resolve(name, stage.params(), &ctx.config, explicit)?;
-    tracing::info!(stage = name, params = ?params.values(), "running");
+    // One line a person reads: the stage and what was asked of it; every
+    // resolved parameter goes to the debug log.
+    let asked: Vec<String> = explicit.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    tracing::info!("{name} {}", asked.join(" "));
+    tracing::debug!(stage = name, params = ?params.values(), "resolved parameters");
     let started = std::time::Instant::now();
     let summary = stage.run(ctx, &params)?;
-    tracing::info!(stage = name, seconds = started.elapsed().as_secs_f64(), "done");
+    tracing::info!("{name} done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(summary)
 }
 

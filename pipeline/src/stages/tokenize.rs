@@ -1,7 +1,8 @@
 //! `tokenize`: turn every document into token ids.
 //!
 //! Reads: `documents/dataset=D/split=S` and a `tokenizer.json` (default: the
-//! shipped GPT-Neo = GPT-2 tokenizer in `data/`).
+//! GPT-Neo = GPT-2 tokenizer of `data/tokenizer.json`,
+//! compiled into the binary as `tokenizer=gpt2`).
 //! Writes: `tokens/dataset=D/split=S` (one row per document, same doc_id), and
 //! a copy of the tokenizer at `tokenizers/<fingerprint>.json` so later stages
 //! decode and check vocabularies without the original file.
@@ -23,7 +24,6 @@ use rayon::prelude::*;
 use crate::artifact::{Artifact, Provenance, TableWriter, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param};
-use crate::source::Source;
 use crate::stages::{Ctx, Stage};
 use crate::tokenizer::{TextTokenizer, tokenizer_key};
 
@@ -33,8 +33,8 @@ const PARAMS: &[ParamSpec] = &[
     param("dataset", "sample", "dataset name"),
     param(
         "tokenizer",
-        "data/tokenizer.json",
-        "tokenizer.json: path, s3:// URL or lake:KEY",
+        "gpt2",
+        "tokenizer.json: path, s3:// URL, lake:KEY, or gpt2 (built in: GPT-Neo = GPT-2 BPE)",
     ),
     param(
         "splits",
@@ -65,9 +65,8 @@ impl Stage for Tokenize {
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
         let dataset = p.nonempty("dataset")?;
         let batch_docs = p.usize_in("batch_docs", 1, 1 << 24)?;
-        let src = Source::open(&ctx.lake, p.nonempty("tokenizer")?)?;
-        let tok_bytes = src.bytes()?;
-        let tok = TextTokenizer::from_bytes(&tok_bytes, &src.name)?;
+        let (tok_bytes, src_name) = crate::tokenizer::read_tokenizer_json(&ctx.lake, p.nonempty("tokenizer")?)?;
+        let tok = TextTokenizer::from_bytes(&tok_bytes, &src_name)?;
         let tok_key = tokenizer_key(tok.fingerprint());
         if !ctx.lake.exists(&tok_key)? {
             ctx.lake.put(&tok_key, tok_bytes.clone())?;
@@ -97,7 +96,7 @@ impl Stage for Tokenize {
                 .input(&docs_m)
                 .extra("tokenizer_key", tok_key.as_str())
                 .extra("tokenizer_fingerprint", tok.fingerprint())
-                .extra("tokenizer_source", src.name.as_str())
+                .extra("tokenizer_source", src_name.as_str())
                 .extra("vocab_size", tok.vocab_size() as u64);
             if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
                 summary.push(format!("{split}: up to date ({} docs)", m.rows));

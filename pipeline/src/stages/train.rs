@@ -41,7 +41,7 @@ use serde_json::json;
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
-use crate::model::checkpoint::{lake_root, safetensors_bytes, save_dir};
+use crate::model::checkpoint::{ModelRef, lake_root, list_checkpoints, safetensors_bytes, save_dir};
 use crate::model::optim::{AdamW, AdamWConfig};
 use crate::model::{GptNeo, GptNeoConfig, loss, naming};
 use crate::params::{Config, ParamSpec, Params, param};
@@ -253,14 +253,21 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
     let root = lake_root(&recipe.name);
     let recipe_hash = recipe.hash();
 
-    // Finished already?
+    // Finished already, and every saved file whole?
     if let Some(state) = ctx.lake.get_opt(&format!("{root}/trainer_state.json"))? {
         let v: serde_json::Value = serde_json::from_slice(&state).unwrap_or_default();
         let same = v.get("recipe_hash").and_then(|h| h.as_str()) == Some(recipe_hash.as_str());
         if same && !force {
-            return Ok(format!("{}: up to date", recipe.name));
+            let damaged = damaged_weights(ctx, &recipe.name)?;
+            if damaged.is_empty() {
+                return Ok(format!("{}: up to date", recipe.name));
+            }
+            for d in &damaged {
+                tracing::warn!("{d}");
+            }
+            tracing::warn!(model = %recipe.name, "retraining to repair damaged weights");
         }
-        if !same && !force {
+        else if !same && !force {
             return Err(Error::Stale(format!(
                 "model {} exists with another recipe (or other data); use another name or force=true to retrain it",
                 recipe.name
@@ -454,12 +461,12 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
         }
     }
     bar.finish_and_clear();
-    tracing::info!(
-        model = %recipe.name,
-        forward_s = timing[0],
-        backward_s = timing[1],
-        optimizer_s = timing[2],
-        "training time"
+    tracing::debug!(
+        "{}: forward {:.1} s, backward {:.1} s, optimizer {:.1} s",
+        recipe.name,
+        timing[0],
+        timing[1],
+        timing[2]
     );
 
     let final_w: HashMap<String, Tensor> = vars
@@ -499,6 +506,24 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
     ))
 }
 
+/// What is wrong with the saved files of a finished model (its final
+/// weights and every epoch checkpoint), as messages; empty when all are whole.
+fn damaged_weights(ctx: &Ctx, name: &str) -> Result<Vec<String>> {
+    let root = lake_root(name);
+    let mut out = Vec::new();
+    let mut specs = vec![name.to_string()];
+    for k in 0..list_checkpoints(&ctx.lake, &root)?.len() {
+        specs.push(format!("{name}@{k}"));
+    }
+    for spec in specs {
+        match ModelRef::resolve(&ctx.lake, &spec) {
+            Ok(m) => out.extend(m.damaged_files()?),
+            Err(e) => out.push(e.to_string()),
+        }
+    }
+    Ok(out)
+}
+
 fn log_batch(rows: &[LogRow]) -> Result<RecordBatch> {
     let cols: Vec<ArrayRef> = vec![
         Arc::new(UInt64Array::from_iter_values(rows.iter().map(|r| r.step))),
@@ -530,10 +555,17 @@ fn write_resume(
         .collect();
     named.extend(opt.state());
     let mut bytes = safetensors_bytes(&named)?;
-    // The progress rides in a JSON trailer after the safetensors payload.
-    let meta =
-        serde_json::to_vec(&json!({"recipe_hash": recipe_hash, "step": step, "tokens": tokens, "log": log}))
-            .expect("json");
+    // The progress rides in a JSON trailer after the safetensors payload,
+    // with the payload's hash.
+    let payload_hash = crate::integrity::hash_hex(&bytes);
+    let meta = serde_json::to_vec(&json!({
+        "recipe_hash": recipe_hash,
+        "step": step,
+        "tokens": tokens,
+        "log": log,
+        "payload_blake3": payload_hash,
+    }))
+    .expect("json");
     let n = meta.len() as u64;
     bytes.extend_from_slice(&meta);
     bytes.extend_from_slice(&n.to_le_bytes());
@@ -563,6 +595,11 @@ fn read_resume(bytes: &[u8], recipe_hash: &str, device: &candle_core::Device) ->
             "a resumable state of this model was made with another recipe; use force=true to start over"
                 .into(),
         ));
+    }
+    if let Some(want) = meta.get("payload_blake3").and_then(|h| h.as_str())
+        && crate::integrity::hash_hex(&bytes[..meta_at]) != want
+    {
+        return Err(corrupt("its weights do not hash to the recorded BLAKE3"));
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes[..meta_at], device)
         .map_err(|_| corrupt("bad tensors"))?;
