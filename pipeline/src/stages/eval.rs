@@ -226,8 +226,8 @@ fn model_row(
         .map(|e| e as u32)
         .or(grid.as_ref().map(|g| g.epochs));
     let decay = r_f("weight_decay").or(grid.as_ref().map(|g| g.weight_decay));
-    let init_seed = r_u("init_seed").or(grid.as_ref().map(|g| g.seed as u64));
-    let data_seed = r_u("data_seed").or(grid.as_ref().map(|g| g.seed as u64));
+    let init_seed = r_u("init_seed").or(grid.as_ref().and_then(|g| g.seed.map(u64::from)));
+    let data_seed = r_u("data_seed").or(grid.as_ref().and_then(|g| g.seed.map(u64::from)));
     let cols: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![m.name.as_str()])),
         Arc::new(Int32Array::from(vec![m.checkpoint.map(|k| k as i32)])),

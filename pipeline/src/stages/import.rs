@@ -189,7 +189,7 @@ impl Stage for Import {
             Arc::new(Float64Array::from_iter(
                 grid.iter().map(|x| x.as_ref().map(|x| x.weight_decay)),
             )),
-            g(|x| Some(x.seed)),
+            g(|x| x.seed),
             Arc::new(Int32Array::from_iter(
                 grid.iter().map(|x| x.as_ref().and_then(|x| x.checkpoint)),
             )),
