@@ -18,6 +18,12 @@ WITH cdnv AS (
     SELECT model, split, layer, mean, std FROM tile_totals WHERE metric = 'interference'
 ), logk AS (
     SELECT model, split, layer, mean, std FROM tile_totals WHERE metric = 'logkernel'
+), logku AS (
+    SELECT model, split, layer, mean, std FROM tile_totals WHERE metric = 'logkernel_uncentred'
+), riesz AS (
+    SELECT model, split, layer, mean, std FROM tile_totals WHERE metric = 'riesz'
+), rieszu AS (
+    SELECT model, split, layer, mean, std FROM tile_totals WHERE metric = 'riesz_uncentred'
 ), gram AS (
     SELECT model, split, layer,
            CAST(n AS DOUBLE) * mean AS off_sum,
@@ -36,9 +42,14 @@ WITH cdnv AS (
     WHERE analysed
     GROUP BY model, split, layer
 ), dec AS (
+    -- NC4 over every validation sample, and over those whose true label is
+    -- in V' (the authors' denominator).
     SELECT model, layer,
            CAST(SUM(agree) AS DOUBLE) / CAST(NULLIF(SUM(samples), 0) AS DOUBLE) AS agreement,
-           CAST(SUM(samples) AS BIGINT) AS samples
+           CAST(SUM(samples) AS BIGINT) AS samples,
+           CAST(SUM(CASE WHEN analysed THEN agree ELSE 0 END) AS DOUBLE)
+               / CAST(NULLIF(SUM(CASE WHEN analysed THEN samples ELSE 0 END), 0) AS DOUBLE) AS agreement_analysed,
+           CAST(SUM(CASE WHEN analysed THEN samples ELSE 0 END) AS BIGINT) AS samples_analysed
     FROM decisions
     WHERE split = 'validation'
     GROUP BY model, layer
@@ -68,11 +79,20 @@ SELECT c.model, c.split, c.layer,
        k.mean AS gnc2_logkernel_mean,
        k.std AS gnc2_logkernel_std,
        k.std / NULLIF(k.mean, 0.0) AS gnc2_uniformity_cov,
+       ku.mean AS gnc2_uncentred_logkernel_mean,
+       ku.std AS gnc2_uncentred_logkernel_std,
+       ku.std / NULLIF(ku.mean, 0.0) AS gnc2_uncentred_uniformity_cov,
+       rz.mean AS gnc2_riesz_mean,
+       rz.std / NULLIF(rz.mean, 0.0) AS gnc2_riesz_uniformity_cov,
+       rzu.mean AS gnc2_uncentred_riesz_mean,
+       rzu.std / NULLIF(rzu.mean, 0.0) AS gnc2_uncentred_riesz_uniformity_cov,
        c.cos_mean AS nc3_duality_mean,
        c.cos_std AS nc3_duality_std,
        c.cos_std / NULLIF(c.cos_mean, 0.0) AS unc3_duality_cov,
        dec.agreement AS nc4_agreement,
        dec.samples AS nc4_samples,
+       dec.agreement_analysed AS nc4_agreement_analysed,
+       dec.samples_analysed AS nc4_samples_analysed,
        m.val_loss,
        m.val_acc,
        m.depth,
@@ -87,6 +107,9 @@ FROM cls c
 LEFT JOIN cdnv d ON c.model = d.model AND c.split = d.split AND c.layer = d.layer
 LEFT JOIN intf i ON c.model = i.model AND c.split = i.split AND c.layer = i.layer
 LEFT JOIN logk k ON c.model = k.model AND c.split = k.split AND c.layer = k.layer
+LEFT JOIN logku ku ON c.model = ku.model AND c.split = ku.split AND c.layer = ku.layer
+LEFT JOIN riesz rz ON c.model = rz.model AND c.split = rz.split AND c.layer = rz.layer
+LEFT JOIN rieszu rzu ON c.model = rzu.model AND c.split = rzu.split AND c.layer = rzu.layer
 LEFT JOIN etf e ON c.model = e.model AND c.split = e.split AND c.layer = e.layer
 LEFT JOIN dec ON c.model = dec.model AND c.layer = dec.layer
 LEFT JOIN models m ON c.model = m.model

@@ -16,8 +16,14 @@ SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, ini
 UNION ALL
 SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'gnc2_uniformity_cov' AS metric, gnc2_uniformity_cov AS value FROM model_metrics
 UNION ALL
+SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'gnc2_uncentred_uniformity_cov' AS metric, gnc2_uncentred_uniformity_cov AS value FROM model_metrics
+UNION ALL
+SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'gnc2_uncentred_logkernel_mean' AS metric, gnc2_uncentred_logkernel_mean AS value FROM model_metrics
+UNION ALL
 SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'nc3_duality_mean' AS metric, nc3_duality_mean AS value FROM model_metrics
 UNION ALL
 SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'unc3_duality_cov' AS metric, unc3_duality_cov AS value FROM model_metrics
 UNION ALL
 SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'nc4_agreement' AS metric, nc4_agreement AS value FROM model_metrics
+UNION ALL
+SELECT model, split, layer, final_layer, depth, width, epochs, weight_decay, init_seed, checkpoint, val_loss, 'nc4_agreement_analysed' AS metric, nc4_agreement_analysed AS value FROM model_metrics

@@ -9,6 +9,15 @@
 //! - interference: <u_a, u_b> = G_ab / (||m_a|| ||m_b||)
 //! - ||u_a - u_b||^2 = 2 - 2 <u_a, u_b> (log and Riesz kernels)
 //!
+//! The same kernels on the uncentred means mu_c = m_c + mu_bar (the
+//! convention of the paper authors' published numbers, `*_uncentred`) come
+//! from the same product: <mu_a, mu_b> = G_ab + <m_a, mu_bar> + <m_b,
+//! mu_bar> + ||mu_bar||^2, i.e. the centred Gram plus rank-one corrections
+//! whose per-class dot products are computed once in f64. The centred
+//! metrics keep the full precision of the centred product (no subtraction
+//! of a large mean ever enters them), and uncentred pairs whose directions
+//! nearly coincide are recomputed from the vectors like centred ones.
+//!
 //! Both subtractions cancel for nearly identical vectors, so a pair whose
 //! difference is small against its terms (below `recompute_below`, relative)
 //! is recomputed directly from the vectors in f64. Each tile is reduced on
@@ -35,12 +44,28 @@ pub struct Options {
     pub top_k: usize,
 }
 
-pub const METRICS: [&str; 5] = ["cdnv", "interference", "logkernel", "riesz", "gram"];
+pub const METRICS: [&str; 7] = [
+    "cdnv",
+    "interference",
+    "logkernel",
+    "riesz",
+    "gram",
+    "logkernel_uncentred",
+    "riesz_uncentred",
+];
 const CDNV: usize = 0;
 const INTF: usize = 1;
 const LOGK: usize = 2;
 const RIESZ: usize = 3;
 const GRAM: usize = 4;
+const LOGK_UNC: usize = 5;
+const RIESZ_UNC: usize = 6;
+const N_METRICS: usize = METRICS.len();
+
+/// Whether metric `k` is computed under these options.
+fn active(k: usize, riesz: bool) -> bool {
+    riesz || (k != RIESZ && k != RIESZ_UNC)
+}
 
 /// Moments of a set of values.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -105,14 +130,17 @@ impl Moments {
 pub struct TileResult {
     pub ti: usize,
     pub tj: usize,
-    pub metrics: [Moments; 5],
+    pub metrics: [Moments; N_METRICS],
 }
+
+/// Metrics with per-class row sums: cdnv, interference, logkernel, riesz.
+const ROW_METRICS: usize = 4;
 
 /// Per-class sums over the pairs a class takes part in.
 #[derive(Debug, Clone)]
 pub struct RowSums {
-    pub sum: [Vec<f64>; 4],
-    pub n: [Vec<u64>; 4],
+    pub sum: [Vec<f64>; ROW_METRICS],
+    pub n: [Vec<u64>; ROW_METRICS],
     pub excluded: Vec<u64>,
     /// Largest interference and the class index (in V' order) it is with.
     pub top: Vec<(f64, usize)>,
@@ -129,7 +157,7 @@ impl RowSums {
     }
 
     fn add(&mut self, o: &RowSums) {
-        for k in 0..4 {
+        for k in 0..ROW_METRICS {
             for (a, b) in self.sum[k].iter_mut().zip(&o.sum[k]) {
                 *a += b;
             }
@@ -182,6 +210,9 @@ pub struct Classes<'a> {
     pub d: usize,
     /// sigma^2_c.
     pub var: &'a [f64],
+    /// The mean mu_bar that was subtracted (d values), for the uncentred
+    /// kernels.
+    pub mean_bar: &'a [f64],
 }
 
 /// Threshold below which a Gram-derived squared difference is recomputed
@@ -234,6 +265,27 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         .iter()
         .map(|&n| if n > 0.0 { 1.0 / n.sqrt() } else { 0.0 })
         .collect();
+    // Uncentred norms from the centred ones: ||mu||^2 = ||m||^2 + 2<m, mu_bar> + ||mu_bar||^2.
+    let bar2: f64 = cls.mean_bar.iter().map(|x| x * x).sum();
+    let dot_bar: Vec<f64> = (0..c)
+        .map(|a| {
+            cls.centred[a * d..(a + 1) * d]
+                .iter()
+                .zip(cls.mean_bar)
+                .map(|(x, y)| x * y)
+                .sum()
+        })
+        .collect();
+    let inv_raw: Vec<f64> = (0..c)
+        .map(|a| {
+            let r2: f64 = cls.centred[a * d..(a + 1) * d]
+                .iter()
+                .zip(cls.mean_bar)
+                .map(|(x, y)| (x + y) * (x + y))
+                .sum();
+            if r2 > 0.0 { 1.0 / r2.sqrt() } else { 0.0 }
+        })
+        .collect();
     let single: Vec<f32> = if opt.f32_gemm {
         cls.centred.iter().map(|&x| x as f32).collect()
     } else {
@@ -248,6 +300,9 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         cls,
         norm2: &norm2,
         inv_norm: &inv_norm,
+        dot_bar: &dot_bar,
+        inv_raw: &inv_raw,
+        bar2,
         single: &single,
         f32_gemm: opt.f32_gemm,
         threshold,
@@ -262,7 +317,7 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         Vec<(Vec<PairValue>, Vec<PairValue>)>,
         u64,
     );
-    let init = || -> Acc { (Vec::new(), RowSums::new(c), vec![(Vec::new(), Vec::new()); 5], 0) };
+    let init = || -> Acc { (Vec::new(), RowSums::new(c), vec![(Vec::new(), Vec::new()); N_METRICS], 0) };
     let (mut results, rows, extremes, recomputed) = tiles
         .par_iter()
         .fold(init, |mut acc, &(ti, tj)| {
@@ -305,6 +360,10 @@ struct Shared<'a> {
     cls: &'a Classes<'a>,
     norm2: &'a [f64],
     inv_norm: &'a [f64],
+    /// <m_c, mu_bar>, 1/||mu_c|| and ||mu_bar||^2 for the uncentred kernels.
+    dot_bar: &'a [f64],
+    inv_raw: &'a [f64],
+    bar2: f64,
     single: &'a [f32],
     f32_gemm: bool,
     threshold: f64,
@@ -350,18 +409,19 @@ impl Shared<'_> {
         rows: &mut RowSums,
         extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
         recomputed: &mut u64,
-    ) -> [Moments; 5] {
+    ) -> [Moments; N_METRICS] {
         let cls = self.cls;
         let d = cls.d;
         let (m, n) = (r.len(), s.len());
         let mut g = vec![0f64; m * n];
         gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, &mut g);
-        let metrics = if self.riesz_s.is_some() { 5 } else { 4 };
+        let riesz_on = self.riesz_s.is_some();
         // Values kept for the exact second pass (M2), per metric.
-        let mut vals: [Vec<f64>; 5] = std::array::from_fn(|_| Vec::with_capacity(m * n));
-        let mut first = [FirstPass::new(); 5];
-        let mut buf: [Vec<f64>; 5] = std::array::from_fn(|_| vec![0.0; n]);
+        let mut vals: [Vec<f64>; N_METRICS] = std::array::from_fn(|_| Vec::with_capacity(m * n));
+        let mut first = [FirstPass::new(); N_METRICS];
+        let mut buf: [Vec<f64>; N_METRICS] = std::array::from_fn(|_| vec![0.0; n]);
         let mut u2buf = vec![0.0; n];
+        let mut u2raw_buf = vec![0.0; n];
         let mut excl_buf = vec![false; n];
         let (n2, inv, var) = (self.norm2, self.inv_norm, cls.var);
         for (ia, a) in r.clone().enumerate() {
@@ -374,16 +434,28 @@ impl Shared<'_> {
             let grow = &g[ia * n + j0..(ia + 1) * n];
             let (n2b, invb, varb) = (&n2[cols.clone()], &inv[cols.clone()], &var[cols.clone()]);
             let (n2a, inva, vara) = (n2[a], inv[a], var[a]);
-            let [cdnv, intf, logk, riesz, gram] = &mut buf;
-            let (cdnv, intf, logk, riesz, gram) = (
+            let (dbb, irb) = (&self.dot_bar[cols.clone()], &self.inv_raw[cols.clone()]);
+            let (dba, ira) = (self.dot_bar[a], self.inv_raw[a]);
+            let [cdnv, intf, logk, riesz, gram, logku, rieszu] = &mut buf;
+            let (cdnv, intf, logk, riesz, gram, logku, rieszu) = (
                 &mut cdnv[..len],
                 &mut intf[..len],
                 &mut logk[..len],
                 &mut riesz[..len],
                 &mut gram[..len],
+                &mut logku[..len],
+                &mut rieszu[..len],
             );
             let u2 = &mut u2buf[..len];
+            let u2r = &mut u2raw_buf[..len];
             gram.copy_from_slice(grow);
+            // Uncentred directions from the same Gram entries.
+            let base = dba + self.bar2;
+            for j in 0..len {
+                let cos = (grow[j] + base + dbb[j]) * ira * irb[j];
+                let cos = cos.clamp(-1.0, 1.0);
+                u2r[j] = 2.0 - 2.0 * cos;
+            }
             // Squared distances and directions from the Gram entries.
             for j in 0..len {
                 let dist2 = n2a + n2b[j] - 2.0 * grow[j];
@@ -421,6 +493,19 @@ impl Shared<'_> {
                     intf[j] = 1.0 - u2[j] / 2.0;
                     *recomputed += 1;
                 }
+                if u2r[j] < self.threshold && ira > 0.0 && irb[j] > 0.0 {
+                    let mb = &cls.centred[b * d..(b + 1) * d];
+                    u2r[j] = ma
+                        .iter()
+                        .zip(mb)
+                        .zip(cls.mean_bar)
+                        .map(|((x, y), z)| {
+                            let e = (x + z) * ira - (y + z) * irb[j];
+                            e * e
+                        })
+                        .sum();
+                    *recomputed += 1;
+                }
             }
             // Metric values; NaN where undefined.
             let hp = self.half_power;
@@ -438,14 +523,16 @@ impl Shared<'_> {
                 let directed = n2a > 0.0 && n2b[j] > 0.0;
                 intf[j] = if directed { intf[j] } else { f64::NAN };
                 logk[j] = if directed && u2[j] > 0.0 { u2[j] } else { f64::NAN };
+                let directed_raw = ira > 0.0 && irb[j] > 0.0;
+                logku[j] = if directed_raw && u2r[j] > 0.0 { u2r[j] } else { f64::NAN };
             }
-            for x in logk.iter_mut() {
+            for x in logk.iter_mut().chain(logku.iter_mut()) {
                 if *x == *x {
                     *x = -0.5 * x.ln();
                 }
             }
             if let Some(rs) = self.riesz_s {
-                for (x, &l) in riesz.iter_mut().zip(logk.iter()) {
+                for (x, &l) in riesz.iter_mut().zip(logk.iter()).chain(rieszu.iter_mut().zip(logku.iter())) {
                     // ||u - u'||^-s = exp(s * log(1/||u - u'||)).
                     *x = if l == l { (rs * l).exp() } else { f64::NAN };
                 }
@@ -453,8 +540,9 @@ impl Shared<'_> {
             // Reductions: tile moments, row a, columns b.
             let excl = &mut excl_buf[..len];
             excl.fill(false);
-            for (k, v) in [&*cdnv, &*intf, &*logk, &*riesz, &*gram].into_iter().enumerate() {
-                if k == RIESZ && metrics == 4 {
+            let columns = [&*cdnv, &*intf, &*logk, &*riesz, &*gram, &*logku, &*rieszu];
+            for (k, v) in columns.into_iter().enumerate() {
+                if !active(k, riesz_on) {
                     continue;
                 }
                 vals[k].extend_from_slice(v);
@@ -472,7 +560,7 @@ impl Shared<'_> {
                 f.min = mn;
                 f.max = mx;
                 f.excluded += len as u64 - cnt;
-                if k < 4 {
+                if k < ROW_METRICS {
                     rows.sum[k][a] += sum;
                     rows.n[k][a] += cnt;
                     let (cs, cn) = (&mut rows.sum[k][cols.clone()], &mut rows.n[k][cols.clone()]);
@@ -505,8 +593,8 @@ impl Shared<'_> {
             }
             rows.top[a] = top_a;
             if self.k_top > 0 {
-                for (k, v) in [&*cdnv, &*intf, &*logk, &*riesz, &*gram].into_iter().enumerate() {
-                    if k == RIESZ && metrics == 4 {
+                for (k, v) in columns.into_iter().enumerate() {
+                    if !active(k, riesz_on) {
                         continue;
                     }
                     for (j, &x) in v.iter().enumerate() {
@@ -526,7 +614,7 @@ impl Shared<'_> {
         // Second pass over the kept values: M2 about the tile mean.
         std::array::from_fn(|k| {
             let f = first[k];
-            if f.n == 0 && k == RIESZ && metrics == 4 {
+            if !active(k, riesz_on) {
                 return Moments::default();
             }
             let mean = if f.n > 0 { f.sum / f.n as f64 } else { 0.0 };
@@ -630,3 +718,10 @@ pub const METRIC_INTERFERENCE: usize = INTF;
 pub const METRIC_LOGKERNEL: usize = LOGK;
 pub const METRIC_RIESZ: usize = RIESZ;
 pub const METRIC_GRAM: usize = GRAM;
+pub const METRIC_LOGKERNEL_UNCENTRED: usize = LOGK_UNC;
+pub const METRIC_RIESZ_UNCENTRED: usize = RIESZ_UNC;
+
+/// Whether metric `k` was computed, given whether Riesz kernels were asked for.
+pub fn metric_active(k: usize, riesz: bool) -> bool {
+    active(k, riesz)
+}

@@ -157,6 +157,7 @@ fn pairwise_metrics_equal_brute_force() {
             centred: &prep.centred,
             d: 64,
             var: &prep.var,
+            mean_bar: &prep.mean_bar,
         };
         let want = brute(&cls, 2.0, 1.0);
         let run = |edge: usize, f32_gemm: bool| {
@@ -311,6 +312,7 @@ fn sql_tile_totals_equal_rust_and_brute_force() {
         centred: &prep.centred,
         d: 24,
         var: &prep.var,
+        mean_bar: &prep.mean_bar,
     };
     let want = brute(&cls, 2.0, 1.0);
     let sql = Sql::open(tl.lake()).unwrap();
@@ -416,4 +418,72 @@ fn analyze_a_trained_model() {
         .query("SELECT COUNT(*) FROM pair_extremes WHERE model = 'tiny@1'", false)
         .unwrap();
     assert_eq!(ext[0].column(0).as_primitive::<Int64Type>().value(0), 4 * 2 * 3);
+}
+
+/// Both GNC2 conventions from one analyze run equal a direct f64 evaluation:
+/// equation 7 on the centred means (gnc2_*) and the authors' code on the
+/// uncentred means (gnc2_uncentred_*). The means sit far from the origin,
+/// so the two differ visibly.
+#[test]
+fn both_gnc2_conventions_equal_brute_force_far_from_the_origin() {
+    let tl = TestLake::new();
+    let (c, d) = (300usize, 16usize);
+    let mut s = 17u64;
+    let offset: Vec<f64> = (0..d).map(|i| 6.0 + (i % 3) as f64).collect();
+    let mut st = ClassStats::new(d);
+    let mut means: Vec<Vec<f64>> = Vec::new();
+    for i in 0..c {
+        let mut m: Vec<f64> = offset.iter().map(|o| o + lcg(&mut s)).collect();
+        if i == 7 {
+            // Nearly (not exactly) the direction of class 3: the Gram form
+            // cancels, the pair is recomputed from the vectors.
+            m = means[3].iter().map(|x| x + 1e-4 * lcg(&mut s)).collect();
+        }
+        st.merge_one(i as u32, 1 + (i % 5) as u64, &m, 0.5);
+        means.push(m);
+    }
+    let a = Artifact::new("class_stats", &[("model", "far"), ("split", "train"), ("layer", "1")]).unwrap();
+    tl.lake()
+        .write_artifact(&a, &[st.to_batch().unwrap()], Provenance::new("test"))
+        .unwrap();
+    tl.run("analyze", &[("model", "far"), ("layer", "1"), ("tile", "64")]);
+
+    let bar: Vec<f64> = (0..d).map(|j| means.iter().map(|m| m[j]).sum::<f64>() / c as f64).collect();
+    let unit = |v: Vec<f64>| {
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
+    };
+    let centred: Vec<Vec<f64>> = means
+        .iter()
+        .map(|m| unit(m.iter().zip(&bar).map(|(x, b)| x - b).collect()))
+        .collect();
+    let raw: Vec<Vec<f64>> = means.iter().map(|m| unit(m.clone())).collect();
+    let kernel = |u: &[Vec<f64>]| {
+        let mut v = Vec::new();
+        for i in 0..c {
+            for j in i + 1..c {
+                let dist = u[i].iter().zip(&u[j]).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+                v.push((1.0 / dist).ln());
+            }
+        }
+        let (mean, std, _, _) = moments(&v);
+        (mean, std / mean)
+    };
+    let (cm, ccov) = kernel(&centred);
+    let (rm, rcov) = kernel(&raw);
+    let sql = Sql::open(tl.lake()).unwrap();
+    let b = &sql
+        .query(
+            "SELECT gnc2_logkernel_mean, gnc2_uniformity_cov, gnc2_uncentred_logkernel_mean, gnc2_uncentred_uniformity_cov \
+             FROM model_metrics WHERE model = 'far'",
+            false,
+        )
+        .unwrap()[0];
+    let got = |i: usize| b.column(i).as_primitive::<Float64Type>().value(0);
+    // Tolerance 1e-9 relative: f64 Gram products and Chan merges, as for the
+    // other pairwise metrics.
+    for (i, want) in [cm, ccov, rm, rcov].into_iter().enumerate() {
+        assert!(rel(got(i), want) < 1e-9, "column {i}: {} vs {want}", got(i));
+    }
+    assert!(rel(rm, cm) > 0.5 && rel(rcov, ccov) > 0.1, "conventions too close: {cm} {rm} {ccov} {rcov}");
 }

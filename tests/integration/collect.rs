@@ -424,18 +424,47 @@ fn decisions_equal_a_direct_evaluation() {
     )
     .unwrap();
     let mut got: HashMap<u32, [u64; 4]> = HashMap::new();
+    let mut analysed: HashMap<u32, bool> = HashMap::new();
     use arrow::array::AsArray;
     use arrow::datatypes::{UInt32Type, UInt64Type};
     for b in tl.lake().read_artifact(&a).unwrap() {
         for i in 0..b.num_rows() {
             let v = |c: usize| b.column(c).as_primitive::<UInt64Type>().value(i);
-            got.insert(
-                b.column(0).as_primitive::<UInt32Type>().value(i),
-                [v(1), v(2), v(3), v(4)],
-            );
+            let y = b.column(0).as_primitive::<UInt32Type>().value(i);
+            got.insert(y, [v(1), v(2), v(3), v(4)]);
+            analysed.insert(y, b.column(5).as_boolean().value(i));
         }
     }
     assert_eq!(got, want);
+    let in_vp: std::collections::HashSet<u32> = vp.iter().map(|&r| st.classes[r]).collect();
+    for (y, flag) in &analysed {
+        assert_eq!(*flag, in_vp.contains(y), "class {y}");
+    }
+    // Both NC4 denominators, from the direct evaluation: every sample, and
+    // only samples whose true label is in V' (the authors' convention).
+    let (all_agree, all_n) = want.values().fold((0, 0), |a, v| (a.0 + v[1], a.1 + v[0]));
+    let (vp_agree, vp_n) = want
+        .iter()
+        .filter(|(y, _)| in_vp.contains(y))
+        .fold((0, 0), |a, (_, v)| (a.0 + v[1], a.1 + v[0]));
+    assert!(vp_n < all_n, "some validation labels must fall outside V' for this check");
+    // One V' for all metrics: analyze over other classes is refused.
+    let err = tl.run_err("analyze", &[("model", "tiny"), ("min_per_class", "1")]);
+    assert!(err.contains("one V' must govern"), "{err}");
+    tl.run("analyze", &[("model", "tiny"), ("min_per_class", "2")]);
+    let sql = pipeline::sql::Sql::open(tl.lake()).unwrap();
+    let b = &sql
+        .query(
+            "SELECT nc4_agreement, nc4_agreement_analysed, nc4_samples, nc4_samples_analysed \
+             FROM model_metrics WHERE model = 'tiny@1' AND layer = '2'",
+            false,
+        )
+        .unwrap()[0];
+    use arrow::datatypes::{Float64Type, Int64Type};
+    assert_eq!(b.column(0).as_primitive::<Float64Type>().value(0), all_agree as f64 / all_n as f64);
+    assert_eq!(b.column(1).as_primitive::<Float64Type>().value(0), vp_agree as f64 / vp_n as f64);
+    assert_eq!(b.column(2).as_primitive::<Int64Type>().value(0), all_n as i64);
+    assert_eq!(b.column(3).as_primitive::<Int64Type>().value(0), vp_n as i64);
     let agree: u64 = got.values().map(|v| v[1]).sum();
     assert!(
         agree > 0,

@@ -84,6 +84,8 @@ pub struct Prepared {
     pub rows: Vec<usize>,
     pub centred: Vec<f64>,
     pub var: Vec<f64>,
+    /// mu_bar, the unweighted mean of the class means of V'.
+    pub mean_bar: Vec<f64>,
 }
 
 pub fn prepare(stats: &ClassStats, min: u64, max: u64) -> Prepared {
@@ -105,7 +107,12 @@ pub fn prepare(stats: &ClassStats, min: u64, max: u64) -> Prepared {
         .iter()
         .map(|&r| stats.m2[r] / stats.count[r] as f64)
         .collect();
-    Prepared { rows, centred, var }
+    Prepared {
+        rows,
+        centred,
+        var,
+        mean_bar,
+    }
 }
 
 fn parse_topk(s: &str) -> Result<usize> {
@@ -184,6 +191,9 @@ impl Stage for Analyze {
             ],
         )?;
         let dec_m = ctx.lake.manifest(&dec_a)?;
+        if let Some(d) = &dec_m {
+            check_same_analysed_classes(d, &stats_m, min, max)?;
+        }
         let weights = match &model_ref {
             Some(m) => Some((m, m.weights_input()?)),
             None => None,
@@ -239,6 +249,7 @@ impl Stage for Analyze {
                 centred: &prep.centred,
                 d: stats.d,
                 var: &prep.var,
+                mean_bar: &prep.mean_bar,
             },
             &opt,
         );
@@ -327,6 +338,32 @@ impl Stage for Analyze {
             intf.mean
         ))
     }
+}
+
+/// One V' must govern NC1-NC3 (here) and NC4 (decide) for a model: refuse
+/// decisions made over other classes, or from other class statistics.
+fn check_same_analysed_classes(
+    dec: &crate::artifact::Manifest,
+    stats: &crate::artifact::Manifest,
+    min: u64,
+    max: u64,
+) -> Result<()> {
+    let theirs = |k: &str| dec.params.get(k).cloned().unwrap_or_default();
+    if theirs("min_per_class") != min.to_string() || theirs("max_per_class") != max.to_string() {
+        return Err(Error::Stale(format!(
+            "{} chose V' with min_per_class={} max_per_class={}, but analyze was given min_per_class={min} max_per_class={max}: one V' must govern all metrics of a model; run decide (force=true) or analyze again with the same values",
+            dec.artifact,
+            theirs("min_per_class"),
+            theirs("max_per_class")
+        )));
+    }
+    if !dec.inputs.contains(&stats.input_ref()) {
+        return Err(Error::Stale(format!(
+            "{} was decided from other class statistics than {}; run decide again",
+            dec.artifact, stats.artifact
+        )));
+    }
+    Ok(())
 }
 
 fn opt_f64(v: impl IntoIterator<Item = Option<f64>>) -> ArrayRef {
@@ -477,7 +514,7 @@ fn pair_tiles_batch(report: &PairReport, riesz: bool) -> Result<RecordBatch> {
     );
     for t in &report.tiles {
         for (k, name) in METRICS.iter().enumerate() {
-            if k == tiles::METRIC_RIESZ && !riesz {
+            if !tiles::metric_active(k, riesz) {
                 continue;
             }
             let mo = &t.metrics[k];
@@ -521,7 +558,7 @@ fn extremes_batch(
         Vec::new(),
     );
     for (k, (lo, hi)) in report.extremes.iter().enumerate() {
-        if k == tiles::METRIC_RIESZ && !riesz {
+        if !tiles::metric_active(k, riesz) {
             continue;
         }
         for (label, list) in [("min", lo), ("max", hi)] {

@@ -10,14 +10,17 @@
 //! the linear decision argmax_c <w_c, h> and the nearest-class-centre decision
 //! argmin_c ||h - mu_c||, computed as argmax_c (2<h, mu_c> - ||mu_c||^2) with a
 //! matrix product (||h||^2 is the same for every c). Ties resolve to the
-//! lowest class id (the first maximum). `precision=f64` (default) computes
+//! lowest class id (the first maximum). Every sample is counted; each row
+//! says whether its true label is in V', so NC4 can be reported over all
+//! samples and over those with analysed labels (the authors' denominator).
+//! `precision=f64` (default) computes
 //! both products in f64, so decisions match an exact evaluation except at
 //! ties below f64 resolution; `f32` is faster (GPU).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, UInt32Array, UInt64Array};
+use arrow::array::{ArrayRef, BooleanArray, UInt32Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use candle_core::{D, DType, Tensor};
 
@@ -218,6 +221,10 @@ impl Stage for Decide {
             col(|t| t.agree),
             col(|t| t.linear_correct),
             col(|t| t.ncc_correct),
+            // Whether the true label is itself in V' (ids is ascending).
+            Arc::new(BooleanArray::from_iter(
+                tally.keys().map(|y| Some(ids.binary_search(y).is_ok())),
+            )),
         ];
         let batch = RecordBatch::try_new(file_schema("decisions")?, cols).ctx("building decisions")?;
         let (samples, agree): (u64, u64) = tally
