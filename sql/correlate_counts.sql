@@ -1,9 +1,9 @@
 -- kind: query
 -- How many rows of the selection have a value and a val_loss, per metric, and
 -- how many models appear more than once (several layers or splits selected).
--- Placeholders: {{source}}, {{where}}.
+-- Placeholders: {{source}}, the selected long-form rows.
 WITH sel AS (
-    SELECT model, metric, value, val_loss FROM {{source}} WHERE ({{where}})
+    SELECT model, metric, value, val_loss FROM {{source}}
 )
 SELECT metric,
        CAST(COUNT(*) AS BIGINT) AS n_rows,

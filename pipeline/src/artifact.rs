@@ -380,7 +380,7 @@ impl Lake {
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifests serialise");
         self.put(&artifact.manifest_key(), Bytes::from(json))?;
-        tracing::info!(artifact = %artifact, rows = manifest.rows, bytes = manifest.bytes, "committed");
+        tracing::debug!(artifact = %artifact, rows = manifest.rows, bytes = manifest.bytes, "committed");
         Ok(manifest)
     }
 

@@ -3,12 +3,14 @@
 //! Every lake table is registered as a listing table over its hive-partitioned
 //! directory (so new partitions are visible without re-registration), the
 //! files under `sql/` marked `-- kind: view` become views named after the file,
-//! and the few UDFs SQL lacks are registered (see [`udf`]). Queries run
+//! and the few functions SQL lacks are registered (see [`udaf`]). Queries run
 //! read-only unless the caller allows writes.
 //!
 //! The SQL text itself lives in `sql/*.sql` (compiled into the binary); this
 //! module holds only registration glue and `{{name}}` template filling for the
-//! `-- kind: query` files that stages run with parameters.
+//! `-- kind: query` files that stages run with parameters. Aggregates SQL
+//! lacks (permutation tests, Spearman, bootstrap) are registered from
+//! [`udaf`].
 //!
 //! Every session runs under a memory pool ([`Limits`]): operators that buffer
 //! (sorts, joins, aggregations) account their memory there, spill to disk
@@ -16,7 +18,7 @@
 //! limit. Results can be consumed as a stream ([`Sql::query_each`]), so a
 //! large result never has to be held whole.
 
-pub mod udf;
+pub mod udaf;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,10 +52,6 @@ pub const SQL_FILES: &[(&str, &str)] = &[
     (
         "correlate_observed",
         include_str!("../../../sql/correlate_observed.sql"),
-    ),
-    (
-        "correlate_permutations",
-        include_str!("../../../sql/correlate_permutations.sql"),
     ),
     (
         "correlate_counts",
@@ -176,7 +174,7 @@ impl Sql {
             .ctx("building the SQL runtime")?;
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         ctx.register_object_store(lake.store_url(), lake.store());
-        udf::register(&ctx);
+        udaf::register(&ctx);
         let sql = Sql {
             ctx,
             lake: lake.clone(),
@@ -318,6 +316,11 @@ impl Sql {
             what: "running the query".into(),
             source: Box::new(e),
         }
+    }
+
+    /// The lake this session reads (its runtime drives async DataFusion calls).
+    pub fn lake(&self) -> &Lake {
+        &self.lake
     }
 
     /// Run a named query file with its placeholders filled (always read-only).

@@ -5,14 +5,18 @@
 //! imported table), i.e. pair_tiles, class_metrics, decisions and models.
 //! Writes: `correlations/selection_id=H`, and prints the table.
 //!
-//! For every metric column x over the models selected by the SQL predicate
-//! `where`: R^2 = corr(x, val_loss)^2 with the least-squares line, and a
-//! permutation test: `permutations` seeded re-assignments of val_loss to the
-//! models, p = (1 + #{R^2_perm >= R^2_obs}) / (1 + permutations). All of it
-//! is computed by DataFusion (regr_r2, window functions, and the seeded
-//! `perm_key` UDF), from `sql/correlate_*.sql`. A value is left NULL, with a
-//! note saying why, when it is undefined: fewer than 3 models, a metric or a
-//! val_loss that is constant over the selection.
+//! For every metric column x over the models selected by the predicate
+//! `where`: R^2 = corr(x, val_loss)^2 with the least-squares line, a
+//! permutation test (`permutations` seeded re-assignments of val_loss to the
+//! models, p = (1 + #{R^2_perm >= R^2_obs}) / (1 + permutations)), Spearman's
+//! rho, and a seeded percentile bootstrap 95 % interval for R^2
+//! (`bootstrap` resamples). All of it is computed by DataFusion from
+//! `sql/correlate_*.sql`: regr_r2 and the aggregates of [`crate::sql::udaf`],
+//! in O(models) memory per metric. `where` is parsed as one SQL expression
+//! over the columns of the long-form view and applied as a filter, never
+//! pasted into SQL text, so anything but a predicate is refused. A value is
+//! left NULL, with a note saying why, when it is undefined: fewer than 3
+//! models, a metric or a val_loss that is constant over the selection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,7 +45,8 @@ const PARAMS: &[ParamSpec] = &[
         "model_metrics, or imported:NAME for an imported table",
     ),
     param("permutations", "10000", "permutations of val_loss in the test"),
-    param("seed", "0", "permutation seed"),
+    param("bootstrap", "1000", "bootstrap resamples for the R^2 interval"),
+    param("seed", "0", "seed of the permutations and resamples"),
 ];
 
 /// One output row.
@@ -53,6 +58,9 @@ pub struct Correlation {
     pub slope: Option<f64>,
     pub intercept: Option<f64>,
     pub p_value: Option<f64>,
+    pub spearman_rho: Option<f64>,
+    pub r2_ci_low: Option<f64>,
+    pub r2_ci_high: Option<f64>,
     pub note: Option<String>,
 }
 
@@ -77,6 +85,43 @@ fn str_at(b: &RecordBatch, col: &str, i: usize) -> String {
         .unwrap_or_default()
 }
 
+/// Name of the session view holding the selected rows.
+const SELECTION: &str = "correlate_selection";
+
+/// Register the rows of `source` that `predicate` selects as [`SELECTION`].
+/// The predicate must parse as one SQL expression over the view's columns.
+fn select(sql: &Sql, view: &str, imported: Option<&str>, predicate: &str) -> Result<()> {
+    use datafusion::prelude::{col, lit};
+    let df = sql
+        .lake()
+        .block_on(sql.ctx.table(view))
+        .ctx(format!("reading {view}"))?;
+    let expr = sql
+        .ctx
+        .parse_sql_expr(predicate, df.schema())
+        .map_err(|e| {
+            Error::invalid(format!(
+                "where=`{predicate}` is not one SQL predicate over the columns of {view} ({})",
+                e.strip_backtrace()
+            ))
+        })?;
+    let mut df = df;
+    if let Some(name) = imported {
+        df = df.filter(col("source").eq(lit(name))).ctx("selecting the source")?;
+    }
+    let df = df.filter(expr).map_err(|e| {
+        Error::invalid(format!(
+            "where=`{predicate}` cannot select rows of {view}: {}",
+            e.strip_backtrace()
+        ))
+    })?;
+    let _ = sql.ctx.deregister_table(SELECTION);
+    sql.ctx
+        .register_table(SELECTION, df.into_view())
+        .ctx("registering the selection")?;
+    Ok(())
+}
+
 /// Run the analysis (no writing): the rows of the correlations table.
 pub fn correlations(
     sql: &Sql,
@@ -85,22 +130,32 @@ pub fn correlations(
     n_perm: u64,
     seed: u64,
 ) -> Result<Vec<Correlation>> {
-    let (view, pred) = match source.strip_prefix("imported:") {
+    correlations_with(sql, source, predicate, n_perm, 1000, seed)
+}
+
+/// As [`correlations`], with the number of bootstrap resamples.
+pub fn correlations_with(
+    sql: &Sql,
+    source: &str,
+    predicate: &str,
+    n_perm: u64,
+    n_boot: u64,
+    seed: u64,
+) -> Result<Vec<Correlation>> {
+    let (view, imported) = match source.strip_prefix("imported:") {
         Some(name) => {
             check_partition_value("source", name)?;
-            (
-                "imported_metrics_long",
-                format!("source = '{name}' AND ({predicate})"),
-            )
+            ("imported_metrics_long", Some(name))
         }
-        None if source == "model_metrics" => ("model_metrics_long", predicate.to_string()),
+        None if source == "model_metrics" => ("model_metrics_long", None),
         None => {
             return Err(Error::invalid(format!(
                 "source '{source}' is not model_metrics or imported:NAME"
             )));
         }
     };
-    let vars = [("source", view), ("where", pred.as_str())];
+    select(sql, view, imported, predicate)?;
+    let vars = [("source", SELECTION)];
     let counts = sql.run_named("correlate_counts", &vars)?;
     let mut count_by: HashMap<String, (i64, i64, i64, i64)> = HashMap::new();
     for b in &counts {
@@ -126,27 +181,16 @@ pub fn correlations(
             "the selection `{predicate}` has {rows} rows for metric {m} but only {distinct} distinct models: some models appear with several layers or splits; narrow it, e.g. `final_layer AND split = 'train'`"
         )));
     }
-    let n_perm_s = n_perm.to_string();
-    let seed_s = seed.to_string();
-    let observed = sql.run_named("correlate_observed", &vars)?;
-    let perms = sql.run_named(
-        "correlate_permutations",
+    let (n_perm_s, n_boot_s, seed_s) = (n_perm.to_string(), n_boot.to_string(), seed.to_string());
+    let observed = sql.run_named(
+        "correlate_observed",
         &[
-            ("source", view),
-            ("where", pred.as_str()),
+            ("source", SELECTION),
             ("n_permutations", n_perm_s.as_str()),
+            ("n_bootstrap", n_boot_s.as_str()),
             ("seed", seed_s.as_str()),
         ],
     )?;
-    let mut ge: HashMap<String, (i64, i64)> = HashMap::new();
-    for b in &perms {
-        for i in 0..b.num_rows() {
-            ge.insert(
-                str_at(b, "metric", i),
-                (i64_at(b, "n_ge", i), i64_at(b, "n_perm", i)),
-            );
-        }
-    }
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for b in &observed {
@@ -176,25 +220,17 @@ pub fn correlations(
             } else {
                 true
             };
-            let (r2, slope, intercept, p) = if defined {
-                let (n_ge, n_p) = ge.get(&metric).copied().unwrap_or((0, 0));
-                let p = (n_p > 0).then(|| (1 + n_ge) as f64 / (1 + n_p) as f64);
-                (
-                    f64_at(b, "r2", i),
-                    f64_at(b, "slope", i),
-                    f64_at(b, "intercept", i),
-                    p,
-                )
-            } else {
-                (None, None, None, None)
-            };
+            let get = |c: &str| if defined { f64_at(b, c, i) } else { None };
             out.push(Correlation {
                 metric,
                 n_models: n,
-                r2,
-                slope,
-                intercept,
-                p_value: p,
+                r2: get("r2"),
+                slope: get("slope"),
+                intercept: get("intercept"),
+                p_value: get("p_value"),
+                spearman_rho: get("spearman_rho"),
+                r2_ci_low: get("r2_ci_low"),
+                r2_ci_high: get("r2_ci_high"),
                 note: (!notes.is_empty()).then(|| notes.join("; ")),
             });
         }
@@ -209,6 +245,9 @@ pub fn correlations(
                 slope: None,
                 intercept: None,
                 p_value: None,
+                spearman_rho: None,
+                r2_ci_low: None,
+                r2_ci_high: None,
                 note: Some(format!(
                     "no model has both this metric and val_loss ({rows} selected, {no_loss} without val_loss, {no_value} without the metric)"
                 )),
@@ -223,15 +262,21 @@ pub fn correlations(
 pub fn render(rows: &[Correlation]) -> String {
     let fmt = |x: Option<f64>, prec: usize| x.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into());
     let mut s = format!(
-        "{:<24} {:>8} {:>8} {:>10} {:>9}  note\n",
-        "metric", "n_models", "R^2", "slope", "p"
+        "{:<32} {:>8} {:>8} {:>17} {:>8} {:>10} {:>9}  note\n",
+        "metric", "n_models", "R^2", "R^2 95% CI", "rho", "slope", "p"
     );
     for r in rows {
+        let ci = match (r.r2_ci_low, r.r2_ci_high) {
+            (Some(a), Some(b)) => format!("[{a:.3}, {b:.3}]"),
+            _ => "-".into(),
+        };
         s.push_str(&format!(
-            "{:<24} {:>8} {:>8} {:>10} {:>9}  {}\n",
+            "{:<32} {:>8} {:>8} {:>17} {:>8} {:>10} {:>9}  {}\n",
             r.metric,
             r.n_models,
             fmt(r.r2, 4),
+            ci,
+            fmt(r.spearman_rho, 3),
             r.slope.map(|v| format!("{v:.3e}")).unwrap_or_else(|| "-".into()),
             fmt(r.p_value, 5),
             r.note.clone().unwrap_or_default()
@@ -264,14 +309,18 @@ impl Stage for Correlate {
         if n_perm == 0 || n_perm > 10_000_000 {
             return Err(p.invalid("permutations", "must be in 1..=10000000"));
         }
+        let n_boot = p.u64("bootstrap")?;
+        if n_boot == 0 || n_boot > 10_000_000 {
+            return Err(p.invalid("bootstrap", "must be in 1..=10000000"));
+        }
         let seed = p.u64("seed")?;
         if seed > i64::MAX as u64 {
             return Err(p.invalid("seed", "must fit in a signed 64-bit integer"));
         }
         let sql = Sql::open(&ctx.lake)?;
-        let rows = correlations(&sql, source, predicate, n_perm, seed)?;
-        let sel_id = blake3::hash(format!("{source}\n{predicate}\n{n_perm}\n{seed}").as_bytes()).to_hex()
-            [..16]
+        let rows = correlations_with(&sql, source, predicate, n_perm, n_boot, seed)?;
+        let sel_id = blake3::hash(format!("{source}\n{predicate}\n{n_perm}\n{n_boot}\n{seed}").as_bytes())
+            .to_hex()[..16]
             .to_string();
         let n = rows.len();
         let cols: Vec<ArrayRef> = vec![
@@ -285,7 +334,11 @@ impl Stage for Correlate {
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.slope))),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.intercept))),
             Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.p_value))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.spearman_rho))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.r2_ci_low))),
+            Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.r2_ci_high))),
             Arc::new(UInt64Array::from(vec![n_perm; n])),
+            Arc::new(UInt64Array::from(vec![n_boot; n])),
             Arc::new(UInt64Array::from(vec![seed; n])),
             Arc::new(StringArray::from_iter(rows.iter().map(|r| r.note.clone()))),
         ];
@@ -298,6 +351,7 @@ impl Stage for Correlate {
                 .param("source", source)
                 .param("where", predicate)
                 .param("permutations", n_perm)
+                .param("bootstrap", n_boot)
                 .param("seed", seed),
         )?;
         Ok(format!(

@@ -8,16 +8,23 @@
 //! metric); ids of the form `LLxDDDD_EEcS@K` are parsed into depth, width,
 //! epochs, weight decay, seed and checkpoint.
 //!
-//! The file is parsed with polars (schema inference, casting); the result
-//! reaches Arrow through our own writer, never by sharing polars' types.
-//! `columns=` maps source columns to metric names (`src:dst,src2:dst2`; a
-//! bare name keeps it); empty means every numeric column but the model and
-//! loss columns.
+//! The file is parsed with polars (schema inference), its numeric columns
+//! cast to f64 and handed to DataFusion as Parquet bytes (never by sharing
+//! polars' types). `columns=` lists the metrics, comma-separated: a bare
+//! source column keeps its name, `src:dst` renames it, and `name=EXPR`
+//! computes a metric from the source columns with an SQL expression that
+//! DataFusion parses as one expression and evaluates (e.g.
+//! `equinorm=norms_log_std/norms_log_mean`, the CoV the paper correlates,
+//! from the means and standard deviations its tables publish). A value that
+//! comes out NaN or infinite (a division by zero) is stored as NULL and
+//! counted in the summary. Empty `columns` means every numeric column but the
+//! model and loss columns.
 
 use std::io::Cursor;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, Int32Array, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int32Array, StringArray, UInt32Array};
+use arrow::datatypes::Float64Type;
 use arrow::record_batch::RecordBatch;
 use polars::prelude::{CsvReadOptions, DataType as PlType, ParquetReader, SerReader};
 
@@ -38,13 +45,185 @@ const PARAMS: &[ParamSpec] = &[
     param(
         "columns",
         "",
-        "metric columns: src[:dst],... (empty: every other numeric column)",
+        "metrics: src, src:dst or name=SQL_EXPR over source columns, comma-separated (empty: every other numeric column)",
     ),
     param("format", "auto", "auto | csv | parquet"),
 ];
 
 fn polars_err(name: &str) -> impl Fn(polars::error::PolarsError) -> Error + '_ {
     move |e| Error::input(name, e.to_string())
+}
+
+/// One metric to import.
+#[derive(Debug, Clone, PartialEq)]
+enum Metric {
+    /// A source column, under a (possibly new) name.
+    Column(String, String),
+    /// `name=EXPR`: an SQL expression over the source columns.
+    Expr(String, String),
+}
+
+impl Metric {
+    fn name(&self) -> &str {
+        match self {
+            Metric::Column(_, to) | Metric::Expr(to, _) => to,
+        }
+    }
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut cs = s.chars();
+    cs.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && cs.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Split `columns=` at the commas that are outside parentheses and quotes
+/// (expressions may call functions of several arguments).
+fn split_top_level(spec: &str) -> Result<Vec<String>, String> {
+    let (mut out, mut cur, mut depth, mut quote) = (Vec::new(), String::new(), 0i32, None::<char>);
+    for c in spec.chars() {
+        match (quote, c) {
+            (Some(q), _) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(') => depth += 1,
+            (None, ')') => depth -= 1,
+            (None, ',') if depth == 0 => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        if depth < 0 {
+            return Err(format!("unbalanced ')' in '{spec}'"));
+        }
+        cur.push(c);
+    }
+    if depth != 0 || quote.is_some() {
+        return Err(format!("unbalanced parentheses or quotes in '{spec}'"));
+    }
+    out.push(cur);
+    Ok(out.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+}
+
+/// Parse `columns=`: `src`, `src:dst` or `name=EXPR`, comma-separated.
+fn parse_columns(spec: &str) -> Result<Vec<Metric>, String> {
+    let mut out = Vec::new();
+    for item in split_top_level(spec)? {
+        let m = match (item.split_once('='), item.split_once(':')) {
+            (Some((name, expr)), _) if is_ident(name.trim()) && !expr.trim().is_empty() => {
+                Metric::Expr(name.trim().to_string(), expr.trim().to_string())
+            }
+            (_, Some((a, b))) if is_ident(a.trim()) && is_ident(b.trim()) => {
+                Metric::Column(a.trim().to_string(), b.trim().to_string())
+            }
+            _ if !item.contains(['=', ':']) => Metric::Column(item.clone(), item.clone()),
+            _ => {
+                return Err(format!(
+                    "'{item}' is not src, src:dst or name=EXPR (name a letter or _ followed by letters, digits, _)"
+                ));
+            }
+        };
+        if out.iter().any(|o: &Metric| o.name() == m.name()) {
+            return Err(format!("metric '{}' is named twice", m.name()));
+        }
+        out.push(m);
+    }
+    Ok(out)
+}
+
+type Evaluated = (
+    Vec<Option<String>>,
+    Vec<Option<f64>>,
+    Vec<(String, Vec<Option<f64>>)>,
+    Vec<(String, usize)>,
+);
+
+/// The model ids, losses and metric values of every row: numeric source
+/// columns become f64, the table goes to DataFusion as Parquet, and each
+/// metric is a column or a parsed expression there. Non-finite values become
+/// NULL and are counted per metric.
+fn evaluate(
+    df: &polars::prelude::DataFrame,
+    source: &str,
+    model_col: &str,
+    loss_col: &str,
+    mapping: &[Metric],
+    ctx: &Ctx,
+) -> Result<Evaluated> {
+    use datafusion::prelude::{Expr, ParquetReadOptions, SessionContext, cast, col};
+    use polars::prelude::ParquetWriter;
+    let mut casted = df.clone();
+    for name in df.get_column_names() {
+        let c = df.column(name).map_err(polars_err(source))?;
+        if c.dtype().is_primitive_numeric() {
+            let f = c.cast(&PlType::Float64).map_err(polars_err(source))?;
+            casted.with_column(f).map_err(polars_err(source))?;
+        } else if name.as_str() == model_col {
+            let f = c.cast(&PlType::String).map_err(polars_err(source))?;
+            casted.with_column(f).map_err(polars_err(source))?;
+        }
+    }
+    let staged = tempfile::Builder::new()
+        .suffix(".parquet")
+        .tempfile()
+        .ctx("staging the imported table")?;
+    ParquetWriter::new(staged.reopen().ctx("staging the imported table")?)
+        .finish(&mut casted)
+        .map_err(polars_err(source))?;
+    let session = SessionContext::new();
+    let lake = &ctx.lake;
+    let path = staged.path().to_string_lossy().to_string();
+    let table = lake
+        .block_on(session.read_parquet(path, ParquetReadOptions::default()))
+        .ctx("reading the imported table")?;
+    let mut exprs: Vec<Expr> = vec![
+        cast(col(format!("\"{model_col}\"")), arrow::datatypes::DataType::Utf8).alias("__model"),
+        cast(col(format!("\"{loss_col}\"")), arrow::datatypes::DataType::Float64).alias("__loss"),
+    ];
+    for m in mapping {
+        let e = match m {
+            Metric::Column(from, _) => col(format!("\"{from}\"")),
+            Metric::Expr(name, text) => session.parse_sql_expr(text, table.schema()).map_err(|e| {
+                Error::input(
+                    source,
+                    format!("{name}={text} is not an SQL expression over its columns: {}", e.strip_backtrace()),
+                )
+            })?,
+        };
+        exprs.push(cast(e, arrow::datatypes::DataType::Float64).alias(format!("m{}", exprs.len())));
+    }
+    let batches = lake
+        .block_on(async { table.select(exprs)?.collect().await })
+        .map_err(|e| Error::input(source, format!("evaluating columns=: {}", e.strip_backtrace())))?;
+    let mut models = Vec::new();
+    let mut loss = Vec::new();
+    let mut values: Vec<Vec<Option<f64>>> = vec![Vec::new(); mapping.len()];
+    let mut dropped = vec![0usize; mapping.len()];
+    for b in &batches {
+        let ids = b.column(0).as_string::<i32>();
+        models.extend((0..b.num_rows()).map(|i| ids.is_valid(i).then(|| ids.value(i).to_string())));
+        let l = b.column(1).as_primitive::<Float64Type>();
+        loss.extend((0..b.num_rows()).map(|i| l.is_valid(i).then(|| l.value(i))));
+        for (k, v) in values.iter_mut().enumerate() {
+            let a = b.column(2 + k).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                let x = a.is_valid(i).then(|| a.value(i));
+                if x.is_some_and(|x| !x.is_finite()) {
+                    dropped[k] += 1;
+                    v.push(None);
+                } else {
+                    v.push(x);
+                }
+            }
+        }
+    }
+    Ok((
+        models,
+        loss,
+        mapping.iter().map(|m| m.name().to_string()).zip(values).collect(),
+        mapping.iter().map(|m| m.name().to_string()).zip(dropped).collect(),
+    ))
 }
 
 impl Stage for Import {
@@ -109,16 +288,8 @@ impl Stage for Import {
         let loss_col = p.nonempty("loss_column")?;
         need(model_col)?;
         need(loss_col)?;
-        let mapping: Vec<(String, String)> = match p.opt("columns") {
-            Some(spec) => spec
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| match s.split_once(':') {
-                    Some((a, b)) => (a.trim().to_string(), b.trim().to_string()),
-                    None => (s.to_string(), s.to_string()),
-                })
-                .collect(),
+        let mapping: Vec<Metric> = match p.opt("columns") {
+            Some(spec) => parse_columns(spec).map_err(|e| p.invalid("columns", e))?,
             None => names
                 .iter()
                 .filter(|n| *n != model_col && *n != loss_col)
@@ -127,7 +298,7 @@ impl Stage for Import {
                         .map(|c| c.dtype().is_primitive_numeric())
                         .unwrap_or(false)
                 })
-                .map(|n| (n.clone(), n.clone()))
+                .map(|n| Metric::Column(n.clone(), n.clone()))
                 .collect(),
         };
         if mapping.is_empty() {
@@ -136,34 +307,16 @@ impl Stage for Import {
                 "no metric columns to import (give columns=)",
             ));
         }
-        for (from, _) in &mapping {
-            need(from)?;
+        for m in &mapping {
+            if let Metric::Column(from, _) = m {
+                need(from)?;
+            }
         }
-        let models_c = df
-            .column(model_col)
-            .and_then(|c| c.cast(&PlType::String))
-            .map_err(polars_err(&src.name))?;
-        let models: Vec<Option<String>> = models_c
-            .str()
-            .map_err(polars_err(&src.name))?
-            .iter()
-            .map(|s| s.map(str::to_string))
-            .collect();
-        let float = |col: &str| -> Result<Vec<Option<f64>>> {
-            let c = df
-                .column(col)
-                .and_then(|c| c.cast(&PlType::Float64))
-                .map_err(|e| Error::input(&src.name, format!("column '{col}' is not numeric: {e}")))?;
-            Ok(c.f64().map_err(polars_err(&src.name))?.iter().collect())
-        };
-        let loss = float(loss_col)?;
+        let (models, loss, metric_values, dropped) =
+            evaluate(&df, &src.name, model_col, loss_col, &mapping, ctx)?;
         let mut model_out = Vec::new();
         let mut grid: Vec<Option<naming::GridId>> = Vec::new();
         let (mut losses, mut metric, mut value) = (Vec::new(), Vec::new(), Vec::new());
-        let metric_values: Vec<(String, Vec<Option<f64>>)> = mapping
-            .iter()
-            .map(|(from, to)| Ok((to.clone(), float(from)?)))
-            .collect::<Result<_>>()?;
         for (row, m) in models.iter().enumerate() {
             let m = m
                 .as_ref()
@@ -208,8 +361,18 @@ impl Stage for Import {
                 .extra("input", src.name.as_str())
                 .param("columns", p.str("columns")),
         )?;
+        let notes: Vec<String> = dropped
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(m, n)| format!("{m}: {n} value(s) not finite (a division by zero?) stored as NULL"))
+            .collect();
+        let note = if notes.is_empty() {
+            String::new()
+        } else {
+            format!("\nnote: {}", notes.join("; "))
+        };
         Ok(format!(
-            "imported_metrics/source={name}: {} models x {} metrics = {rows} rows; correlate with source=imported:{name}",
+            "imported_metrics/source={name}: {} models x {} metrics = {rows} rows; correlate with source=imported:{name}{note}",
             models.len(),
             mapping.len()
         ))
