@@ -19,6 +19,7 @@
 //! [decide]
 //! [analyze]
 //! [correlate]
+//! [report]
 //! ```
 //!
 //! `train grid=FILE` uses `[train]` and `[grid]`; `stage=all experiment=FILE`
@@ -50,6 +51,8 @@ pub struct Experiment {
     pub analyze: Section,
     #[serde(default)]
     pub correlate: Section,
+    #[serde(default)]
+    pub report: Section,
 }
 
 #[derive(Debug, Deserialize)]

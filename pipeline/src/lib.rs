@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chunks;
 pub mod error;
 pub mod experiment;
+pub mod figures;
 pub mod integrity;
 pub mod lake;
 pub mod model;

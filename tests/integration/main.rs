@@ -9,4 +9,5 @@ mod data;
 mod faults;
 mod foundation;
 mod model;
+mod report;
 mod s3;

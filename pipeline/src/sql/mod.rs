@@ -18,6 +18,7 @@
 //! limit. Results can be consumed as a stream ([`Sql::query_each`]), so a
 //! large result never has to be held whole.
 
+pub mod selection;
 pub mod udaf;
 
 use std::sync::Arc;
@@ -57,6 +58,14 @@ pub const SQL_FILES: &[(&str, &str)] = &[
         "correlate_counts",
         include_str!("../../../sql/correlate_counts.sql"),
     ),
+    ("report_points", include_str!("../../../sql/report_points.sql")),
+    ("report_layers", include_str!("../../../sql/report_layers.sql")),
+    ("report_training", include_str!("../../../sql/report_training.sql")),
+    (
+        "report_correlations",
+        include_str!("../../../sql/report_correlations.sql"),
+    ),
+    ("report_tokens", include_str!("../../../sql/report_tokens.sql")),
 ];
 
 /// The text of a named SQL file.

@@ -2,12 +2,13 @@
 //! experiment file (see [`crate::experiment`]).
 //!
 //! ingest -> tokenize -> pack -> vocab -> train (every model of the grid)
-//! -> per model: eval -> collect -> decide -> analyze -> correlate.
+//! -> per model: eval -> collect -> decide -> analyze -> correlate -> report.
 //!
 //! Every step goes through the stage registry exactly as on the command
 //! line, and every stage skips work that is up to date, so re-running after
 //! an interruption (or after adding models to the grid) only does what is
-//! missing. Prints the correlation table and where the lake is.
+//! missing. Prints the correlation table, where the report is, and where
+//! the lake is.
 
 use std::collections::BTreeMap;
 
@@ -131,8 +132,16 @@ impl Stage for All {
         }
         // The correlation table is this stage's own result: printed once, by the caller.
         let table = stages::run(ctx, "correlate", &pairs(&exp.correlate))?;
+        // The report shows the same correlate run: same selection and settings.
+        let mut report = pairs(&exp.report);
+        for k in ["where", "permutations", "bootstrap", "seed"] {
+            if let Some(v) = exp.correlate.get(k) {
+                report.entry(k.to_string()).or_insert_with(|| crate::experiment::value_string(v));
+            }
+        }
+        let written = step("report", report)?;
         Ok(format!(
-            "{table}\nlake: {} (query it with `pipeline sql`)",
+            "{table}\n{written}\nlake: {} (query it with `pipeline sql`)",
             ctx.lake.url()
         ))
     }

@@ -88,40 +88,6 @@ fn str_at(b: &RecordBatch, col: &str, i: usize) -> String {
 /// Name of the session view holding the selected rows.
 const SELECTION: &str = "correlate_selection";
 
-/// Register the rows of `source` that `predicate` selects as [`SELECTION`].
-/// The predicate must parse as one SQL expression over the view's columns.
-fn select(sql: &Sql, view: &str, imported: Option<&str>, predicate: &str) -> Result<()> {
-    use datafusion::prelude::{col, lit};
-    let df = sql
-        .lake()
-        .block_on(sql.ctx.table(view))
-        .ctx(format!("reading {view}"))?;
-    let expr = sql
-        .ctx
-        .parse_sql_expr(predicate, df.schema())
-        .map_err(|e| {
-            Error::invalid(format!(
-                "where=`{predicate}` is not one SQL predicate over the columns of {view} ({})",
-                e.strip_backtrace()
-            ))
-        })?;
-    let mut df = df;
-    if let Some(name) = imported {
-        df = df.filter(col("source").eq(lit(name))).ctx("selecting the source")?;
-    }
-    let df = df.filter(expr).map_err(|e| {
-        Error::invalid(format!(
-            "where=`{predicate}` cannot select rows of {view}: {}",
-            e.strip_backtrace()
-        ))
-    })?;
-    let _ = sql.ctx.deregister_table(SELECTION);
-    sql.ctx
-        .register_table(SELECTION, df.into_view())
-        .ctx("registering the selection")?;
-    Ok(())
-}
-
 /// Run the analysis (no writing): the rows of the correlations table.
 pub fn correlations(
     sql: &Sql,
@@ -154,7 +120,8 @@ pub fn correlations_with(
             )));
         }
     };
-    select(sql, view, imported, predicate)?;
+    let equal: Vec<(&str, &str)> = imported.map(|n| ("source", n)).into_iter().collect();
+    crate::sql::selection::register(sql, SELECTION, view, &equal, predicate)?;
     let vars = [("source", SELECTION)];
     let counts = sql.run_named("correlate_counts", &vars)?;
     let mut count_by: HashMap<String, (i64, i64, i64, i64)> = HashMap::new();
@@ -319,9 +286,7 @@ impl Stage for Correlate {
         }
         let sql = Sql::open(&ctx.lake)?;
         let rows = correlations_with(&sql, source, predicate, n_perm, n_boot, seed)?;
-        let sel_id = blake3::hash(format!("{source}\n{predicate}\n{n_perm}\n{n_boot}\n{seed}").as_bytes())
-            .to_hex()[..16]
-            .to_string();
+        let sel_id = crate::sql::selection::correlations_id(source, predicate, n_perm, n_boot, seed);
         let n = rows.len();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(vec![source; n])),

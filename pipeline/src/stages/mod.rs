@@ -22,6 +22,7 @@ pub mod import;
 pub mod ingest;
 pub mod merge;
 pub mod pack;
+pub mod report;
 pub mod tokenize;
 pub mod train;
 pub mod vocab;
@@ -68,6 +69,7 @@ pub fn all() -> &'static [&'static dyn Stage] {
         &decide::Decide,
         &analyze::Analyze,
         &correlate::Correlate,
+        &report::Report,
         &import::Import,
         &all::All,
     ]

@@ -1,0 +1,735 @@
+//! `report`: the figures and tables a researcher reads, for a selection of
+//! models, as one offline HTML page, a Markdown file, every figure as SVG and
+//! PNG, and the data behind every figure as CSV beside it.
+//!
+//! Reads: the `model_metrics` view (over pair_tiles, class_metrics,
+//! decisions, models), `correlations` of the selection (computed through the
+//! correlate stage when missing), `train_log`, `class_metrics` and
+//! `pair_extremes` (token tables). Writes: `out=` (a directory or `s3://`
+//! prefix), by default the lake's `reports/selection=ID/`:
+//!
+//! - `metric_vs_loss` (the paper's Figure 1): each property against
+//!   validation loss, colour = width, marker = depth, with the least-squares
+//!   line and R^2, p and n from the correlations table;
+//! - `correlations`: the correlation table (also in the page);
+//! - `scale_trends`: each property against parameter count (log axis), one
+//!   line per depth x epochs x weight decay (means over seeds);
+//! - `through_depth`: each property against layer index, one line per model,
+//!   where several layers were analysed;
+//! - `training_curves`: training loss against step, per model;
+//! - `tokens`: per model, the classes at both ends of the centred-mean norm,
+//!   the self-duality and the within-class variance, and the most and least
+//!   interfering pairs, with their token text.
+//!
+//! All data comes from named SQL (`sql/report_*.sql`) over the selection, so
+//! each CSV holds exactly what `pipeline sql` returns for it. A panel that
+//! cannot be drawn (one model, a metric that is NULL, no decisions) says why,
+//! on the figure and in the page.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float64Type};
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+
+use crate::error::{Context, Error, Result};
+use crate::figures::{Marker, Panel, Series, grid_svg, svg_to_png};
+use crate::lake::Lake;
+use crate::params::{ParamSpec, Params, param};
+use crate::sql::Sql;
+use crate::sql::selection;
+use crate::stages::{Ctx, Stage};
+
+pub struct Report;
+
+const PARAMS: &[ParamSpec] = &[
+    param(
+        "where",
+        "final_layer",
+        "SQL predicate over model_metrics selecting the models (as in correlate)",
+    ),
+    param(
+        "out",
+        "",
+        "directory or s3:// prefix to write to (default: the lake's reports/selection=ID/)",
+    ),
+    param("permutations", "10000", "permutations of the correlate run the report shows"),
+    param("bootstrap", "1000", "bootstrap resamples of that run"),
+    param("seed", "0", "seed of that run"),
+    param("top", "10", "rows of each token table"),
+];
+
+/// The properties plotted, in the paper's order, with short descriptions.
+pub const METRICS: [(&str, &str); 8] = [
+    ("nc1_cdnv", "NC1 within-class variability (CDNV)"),
+    ("nc2_equinorm_cov", "NC2 equinormness (CoV of log norms)"),
+    ("nc2_equiangular_cov", "NC2 equiangularity (CoV of interference)"),
+    ("nc2_etf_error", "NC2 simplex-ETF error"),
+    ("gnc2_uniformity_cov", "GNC2 hyperspherical uniformity (CoV)"),
+    ("nc3_duality_mean", "NC3 self-duality (mean cos)"),
+    ("unc3_duality_cov", "UNC3 uniform duality (CoV)"),
+    ("nc4_agreement", "NC4 classifier agreement"),
+];
+
+/// Why a metric can be missing for every model.
+fn missing_hint(metric: &str) -> &'static str {
+    match metric {
+        "nc4_agreement" => "NC4 needs decisions: run decide for these models",
+        "nc3_duality_mean" | "unc3_duality_cov" => "NC3 needs the models' weights at analyze time",
+        _ => "run analyze for these models",
+    }
+}
+
+/// Rows of a query result as strings / numbers by column name.
+struct Table {
+    batches: Vec<RecordBatch>,
+}
+
+impl Table {
+    fn rows(&self) -> usize {
+        self.batches.iter().map(|b| b.num_rows()).sum()
+    }
+
+    fn locate(&self, mut row: usize) -> (&RecordBatch, usize) {
+        for b in &self.batches {
+            if row < b.num_rows() {
+                return (b, row);
+            }
+            row -= b.num_rows();
+        }
+        panic!("row out of range")
+    }
+
+    fn f64(&self, col: &str, row: usize) -> Option<f64> {
+        let (b, i) = self.locate(row);
+        let c = b.column_by_name(col)?;
+        let c = arrow::compute::cast(c, &DataType::Float64).ok()?;
+        let c = c.as_primitive::<Float64Type>();
+        (c.is_valid(i) && c.value(i).is_finite()).then(|| c.value(i))
+    }
+
+    fn str(&self, col: &str, row: usize) -> String {
+        let (b, i) = self.locate(row);
+        let Some(c) = b.column_by_name(col) else {
+            return String::new();
+        };
+        let Ok(c) = arrow::compute::cast(c, &DataType::Utf8) else {
+            return String::new();
+        };
+        let c = c.as_string::<i32>();
+        if c.is_valid(i) { c.value(i).to_string() } else { String::new() }
+    }
+
+    /// The whole result as CSV.
+    fn csv(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            for b in &self.batches {
+                w.write(b).ctx("writing CSV")?;
+            }
+        }
+        if self.batches.is_empty() {
+            out.extend_from_slice(b"\n");
+        }
+        Ok(out)
+    }
+}
+
+fn fmt(x: Option<f64>, prec: usize) -> String {
+    x.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "–".into())
+}
+
+/// A number in a table cell.
+fn cell(x: Option<f64>) -> String {
+    match x {
+        None => "–".into(),
+        Some(v) if v != 0.0 && !(1e-3..1e5).contains(&v.abs()) => format!("{v:.3e}"),
+        Some(v) => format!("{v:.4}"),
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn md_escape(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', "\\n")
+}
+
+/// Token text shown in tables (visible whitespace).
+fn show_token(t: &str) -> String {
+    format!("«{}»", t.replace('\n', "\\n").replace('\t', "\\t"))
+}
+
+/// A finished figure: its name and what the page says under it.
+struct Figure {
+    name: String,
+    title: String,
+    notes: Vec<String>,
+}
+
+/// Where and how the report's files are written.
+struct Output {
+    store: Lake,
+    prefix: String,
+    files: Vec<String>,
+}
+
+impl Output {
+    fn put(&mut self, name: &str, bytes: Vec<u8>) -> Result<()> {
+        let key = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}/{name}", self.prefix)
+        };
+        self.store.put(&key, Bytes::from(bytes))?;
+        self.files.push(name.to_string());
+        Ok(())
+    }
+
+    fn figure(&mut self, name: &str, svg: String, data: &[u8]) -> Result<()> {
+        let png = svg_to_png(&svg)?;
+        self.put(&format!("{name}.svg"), svg.into_bytes())?;
+        self.put(&format!("{name}.png"), png)?;
+        self.put(&format!("{name}.csv"), data.to_vec())?;
+        Ok(())
+    }
+
+    fn location(&self) -> String {
+        self.store.display(&self.prefix)
+    }
+}
+
+impl Stage for Report {
+    fn name(&self) -> &'static str {
+        "report"
+    }
+    fn about(&self) -> &'static str {
+        "figures and tables of a selection of models: offline HTML, Markdown, SVG, PNG and the CSV behind each figure"
+    }
+    fn reads(&self) -> &'static str {
+        "model_metrics, correlations, train_log, class_metrics, pair_extremes"
+    }
+    fn writes(&self) -> &'static str {
+        "reports/selection=ID/ (or out=): index.html, report.md, *.svg, *.png, *.csv"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        let predicate = p.nonempty("where")?;
+        let n_perm = p.u64("permutations")?;
+        let n_boot = p.u64("bootstrap")?;
+        let seed = p.u64("seed")?;
+        let top = p.usize_in("top", 1, 1000)?;
+        let sel_id = selection::correlations_id("model_metrics", predicate, n_perm, n_boot, seed);
+
+        let sql = Sql::open(&ctx.lake)?;
+        selection::register(&sql, "report_selection", "model_metrics", &[], predicate)?;
+        let vars = [("selection", "report_selection")];
+        let points = Table {
+            batches: sql.run_named("report_points", &vars)?,
+        };
+        if points.rows() == 0 {
+            return Err(Error::invalid(format!(
+                "the selection `{predicate}` matches no rows of model_metrics; check `pipeline sql \"SELECT model, split, layer, final_layer FROM model_metrics\"`"
+            )));
+        }
+        // The correlations of this selection, computed by correlate if missing.
+        let corr_artifact = crate::artifact::Artifact::new("correlations", &[("selection_id", &sel_id)])?;
+        let mut corr_note = None;
+        if ctx.lake.manifest(&corr_artifact)?.is_none() {
+            let mut pairs = BTreeMap::new();
+            pairs.insert("where".to_string(), predicate.to_string());
+            pairs.insert("permutations".to_string(), n_perm.to_string());
+            pairs.insert("bootstrap".to_string(), n_boot.to_string());
+            pairs.insert("seed".to_string(), seed.to_string());
+            if let Err(e) = crate::stages::run(ctx, "correlate", &pairs) {
+                corr_note = Some(format!("no correlations: {e}"));
+            }
+        }
+        let corr = Table {
+            batches: sql.run_named("report_correlations", &[("selection_id", &sel_id)])?,
+        };
+        let layers = Table {
+            batches: sql.run_named("report_layers", &vars)?,
+        };
+        let training = Table {
+            batches: sql.run_named("report_training", &vars)?,
+        };
+        let top_s = top.to_string();
+        let tokens = Table {
+            batches: sql.run_named(
+                "report_tokens",
+                &[("selection", "report_selection"), ("top", top_s.as_str())],
+            )?,
+        };
+
+        let (store, prefix) = match p.opt("out") {
+            Some(o) => (ctx.lake.open_sibling(o)?, String::new()),
+            None => (ctx.lake.clone(), format!("reports/selection={sel_id}")),
+        };
+        let mut out = Output {
+            store,
+            prefix,
+            files: Vec::new(),
+        };
+        let mut figures = Vec::new();
+        figures.push(metric_vs_loss(&points, &corr, &mut out)?);
+        out.put("correlations.csv", corr.csv()?)?;
+        figures.push(scale_trends(&points, &mut out)?);
+        figures.push(through_depth(&layers, &mut out)?);
+        figures.push(training_curves(&training, &mut out)?);
+        out.put("tokens.csv", tokens.csv()?)?;
+
+        let models: BTreeSet<String> = (0..points.rows()).map(|i| points.str("model", i)).collect();
+        let page = Page {
+            predicate,
+            lake: ctx.lake.url(),
+            models: &models,
+            corr: &corr,
+            corr_note: corr_note.as_deref(),
+            figures: &figures,
+            tokens: &tokens,
+        };
+        out.put("report.md", page.markdown().into_bytes())?;
+        out.put("index.html", page.html().into_bytes())?;
+        Ok(format!(
+            "report of {} model(s) selected by `{predicate}`: {} files -> {}/index.html",
+            models.len(),
+            out.files.len(),
+            out.location().trim_end_matches('/')
+        ))
+    }
+}
+
+/// Figure 1: each property against validation loss.
+fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figure> {
+    let widths: Vec<String> = distinct(points, "width");
+    let depths: Vec<String> = distinct(points, "depth");
+    let mut csv = String::from("model,width,depth,metric,value,val_loss\n");
+    let mut panels = Vec::new();
+    let mut notes = Vec::new();
+    for (metric, about) in METRICS {
+        let mut groups: BTreeMap<(usize, usize), Vec<(f64, f64)>> = BTreeMap::new();
+        let mut missing = 0;
+        for i in 0..points.rows() {
+            let (x, y) = (points.f64(metric, i), points.f64("val_loss", i));
+            let (w, d) = (points.str("width", i), points.str("depth", i));
+            let _ = writeln!(
+                csv,
+                "{},{w},{d},{metric},{},{}",
+                points.str("model", i),
+                x.map(|v| v.to_string()).unwrap_or_default(),
+                y.map(|v| v.to_string()).unwrap_or_default()
+            );
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    let wi = widths.iter().position(|v| *v == w).unwrap_or(0);
+                    let di = depths.iter().position(|v| *v == d).unwrap_or(0);
+                    groups.entry((wi, di)).or_default().push((x, y));
+                }
+                _ => missing += 1,
+            }
+        }
+        let row = (0..corr.rows()).find(|&i| corr.str("metric", i) == metric);
+        let stat = |c: &str| row.and_then(|r| corr.f64(c, r));
+        let n = row.map(|r| corr.str("n_models", r)).unwrap_or_else(|| "0".into());
+        let title = format!(
+            "{metric}  R² = {}, p = {}, n = {n}",
+            fmt(stat("r2"), 3),
+            fmt(stat("p_value"), 4)
+        );
+        let mut note = Vec::new();
+        if groups.is_empty() {
+            note.push(format!("no model in the selection has {metric} and val_loss ({})", missing_hint(metric)));
+        } else if missing > 0 {
+            note.push(format!("{missing} model(s) without a value left out"));
+        }
+        if let Some(r) = row {
+            let cn = corr.str("note", r);
+            if !cn.is_empty() {
+                note.push(cn);
+            }
+        }
+        if !note.is_empty() {
+            notes.push(format!("{metric}: {}", note.join("; ")));
+        }
+        let series = groups
+            .into_iter()
+            .map(|((wi, di), pts)| Series {
+                label: format!("d={} L={}", widths[wi], depths[di]),
+                colour: wi,
+                marker: Marker::nth(di),
+                points: pts,
+                line: false,
+            })
+            .collect();
+        panels.push(Panel {
+            title,
+            x_label: about.to_string(),
+            y_label: "validation loss".into(),
+            series,
+            fit: match (stat("slope"), stat("intercept")) {
+                (Some(s), Some(b)) => Some((s, b)),
+                _ => None,
+            },
+            note: (!note.is_empty()).then(|| note.join("; ")),
+            ..Default::default()
+        });
+    }
+    let title = "Neural-collapse properties against validation loss (colour: width d, marker: depth L)";
+    out.figure("metric_vs_loss", grid_svg(title, &panels, 4, 380, 300)?, csv.as_bytes())?;
+    Ok(Figure {
+        name: "metric_vs_loss".into(),
+        title: title.into(),
+        notes,
+    })
+}
+
+fn distinct(t: &Table, col: &str) -> Vec<String> {
+    let mut v: Vec<String> = (0..t.rows()).map(|i| t.str(col, i)).collect::<BTreeSet<_>>().into_iter().collect();
+    v.sort_by_key(|s| s.parse::<f64>().unwrap_or(f64::MAX) as i64);
+    v
+}
+
+/// Each property against parameter count, one line per recipe family.
+fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
+    let mut csv = String::from("family,n_params,metric,mean,n_models\n");
+    let mut panels = Vec::new();
+    let mut notes = Vec::new();
+    let family = |i: usize| {
+        format!(
+            "L={} E={} wd={}",
+            points.str("depth", i),
+            points.str("epochs", i),
+            points.str("weight_decay", i)
+        )
+    };
+    let families: Vec<String> = (0..points.rows()).map(family).collect::<BTreeSet<_>>().into_iter().collect();
+    for (metric, about) in METRICS {
+        // family -> n_params -> (sum, n)
+        let mut acc: BTreeMap<String, BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
+        for i in 0..points.rows() {
+            if let (Some(x), Some(v)) = (points.f64("n_params", i), points.f64(metric, i)) {
+                let e = acc.entry(family(i)).or_default().entry(x as u64).or_default();
+                e.0 += v;
+                e.1 += 1;
+            }
+        }
+        let mut series = Vec::new();
+        for (f, by) in &acc {
+            let fi = families.iter().position(|x| x == f).unwrap_or(0);
+            let pts: Vec<(f64, f64)> = by.iter().map(|(x, (s, n))| (*x as f64, s / *n as f64)).collect();
+            for (x, (s, n)) in by {
+                let _ = writeln!(csv, "{f},{x},{metric},{},{n}", s / *n as f64);
+            }
+            series.push(Series {
+                label: f.clone(),
+                colour: fi,
+                marker: Marker::nth(fi),
+                points: pts,
+                line: true,
+            });
+        }
+        let sizes: BTreeSet<u64> = acc.values().flat_map(|m| m.keys().copied()).collect();
+        let note = if acc.is_empty() {
+            Some(format!("no model has {metric} and a parameter count ({})", missing_hint(metric)))
+        } else if sizes.len() < 2 {
+            Some("every selected model has the same size: no trend to show".to_string())
+        } else {
+            None
+        };
+        if let Some(n) = &note {
+            notes.push(format!("{metric}: {n}"));
+        }
+        panels.push(Panel {
+            title: metric.to_string(),
+            x_label: "parameters (log)".into(),
+            y_label: about.to_string(),
+            log_x: true,
+            series,
+            note,
+            ..Default::default()
+        });
+    }
+    let title = "Scale trends: each property against parameter count (mean over seeds)";
+    out.figure("scale_trends", grid_svg(title, &panels, 4, 380, 300)?, csv.as_bytes())?;
+    Ok(Figure {
+        name: "scale_trends".into(),
+        title: title.into(),
+        notes,
+    })
+}
+
+/// Each property against layer index, one line per model.
+fn through_depth(layers: &Table, out: &mut Output) -> Result<Figure> {
+    let mut per_model: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..layers.rows() {
+        *per_model.entry(layers.str("model", i)).or_default() += 1;
+    }
+    let layered: Vec<String> = per_model.iter().filter(|(_, n)| **n > 1).map(|(m, _)| m.clone()).collect();
+    let mut csv = String::from("model,layer,metric,value\n");
+    let mut panels = Vec::new();
+    let mut notes = Vec::new();
+    if layered.is_empty() {
+        notes.push(
+            "only one layer per model was analysed: run collect layers=all and analyze layers=all to see collapse through depth"
+                .to_string(),
+        );
+    }
+    for (metric, about) in METRICS {
+        let mut series = Vec::new();
+        for (mi, m) in layered.iter().enumerate() {
+            let mut pts = Vec::new();
+            for i in (0..layers.rows()).filter(|&i| &layers.str("model", i) == m) {
+                if let (Some(l), Some(v)) = (layers.f64("layer", i), layers.f64(metric, i)) {
+                    pts.push((l, v));
+                    let _ = writeln!(csv, "{m},{l},{metric},{v}");
+                }
+            }
+            series.push(Series {
+                label: m.clone(),
+                colour: mi,
+                marker: Marker::nth(mi),
+                points: pts,
+                line: true,
+            });
+        }
+        let note = if layered.is_empty() {
+            Some("one layer per model: run collect and analyze with layers=all".to_string())
+        } else if series.iter().all(|s| s.points.is_empty()) {
+            Some(format!("no layer has {metric} ({})", missing_hint(metric)))
+        } else {
+            None
+        };
+        panels.push(Panel {
+            title: metric.to_string(),
+            x_label: "layer (0 = embeddings)".into(),
+            y_label: about.to_string(),
+            series,
+            note,
+            ..Default::default()
+        });
+    }
+    let title = "Through depth: each property against layer index (NC3/NC4 use the output layer's classifier)";
+    out.figure("through_depth", grid_svg(title, &panels, 4, 380, 300)?, csv.as_bytes())?;
+    Ok(Figure {
+        name: "through_depth".into(),
+        title: title.into(),
+        notes,
+    })
+}
+
+/// Training loss against step, per model.
+fn training_curves(training: &Table, out: &mut Output) -> Result<Figure> {
+    let mut by: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut csv = String::from("model,step,loss\n");
+    for i in 0..training.rows() {
+        if let (Some(s), Some(l)) = (training.f64("step", i), training.f64("loss", i)) {
+            let m = training.str("model", i);
+            let _ = writeln!(csv, "{m},{s},{l}");
+            by.entry(m).or_default().push((s, l));
+        }
+    }
+    let mut notes = Vec::new();
+    let note = by.is_empty().then(|| {
+        "no training log for the selected models (models loaded from elsewhere were not trained here)".to_string()
+    });
+    if let Some(n) = &note {
+        notes.push(n.clone());
+    }
+    let series = by
+        .into_iter()
+        .enumerate()
+        .map(|(i, (m, pts))| Series {
+            label: m,
+            colour: i,
+            marker: Marker::nth(i),
+            points: pts,
+            line: true,
+        })
+        .collect();
+    let panel = Panel {
+        title: "training loss".into(),
+        x_label: "step".into(),
+        y_label: "cross-entropy (train batches)".into(),
+        series,
+        note,
+        ..Default::default()
+    };
+    let title = "Training curves";
+    out.figure("training_curves", grid_svg(title, &[panel], 1, 720, 380)?, csv.as_bytes())?;
+    Ok(Figure {
+        name: "training_curves".into(),
+        title: title.into(),
+        notes,
+    })
+}
+
+/// The page, as HTML and as Markdown.
+struct Page<'a> {
+    predicate: &'a str,
+    lake: &'a str,
+    models: &'a BTreeSet<String>,
+    corr: &'a Table,
+    corr_note: Option<&'a str>,
+    figures: &'a [Figure],
+    tokens: &'a Table,
+}
+
+const CORR_COLUMNS: [(&str, &str); 7] = [
+    ("n_models", "n"),
+    ("r2", "R²"),
+    ("r2_ci_low", "R² 2.5%"),
+    ("r2_ci_high", "R² 97.5%"),
+    ("p_value", "p"),
+    ("spearman_rho", "Spearman ρ"),
+    ("note", "note"),
+];
+
+impl Page<'_> {
+    fn corr_value(&self, col: &str, i: usize) -> String {
+        match col {
+            "note" | "n_models" => self.corr.str(col, i),
+            _ => cell(self.corr.f64(col, i)),
+        }
+    }
+
+    /// Token tables grouped by (model, layer, list).
+    fn token_lists(&self) -> BTreeMap<(String, String), BTreeMap<String, Vec<(String, String)>>> {
+        let mut out: BTreeMap<(String, String), BTreeMap<String, Vec<(String, String)>>> = BTreeMap::new();
+        let t = self.tokens;
+        for i in 0..t.rows() {
+            let text = match t.str("token_b", i) {
+                b if b.is_empty() => show_token(&t.str("token", i)),
+                b => format!("{} · {}", show_token(&t.str("token", i)), show_token(&b)),
+            };
+            out.entry((t.str("model", i), t.str("layer", i)))
+                .or_default()
+                .entry(t.str("list", i))
+                .or_default()
+                .push((text, cell(t.f64("value", i))));
+        }
+        out
+    }
+
+    fn html(&self) -> String {
+        let mut h = String::new();
+        let _ = write!(
+            h,
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Neural collapse report</title>\n<style>\
+             body{{font-family:sans-serif;max-width:1560px;margin:2em auto;padding:0 1em;color:#222}}\
+             table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}\
+             th{{background:#f3f3f3}}td.l{{text-align:left}}img{{max-width:100%;border:1px solid #eee}}\
+             .note{{color:#963;}}.tok{{display:inline-block;vertical-align:top;margin-right:1.5em}}\
+             </style></head><body>\n<h1>Neural collapse report</h1>\n<p>{} model(s) selected by <code>{}</code> from <code>{}</code>.</p>\n",
+            self.models.len(),
+            html_escape(self.predicate),
+            html_escape(self.lake)
+        );
+        h.push_str("<h2>Correlation with validation loss</h2>\n");
+        if let Some(n) = self.corr_note {
+            let _ = writeln!(h, "<p class=\"note\">{}</p>", html_escape(n));
+        }
+        h.push_str("<table><tr><th>metric</th>");
+        for (_, label) in CORR_COLUMNS {
+            let _ = write!(h, "<th>{label}</th>");
+        }
+        h.push_str("</tr>\n");
+        for i in 0..self.corr.rows() {
+            let _ = write!(h, "<tr><td class=\"l\">{}</td>", html_escape(&self.corr.str("metric", i)));
+            for (col, _) in CORR_COLUMNS {
+                let class = if col == "note" { " class=\"l\"" } else { "" };
+                let _ = write!(h, "<td{class}>{}</td>", html_escape(&self.corr_value(col, i)));
+            }
+            h.push_str("</tr>\n");
+        }
+        h.push_str("</table>\n<p><a href=\"correlations.csv\">correlations.csv</a></p>\n");
+        for f in self.figures {
+            let _ = writeln!(
+                h,
+                "<h2>{}</h2>\n<p><img src=\"{n}.svg\" alt=\"{}\"></p>\n<p><a href=\"{n}.png\">PNG</a> · <a href=\"{n}.svg\">SVG</a> · <a href=\"{n}.csv\">data (CSV)</a></p>",
+                html_escape(&f.title),
+                html_escape(&f.title),
+                n = f.name
+            );
+            for note in &f.notes {
+                let _ = writeln!(h, "<p class=\"note\">{}</p>", html_escape(note));
+            }
+        }
+        h.push_str("<h2>Token tables</h2>\n<p><a href=\"tokens.csv\">tokens.csv</a></p>\n");
+        let lists = self.token_lists();
+        if lists.is_empty() {
+            h.push_str("<p class=\"note\">no per-class metrics for the selected models (run analyze)</p>\n");
+        }
+        for ((model, layer), by_list) in lists {
+            let _ = writeln!(h, "<h3>{} (layer {})</h3>", html_escape(&model), html_escape(&layer));
+            for (list, rows) in by_list {
+                let _ = write!(h, "<div class=\"tok\"><table><tr><th colspan=\"2\">{}</th></tr>", html_escape(&list));
+                for (t, v) in rows {
+                    let _ = write!(h, "<tr><td class=\"l\">{}</td><td>{}</td></tr>", html_escape(&t), v);
+                }
+                h.push_str("</table></div>\n");
+            }
+        }
+        h.push_str("</body></html>\n");
+        h
+    }
+
+    fn markdown(&self) -> String {
+        let mut m = format!(
+            "# Neural collapse report\n\n{} model(s) selected by `{}` from `{}`.\n\n## Correlation with validation loss\n\n",
+            self.models.len(),
+            self.predicate,
+            self.lake
+        );
+        if let Some(n) = self.corr_note {
+            let _ = writeln!(m, "> {n}\n");
+        }
+        m.push_str("| metric |");
+        for (_, label) in CORR_COLUMNS {
+            let _ = write!(m, " {label} |");
+        }
+        m.push_str("\n|---|");
+        for _ in CORR_COLUMNS {
+            m.push_str("---:|");
+        }
+        m.push('\n');
+        for i in 0..self.corr.rows() {
+            let _ = write!(m, "| {} |", md_escape(&self.corr.str("metric", i)));
+            for (col, _) in CORR_COLUMNS {
+                let _ = write!(m, " {} |", md_escape(&self.corr_value(col, i)));
+            }
+            m.push('\n');
+        }
+        for f in self.figures {
+            let _ = write!(
+                m,
+                "\n## {}\n\n![{}]({n}.png)\n\n[SVG]({n}.svg) · [data]({n}.csv)\n",
+                f.title,
+                f.title,
+                n = f.name
+            );
+            for note in &f.notes {
+                let _ = writeln!(m, "\n> {}", note);
+            }
+        }
+        m.push_str("\n## Token tables\n\n[tokens.csv](tokens.csv)\n");
+        for ((model, layer), by_list) in self.token_lists() {
+            let _ = writeln!(m, "\n### {model} (layer {layer})\n");
+            for (list, rows) in by_list {
+                let _ = writeln!(m, "| {} | value |\n|---|---:|", md_escape(&list));
+                for (t, v) in rows {
+                    let _ = writeln!(m, "| {} | {v} |", md_escape(&t));
+                }
+                m.push('\n');
+            }
+        }
+        m
+    }
+}
