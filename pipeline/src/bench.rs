@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use crate::artifact::{Artifact, Provenance};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::{GptNeo, GptNeoConfig, init_weights, loss};
+use crate::model::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss};
 use crate::stages::{self, Ctx};
 use crate::stats::ClassStats;
 
@@ -266,12 +266,19 @@ pub fn correlate(models: usize, metrics: usize, perms: u64) -> Result<String> {
     csv.push('\n');
     let mut s = 5u64;
     let mut next = || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (s >> 11) as f64 / (1u64 << 53) as f64
     };
     for i in 0..models {
         let loss = 1.5 + next();
-        csv.push_str(&format!("{:02}x{:04}_01d{}@0,{loss}", 1 + i % 12, 64 * (1 + i % 16), i));
+        csv.push_str(&format!(
+            "{:02}x{:04}_01d{}@0,{loss}",
+            1 + i % 12,
+            64 * (1 + i % 16),
+            i
+        ));
         for m in 0..metrics {
             // Metric m correlates with the loss more as m grows.
             csv.push_str(&format!(",{}", m as f64 * loss / metrics as f64 + next()));

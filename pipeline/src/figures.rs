@@ -108,7 +108,11 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = if hi > lo { 0.06 * (hi - lo) } else { 0.5 * lo.abs().max(1e-3) };
+    let pad = if hi > lo {
+        0.06 * (hi - lo)
+    } else {
+        0.5 * lo.abs().max(1e-3)
+    };
     (lo - pad, hi + pad)
 }
 
@@ -248,14 +252,20 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
         let (w, _) = area.dim_in_pixel();
         let style = TextStyle::from((FONT_FAMILY, 10).into_font()).color(&RGBColor(150, 30, 30));
         for (i, line) in wrap(note, (w as usize / 6).max(20)).iter().enumerate() {
-            area.draw_text(line, &style, (64, 26 + 12 * i as i32)).map_err(draw_err(what))?;
+            area.draw_text(line, &style, (64, 26 + 12 * i as i32))
+                .map_err(draw_err(what))?;
         }
     }
     Ok(())
 }
 
 /// The part of y = slope x + intercept inside the box, if any.
-fn clip_line(slope: f64, intercept: f64, (x0, x1): (f64, f64), (y0, y1): (f64, f64)) -> Option<Vec<(f64, f64)>> {
+fn clip_line(
+    slope: f64,
+    intercept: f64,
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> Option<Vec<(f64, f64)>> {
     if !(slope.is_finite() && intercept.is_finite()) {
         return None;
     }
@@ -317,7 +327,11 @@ pub fn svg_to_png(svg: &str) -> Result<Vec<u8>> {
     let size = tree.size().to_int_size();
     let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height())
         .ok_or_else(|| Error::invalid("a figure of zero size"))?;
-    resvg::render(&tree, resvg::tiny_skia::Transform::default(), &mut pixmap.as_mut());
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::default(),
+        &mut pixmap.as_mut(),
+    );
     pixmap
         .encode_png()
         .map_err(|e| Error::invalid(format!("encoding PNG: {e}")))

@@ -115,9 +115,9 @@ pub fn hash_hex(bytes: &[u8]) -> String {
 /// model's weights) is thereby its content, not its path or time: the cache
 /// only saves re-reading it.
 pub fn content_id(cache: &crate::lake::Lake, store: &crate::lake::Lake, key: &str) -> crate::Result<String> {
-    let meta = store.head_opt(key)?.ok_or_else(|| {
-        crate::Error::input(store.display(key), "no such file")
-    })?;
+    let meta = store
+        .head_opt(key)?
+        .ok_or_else(|| crate::Error::input(store.display(key), "no such file"))?;
     let version = format!(
         "{}|{}|{}|{}",
         store.display(key),
@@ -264,8 +264,10 @@ impl CheckedStore {
         };
         let exp: Expected = serde_json::from_slice(&bytes).map_err(|e| object_store::Error::Generic {
             store: "lake",
-            source: format!("{mpath}: corrupt manifest ({e}); `pipeline verify` lists every damaged artifact")
-                .into(),
+            source: format!(
+                "{mpath}: corrupt manifest ({e}); `pipeline verify` lists every damaged artifact"
+            )
+            .into(),
         })?;
         let exp = Arc::new(exp);
         self.expected
@@ -376,7 +378,9 @@ fn payload_stream(p: GetResultPayload, range: Range<u64>) -> BoxStream<'static, 
                     use std::io::{Read, Seek, SeekFrom};
                     let want = (end - at).min(BLOCK_BYTES) as usize;
                     let mut buf = vec![0u8; want];
-                    let read = file.seek(SeekFrom::Start(at)).and_then(|_| file.read_exact(&mut buf));
+                    let read = file
+                        .seek(SeekFrom::Start(at))
+                        .and_then(|_| file.read_exact(&mut buf));
                     match read {
                         Ok(()) => Ok((file, path, buf)),
                         Err(e) => Err((e, path)),
@@ -475,7 +479,10 @@ fn verify_blocks(
                         return Err(damaged(
                             &location,
                             &exp,
-                            format!("it ends at byte {} but its manifest says {size}", st.pos + st.buf.len() as u64),
+                            format!(
+                                "it ends at byte {} but its manifest says {size}",
+                                st.pos + st.buf.len() as u64
+                            ),
                         ));
                     }
                 }
@@ -487,7 +494,12 @@ fn verify_blocks(
 
 #[async_trait]
 impl ObjectStore for CheckedStore {
-    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
         self.forget(location);
         let r = self.inner.put_opts(location, payload, opts).await;
         self.forget(location);
@@ -560,7 +572,9 @@ mod tests {
 
     #[test]
     fn digester_blocks_cover_the_file() {
-        let data: Vec<u8> = (0..(BLOCK_BYTES as usize * 2 + 17)).map(|i| (i * 7 % 251) as u8).collect();
+        let data: Vec<u8> = (0..(BLOCK_BYTES as usize * 2 + 17))
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
         let mut d = Digester::new();
         for part in data.chunks(333_333) {
             d.update(part);

@@ -363,7 +363,10 @@ impl Lake {
                 "pid": std::process::id(),
             });
             self.store
-                .put(&self.path(&journal), PutPayload::from(serde_json::to_vec(&entry).expect("json")))
+                .put(
+                    &self.path(&journal),
+                    PutPayload::from(serde_json::to_vec(&entry).expect("json")),
+                )
                 .await
                 .ctx(format!("journalling {what}"))?;
             let token = in_flight::register(mp.clone(), path.clone(), id.clone());
@@ -373,7 +376,10 @@ impl Lake {
                     let buf = read_part(&mut file)?;
                     let last = buf.len() < part;
                     if !buf.is_empty() {
-                        let p = mp.put_part(&path, &id, parts.len(), PutPayload::from(buf)).await.ctx(&what)?;
+                        let p = mp
+                            .put_part(&path, &id, parts.len(), PutPayload::from(buf))
+                            .await
+                            .ctx(&what)?;
                         parts.push(p);
                     }
                     if last {
@@ -419,8 +425,16 @@ impl Lake {
         for (jkey, _) in self.list(UPLOAD_JOURNAL)? {
             let bytes = self.get(&jkey)?;
             let entry: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let key = entry.get("key").and_then(|v| v.as_str()).unwrap_or("?").to_string();
-            let id = entry.get("upload_id").and_then(|v| v.as_str()).unwrap_or("?").to_string();
+            let key = entry
+                .get("key")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .to_string();
+            let id = entry
+                .get("upload_id")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?")
+                .to_string();
             if abort {
                 if let Some(mp) = &self.multipart {
                     let _ = self.block_on(mp.abort_multipart(&self.path(&key), &id.clone()));
@@ -489,7 +503,8 @@ impl Lake {
                 let mut staged = tempfile::NamedTempFile::new().ctx("creating a staging file")?;
                 let src = crate::source::Source::open_key(self, key)?;
                 let mut reader = src.reader()?;
-                std::io::copy(&mut reader, staged.as_file_mut()).ctx(format!("copying {}", self.display(key)))?;
+                std::io::copy(&mut reader, staged.as_file_mut())
+                    .ctx(format!("copying {}", self.display(key)))?;
                 dest.put_file(key, staged.path())?;
             }
             bytes += size;
@@ -512,7 +527,10 @@ impl Lake {
 pub const UPLOAD_JOURNAL: &str = "_uploads";
 
 fn upload_journal_key(rel: &str) -> String {
-    format!("{UPLOAD_JOURNAL}/{}.json", &blake3::hash(rel.as_bytes()).to_hex()[..24])
+    format!(
+        "{UPLOAD_JOURNAL}/{}.json",
+        &blake3::hash(rel.as_bytes()).to_hex()[..24]
+    )
 }
 
 /// Multipart uploads in progress in this process, so a signal handler can
@@ -530,7 +548,10 @@ mod in_flight {
 
     pub fn register(store: Arc<dyn MultipartStore>, path: Path, id: MultipartId) -> u64 {
         let token = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        UPLOADS.lock().unwrap_or_else(|p| p.into_inner()).push((token, store, path, id));
+        UPLOADS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((token, store, path, id));
         token
     }
 

@@ -140,7 +140,8 @@ fn handle_signals() {
         };
         rt.block_on(async {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+            let (Ok(mut int), Ok(mut term)) =
+                (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
             else {
                 return;
             };
@@ -293,7 +294,11 @@ fn real_main(cli: Cli) -> Result<()> {
                             parquet::arrow::ArrowWriter::try_new(f, b.schema(), None).ctx("writing --out")?,
                         );
                     }
-                    writer.as_mut().expect("created above").write(&b).ctx("writing --out")?;
+                    writer
+                        .as_mut()
+                        .expect("created above")
+                        .write(&b)
+                        .ctx("writing --out")?;
                 }
                 Ok(())
             })?;
@@ -319,7 +324,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 bail!("copy: {} is not empty; pass --force to copy into it", to.url());
             }
             let (n, bytes) = lake.copy_to(&to)?;
-            println!("copied {n} objects ({:.1} MB) from {} to {}", bytes as f64 / 1e6, lake.url(), to.url());
+            println!(
+                "copied {n} objects ({:.1} MB) from {} to {}",
+                bytes as f64 / 1e6,
+                lake.url(),
+                to.url()
+            );
             Ok(())
         }
         Command::Verify { table, repair } => {
@@ -370,7 +380,10 @@ fn parse_size(text: &str) -> Result<usize> {
             (&t[..i], m)
         }
     };
-    let x: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("'{text}' is not a size"))?;
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("'{text}' is not a size"))?;
     if !(x > 0.0 && x.is_finite()) {
         bail!("'{text}' is not a positive size");
     }
@@ -419,7 +432,11 @@ impl Printer {
             }
             Format::Csv => self
                 .csv
-                .get_or_insert_with(|| arrow::csv::WriterBuilder::new().with_header(true).build(std::io::stdout()))
+                .get_or_insert_with(|| {
+                    arrow::csv::WriterBuilder::new()
+                        .with_header(true)
+                        .build(std::io::stdout())
+                })
                 .write(b)
                 .map_err(arrow_err)?,
             Format::Json => self

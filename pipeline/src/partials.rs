@@ -81,9 +81,7 @@ impl StateObject {
             .collect::<Result<_>>()?;
         let names: Vec<String> = layers
             .iter()
-            .flat_map(|l| {
-                ["classes", "count", "mean", "m2"].map(|t| format!("layer{l}.{t}"))
-            })
+            .flat_map(|l| ["classes", "count", "mean", "m2"].map(|t| format!("layer{l}.{t}")))
             .collect();
         crate::stats::check_safetensors_hash(&st, &names, &meta).map_err(|e| corrupt(e.to_string()))?;
         let stats = layers

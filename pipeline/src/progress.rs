@@ -55,7 +55,11 @@ fn log_while_running(pb: &ProgressBar, unit: &'static str) {
             }
             waited = Duration::ZERO;
             let (pos, len) = (pb.position(), pb.length().unwrap_or(0));
-            let pct = if len > 0 { 100.0 * pos as f64 / len as f64 } else { 0.0 };
+            let pct = if len > 0 {
+                100.0 * pos as f64 / len as f64
+            } else {
+                0.0
+            };
             let eta = pb.eta().as_secs();
             tracing::info!(
                 "{}: {}/{} {unit} ({pct:.0}%, {} {unit}/s, ETA {}m{:02}s)",

@@ -322,9 +322,7 @@ pub fn check_safetensors_hash(
     };
     let mut h = blake3::Hasher::new();
     for n in names {
-        let t = st
-            .tensor(n)
-            .map_err(|e| Error::invalid(format!("{n}: {e}")))?;
+        let t = st.tensor(n).map_err(|e| Error::invalid(format!("{n}: {e}")))?;
         h.update(n.as_bytes());
         h.update(t.data());
     }

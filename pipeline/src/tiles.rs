@@ -317,7 +317,14 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         Vec<(Vec<PairValue>, Vec<PairValue>)>,
         u64,
     );
-    let init = || -> Acc { (Vec::new(), RowSums::new(c), vec![(Vec::new(), Vec::new()); N_METRICS], 0) };
+    let init = || -> Acc {
+        (
+            Vec::new(),
+            RowSums::new(c),
+            vec![(Vec::new(), Vec::new()); N_METRICS],
+            0,
+        )
+    };
     let (mut results, rows, extremes, recomputed) = tiles
         .par_iter()
         .fold(init, |mut acc, &(ti, tj)| {
@@ -524,7 +531,11 @@ impl Shared<'_> {
                 intf[j] = if directed { intf[j] } else { f64::NAN };
                 logk[j] = if directed && u2[j] > 0.0 { u2[j] } else { f64::NAN };
                 let directed_raw = ira > 0.0 && irb[j] > 0.0;
-                logku[j] = if directed_raw && u2r[j] > 0.0 { u2r[j] } else { f64::NAN };
+                logku[j] = if directed_raw && u2r[j] > 0.0 {
+                    u2r[j]
+                } else {
+                    f64::NAN
+                };
             }
             for x in logk.iter_mut().chain(logku.iter_mut()) {
                 if *x == *x {
@@ -532,7 +543,11 @@ impl Shared<'_> {
                 }
             }
             if let Some(rs) = self.riesz_s {
-                for (x, &l) in riesz.iter_mut().zip(logk.iter()).chain(rieszu.iter_mut().zip(logku.iter())) {
+                for (x, &l) in riesz
+                    .iter_mut()
+                    .zip(logk.iter())
+                    .chain(rieszu.iter_mut().zip(logku.iter()))
+                {
                     // ||u - u'||^-s = exp(s * log(1/||u - u'||)).
                     *x = if l == l { (rs * l).exp() } else { f64::NAN };
                 }

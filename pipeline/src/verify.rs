@@ -90,8 +90,17 @@ pub fn verify(lake: &Lake, table: Option<&str>, repair: bool) -> Result<Report> 
     }
     if table.is_none() {
         for (key, id, _) in lake.stale_uploads(repair)? {
-            let what = if repair { "aborted" } else { "left by a killed process; `verify --repair` aborts it" };
-            r.add("upload", lake, &key, format!("multipart upload {id} never finished ({what})"));
+            let what = if repair {
+                "aborted"
+            } else {
+                "left by a killed process; `verify --repair` aborts it"
+            };
+            r.add(
+                "upload",
+                lake,
+                &key,
+                format!("multipart upload {id} never finished ({what})"),
+            );
         }
         local_staging_files(lake, &mut r);
     }
@@ -188,7 +197,9 @@ fn check_weights(lake: &Lake, r: &mut Report) -> Result<()> {
         dirs.entry(dir_of(&key).to_string()).or_default().insert(name);
     }
     for (dir, files) in dirs {
-        let has_weights = files.iter().any(|f| f.ends_with(".safetensors") && !f.starts_with('_'));
+        let has_weights = files
+            .iter()
+            .any(|f| f.ends_with(".safetensors") && !f.starts_with('_'));
         if !has_weights {
             continue;
         }
@@ -206,7 +217,12 @@ fn check_weights(lake: &Lake, r: &mut Report) -> Result<()> {
         let sums: Checksums = match serde_json::from_slice(&bytes) {
             Ok(s) => s,
             Err(e) => {
-                r.add("damaged", lake, &format!("{dir}/{CHECKSUMS_FILE}"), format!("corrupt: {e}"));
+                r.add(
+                    "damaged",
+                    lake,
+                    &format!("{dir}/{CHECKSUMS_FILE}"),
+                    format!("corrupt: {e}"),
+                );
                 continue;
             }
         };
@@ -265,7 +281,12 @@ fn check_tokenizers(lake: &Lake, r: &mut Report) -> Result<()> {
         r.bytes += bytes.len() as u64;
         match crate::tokenizer::TextTokenizer::from_bytes(&bytes, &lake.display(&key)) {
             Ok(t) if t.fingerprint() == fp => {}
-            Ok(_) => r.add("damaged", lake, &key, "its vocabulary does not match its fingerprint"),
+            Ok(_) => r.add(
+                "damaged",
+                lake,
+                &key,
+                "its vocabulary does not match its fingerprint",
+            ),
             Err(e) => r.add("damaged", lake, &key, e.to_string()),
         }
     }

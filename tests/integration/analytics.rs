@@ -134,7 +134,9 @@ fn bad_selections_are_explained() {
         "true; DROP TABLE x",
         "depth = 2 ORDER BY model",
     ] {
-        let err = correlations(&sql, "imported:ext", bad, 100, 0).unwrap_err().to_string();
+        let err = correlations(&sql, "imported:ext", bad, 100, 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not one SQL predicate"), "{bad}: {err}");
     }
     // Imported grid ids are parsed.
@@ -202,7 +204,10 @@ fn permutation_test_matches_exact_enumeration() {
     let exact = hits as f64 / total as f64;
     let p = noise.p_value.unwrap();
     let se = (exact * (1.0 - exact) / n_perm as f64).sqrt();
-    assert!((p - exact).abs() < 4.0 * se + 1.0 / n_perm as f64, "{p} vs exact {exact}");
+    assert!(
+        (p - exact).abs() < 4.0 * se + 1.0 / n_perm as f64,
+        "{p} vs exact {exact}"
+    );
     // Spearman: 1 - 6 sum d^2 / (n (n^2 - 1)) for distinct values.
     let rank = |v: &[f64]| -> Vec<f64> {
         v.iter()
@@ -213,9 +218,15 @@ fn permutation_test_matches_exact_enumeration() {
     let d2: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - b) * (a - b)).sum();
     let nf = n as f64;
     let rho = 1.0 - 6.0 * d2 / (nf * (nf * nf - 1.0));
-    assert!((noise.spearman_rho.unwrap() - rho).abs() < 1e-12, "{noise:?} vs {rho}");
+    assert!(
+        (noise.spearman_rho.unwrap() - rho).abs() < 1e-12,
+        "{noise:?} vs {rho}"
+    );
     let (lo, hi) = (noise.r2_ci_low.unwrap(), noise.r2_ci_high.unwrap());
-    assert!(0.0 <= lo && lo <= observed && observed <= hi && hi <= 1.0, "{lo} {observed} {hi}");
+    assert!(
+        0.0 <= lo && lo <= observed && observed <= hi && hi <= 1.0,
+        "{lo} {observed} {hi}"
+    );
 }
 
 /// The main job on a micro experiment: every stage, every table, the
@@ -399,7 +410,10 @@ fn import_derives_metrics_with_sql_expressions() {
     let rows = correlations(&sql, "imported:paper", "depth = 2 AND width = 768", 100, 0).unwrap();
     assert_eq!(by_metric(&rows, "agreement").n_models, 4);
     // A column that is not there, or text that is not an expression, is named.
-    for (cols, word) in [("x=no_such_column * 2", "no_such_column"), ("x=norms_log_mean +", "x=norms_log_mean +")] {
+    for (cols, word) in [
+        ("x=no_such_column * 2", "no_such_column"),
+        ("x=norms_log_mean +", "x=norms_log_mean +"),
+    ] {
         let err = tl.run_err("import", &[("input", &f), ("name", "bad"), ("columns", cols)]);
         assert!(err.contains(word) && err.contains("published.csv"), "{err}");
     }

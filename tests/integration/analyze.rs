@@ -442,13 +442,19 @@ fn both_gnc2_conventions_equal_brute_force_far_from_the_origin() {
         st.merge_one(i as u32, 1 + (i % 5) as u64, &m, 0.5);
         means.push(m);
     }
-    let a = Artifact::new("class_stats", &[("model", "far"), ("split", "train"), ("layer", "1")]).unwrap();
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", "far"), ("split", "train"), ("layer", "1")],
+    )
+    .unwrap();
     tl.lake()
         .write_artifact(&a, &[st.to_batch().unwrap()], Provenance::new("test"))
         .unwrap();
     tl.run("analyze", &[("model", "far"), ("layer", "1"), ("tile", "64")]);
 
-    let bar: Vec<f64> = (0..d).map(|j| means.iter().map(|m| m[j]).sum::<f64>() / c as f64).collect();
+    let bar: Vec<f64> = (0..d)
+        .map(|j| means.iter().map(|m| m[j]).sum::<f64>() / c as f64)
+        .collect();
     let unit = |v: Vec<f64>| {
         let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
         v.into_iter().map(|x| x / n).collect::<Vec<f64>>()
@@ -462,7 +468,12 @@ fn both_gnc2_conventions_equal_brute_force_far_from_the_origin() {
         let mut v = Vec::new();
         for i in 0..c {
             for j in i + 1..c {
-                let dist = u[i].iter().zip(&u[j]).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+                let dist = u[i]
+                    .iter()
+                    .zip(&u[j])
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f64>()
+                    .sqrt();
                 v.push((1.0 / dist).ln());
             }
         }
@@ -485,5 +496,8 @@ fn both_gnc2_conventions_equal_brute_force_far_from_the_origin() {
     for (i, want) in [cm, ccov, rm, rcov].into_iter().enumerate() {
         assert!(rel(got(i), want) < 1e-9, "column {i}: {} vs {want}", got(i));
     }
-    assert!(rel(rm, cm) > 0.5 && rel(rcov, ccov) > 0.1, "conventions too close: {cm} {rm} {ccov} {rcov}");
+    assert!(
+        rel(rm, cm) > 0.5 && rel(rcov, ccov) > 0.1,
+        "conventions too close: {cm} {rm} {ccov} {rcov}"
+    );
 }

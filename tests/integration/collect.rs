@@ -37,12 +37,12 @@ fn brute_force(
     let net = m.load(&Device::Cpu, DType::F32).unwrap();
     let chunks = Chunks::open(tl.lake(), dataset, split).unwrap();
     let t = chunks.t;
-    let d = net.config.hidden_size;
+    let d = net.shape().hidden_size;
     let mut samples: HashMap<u32, Vec<Vec<f64>>> = HashMap::new();
     chunks
         .for_each_batch(tl.lake(), 0..chunks.count, batch, |_, ids, b| {
             let x = Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap();
-            let h = net.forward(&x, &[layer], false).unwrap().remove(0);
+            let h = net.hidden_states(&x, &[layer]).unwrap().remove(0);
             let h: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
             for (r, row) in ids.chunks(t).enumerate() {
                 for pos in 0..t - 1 {
@@ -292,10 +292,9 @@ fn labels_are_the_next_tokens() {
         .load(&Device::Cpu, DType::F32)
         .unwrap();
     let h: Vec<Vec<f32>> = net
-        .forward(
+        .hidden_states(
             &Tensor::from_vec(seq.clone(), (1, t), &Device::Cpu).unwrap(),
             &[2],
-            false,
         )
         .unwrap()[0]
         .squeeze(0)
@@ -378,11 +377,7 @@ fn decisions_equal_a_direct_evaluation() {
     chunks
         .for_each_batch(tl.lake(), 0..chunks.count, 2, |_, ids, b| {
             let h: Vec<Vec<Vec<f32>>> = net
-                .forward(
-                    &Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap(),
-                    &[2],
-                    false,
-                )
+                .hidden_states(&Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap(), &[2])
                 .unwrap()[0]
                 .to_vec3()
                 .unwrap();
@@ -447,7 +442,10 @@ fn decisions_equal_a_direct_evaluation() {
         .iter()
         .filter(|(y, _)| in_vp.contains(y))
         .fold((0, 0), |a, (_, v)| (a.0 + v[1], a.1 + v[0]));
-    assert!(vp_n < all_n, "some validation labels must fall outside V' for this check");
+    assert!(
+        vp_n < all_n,
+        "some validation labels must fall outside V' for this check"
+    );
     // One V' for all metrics: analyze over other classes is refused.
     let err = tl.run_err("analyze", &[("model", "tiny"), ("min_per_class", "1")]);
     assert!(err.contains("one V' must govern"), "{err}");
@@ -461,8 +459,14 @@ fn decisions_equal_a_direct_evaluation() {
         )
         .unwrap()[0];
     use arrow::datatypes::{Float64Type, Int64Type};
-    assert_eq!(b.column(0).as_primitive::<Float64Type>().value(0), all_agree as f64 / all_n as f64);
-    assert_eq!(b.column(1).as_primitive::<Float64Type>().value(0), vp_agree as f64 / vp_n as f64);
+    assert_eq!(
+        b.column(0).as_primitive::<Float64Type>().value(0),
+        all_agree as f64 / all_n as f64
+    );
+    assert_eq!(
+        b.column(1).as_primitive::<Float64Type>().value(0),
+        vp_agree as f64 / vp_n as f64
+    );
     assert_eq!(b.column(2).as_primitive::<Int64Type>().value(0), all_n as i64);
     assert_eq!(b.column(3).as_primitive::<Int64Type>().value(0), vp_n as i64);
     let agree: u64 = got.values().map(|v| v[1]).sum();

@@ -154,16 +154,26 @@ fn byte_flips_in_every_table_kind_are_detected() {
     ];
     let clean = run_bin(&lake, &["verify"]);
     assert!(clean.status.success(), "{}{}", stdout(&clean), stderr(&clean));
-    assert!(stdout(&clean).contains("everything is whole"), "{}", stdout(&clean));
+    assert!(
+        stdout(&clean).contains("everything is whole"),
+        "{}",
+        stdout(&clean)
+    );
     for (table, stage) in tables {
         let files = data_files(&lake, table);
         assert!(!files.is_empty(), "the study has no {table}");
         let rel = &files[0];
         let path = lake.join(rel);
         let original = flip(&path);
-        let o = run_bin(&lake, &["sql", &format!("SELECT * FROM {table}"), "--format", "csv"]);
+        let o = run_bin(
+            &lake,
+            &["sql", &format!("SELECT * FROM {table}"), "--format", "csv"],
+        );
         let err = stderr(&o);
-        assert!(!o.status.success(), "{table}: a flipped byte was read without complaint");
+        assert!(
+            !o.status.success(),
+            "{table}: a flipped byte was read without complaint"
+        );
         assert!(
             err.contains(rel.as_str()) && err.contains("damaged") && err.contains(&format!("stage {stage}")),
             "{table}: {err}"
@@ -171,7 +181,9 @@ fn byte_flips_in_every_table_kind_are_detected() {
         let v = run_bin(&lake, &["verify", table]);
         assert_eq!(v.status.code(), Some(1), "{table}: {}", stdout(&v));
         assert!(
-            stdout(&v).lines().any(|l| l.starts_with("damaged") && l.contains(rel.as_str())),
+            stdout(&v)
+                .lines()
+                .any(|l| l.starts_with("damaged") && l.contains(rel.as_str())),
             "{table}: {}",
             stdout(&v)
         );
@@ -195,19 +207,32 @@ fn damaged_weights_are_named_and_train_repairs_them() {
     let ckpt = std::fs::read_dir(lake.join("weights").join(MODEL))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("checkpoint-"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+        })
         .unwrap();
     let weights = ckpt.join("model.safetensors");
     let original = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &original[..original.len() / 2]).unwrap();
     let e = s.tl.run_err("collect", &[("model", MODEL), ("force", "true")]);
-    assert!(e.contains(&weights.to_string_lossy().to_string()) && e.contains("damaged"), "{e}");
+    assert!(
+        e.contains(&weights.to_string_lossy().to_string()) && e.contains("damaged"),
+        "{e}"
+    );
     let top = lake.join("weights").join(MODEL).join("model.safetensors");
     let top_original = std::fs::read(&top).unwrap();
     flip(&top);
     let v = run_bin(&lake, &["verify", "weights"]);
     assert_eq!(v.status.code(), Some(1));
-    assert_eq!(stdout(&v).lines().filter(|l| l.starts_with("damaged")).count(), 2, "{}", stdout(&v));
+    assert_eq!(
+        stdout(&v).lines().filter(|l| l.starts_with("damaged")).count(),
+        2,
+        "{}",
+        stdout(&v)
+    );
 
     let experiment = s.experiment.clone();
     let out = s.tl.run("all", &[("experiment", &experiment)]);
@@ -243,7 +268,10 @@ fn sql_out_into_the_lake_is_refused() {
         assert!(stderr(&o).contains("inside the lake"), "{}", stderr(&o));
     }
     assert_eq!(std::fs::read(&target).unwrap(), before);
-    let o = run_bin(&lake, &["sql", "SELECT COUNT(*) AS n FROM chunks", "--format", "csv"]);
+    let o = run_bin(
+        &lake,
+        &["sql", "SELECT COUNT(*) AS n FROM chunks", "--format", "csv"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
 
     let outside = s.tl.dir.path().join("exports/result.parquet");
@@ -251,15 +279,20 @@ fn sql_out_into_the_lake_is_refused() {
     let q = "SELECT model, val_loss FROM models";
     assert!(run_bin(&lake, &["sql", q, "--out", &out_s]).status.success());
     let o = run_bin(&lake, &["sql", q, "--out", &out_s]);
-    assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
     let o = run_bin(&lake, &["sql", q, "--out", &out_s, "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     // What was written is a Parquet file with the query's rows.
     let bytes = std::fs::read(&outside).unwrap();
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-        .unwrap()
-        .build()
-        .unwrap();
+    let reader =
+        parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+            .unwrap()
+            .build()
+            .unwrap();
     let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(rows, 1);
 }
@@ -285,13 +318,21 @@ fn memory_limited_cross_join_fails_cleanly() {
     assert!(stderr(&o).contains("memory limit of 256.0 KiB"), "{}", stderr(&o));
     // Gathering every pair's mean would take 4.6 GB: refused at the limit.
     let gather = "SELECT array_agg(a.mean) FROM class_stats a CROSS JOIN class_stats b";
-    let o = run_bin(&lake, &["sql", gather, "--memory-limit", "64M", "--format", "csv"]);
+    let o = run_bin(
+        &lake,
+        &["sql", gather, "--memory-limit", "64M", "--format", "csv"],
+    );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("memory limit of 64.0 MiB"), "{}", stderr(&o));
     let started = Instant::now();
     let o = run_bin(
         &lake,
-        &["sql", "SELECT SUM(value) FROM generate_series(1, 100000000000)", "--timeout", "1"],
+        &[
+            "sql",
+            "SELECT SUM(value) FROM generate_series(1, 100000000000)",
+            "--timeout",
+            "1",
+        ],
     );
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--timeout"), "{}", stderr(&o));
@@ -312,7 +353,10 @@ fn assert_all_up_to_date(o: &Output) {
     let lines = step_lines(o);
     assert!(lines.len() >= 8, "{lines:?}");
     for l in &lines {
-        assert!(l.contains("up to date"), "recomputed after the copy: {l}\n{lines:?}");
+        assert!(
+            l.contains("up to date"),
+            "recomputed after the copy: {l}\n{lines:?}"
+        );
     }
 }
 
@@ -348,12 +392,23 @@ fn a_copied_lake_keeps_every_stage_up_to_date() {
     };
     let mut copy = Command::new(bin());
     s3(&mut copy);
-    let o = copy.arg("--lake").arg(&dest).args(["-q", "copy", url]).output().unwrap();
+    let o = copy
+        .arg("--lake")
+        .arg(&dest)
+        .args(["-q", "copy", url])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let mut all = Command::new(bin());
     s3(&mut all);
     let o = all
-        .args(["--lake", url, "run", "stage=all", &format!("experiment={}", s.experiment)])
+        .args([
+            "--lake",
+            url,
+            "run",
+            "stage=all",
+            &format!("experiment={}", s.experiment),
+        ])
         .output()
         .unwrap();
     assert_all_up_to_date(&o);
@@ -379,7 +434,12 @@ fn a_stage_survives_an_s3_outage() {
     };
     let mut copy = Command::new(bin());
     env(&mut copy, server.port);
-    let o = copy.arg("--lake").arg(s.lake_dir()).args(["-q", "copy", url]).output().unwrap();
+    let o = copy
+        .arg("--lake")
+        .arg(s.lake_dir())
+        .args(["-q", "copy", url])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     drop(s);
     // Training that writes a resumable state after every step: a steady
@@ -389,25 +449,42 @@ fn a_stage_survives_an_s3_outage() {
     let child = cmd
         .env("RUST_LOG", "info")
         .args(["--lake", url, "run", "stage=train", "dataset=f", "name=outage"])
-        .args(["depth=1", "width=8", "heads=2", "context=64", "epochs=10", "batch=8", "save_every=1"])
+        .args([
+            "depth=1",
+            "width=8",
+            "heads=2",
+            "context=64",
+            "epochs=10",
+            "batch=8",
+            "save_every=1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut child = child;
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(child.try_wait().unwrap().is_none(), "the stage ended before the outage");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the stage ended before the outage"
+    );
     let _ = server.child.kill();
     let _ = server.child.wait();
     std::thread::sleep(Duration::from_secs(5));
-    assert!(child.try_wait().unwrap().is_none(), "the stage gave up during the outage");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the stage gave up during the outage"
+    );
     server.child = spawn(server.root.path(), server.port);
     let out = child.wait_with_output().unwrap();
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("backing off"), "no retry happened: {err}");
     let objs = objects(&server, "flaky");
-    assert!(objs.iter().any(|o| o == "l/weights/outage/trainer_state.json"), "{objs:?}");
+    assert!(
+        objs.iter().any(|o| o == "l/weights/outage/trainer_state.json"),
+        "{objs:?}"
+    );
 }
 
 /// Server-side leftovers of a multipart upload (s3s-fs keeps them in its root).
@@ -431,7 +508,9 @@ fn interrupted_multipart_uploads_are_aborted() {
     let mut text = String::new();
     while text.len() < 60 << 20 {
         for _ in 0..120 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             text.push_str(&format!("w{:x} ", x >> 20));
         }
         text.push_str("\n<|endoftext|>\n");
@@ -447,7 +526,15 @@ fn interrupted_multipart_uploads_are_aborted() {
             .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", server.port))
             .env("AWS_REGION", "us-east-1")
             .env("PIPELINE_UPLOAD_PART_BYTES", "5242880")
-            .args(["--lake", "s3://big/l", "-q", "run", "stage=ingest", "dataset=b", &train])
+            .args([
+                "--lake",
+                "s3://big/l",
+                "-q",
+                "run",
+                "stage=ingest",
+                "dataset=b",
+                &train,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -457,8 +544,13 @@ fn interrupted_multipart_uploads_are_aborted() {
     let wait_for_upload = |child: &mut std::process::Child| {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            assert!(child.try_wait().unwrap().is_none(), "ingest ended before its upload was seen");
-            let journalled = std::fs::read_dir(&journal).map(|d| d.count() > 0).unwrap_or(false);
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "ingest ended before its upload was seen"
+            );
+            let journalled = std::fs::read_dir(&journal)
+                .map(|d| d.count() > 0)
+                .unwrap_or(false);
             if journalled && !upload_leftovers(server.root.path()).is_empty() {
                 return;
             }
@@ -470,17 +562,30 @@ fn interrupted_multipart_uploads_are_aborted() {
     let mut child = start_ingest();
     wait_for_upload(&mut child);
     let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("aborted 1 upload"), "{}", stderr(&out));
-    assert!(upload_leftovers(server.root.path()).is_empty(), "{:?}", upload_leftovers(server.root.path()));
+    assert!(
+        upload_leftovers(server.root.path()).is_empty(),
+        "{:?}",
+        upload_leftovers(server.root.path())
+    );
 
     let mut child = start_ingest();
     wait_for_upload(&mut child);
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!upload_leftovers(server.root.path()).is_empty(), "kill -9 left nothing to clean");
+    assert!(
+        !upload_leftovers(server.root.path()).is_empty(),
+        "kill -9 left nothing to clean"
+    );
     let o = pipeline(
         server.port,
         SECRET,
@@ -489,9 +594,17 @@ fn interrupted_multipart_uploads_are_aborted() {
         &[("PIPELINE_UPLOAD_PART_BYTES", "5242880")],
     );
     ok(&o);
-    assert!(upload_leftovers(server.root.path()).is_empty(), "{:?}", upload_leftovers(server.root.path()));
+    assert!(
+        upload_leftovers(server.root.path()).is_empty(),
+        "{:?}",
+        upload_leftovers(server.root.path())
+    );
     let v = pipeline(server.port, SECRET, "s3://big/l", &["verify"], &[]);
-    assert!(v.status.success() && !stdout(&v).contains("upload"), "{}", stdout(&v));
+    assert!(
+        v.status.success() && !stdout(&v).contains("upload"),
+        "{}",
+        stdout(&v)
+    );
 }
 
 /// Small things: clear refusals and readable logs.
@@ -504,7 +617,10 @@ fn small_things_are_right() {
     assert!(tl.lake().list("documents").unwrap().is_empty());
 
     let e = tl.run_err("eval", &[("model", "/etc")]);
-    assert!(e.contains("not a Hugging Face model directory") && !e.contains("@0..0"), "{e}");
+    assert!(
+        e.contains("not a Hugging Face model directory") && !e.contains("@0..0"),
+        "{e}"
+    );
 
     // The built-in tokenizer works from any working directory.
     let elsewhere = tempfile::tempdir().unwrap();
@@ -532,11 +648,22 @@ fn small_things_are_right() {
     assert!(o.status.success(), "{}", stderr(&o));
     // stderr is a pipe here: progress comes as periodic lines.
     let o = run(&[
-        "run", "stage=train", "name=p", "depth=1", "width=8", "heads=2", "context=16", "epochs=2", "batch=8",
+        "run",
+        "stage=train",
+        "name=p",
+        "depth=1",
+        "width=8",
+        "heads=2",
+        "context=16",
+        "epochs=2",
+        "batch=8",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.lines().any(|l| l.contains("p loss") && l.contains("tok/s")), "{err}");
+    assert!(
+        err.lines().any(|l| l.contains("p loss") && l.contains("tok/s")),
+        "{err}"
+    );
     // Rates are whole numbers, not four decimals.
     assert!(!err.contains(".0000"), "{err}");
 }

@@ -7,6 +7,7 @@ mod collect;
 mod common;
 mod data;
 mod faults;
+mod families;
 mod foundation;
 mod model;
 mod report;

@@ -13,8 +13,14 @@ use crate::common::{TestLake, data, first_stories};
 /// every layer.
 fn grid_lake() -> TestLake {
     let tl = TestLake::new();
-    let train = tl.file("train.txt", first_stories(&data("tinystories_train_sample.txt"), 40).as_bytes());
-    let val = tl.file("val.txt", first_stories(&data("tinystories_val_sample.txt"), 10).as_bytes());
+    let train = tl.file(
+        "train.txt",
+        first_stories(&data("tinystories_train_sample.txt"), 40).as_bytes(),
+    );
+    let val = tl.file(
+        "val.txt",
+        first_stories(&data("tinystories_val_sample.txt"), 10).as_bytes(),
+    );
     let exp = tl.file(
         "grid.toml",
         format!(
@@ -56,8 +62,15 @@ permutations = 200
 fn read_csv(path: &std::path::Path) -> (Vec<String>, Vec<Vec<String>>) {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
-    let header: Vec<String> = lines.next().unwrap_or("").split(',').map(str::to_string).collect();
-    let rows = lines.map(|l| l.split(',').map(str::to_string).collect()).collect();
+    let header: Vec<String> = lines
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let rows = lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
     (header, rows)
 }
 
@@ -110,7 +123,9 @@ fn report_files_render_and_match_sql() {
     for (metric, got) in &by_metric {
         let want = query_f64(
             &sql,
-            &format!("SELECT model, {metric}, val_loss FROM model_metrics WHERE final_layer ORDER BY model, layer"),
+            &format!(
+                "SELECT model, {metric}, val_loss FROM model_metrics WHERE final_layer ORDER BY model, layer"
+            ),
         );
         assert_eq!(got.len(), want.len(), "{metric}");
         for ((m, v, l), (wm, wv)) in got.iter().zip(&want) {
@@ -120,7 +135,10 @@ fn report_files_render_and_match_sql() {
     }
     // Training curves: train_log of the selected models.
     let (_, rows) = read_csv(&out_dir.join("training_curves.csv"));
-    let want = query_f64(&sql, "SELECT model, step, loss FROM train_log ORDER BY model, step");
+    let want = query_f64(
+        &sql,
+        "SELECT model, step, loss FROM train_log ORDER BY model, step",
+    );
     assert_eq!(rows.len(), want.len());
     for (r, (m, v)) in rows.iter().zip(&want) {
         assert_eq!((&r[0], parse_opt(&r[1]), parse_opt(&r[2])), (m, v[0], v[1]));
@@ -154,7 +172,12 @@ fn report_files_render_and_match_sql() {
     }
 
     // Every figure: SVG that parses and renders, PNG that decodes and is not blank.
-    for name in ["metric_vs_loss", "scale_trends", "through_depth", "training_curves"] {
+    for name in [
+        "metric_vs_loss",
+        "scale_trends",
+        "through_depth",
+        "training_curves",
+    ] {
         let svg = std::fs::read_to_string(out_dir.join(format!("{name}.svg"))).unwrap();
         pipeline::figures::svg_to_png(&svg).unwrap_or_else(|e| panic!("{name}.svg: {e}"));
         let png = std::fs::read(out_dir.join(format!("{name}.png"))).unwrap();
@@ -170,7 +193,10 @@ fn report_files_render_and_match_sql() {
         for part in html.split(attr).skip(1) {
             let target = &part[..part.find('"').unwrap()];
             assert!(!target.contains("://"), "index.html fetches {target}");
-            assert!(out_dir.join(target).is_file(), "index.html references missing {target}");
+            assert!(
+                out_dir.join(target).is_file(),
+                "index.html references missing {target}"
+            );
             refs += 1;
         }
     }
@@ -189,20 +215,31 @@ fn a_degenerate_selection_is_explained() {
     let tl = grid_lake();
     let out = tl.run(
         "report",
-        &[("where", "final_layer AND model = '01x0008_01n00@0'"), ("permutations", "100")],
+        &[
+            ("where", "final_layer AND model = '01x0008_01n00@0'"),
+            ("permutations", "100"),
+        ],
     );
     assert!(out.contains("report of 1 model(s)"), "{out}");
     let dir = tl.dir.path().join("lake/reports");
-    let sel = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).find(|p| {
-        std::fs::read_to_string(p.join("report.md")).is_ok_and(|m| m.contains("1 model(s)"))
-    });
+    let sel = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| std::fs::read_to_string(p.join("report.md")).is_ok_and(|m| m.contains("1 model(s)")));
     let sel = sel.expect("the report is under the lake's reports/");
     let md = std::fs::read_to_string(sel.join("report.md")).unwrap();
     assert!(md.contains("R^2 needs at least 3"), "{md}");
     // Without decisions NC4 is NULL: the panel and the page say why.
     tl.lake().delete_prefix("decisions").unwrap();
     let out_dir = tl.dir.path().join("no-decisions");
-    tl.run("report", &[("out", out_dir.to_str().unwrap()), ("permutations", "100"), ("seed", "3")]);
+    tl.run(
+        "report",
+        &[
+            ("out", out_dir.to_str().unwrap()),
+            ("permutations", "100"),
+            ("seed", "3"),
+        ],
+    );
     let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(md.contains("NC4 needs decisions"), "{md}");
     let svg = std::fs::read_to_string(out_dir.join("metric_vs_loss.svg")).unwrap();

@@ -81,7 +81,13 @@ pub fn spawn(root: &std::path::Path, port: u16) -> Child {
     child
 }
 
-pub fn pipeline(server_port: u16, secret: &str, lake: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
+pub fn pipeline(
+    server_port: u16,
+    secret: &str,
+    lake: &str,
+    args: &[&str],
+    extra_env: &[(&str, &str)],
+) -> Output {
     let mut cmd = Command::new(bin());
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -6,8 +6,10 @@
 //! either a model trained by this pipeline (`NAME[@K]`, stored in the lake at
 //! `weights/NAME/`) or a directory anywhere (`/path/dir[@K]`, `./dir`,
 //! `s3://bucket/dir[@K]`), e.g. one downloaded from the Hugging Face hub.
-//! `@K` selects the K-th `checkpoint-N` subdirectory in increasing N (0-based);
-//! without it the directory's top-level weights are used.
+//! `@K` selects the K-th checkpoint subdirectory in increasing step N
+//! (0-based): `checkpoint-N` as the Trainer saves them, or `step-N` / `stepN`
+//! as Pythia publishes its training checkpoints; without it the directory's
+//! top-level weights are used.
 //!
 //! Saved checkpoints load in `transformers` with
 //! `GPTNeoForCausalLM.from_pretrained(dir)`: HF tensor names, tied lm_head left
@@ -30,7 +32,8 @@ use serde_json::Value;
 use crate::artifact::{InputRef, check_partition_value};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::{GptNeo, GptNeoConfig, parameter_names};
+use crate::model::config::ArchConfig;
+use crate::model::{CausalLm, GptNeoConfig, parameter_names};
 
 /// Sizes and hashes of the files of a saved weights directory.
 pub const CHECKSUMS_FILE: &str = "_checksums.json";
@@ -94,17 +97,24 @@ pub fn lake_root(name: &str) -> String {
     format!("weights/{name}")
 }
 
-/// `checkpoint-N` subdirectories of a model root, sorted by N.
+/// The step N of a checkpoint directory name: `checkpoint-N` (Trainer),
+/// `step-N` or `stepN` (Pythia's revisions), `global_stepN`.
+pub fn checkpoint_step(dir: &str) -> Option<u64> {
+    ["checkpoint-", "global_step", "step-", "step"]
+        .iter()
+        .find_map(|p| dir.strip_prefix(p))
+        .and_then(|n| n.parse::<u64>().ok())
+}
+
+/// Checkpoint subdirectories of a model root (see [`checkpoint_step`]),
+/// sorted by step.
 pub fn list_checkpoints(store: &Lake, root: &str) -> Result<Vec<(u64, String)>> {
     let mut out = Vec::new();
     for (key, _) in store.list(root)? {
         let rel = key.strip_prefix(root).unwrap_or(&key).trim_start_matches('/');
         let mut parts = rel.split('/');
         if let (Some(dir), Some("config.json"), None) = (parts.next(), parts.next(), parts.next()) {
-            if let Some(n) = dir
-                .strip_prefix("checkpoint-")
-                .and_then(|n| n.parse::<u64>().ok())
-            {
+            if let Some(n) = checkpoint_step(dir) {
                 out.push((n, join(root, dir)));
             }
         }
@@ -282,7 +292,10 @@ impl ModelRef {
             Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
                 Error::model(
                     &self.id,
-                    format!("{} is corrupt: {e}", self.store.display(&self.key(CHECKSUMS_FILE))),
+                    format!(
+                        "{} is corrupt: {e}",
+                        self.store.display(&self.key(CHECKSUMS_FILE))
+                    ),
                 )
             }),
         }
@@ -375,13 +388,14 @@ impl ModelRef {
     }
 
     /// Check a model against the tokenizer of the data it will read.
-    pub fn check_vocab(&self, config: &GptNeoConfig, tok: &crate::tokenizer::TextTokenizer) -> Result<()> {
-        if config.vocab_size < tok.vocab_size() {
+    pub fn check_vocab(&self, config: &ArchConfig, tok: &crate::tokenizer::TextTokenizer) -> Result<()> {
+        let vocab_size = config.shape().vocab_size;
+        if vocab_size < tok.vocab_size() {
             return Err(Error::model(
                 &self.id,
                 format!(
                     "vocabulary of {} is smaller than the data's tokenizer ({} ids, {})",
-                    config.vocab_size,
+                    vocab_size,
                     tok.vocab_size(),
                     tok.name
                 ),
@@ -409,7 +423,7 @@ impl ModelRef {
         join(&self.dir, file)
     }
 
-    pub fn config(&self) -> Result<GptNeoConfig> {
+    pub fn config(&self) -> Result<ArchConfig> {
         if !self.store.exists(&self.key("config.json"))? {
             return Err(Error::model(
                 &self.id,
@@ -419,7 +433,7 @@ impl ModelRef {
         let bytes = self.read_checked("config.json", self.checksums()?.as_ref())?;
         let text =
             std::str::from_utf8(&bytes).map_err(|_| Error::model(&self.id, "config.json is not UTF-8"))?;
-        GptNeoConfig::from_json(text, &self.id)
+        ArchConfig::from_json(text, &self.id)
     }
 
     /// The tokenizer shipped with the model, if any.
@@ -477,15 +491,47 @@ impl ModelRef {
         Ok(out)
     }
 
-    /// Load the model.
-    pub fn load(&self, device: &Device, dtype: DType) -> Result<GptNeo> {
+    /// Load the model (its family from `config.json`).
+    pub fn load(&self, device: &Device, dtype: DType) -> Result<Box<dyn CausalLm>> {
         let config = self.config()?;
-        let mut tensors = self.tensors(device, dtype)?;
-        // Some exports carry a tied lm_head explicitly; the tie makes it redundant.
-        if config.tie_word_embeddings {
-            tensors.remove("lm_head.weight");
+        let tensors = self.tensors(device, dtype)?;
+        crate::model::from_tensors(&config, tensors, &self.id)
+    }
+
+    /// The classifier rows W (vocab x d) alone, in f32 on the CPU, without
+    /// loading the rest of the model.
+    pub fn classifier_rows(&self) -> Result<(Vec<f32>, usize, usize)> {
+        let config = self.config()?;
+        let sums = self.checksums()?;
+        let names = config.classifier_names();
+        for f in self.weight_files()? {
+            let bytes = self.read_checked(&f, sums.as_ref())?;
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                Error::model(
+                    &self.id,
+                    format!(
+                        "{} is not a readable safetensors file ({e})",
+                        self.store.display(&self.key(&f))
+                    ),
+                )
+            })?;
+            for n in names {
+                if let Ok(view) = st.tensor(n) {
+                    use candle_core::safetensors::Load;
+                    let t = view
+                        .load(&Device::Cpu)
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .ctx(format!("classifier {n}"))?;
+                    let (v, d) = t.dims2().ctx(format!("classifier {n}"))?;
+                    let flat: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).ctx("classifier")?;
+                    return Ok((flat, v, d));
+                }
+            }
         }
-        GptNeo::from_tensors(config, &tensors, &self.id)
+        Err(Error::model(
+            &self.id,
+            format!("the checkpoint has no classifier tensor ({})", names.join(" or ")),
+        ))
     }
 }
 

@@ -7,7 +7,70 @@
 
 use serde_json::{Value, json};
 
+use super::Shape;
+use super::gpt_neox::GptNeoXConfig;
+use super::gpt2::Gpt2Config;
+use super::llama::LlamaConfig;
 use crate::error::{Error, Result};
+
+/// The `model_type`s this pipeline runs.
+pub const SUPPORTED: &[&str] = &["gpt_neo", "gpt2", "gpt_neox", "llama", "qwen2", "mistral"];
+
+/// A model's `config.json`, by family.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ArchConfig {
+    GptNeo(GptNeoConfig),
+    Gpt2(Gpt2Config),
+    GptNeoX(GptNeoXConfig),
+    /// Llama, Qwen2 and Mistral.
+    Llama(LlamaConfig),
+}
+
+impl ArchConfig {
+    /// Parse a `config.json`; the family comes from its `model_type`.
+    pub fn from_json(text: &str, model: &str) -> Result<Self> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| Error::model(model, format!("config.json: not JSON: {e}")))?;
+        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        Ok(match model_type {
+            "gpt_neo" => ArchConfig::GptNeo(GptNeoConfig::from_json(text, model)?),
+            "gpt2" => ArchConfig::Gpt2(Gpt2Config::from_json(&v, model)?),
+            "gpt_neox" => ArchConfig::GptNeoX(GptNeoXConfig::from_json(&v, model)?),
+            "llama" | "qwen2" | "mistral" => ArchConfig::Llama(LlamaConfig::from_json(&v, model)?),
+            other => {
+                return Err(Error::model(
+                    model,
+                    format!(
+                        "config.json: model_type '{other}' is not supported; supported: {} (GPTNeoForCausalLM, GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)",
+                        SUPPORTED.join(", ")
+                    ),
+                ));
+            }
+        })
+    }
+
+    pub fn shape(&self) -> Shape {
+        match self {
+            ArchConfig::GptNeo(c) => c.shape(),
+            ArchConfig::Gpt2(c) => c.shape(),
+            ArchConfig::GptNeoX(c) => c.shape(),
+            ArchConfig::Llama(c) => c.shape(),
+        }
+    }
+
+    /// Checkpoint names the classifier rows may have, most likely first.
+    pub fn classifier_names(&self) -> &'static [&'static str] {
+        match self {
+            ArchConfig::GptNeo(c) if c.tie_word_embeddings => &["transformer.wte.weight"],
+            ArchConfig::GptNeo(_) => &["lm_head.weight"],
+            ArchConfig::Gpt2(_) => &["transformer.wte.weight", "wte.weight"],
+            ArchConfig::GptNeoX(c) if c.tie_word_embeddings => &["gpt_neox.embed_in.weight"],
+            ArchConfig::GptNeoX(_) => &["embed_out.weight"],
+            ArchConfig::Llama(c) if c.tie_word_embeddings => &["model.embed_tokens.weight"],
+            ArchConfig::Llama(_) => &["lm_head.weight"],
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptNeoConfig {
@@ -52,6 +115,18 @@ impl GptNeoConfig {
             tie_word_embeddings: true,
             bos_token_id: Some(50256),
             eos_token_id: Some(50256),
+        }
+    }
+
+    pub fn shape(&self) -> Shape {
+        Shape {
+            model_type: "gpt_neo".into(),
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_layers,
+            num_heads: self.num_heads,
+            max_positions: self.max_position_embeddings,
+            tie_word_embeddings: self.tie_word_embeddings,
         }
     }
 

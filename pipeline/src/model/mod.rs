@@ -1,348 +1,134 @@
-//! GPT-Neo as a plain candle model.
+//! Causal language models as plain candle structs, one module per family,
+//! behind one trait: "hidden states at these layers, and the classifier
+//! rows" ([`CausalLm`]).
 //!
-//! The architecture of Hugging Face `GPTNeoForCausalLM`: learned absolute
-//! positions, pre-LN blocks (ln_1 -> attention -> residual; ln_2 -> MLP ->
-//! residual), q/k/v projections without bias, out_proj with bias, attention
-//! scores **not** scaled by 1/sqrt(d_head) and computed in f32, layers
-//! alternating global and local attention (local: key j visible to query i iff
-//! 0 <= i - j < window), an MLP of width 4d with `gelu_new` (the tanh
-//! approximation), a final `ln_f`, and an lm_head tied to the token embedding.
+//! Families: GPT-Neo ([`gpt_neo`], the paper's; also trained here), GPT-2
+//! ([`gpt2`]), GPT-NeoX / Pythia ([`gpt_neox`]) and the Llama family (Llama,
+//! Qwen2, Mistral: [`llama`]). The family comes from `config.json`'s
+//! `model_type` ([`config::ArchConfig`]); anything else is refused with the
+//! list of supported types. candle-transformers' implementations return only
+//! the last hidden state, so the families are written here, sharing the
+//! pieces in [`layers`].
 //!
-//! `forward` returns the hidden states the caller asks for, indexed as in
-//! Hugging Face's `hidden_states`: 0 = embeddings, i = output of block i - 1
-//! (the input of block i), L = output of `ln_f` (the embedding the paper
-//! studies). Logits are a separate step so stages that only need embeddings
-//! (collect) never pay for the vocabulary-sized product.
-//!
-//! With `train = true` the layer norm is built from primitive operations so
-//! candle's autograd can differentiate it; otherwise candle's fused kernel is
-//! used. The attention softmax is a fused causal op with its own backward
-//! ([`attention`]).
+//! Hidden states are indexed as Hugging Face's `hidden_states`: 0 = the
+//! embeddings, i = the output of block i (the input of block i + 1), L = the
+//! output of the final norm (the embedding the paper studies). Logits are a
+//! separate step, so stages that only need embeddings (collect) never pay
+//! for the vocabulary-sized product. The classifier is the output layer (tied
+//! or untied); for intermediate layers it is still the output layer.
 
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod gpt2;
+pub mod gpt_neo;
+pub mod gpt_neox;
+pub mod layers;
+pub mod llama;
 pub mod loss;
 pub mod naming;
 pub mod optim;
 
-use std::collections::HashMap;
-
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 
 pub use config::GptNeoConfig;
+pub use gpt_neo::{GptNeo, decays, init_weights, parameter_names, parameter_shape, to_dtype};
 
 use crate::error::{Context, Error, Result};
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+/// What the stages need to know about a model's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shape {
+    /// `config.json`'s model_type.
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    /// The longest sequence the model takes.
+    pub max_positions: usize,
+    pub tie_word_embeddings: bool,
 }
 
-impl LayerNorm {
-    fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if !train && x.is_contiguous() {
-            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
-        }
-        let d = x.dim(D::Minus1)? as f64;
-        let mean = (x.sum_keepdim(D::Minus1)? / d)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / d)?;
-        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
-    }
-}
-
-/// `x @ w^T (+ b)` for x of shape [.., in] and w of shape [out, in].
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = *dims.last().expect("linear input has a last dimension");
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = dims;
-    *out.last_mut().expect("non-empty") = w.dim(0)?;
-    y.reshape(out)
-}
-
-struct Block {
-    ln_1: LayerNorm,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out_w: Tensor,
-    out_b: Tensor,
-    ln_2: LayerNorm,
-    fc_w: Tensor,
-    fc_b: Tensor,
-    proj_w: Tensor,
-    proj_b: Tensor,
-    local: bool,
-}
-
-/// The model: plain tensors, whether loaded for inference or shared with the
-/// optimizer's variables during training.
-pub struct GptNeo {
-    pub config: GptNeoConfig,
-    wte: Tensor,
-    wpe: Tensor,
-    blocks: Vec<Block>,
-    ln_f: LayerNorm,
-    /// Untied classifier, when the checkpoint has one.
-    lm_head: Option<Tensor>,
-    device: Device,
-}
-
-/// HF names of every parameter of a config, in a fixed order.
-pub fn parameter_names(config: &GptNeoConfig) -> Vec<String> {
-    let mut names = vec![
-        "transformer.wte.weight".to_string(),
-        "transformer.wpe.weight".to_string(),
-    ];
-    for i in 0..config.num_layers {
-        let p = format!("transformer.h.{i}");
-        for n in [
-            "ln_1.weight",
-            "ln_1.bias",
-            "attn.attention.q_proj.weight",
-            "attn.attention.k_proj.weight",
-            "attn.attention.v_proj.weight",
-            "attn.attention.out_proj.weight",
-            "attn.attention.out_proj.bias",
-            "ln_2.weight",
-            "ln_2.bias",
-            "mlp.c_fc.weight",
-            "mlp.c_fc.bias",
-            "mlp.c_proj.weight",
-            "mlp.c_proj.bias",
-        ] {
-            names.push(format!("{p}.{n}"));
-        }
-    }
-    names.push("transformer.ln_f.weight".to_string());
-    names.push("transformer.ln_f.bias".to_string());
-    if !config.tie_word_embeddings {
-        names.push("lm_head.weight".to_string());
-    }
-    names
-}
-
-/// Expected shape of a parameter.
-pub fn parameter_shape(config: &GptNeoConfig, name: &str) -> Vec<usize> {
-    let d = config.hidden_size;
-    let inner = config.inner_size();
-    let tail = name
-        .rsplit_once(".h.")
-        .map(|(_, t)| t.split_once('.').map(|x| x.1).unwrap_or(t));
-    match (name, tail) {
-        ("transformer.wte.weight", _) | ("lm_head.weight", _) => vec![config.vocab_size, d],
-        ("transformer.wpe.weight", _) => vec![config.max_position_embeddings, d],
-        (_, Some("mlp.c_fc.weight")) => vec![inner, d],
-        (_, Some("mlp.c_fc.bias")) => vec![inner],
-        (_, Some("mlp.c_proj.weight")) => vec![d, inner],
-        (_, Some(t)) if t.ends_with("_proj.weight") => vec![d, d],
-        _ => vec![d],
-    }
-}
-
-/// Whether AdamW weight decay applies (Hugging Face Trainer: not to biases
-/// and layer-norm parameters).
-pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains(".ln_"))
-}
-
-impl GptNeo {
-    /// A freshly initialised model ([`init_weights`] with `seed`) whose
-    /// parameters are `Var`s, in [`parameter_names`] order: an optimiser
-    /// updates them in place and the model reads the updated values.
-    pub fn trainable(
-        config: GptNeoConfig,
-        seed: u64,
-        device: &Device,
-        model: &str,
-    ) -> Result<(Self, Vec<(String, Var)>)> {
-        let init = init_weights(&config, seed, device)?;
-        let vars: Vec<(String, Var)> = parameter_names(&config)
-            .into_iter()
-            .map(|n| {
-                let v = Var::from_tensor(&init[&n]).ctx("creating variables")?;
-                Ok((n, v))
-            })
-            .collect::<Result<_>>()?;
-        let tensors: HashMap<String, Tensor> = vars
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-            .collect();
-        Ok((Self::from_tensors(config, &tensors, model)?, vars))
-    }
-
-    /// Build from named tensors (HF checkpoint names), checking every shape.
-    pub fn from_tensors(
-        config: GptNeoConfig,
-        tensors: &HashMap<String, Tensor>,
-        model: &str,
-    ) -> Result<Self> {
-        let mut missing = Vec::new();
-        for n in parameter_names(&config) {
-            match tensors.get(&n) {
-                None => missing.push(n),
-                Some(t) => {
-                    let want = parameter_shape(&config, &n);
-                    if t.dims() != want.as_slice() {
-                        return Err(Error::model(
-                            model,
-                            format!("tensor {n} has shape {:?}, the config implies {want:?}", t.dims()),
-                        ));
-                    }
-                }
-            }
-        }
-        if !missing.is_empty() {
-            let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
-            return Err(Error::model(
-                model,
-                format!(
-                    "{} tensors missing from the checkpoint, e.g. {}",
-                    missing.len(),
-                    shown.join(", ")
-                ),
-            ));
-        }
-        let get = |n: &str| -> Tensor { tensors[n].clone() };
-        let ln = |p: &str| LayerNorm {
-            weight: get(&format!("{p}.weight")),
-            bias: get(&format!("{p}.bias")),
-            eps: config.layer_norm_epsilon,
-        };
-        let layer_types = config.layer_types();
-        let blocks = (0..config.num_layers)
-            .map(|i| {
-                let p = format!("transformer.h.{i}");
-                Block {
-                    ln_1: ln(&format!("{p}.ln_1")),
-                    q: get(&format!("{p}.attn.attention.q_proj.weight")),
-                    k: get(&format!("{p}.attn.attention.k_proj.weight")),
-                    v: get(&format!("{p}.attn.attention.v_proj.weight")),
-                    out_w: get(&format!("{p}.attn.attention.out_proj.weight")),
-                    out_b: get(&format!("{p}.attn.attention.out_proj.bias")),
-                    ln_2: ln(&format!("{p}.ln_2")),
-                    fc_w: get(&format!("{p}.mlp.c_fc.weight")),
-                    fc_b: get(&format!("{p}.mlp.c_fc.bias")),
-                    proj_w: get(&format!("{p}.mlp.c_proj.weight")),
-                    proj_b: get(&format!("{p}.mlp.c_proj.bias")),
-                    local: layer_types[i] == "local",
-                }
-            })
-            .collect();
-        let wte = get("transformer.wte.weight");
-        let device = wte.device().clone();
-        Ok(GptNeo {
-            wpe: get("transformer.wpe.weight"),
-            ln_f: ln("transformer.ln_f"),
-            lm_head: (!config.tie_word_embeddings).then(|| get("lm_head.weight")),
-            wte,
-            blocks,
-            config,
-            device,
-        })
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Classifier rows W (vocab x d): the tied embedding or the untied head.
-    pub fn classifier(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.wte)
-    }
-
-    /// Run the model on token ids [B, T]. Returns the requested hidden states
-    /// (see the module docs for the indexing), in the order asked.
-    pub fn forward(&self, ids: &Tensor, layers: &[usize], train: bool) -> Result<Vec<Tensor>> {
-        self.forward_inner(ids, layers, train).ctx("GPT-Neo forward")
-    }
-
-    fn forward_inner(&self, ids: &Tensor, layers: &[usize], train: bool) -> candle_core::Result<Vec<Tensor>> {
-        let (b, t) = ids.dims2()?;
-        let d = self.config.hidden_size;
-        let h_n = self.config.num_heads;
-        let dh = d / h_n;
-        let last = self.config.num_layers;
-        let flat = ids.flatten_all()?;
-        let tok = self.wte.index_select(&flat, 0)?.reshape((b, t, d))?;
-        let pos = self.wpe.narrow(0, 0, t)?;
-        let mut x = tok.broadcast_add(&pos)?;
-        let mut out: Vec<Option<Tensor>> = vec![None; layers.len()];
-        let mut keep = |idx: usize, x: &Tensor| {
-            for (slot, &l) in out.iter_mut().zip(layers) {
-                if l == idx {
-                    *slot = Some(x.clone());
-                }
-            }
-        };
-        keep(0, &x);
-        // Scores in f32 at least, as Hugging Face casts query and key up.
-        let score_dtype = match x.dtype() {
-            DType::BF16 | DType::F16 => DType::F32,
-            other => other,
-        };
-        let window = self.config.window_size;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            if i > 0 {
-                keep(i, &x);
-            }
-            let h = blk.ln_1.forward(&x, train)?;
-            let heads = |w: &Tensor| -> candle_core::Result<Tensor> {
-                linear(&h, w, None)?
-                    .reshape((b, t, h_n, dh))?
-                    .transpose(1, 2)?
-                    .contiguous()
-            };
-            let (q, k, v) = (heads(&blk.q)?, heads(&blk.k)?, heads(&blk.v)?);
-            let scores = q.to_dtype(score_dtype)?.matmul(&k.to_dtype(score_dtype)?.t()?)?;
-            let probs = attention::causal_softmax(&scores, blk.local.then_some(window))?;
-            let att = probs
-                .to_dtype(v.dtype())?
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, t, d))?;
-            let att = linear(&att, &blk.out_w, Some(&blk.out_b))?;
-            x = (x + att)?;
-            let h = blk.ln_2.forward(&x, train)?;
-            let h = linear(&h, &blk.fc_w, Some(&blk.fc_b))?.gelu()?;
-            let h = linear(&h, &blk.proj_w, Some(&blk.proj_b))?;
-            x = (x + h)?;
-        }
-        let x = self.ln_f.forward(&x, train)?;
-        keep(last, &x);
-        out.into_iter()
-            .zip(layers)
-            .map(|(o, l)| {
-                o.ok_or_else(|| candle_core::Error::Msg(format!("layer {l} is outside 0..={last}")))
-            })
-            .collect()
-    }
-
+/// A causal language model, whatever its family.
+pub trait CausalLm: Send + Sync {
+    fn shape(&self) -> &Shape;
+    fn device(&self) -> &Device;
+    /// Hidden states of token ids [B, T] at `layers` (Hugging Face
+    /// `hidden_states` indexing), in the order asked.
+    fn hidden_states(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>>;
+    /// Classifier rows W (vocab x d): the output layer.
+    fn classifier(&self) -> &Tensor;
     /// Logits [.., vocab] of final hidden states [.., d].
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        linear(hidden, self.classifier(), None).ctx("lm_head")
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        layers::linear(hidden, self.classifier(), None).ctx("output layer")
     }
+    /// Parameters, a tied classifier counted once.
+    fn n_params(&self) -> u64;
+}
 
-    /// Parameters, tied embedding counted once.
-    pub fn n_params(&self) -> u64 {
-        parameter_names(&self.config)
-            .iter()
-            .map(|n| parameter_shape(&self.config, n).iter().product::<usize>() as u64)
-            .sum()
+/// Build a model of any supported family from named tensors.
+pub fn from_tensors(
+    config: &config::ArchConfig,
+    tensors: std::collections::HashMap<String, Tensor>,
+    id: &str,
+) -> Result<Box<dyn CausalLm>> {
+    use config::ArchConfig as A;
+    Ok(match config {
+        A::GptNeo(c) => {
+            let mut tensors = tensors;
+            // Some exports carry a tied lm_head explicitly; the tie makes it redundant.
+            if c.tie_word_embeddings {
+                tensors.remove("lm_head.weight");
+            }
+            Box::new(GptNeo::from_tensors(c.clone(), &tensors, id)?)
+        }
+        A::Gpt2(c) => Box::new(gpt2::Gpt2::from_tensors(c, tensors, id)?),
+        A::GptNeoX(c) => Box::new(gpt_neox::GptNeoX::from_tensors(c, tensors, id)?),
+        A::Llama(c) => Box::new(llama::Llama::from_tensors(c, tensors, id)?),
+    })
+}
+
+/// Take a named tensor of an expected shape out of a checkpoint's tensors,
+/// or say which is missing or misshapen.
+pub(crate) fn take(
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+    id: &str,
+) -> Result<Tensor> {
+    let t = tensors.remove(name).ok_or_else(|| {
+        Error::model(
+            id,
+            format!("the checkpoint has no tensor {name} (expected shape {shape:?})"),
+        )
+    })?;
+    if t.dims() != shape {
+        return Err(Error::model(
+            id,
+            format!(
+                "tensor {name} has shape {:?}, the config implies {shape:?}",
+                t.dims()
+            ),
+        ));
+    }
+    Ok(t)
+}
+
+/// Like [`take`], for a tensor some checkpoints of the family have (biases).
+pub(crate) fn take_opt(
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+    name: &str,
+    shape: &[usize],
+    id: &str,
+) -> Result<Option<Tensor>> {
+    if tensors.contains_key(name) {
+        take(tensors, name, shape, id).map(Some)
+    } else {
+        Ok(None)
     }
 }
 
-/// Pick a device by name.
 pub fn device(spec: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
@@ -369,37 +155,4 @@ pub fn dtype(spec: &str) -> Result<DType> {
         "bf16" => Ok(DType::BF16),
         other => Err(Error::invalid(format!("dtype '{other}' is not f32 or bf16"))),
     }
-}
-
-/// Initial weights as Hugging Face initialises GPT-Neo: normal(0, 0.02) for
-/// linear and embedding weights, zero biases, unit layer-norm gains.
-pub fn init_weights(config: &GptNeoConfig, seed: u64, device: &Device) -> Result<HashMap<String, Tensor>> {
-    use rand::SeedableRng;
-    use rand_distr::{Distribution, Normal};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, config.initializer_range as f32)
-        .map_err(|e| Error::invalid(format!("initializer_range: {e}")))?;
-    let mut out = HashMap::new();
-    for name in parameter_names(config) {
-        let shape = parameter_shape(config, &name);
-        let n: usize = shape.iter().product();
-        let vals: Vec<f32> = if name.contains(".ln_") {
-            vec![if name.ends_with(".weight") { 1.0 } else { 0.0 }; n]
-        } else if name.ends_with(".bias") {
-            vec![0.0; n]
-        } else {
-            (0..n).map(|_| normal.sample(&mut rng)).collect()
-        };
-        let t = Tensor::from_vec(vals, shape, device).ctx("initialising weights")?;
-        out.insert(name, t);
-    }
-    Ok(out)
-}
-
-/// Convert a set of tensors to another dtype (f64 for gradient checks).
-pub fn to_dtype(tensors: &HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_dtype(dtype).ctx("converting weights")?)))
-        .collect()
 }

@@ -56,7 +56,11 @@ pub fn parse(id: &str) -> Option<GridId> {
         width: dddd.parse().ok()?,
         epochs: ee.parse().ok()?,
         weight_decay: decay_of_code(code)?,
-        seed: if ss.is_empty() { None } else { Some(ss.parse().ok()?) },
+        seed: if ss.is_empty() {
+            None
+        } else {
+            Some(ss.parse().ok()?)
+        },
         checkpoint: ck,
     })
 }
@@ -118,7 +122,13 @@ mod tests {
         // No seed digits is not seed 0.
         assert_eq!(parse("02x0768_01d@0").unwrap().seed, None);
         assert_eq!(parse("02x0768_01d00@0").unwrap().seed, Some(0));
-        for bad in ["02x0768_01@0", "02x0768_d05", "x0768_01d05", "02x0768_01d05@", "02x0768_01d0a"] {
+        for bad in [
+            "02x0768_01@0",
+            "02x0768_d05",
+            "x0768_01d05",
+            "02x0768_01d05@",
+            "02x0768_01d0a",
+        ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
     }

@@ -60,7 +60,10 @@ pub const SQL_FILES: &[(&str, &str)] = &[
     ),
     ("report_points", include_str!("../../../sql/report_points.sql")),
     ("report_layers", include_str!("../../../sql/report_layers.sql")),
-    ("report_training", include_str!("../../../sql/report_training.sql")),
+    (
+        "report_training",
+        include_str!("../../../sql/report_training.sql"),
+    ),
     (
         "report_correlations",
         include_str!("../../../sql/report_correlations.sql"),

@@ -42,5 +42,6 @@ pub fn register(sql: &Sql, name: &str, view: &str, equal: &[(&str, &str)], predi
 /// The partition id of the correlations of a selection: a hash of
 /// everything that determines them.
 pub fn correlations_id(source: &str, predicate: &str, n_perm: u64, n_boot: u64, seed: u64) -> String {
-    blake3::hash(format!("{source}\n{predicate}\n{n_perm}\n{n_boot}\n{seed}").as_bytes()).to_hex()[..16].to_string()
+    blake3::hash(format!("{source}\n{predicate}\n{n_perm}\n{n_boot}\n{seed}").as_bytes()).to_hex()[..16]
+        .to_string()
 }

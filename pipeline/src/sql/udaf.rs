@@ -309,7 +309,11 @@ impl Accumulator for PairsAccumulator {
 }
 
 pub fn register(ctx: &SessionContext) {
-    let list = DataType::List(Arc::new(arrow::datatypes::Field::new("item", DataType::Float64, true)));
+    let list = DataType::List(Arc::new(arrow::datatypes::Field::new(
+        "item",
+        DataType::Float64,
+        true,
+    )));
     let f = DataType::Float64;
     let i = DataType::Int64;
     let make = |kind: Kind| -> datafusion::logical_expr::function::AccumulatorFactoryFunction {
@@ -375,7 +379,10 @@ mod tests {
         xr.reverse();
         yr.reverse();
         assert_eq!(perm_pvalue(&x, &y, 500, 9), perm_pvalue(&xr, &yr, 500, 9));
-        assert_eq!(r2_bootstrap(&x, &y, 300, 2, 0.025), r2_bootstrap(&xr, &yr, 300, 2, 0.025));
+        assert_eq!(
+            r2_bootstrap(&x, &y, 300, 2, 0.025),
+            r2_bootstrap(&xr, &yr, 300, 2, 0.025)
+        );
         assert_ne!(perm_pvalue(&x, &y, 500, 9), perm_pvalue(&x, &y, 500, 10));
     }
 
@@ -392,6 +399,9 @@ mod tests {
             counts[r.below(7) as usize] += 1;
         }
         // 10,000 expected per value; 5 sigma is about 480.
-        assert!(counts.iter().all(|&c| (c as i64 - 10_000).abs() < 480), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (c as i64 - 10_000).abs() < 480),
+            "{counts:?}"
+        );
     }
 }

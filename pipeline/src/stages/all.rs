@@ -136,7 +136,9 @@ impl Stage for All {
         let mut report = pairs(&exp.report);
         for k in ["where", "permutations", "bootstrap", "seed"] {
             if let Some(v) = exp.correlate.get(k) {
-                report.entry(k.to_string()).or_insert_with(|| crate::experiment::value_string(v));
+                report
+                    .entry(k.to_string())
+                    .or_insert_with(|| crate::experiment::value_string(v));
             }
         }
         let written = step("report", report)?;

@@ -23,7 +23,6 @@ use arrow::array::AsArray;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
-use candle_core::{DType, Device};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
@@ -42,6 +41,11 @@ const PARAMS: &[ParamSpec] = &[
     ),
     param("split", "train", "split of the class statistics"),
     param("layer", "last", "hidden-state index (last = ln_f output)"),
+    param(
+        "layers",
+        "",
+        "several layers in one run: all (every collected layer) or a comma-separated list; overrides layer",
+    ),
     param(
         "min_per_class",
         "1",
@@ -149,195 +153,235 @@ impl Stage for Analyze {
             .map(|m| m.id.clone())
             .unwrap_or_else(|| spec.to_string());
         let split = p.nonempty("split")?;
-        let layer = match p.str("layer") {
-            "last" => model_ref
-                .as_ref()
-                .ok_or_else(|| {
-                    p.invalid(
-                        "layer",
-                        format!("model {spec} is not reachable to tell its last layer; give layer=N"),
-                    )
-                })?
-                .config()?
-                .num_layers
-                .to_string(),
-            s => s.to_string(),
-        };
-        let min = p.u64("min_per_class")?;
-        let max = p.u64("max_per_class")?;
-        let opt = Options {
-            edge: p.usize_in("tile", 1, 1 << 16)?,
-            cdnv_k: p.f64("cdnv_k")?,
-            riesz_s: match p.choice("kernels", &["log", "log,riesz"])? {
-                "log,riesz" => Some(p.f64("riesz_s")?),
-                _ => None,
-            },
-            f32_gemm: p.choice("precision", &["f64", "f32"])? == "f32",
-            top_k: parse_topk(p.str("dump_pairs")).map_err(|e| p.invalid("dump_pairs", e.to_string()))?,
-        };
-        let stats_a = Artifact::new(
-            "class_stats",
-            &[("model", &id), ("split", split), ("layer", &layer)],
-        )?;
-        let stats_m = ctx
-            .lake
-            .require(&stats_a, "run stage=collect for this model first")?;
-        let dec_a = Artifact::new(
-            "decisions",
-            &[
-                ("model", &id),
-                ("split", p.nonempty("decisions_split")?),
-                ("layer", &layer),
-            ],
-        )?;
-        let dec_m = ctx.lake.manifest(&dec_a)?;
-        if let Some(d) = &dec_m {
-            check_same_analysed_classes(d, &stats_m, min, max)?;
-        }
-        let weights = match &model_ref {
-            Some(m) => Some((m, m.weights_input()?)),
-            None => None,
-        };
-        let mut prov = Provenance::new("analyze")
-            .param("min_per_class", min)
-            .param("max_per_class", max)
-            .param("cdnv_k", opt.cdnv_k)
-            .param("tile", opt.edge)
-            .param("kernels", p.str("kernels"))
-            .param("riesz_s", p.str("riesz_s"))
-            .param("precision", p.str("precision"))
-            .param("dump_pairs", p.str("dump_pairs"))
-            .input(&stats_m);
-        if let Some(d) = &dec_m {
-            prov = prov.input(d);
-        }
-        if let Some((_, w)) = &weights {
-            prov.inputs.push(w.clone());
-        }
-        let parts = [
-            ("model", id.as_str()),
-            ("split", split),
-            ("layer", layer.as_str()),
-        ];
-        let tiles_a = Artifact::new("pair_tiles", &parts)?;
-        let class_a = Artifact::new("class_metrics", &parts)?;
-        if !p.bool("force")? {
-            let done = [&tiles_a, &class_a]
-                .iter()
-                .map(|a| ctx.lake.manifest(a))
-                .collect::<Result<Vec<_>>>()?
-                .iter()
-                .all(|m| m.as_ref().is_some_and(|m| prov.matches(m)));
-            if done {
-                return Ok(format!(
-                    "pair_tiles, class_metrics for {id}/{split}/{layer}: up to date"
-                ));
-            }
-        }
-
-        let started = std::time::Instant::now();
-        let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
-        let prep = prepare(&stats, min, max);
-        let c = prep.rows.len();
-        if c < 2 {
-            return Err(Error::invalid(format!(
-                "{stats_a}: {c} class(es) in V' (min_per_class={min}, max_per_class={max}); the pairwise metrics need at least 2"
-            )));
-        }
-        let report = tiles::pairs(
-            &Classes {
-                centred: &prep.centred,
-                d: stats.d,
-                var: &prep.var,
-                mean_bar: &prep.mean_bar,
-            },
-            &opt,
-        );
-        let pair_secs = started.elapsed().as_secs_f64();
-
-        // NC3 needs the classifier rows.
-        let w: Option<(Vec<f64>, usize)> = match &weights {
-            Some((m, _)) => {
-                let tensors = m.tensors(&Device::Cpu, DType::F32)?;
-                let config = m.config()?;
-                let name = if config.tie_word_embeddings {
-                    "transformer.wte.weight"
-                } else {
-                    "lm_head.weight"
-                };
-                let t = tensors
-                    .get(name)
-                    .ok_or_else(|| Error::model(&m.id, format!("no {name}")))?;
-                let (v, d) = t.dims2().ctx("classifier")?;
-                if d != stats.d {
-                    return Err(Error::model(
-                        &m.id,
-                        format!("classifier width {d} differs from the statistics' {}", stats.d),
+        let layers: Vec<String> = match p.opt("layers") {
+            None => vec![single_layer(p, spec, model_ref.as_ref())?],
+            Some("all") => {
+                let mut ls: Vec<String> = ctx
+                    .lake
+                    .manifests("class_stats", &format!("model={id}/split={split}"))?
+                    .iter()
+                    .filter_map(|m| m.partition.get("layer").cloned())
+                    .collect();
+                ls.sort_by_key(|l| l.parse::<u64>().unwrap_or(u64::MAX));
+                if ls.is_empty() {
+                    return Err(p.invalid(
+                        "layers",
+                        format!("no class_stats for {id} on {split}: run collect (layers=all) first"),
                     ));
                 }
-                let flat: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).ctx("classifier")?;
-                Some((flat.into_iter().map(f64::from).collect(), v))
+                ls
             }
-            None => {
-                tracing::warn!(model = %id, "weights not reachable: NC3 columns will be null");
-                None
-            }
+            Some(list) => list
+                .split(',')
+                .map(|l| {
+                    let l = l.trim();
+                    l.parse::<u64>()
+                        .map(|x| x.to_string())
+                        .map_err(|_| p.invalid("layers", format!("'{l}' is not a layer index")))
+                })
+                .collect::<Result<_>>()?,
         };
-        let decisions: HashMap<u32, (u64, u64)> = match &dec_m {
-            Some(_) => {
-                let mut out = HashMap::new();
-                for b in ctx.lake.read_artifact(&dec_a)? {
-                    let ids = b.column(0).as_primitive::<UInt32Type>();
-                    let samples = b.column(1).as_primitive::<UInt64Type>();
-                    let agree = b.column(2).as_primitive::<UInt64Type>();
-                    for i in 0..b.num_rows() {
-                        out.insert(ids.value(i), (agree.value(i), samples.value(i)));
-                    }
-                }
-                out
-            }
-            None => HashMap::new(),
-        };
-        let tokenizer = stats_m
-            .extra_str("dataset")
-            .and_then(|ds| crate::tokenizer::for_dataset(&ctx.lake, ds).ok())
-            .map(|(t, _)| t);
-
-        let class_batch = class_metrics_batch(
-            &stats,
-            &prep,
-            &report,
-            w.as_ref(),
-            dec_m.as_ref().map(|_| &decisions),
-            tokenizer.as_ref(),
-        )?;
-        let tiles_batch = pair_tiles_batch(&report, opt.riesz_s.is_some())?;
-        ctx.lake
-            .write_artifact(&tiles_a, &[tiles_batch], prov.clone().extra("classes", c as u64))?;
-        ctx.lake
-            .write_artifact(&class_a, &[class_batch], prov.clone().extra("classes", c as u64))?;
-        if opt.top_k > 0 {
-            let ext = Artifact::new("pair_extremes", &parts)?;
-            ctx.lake.write_artifact(
-                &ext,
-                &[extremes_batch(&report, &prep, &stats, opt.riesz_s.is_some())?],
-                prov.clone(),
-            )?;
+        let mut lines = Vec::new();
+        for layer in &layers {
+            lines.push(analyze_layer(ctx, p, model_ref.as_ref(), &id, split, layer)?);
         }
-        let cdnv = tiles::combine(&report.tiles, tiles::METRIC_CDNV);
-        let intf = tiles::combine(&report.tiles, tiles::METRIC_INTERFERENCE);
-        let rss = crate::bench::peak_rss_mib()
-            .map(|m| format!(", process peak RSS {m:.0} MiB"))
-            .unwrap_or_default();
-        Ok(format!(
-            "{id}/{split}/layer={layer}: |V'| = {c}, {} pairs in {} tiles ({pair_secs:.2}s, {} recomputed exactly{rss}); CDNV mean {:.4e}, interference mean {:.4}",
-            c * (c - 1) / 2,
-            report.tiles.len(),
-            report.recomputed,
-            cdnv.mean,
-            intf.mean
-        ))
+        Ok(lines.join("\n"))
     }
+}
+
+/// The `layer=` parameter as an index ("last" needs the model's config).
+fn single_layer(p: &Params, spec: &str, model_ref: Option<&ModelRef>) -> Result<String> {
+    Ok(match p.str("layer") {
+        "last" => model_ref
+            .as_ref()
+            .ok_or_else(|| {
+                p.invalid(
+                    "layer",
+                    format!("model {spec} is not reachable to tell its last layer; give layer=N"),
+                )
+            })?
+            .config()?
+            .shape()
+            .num_layers
+            .to_string(),
+        s => s.to_string(),
+    })
+}
+
+/// Every metric of one layer (see the module documentation).
+fn analyze_layer(
+    ctx: &Ctx,
+    p: &Params,
+    model_ref: Option<&ModelRef>,
+    id: &str,
+    split: &str,
+    layer: &str,
+) -> Result<String> {
+    let id = id.to_string();
+    let layer = layer.to_string();
+    let min = p.u64("min_per_class")?;
+    let max = p.u64("max_per_class")?;
+    let opt = Options {
+        edge: p.usize_in("tile", 1, 1 << 16)?,
+        cdnv_k: p.f64("cdnv_k")?,
+        riesz_s: match p.choice("kernels", &["log", "log,riesz"])? {
+            "log,riesz" => Some(p.f64("riesz_s")?),
+            _ => None,
+        },
+        f32_gemm: p.choice("precision", &["f64", "f32"])? == "f32",
+        top_k: parse_topk(p.str("dump_pairs")).map_err(|e| p.invalid("dump_pairs", e.to_string()))?,
+    };
+    let stats_a = Artifact::new(
+        "class_stats",
+        &[("model", &id), ("split", split), ("layer", &layer)],
+    )?;
+    let stats_m = ctx
+        .lake
+        .require(&stats_a, "run stage=collect for this model first")?;
+    let dec_a = Artifact::new(
+        "decisions",
+        &[
+            ("model", &id),
+            ("split", p.nonempty("decisions_split")?),
+            ("layer", &layer),
+        ],
+    )?;
+    let dec_m = ctx.lake.manifest(&dec_a)?;
+    if let Some(d) = &dec_m {
+        check_same_analysed_classes(d, &stats_m, min, max)?;
+    }
+    let weights = match model_ref {
+        Some(m) => Some((m, m.weights_input()?)),
+        None => None,
+    };
+    let mut prov = Provenance::new("analyze")
+        .param("min_per_class", min)
+        .param("max_per_class", max)
+        .param("cdnv_k", opt.cdnv_k)
+        .param("tile", opt.edge)
+        .param("kernels", p.str("kernels"))
+        .param("riesz_s", p.str("riesz_s"))
+        .param("precision", p.str("precision"))
+        .param("dump_pairs", p.str("dump_pairs"))
+        .input(&stats_m);
+    if let Some(d) = &dec_m {
+        prov = prov.input(d);
+    }
+    if let Some((_, w)) = &weights {
+        prov.inputs.push(w.clone());
+    }
+    let parts = [
+        ("model", id.as_str()),
+        ("split", split),
+        ("layer", layer.as_str()),
+    ];
+    let tiles_a = Artifact::new("pair_tiles", &parts)?;
+    let class_a = Artifact::new("class_metrics", &parts)?;
+    if !p.bool("force")? {
+        let done = [&tiles_a, &class_a]
+            .iter()
+            .map(|a| ctx.lake.manifest(a))
+            .collect::<Result<Vec<_>>>()?
+            .iter()
+            .all(|m| m.as_ref().is_some_and(|m| prov.matches(m)));
+        if done {
+            return Ok(format!(
+                "pair_tiles, class_metrics for {id}/{split}/{layer}: up to date"
+            ));
+        }
+    }
+
+    let started = std::time::Instant::now();
+    let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
+    let prep = prepare(&stats, min, max);
+    let c = prep.rows.len();
+    if c < 2 {
+        return Err(Error::invalid(format!(
+            "{stats_a}: {c} class(es) in V' (min_per_class={min}, max_per_class={max}); the pairwise metrics need at least 2"
+        )));
+    }
+    let report = tiles::pairs(
+        &Classes {
+            centred: &prep.centred,
+            d: stats.d,
+            var: &prep.var,
+            mean_bar: &prep.mean_bar,
+        },
+        &opt,
+    );
+    let pair_secs = started.elapsed().as_secs_f64();
+
+    // NC3 needs the classifier rows.
+    let w: Option<(Vec<f64>, usize)> = match &weights {
+        Some((m, _)) => {
+            let (flat, v, d) = m.classifier_rows()?;
+            if d != stats.d {
+                return Err(Error::model(
+                    &m.id,
+                    format!("classifier width {d} differs from the statistics' {}", stats.d),
+                ));
+            }
+            Some((flat.into_iter().map(f64::from).collect(), v))
+        }
+        None => {
+            tracing::warn!(model = %id, "weights not reachable: NC3 columns will be null");
+            None
+        }
+    };
+    let decisions: HashMap<u32, (u64, u64)> = match &dec_m {
+        Some(_) => {
+            let mut out = HashMap::new();
+            for b in ctx.lake.read_artifact(&dec_a)? {
+                let ids = b.column(0).as_primitive::<UInt32Type>();
+                let samples = b.column(1).as_primitive::<UInt64Type>();
+                let agree = b.column(2).as_primitive::<UInt64Type>();
+                for i in 0..b.num_rows() {
+                    out.insert(ids.value(i), (agree.value(i), samples.value(i)));
+                }
+            }
+            out
+        }
+        None => HashMap::new(),
+    };
+    let tokenizer = stats_m
+        .extra_str("dataset")
+        .and_then(|ds| crate::tokenizer::for_dataset(&ctx.lake, ds).ok())
+        .map(|(t, _)| t);
+
+    let class_batch = class_metrics_batch(
+        &stats,
+        &prep,
+        &report,
+        w.as_ref(),
+        dec_m.as_ref().map(|_| &decisions),
+        tokenizer.as_ref(),
+    )?;
+    let tiles_batch = pair_tiles_batch(&report, opt.riesz_s.is_some())?;
+    ctx.lake
+        .write_artifact(&tiles_a, &[tiles_batch], prov.clone().extra("classes", c as u64))?;
+    ctx.lake
+        .write_artifact(&class_a, &[class_batch], prov.clone().extra("classes", c as u64))?;
+    if opt.top_k > 0 {
+        let ext = Artifact::new("pair_extremes", &parts)?;
+        ctx.lake.write_artifact(
+            &ext,
+            &[extremes_batch(&report, &prep, &stats, opt.riesz_s.is_some())?],
+            prov.clone(),
+        )?;
+    }
+    let cdnv = tiles::combine(&report.tiles, tiles::METRIC_CDNV);
+    let intf = tiles::combine(&report.tiles, tiles::METRIC_INTERFERENCE);
+    let rss = crate::bench::peak_rss_mib()
+        .map(|m| format!(", process peak RSS {m:.0} MiB"))
+        .unwrap_or_default();
+    Ok(format!(
+        "{id}/{split}/layer={layer}: |V'| = {c}, {} pairs in {} tiles ({pair_secs:.2}s, {} recomputed exactly{rss}); CDNV mean {:.4e}, interference mean {:.4}",
+        c * (c - 1) / 2,
+        report.tiles.len(),
+        report.recomputed,
+        cdnv.mean,
+        intf.mean
+    ))
 }
 
 /// One V' must govern NC1-NC3 (here) and NC4 (decide) for a model: refuse

@@ -32,7 +32,7 @@ use candle_core::Tensor;
 use crate::artifact::Provenance;
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
-use crate::model::GptNeo;
+use crate::model::CausalLm;
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::partials::{StateObject, collect_inputs, commit_class_stats, shard_key};
@@ -136,15 +136,15 @@ struct Clock {
 /// Run the model over `ids` and return, per requested layer, the sample
 /// embeddings [B*(T-1), d] (positions 1..T-1) with their labels.
 fn samples(
-    model: &GptNeo,
+    model: &dyn CausalLm,
     ids: &[u32],
     b: usize,
     t: usize,
     layers: &[usize],
 ) -> Result<(Vec<Tensor>, Vec<u32>)> {
     let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;
-    let hs = model.forward(&x, layers, false)?;
-    let d = model.config.hidden_size;
+    let hs = model.hidden_states(&x, layers)?;
+    let d = model.shape().hidden_size;
     let hs = hs
         .into_iter()
         .map(|h| {
@@ -195,14 +195,15 @@ impl Stage for Collect {
         chunks.check_tokenizer(&tok)?;
         let config = m.config()?;
         m.check_vocab(&config, &tok)?;
-        let layers = parse_layers(p.str("layers"), config.num_layers)
+        let shape = config.shape();
+        let layers = parse_layers(p.str("layers"), shape.num_layers)
             .map_err(|e| p.invalid("layers", e.to_string()))?;
-        if config.max_position_embeddings < chunks.t {
+        if shape.max_positions < chunks.t {
             return Err(Error::model(
                 &m.id,
                 format!(
                     "context {} is shorter than the chunks' T = {}",
-                    config.max_position_embeddings, chunks.t
+                    shape.max_positions, chunks.t
                 ),
             ));
         }
@@ -241,7 +242,8 @@ impl Stage for Collect {
         }
 
         let model = m.load(&device, dtype)?;
-        let d = model.config.hidden_size;
+        let model = &*model;
+        let d = model.shape().hidden_size;
         let range = (shard * chunks.count / of)..((shard + 1) * chunks.count / of);
         let state_id = blake3::hash(
             format!(
@@ -319,7 +321,7 @@ impl Stage for Collect {
             let from = next;
             chunks.for_each_batch(&ctx.lake, next..until, batch, |first, ids, b| {
                 let t0 = Instant::now();
-                let (hs, labels) = samples(&model, ids, b, chunks.t, &layers)?;
+                let (hs, labels) = samples(model, ids, b, chunks.t, &layers)?;
                 // Make the forward's time measurable apart from accumulation.
                 if let Some(h) = hs.first() {
                     h.device().synchronize().ctx("device sync")?;

@@ -102,19 +102,14 @@ impl Stage for Decide {
             _ => DType::F32,
         };
         let config = m.config()?;
-        let layer = match p.str("layer") {
-            "last" => config.num_layers,
-            s => s
-                .parse::<usize>()
-                .ok()
-                .filter(|&l| l <= config.num_layers)
-                .ok_or_else(|| {
-                    p.invalid(
-                        "layer",
-                        format!("'{s}' is not last or an index in 0..={}", config.num_layers),
-                    )
+        let depth = config.shape().num_layers;
+        let layer =
+            match p.str("layer") {
+                "last" => depth,
+                s => s.parse::<usize>().ok().filter(|&l| l <= depth).ok_or_else(|| {
+                    p.invalid("layer", format!("'{s}' is not last or an index in 0..={depth}"))
                 })?,
-        };
+            };
         let stats_a = Artifact::new(
             "class_stats",
             &[
@@ -151,8 +146,8 @@ impl Stage for Decide {
         }
 
         let device = crate::model::device(p.str("device"))?;
+        m.check_vocab(&config, &tok)?;
         let model = m.load(&device, DType::F32)?;
-        m.check_vocab(&model.config, &tok)?;
         let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
         let rows = stats.analysed(min, max);
         if rows.is_empty() {
@@ -189,7 +184,7 @@ impl Stage for Decide {
         let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
         chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
-            let h = model.forward(&x, &[layer], false)?.remove(0);
+            let h = model.hidden_states(&x, &[layer])?.remove(0);
             let decide = || -> candle_core::Result<(Vec<u32>, Vec<u32>)> {
                 let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?.to_dtype(dt)?;
                 let lin = h.matmul(&w_t)?.argmax(D::Minus1)?.to_vec1::<u32>()?;

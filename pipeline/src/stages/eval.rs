@@ -22,7 +22,7 @@ use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
 use crate::model::checkpoint::{ModelRef, list_checkpoints};
-use crate::model::{GptNeo, loss, naming};
+use crate::model::{CausalLm, loss, naming};
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 
@@ -102,10 +102,10 @@ struct Totals {
     samples: u64,
 }
 
-fn evaluate(ctx: &Ctx, model: &GptNeo, chunks: &Chunks, batch: usize) -> Result<Totals> {
+fn evaluate(ctx: &Ctx, model: &dyn CausalLm, chunks: &Chunks, batch: usize) -> Result<Totals> {
     let t = chunks.t;
-    let depth = model.config.num_layers;
-    let d = model.config.hidden_size;
+    let depth = model.shape().num_layers;
+    let d = model.shape().hidden_size;
     let mut tot = Totals {
         loss: 0.0,
         correct: 0,
@@ -115,7 +115,7 @@ fn evaluate(ctx: &Ctx, model: &GptNeo, chunks: &Chunks, batch: usize) -> Result<
     chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, ids, b| {
         let labels: Vec<u32> = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
         let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;
-        let h = model.forward(&x, &[depth], false)?.remove(0);
+        let h = model.hidden_states(&x, &[depth])?.remove(0);
         let h = h
             .narrow(1, 0, t - 1)
             .and_then(|h| h.reshape((b * (t - 1), d)))
@@ -180,21 +180,20 @@ impl Stage for Eval {
                 lines.push(format!("{}: up to date", m.id));
                 continue;
             }
-            let model = m.load(&device, DType::F32)?;
-            m.check_vocab(&model.config, &tok)?;
-            if model.config.max_position_embeddings < chunks.t {
+            let config = m.config()?;
+            m.check_vocab(&config, &tok)?;
+            let max = config.shape().max_positions;
+            if max < chunks.t {
                 return Err(Error::model(
                     &m.id,
-                    format!(
-                        "context {} is shorter than the chunks' T = {}",
-                        model.config.max_position_embeddings, chunks.t
-                    ),
+                    format!("context {max} is shorter than the chunks' T = {}", chunks.t),
                 ));
             }
-            let tot = evaluate(ctx, &model, &chunks, batch)?;
+            let model = m.load(&device, DType::F32)?;
+            let tot = evaluate(ctx, &*model, &chunks, batch)?;
             let val_loss = tot.loss / tot.samples as f64;
             let acc = tot.correct as f64 / tot.samples as f64;
-            let row = model_row(&m, &model, &dataset, &tot, val_loss, acc)?;
+            let row = model_row(&m, &*model, &dataset, &tot, val_loss, acc)?;
             ctx.lake.write_artifact(&out, &[row], prov)?;
             lines.push(format!(
                 "{}: val_loss {val_loss:.4}, acc {acc:.4}, perplexity {:.2} over {} samples",
@@ -209,13 +208,13 @@ impl Stage for Eval {
 
 fn model_row(
     m: &ModelRef,
-    model: &GptNeo,
+    model: &dyn CausalLm,
     dataset: &str,
     tot: &Totals,
     val_loss: f64,
     acc: f64,
 ) -> Result<RecordBatch> {
-    let cfg = &model.config;
+    let cfg = model.shape();
     let recipe = m.recipe()?.and_then(|r| r.get("recipe").cloned());
     let state = m.trainer_state()?;
     let grid = naming::parse(&m.name);

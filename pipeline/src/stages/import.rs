@@ -103,7 +103,11 @@ fn split_top_level(spec: &str) -> Result<Vec<String>, String> {
         return Err(format!("unbalanced parentheses or quotes in '{spec}'"));
     }
     out.push(cur);
-    Ok(out.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+    Ok(out
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 /// Parse `columns=`: `src`, `src:dst` or `name=EXPR`, comma-separated.
@@ -179,7 +183,11 @@ fn evaluate(
         .ctx("reading the imported table")?;
     let mut exprs: Vec<Expr> = vec![
         cast(col(format!("\"{model_col}\"")), arrow::datatypes::DataType::Utf8).alias("__model"),
-        cast(col(format!("\"{loss_col}\"")), arrow::datatypes::DataType::Float64).alias("__loss"),
+        cast(
+            col(format!("\"{loss_col}\"")),
+            arrow::datatypes::DataType::Float64,
+        )
+        .alias("__loss"),
     ];
     for m in mapping {
         let e = match m {
@@ -187,7 +195,10 @@ fn evaluate(
             Metric::Expr(name, text) => session.parse_sql_expr(text, table.schema()).map_err(|e| {
                 Error::input(
                     source,
-                    format!("{name}={text} is not an SQL expression over its columns: {}", e.strip_backtrace()),
+                    format!(
+                        "{name}={text} is not an SQL expression over its columns: {}",
+                        e.strip_backtrace()
+                    ),
                 )
             })?,
         };
@@ -222,7 +233,11 @@ fn evaluate(
         models,
         loss,
         mapping.iter().map(|m| m.name().to_string()).zip(values).collect(),
-        mapping.iter().map(|m| m.name().to_string()).zip(dropped).collect(),
+        mapping
+            .iter()
+            .map(|m| m.name().to_string())
+            .zip(dropped)
+            .collect(),
     ))
 }
 

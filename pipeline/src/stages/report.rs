@@ -55,7 +55,11 @@ const PARAMS: &[ParamSpec] = &[
         "",
         "directory or s3:// prefix to write to (default: the lake's reports/selection=ID/)",
     ),
-    param("permutations", "10000", "permutations of the correlate run the report shows"),
+    param(
+        "permutations",
+        "10000",
+        "permutations of the correlate run the report shows",
+    ),
     param("bootstrap", "1000", "bootstrap resamples of that run"),
     param("seed", "0", "seed of that run"),
     param("top", "10", "rows of each token table"),
@@ -119,7 +123,11 @@ impl Table {
             return String::new();
         };
         let c = c.as_string::<i32>();
-        if c.is_valid(i) { c.value(i).to_string() } else { String::new() }
+        if c.is_valid(i) {
+            c.value(i).to_string()
+        } else {
+            String::new()
+        }
     }
 
     /// The whole result as CSV.
@@ -152,7 +160,10 @@ fn cell(x: Option<f64>) -> String {
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn md_escape(s: &str) -> String {
@@ -346,7 +357,10 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         );
         let mut note = Vec::new();
         if groups.is_empty() {
-            note.push(format!("no model in the selection has {metric} and val_loss ({})", missing_hint(metric)));
+            note.push(format!(
+                "no model in the selection has {metric} and val_loss ({})",
+                missing_hint(metric)
+            ));
         } else if missing > 0 {
             note.push(format!("{missing} model(s) without a value left out"));
         }
@@ -383,7 +397,11 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         });
     }
     let title = "Neural-collapse properties against validation loss (colour: width d, marker: depth L)";
-    out.figure("metric_vs_loss", grid_svg(title, &panels, 4, 380, 300)?, csv.as_bytes())?;
+    out.figure(
+        "metric_vs_loss",
+        grid_svg(title, &panels, 4, 380, 300)?,
+        csv.as_bytes(),
+    )?;
     Ok(Figure {
         name: "metric_vs_loss".into(),
         title: title.into(),
@@ -392,7 +410,11 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
 }
 
 fn distinct(t: &Table, col: &str) -> Vec<String> {
-    let mut v: Vec<String> = (0..t.rows()).map(|i| t.str(col, i)).collect::<BTreeSet<_>>().into_iter().collect();
+    let mut v: Vec<String> = (0..t.rows())
+        .map(|i| t.str(col, i))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     v.sort_by_key(|s| s.parse::<f64>().unwrap_or(f64::MAX) as i64);
     v
 }
@@ -410,7 +432,11 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
             points.str("weight_decay", i)
         )
     };
-    let families: Vec<String> = (0..points.rows()).map(family).collect::<BTreeSet<_>>().into_iter().collect();
+    let families: Vec<String> = (0..points.rows())
+        .map(family)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     for (metric, about) in METRICS {
         // family -> n_params -> (sum, n)
         let mut acc: BTreeMap<String, BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
@@ -438,7 +464,10 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
         }
         let sizes: BTreeSet<u64> = acc.values().flat_map(|m| m.keys().copied()).collect();
         let note = if acc.is_empty() {
-            Some(format!("no model has {metric} and a parameter count ({})", missing_hint(metric)))
+            Some(format!(
+                "no model has {metric} and a parameter count ({})",
+                missing_hint(metric)
+            ))
         } else if sizes.len() < 2 {
             Some("every selected model has the same size: no trend to show".to_string())
         } else {
@@ -458,7 +487,11 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
         });
     }
     let title = "Scale trends: each property against parameter count (mean over seeds)";
-    out.figure("scale_trends", grid_svg(title, &panels, 4, 380, 300)?, csv.as_bytes())?;
+    out.figure(
+        "scale_trends",
+        grid_svg(title, &panels, 4, 380, 300)?,
+        csv.as_bytes(),
+    )?;
     Ok(Figure {
         name: "scale_trends".into(),
         title: title.into(),
@@ -472,7 +505,11 @@ fn through_depth(layers: &Table, out: &mut Output) -> Result<Figure> {
     for i in 0..layers.rows() {
         *per_model.entry(layers.str("model", i)).or_default() += 1;
     }
-    let layered: Vec<String> = per_model.iter().filter(|(_, n)| **n > 1).map(|(m, _)| m.clone()).collect();
+    let layered: Vec<String> = per_model
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(m, _)| m.clone())
+        .collect();
     let mut csv = String::from("model,layer,metric,value\n");
     let mut panels = Vec::new();
     let mut notes = Vec::new();
@@ -516,8 +553,13 @@ fn through_depth(layers: &Table, out: &mut Output) -> Result<Figure> {
             ..Default::default()
         });
     }
-    let title = "Through depth: each property against layer index (NC3/NC4 use the output layer's classifier)";
-    out.figure("through_depth", grid_svg(title, &panels, 4, 380, 300)?, csv.as_bytes())?;
+    let title =
+        "Through depth: each property against layer index (NC3/NC4 use the output layer's classifier)";
+    out.figure(
+        "through_depth",
+        grid_svg(title, &panels, 4, 380, 300)?,
+        csv.as_bytes(),
+    )?;
     Ok(Figure {
         name: "through_depth".into(),
         title: title.into(),
@@ -538,7 +580,8 @@ fn training_curves(training: &Table, out: &mut Output) -> Result<Figure> {
     }
     let mut notes = Vec::new();
     let note = by.is_empty().then(|| {
-        "no training log for the selected models (models loaded from elsewhere were not trained here)".to_string()
+        "no training log for the selected models (models loaded from elsewhere were not trained here)"
+            .to_string()
     });
     if let Some(n) = &note {
         notes.push(n.clone());
@@ -563,7 +606,11 @@ fn training_curves(training: &Table, out: &mut Output) -> Result<Figure> {
         ..Default::default()
     };
     let title = "Training curves";
-    out.figure("training_curves", grid_svg(title, &[panel], 1, 720, 380)?, csv.as_bytes())?;
+    out.figure(
+        "training_curves",
+        grid_svg(title, &[panel], 1, 720, 380)?,
+        csv.as_bytes(),
+    )?;
     Ok(Figure {
         name: "training_curves".into(),
         title: title.into(),
@@ -642,7 +689,11 @@ impl Page<'_> {
         }
         h.push_str("</tr>\n");
         for i in 0..self.corr.rows() {
-            let _ = write!(h, "<tr><td class=\"l\">{}</td>", html_escape(&self.corr.str("metric", i)));
+            let _ = write!(
+                h,
+                "<tr><td class=\"l\">{}</td>",
+                html_escape(&self.corr.str("metric", i))
+            );
             for (col, _) in CORR_COLUMNS {
                 let class = if col == "note" { " class=\"l\"" } else { "" };
                 let _ = write!(h, "<td{class}>{}</td>", html_escape(&self.corr_value(col, i)));
@@ -668,11 +719,25 @@ impl Page<'_> {
             h.push_str("<p class=\"note\">no per-class metrics for the selected models (run analyze)</p>\n");
         }
         for ((model, layer), by_list) in lists {
-            let _ = writeln!(h, "<h3>{} (layer {})</h3>", html_escape(&model), html_escape(&layer));
+            let _ = writeln!(
+                h,
+                "<h3>{} (layer {})</h3>",
+                html_escape(&model),
+                html_escape(&layer)
+            );
             for (list, rows) in by_list {
-                let _ = write!(h, "<div class=\"tok\"><table><tr><th colspan=\"2\">{}</th></tr>", html_escape(&list));
+                let _ = write!(
+                    h,
+                    "<div class=\"tok\"><table><tr><th colspan=\"2\">{}</th></tr>",
+                    html_escape(&list)
+                );
                 for (t, v) in rows {
-                    let _ = write!(h, "<tr><td class=\"l\">{}</td><td>{}</td></tr>", html_escape(&t), v);
+                    let _ = write!(
+                        h,
+                        "<tr><td class=\"l\">{}</td><td>{}</td></tr>",
+                        html_escape(&t),
+                        v
+                    );
                 }
                 h.push_str("</table></div>\n");
             }

@@ -65,7 +65,8 @@ impl Stage for Tokenize {
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
         let dataset = p.nonempty("dataset")?;
         let batch_docs = p.usize_in("batch_docs", 1, 1 << 24)?;
-        let (tok_bytes, src_name) = crate::tokenizer::read_tokenizer_json(&ctx.lake, p.nonempty("tokenizer")?)?;
+        let (tok_bytes, src_name) =
+            crate::tokenizer::read_tokenizer_json(&ctx.lake, p.nonempty("tokenizer")?)?;
         let tok = TextTokenizer::from_bytes(&tok_bytes, &src_name)?;
         let tok_key = tokenizer_key(tok.fingerprint());
         if !ctx.lake.exists(&tok_key)? {

@@ -43,7 +43,7 @@ use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::model::checkpoint::{ModelRef, lake_root, list_checkpoints, safetensors_bytes, save_dir};
 use crate::model::optim::{AdamW, AdamWConfig};
-use crate::model::{GptNeo, GptNeoConfig, loss, naming};
+use crate::model::{CausalLm, GptNeo, GptNeoConfig, loss, naming};
 use crate::params::{Config, ParamSpec, Params, param};
 use crate::stages::{Ctx, Stage};
 
@@ -266,8 +266,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
                 tracing::warn!("{d}");
             }
             tracing::warn!(model = %recipe.name, "retraining to repair damaged weights");
-        }
-        else if !same && !force {
+        } else if !same && !force {
             return Err(Error::Stale(format!(
                 "model {} exists with another recipe (or other data); use another name or force=true to retrain it",
                 recipe.name
