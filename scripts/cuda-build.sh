@@ -24,14 +24,18 @@ wheels=${CUDA_WHEELS:-$PWD/.cuda}/cu$major
 case $major in
   12) pkgs="nvidia-cuda-nvcc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79 nvidia-cublas-cu12==12.9.1.4
             nvidia-curand-cu12==10.3.10.19 nvidia-cuda-cccl-cu12==12.9.27 nvidia-cuda-nvrtc-cu12==12.9.86" ;;
-  13) pkgs="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14
-            nvidia-curand==10.4.0.35 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88" ;;
+  # CUDA 13 splits nvcc's headers (crt) and its device compiler (nvvm) out.
+  13) pkgs="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
+            nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+            nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88" ;;
   *) echo "usage: $0 [12|13]" >&2; exit 2 ;;
 esac
 
 # 1. The toolkit: wheels unpacked into one tree, merged into CUDA_ROOT.
 if [ ! -x "$wheels/root/bin/nvcc" ]; then
   echo "installing the CUDA $major toolkit wheels into $wheels"
+  # One install: pip --target does not merge into a folder it made before.
+  rm -rf "$wheels/site"
   python3 -m pip install --quiet --no-deps --target "$wheels/site" $pkgs
   root=$wheels/root
   rm -rf "$root" && mkdir -p "$root/bin" "$root/include" "$root/lib64"

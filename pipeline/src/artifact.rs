@@ -362,6 +362,9 @@ impl Iterator for BatchStream {
 impl Lake {
     /// Upload a staged file as the artifact's data and write its manifest.
     pub fn commit(&self, artifact: &Artifact, staged: StagedFile, prov: Provenance) -> Result<Manifest> {
+        // The manifest version this commit replaces: if another writer
+        // commits in between, ours is refused rather than interleaved.
+        let before = self.head_opt(&artifact.manifest_key())?.map(|m| m.e_tag);
         self.put_file(&artifact.data_key(), &staged.path)?;
         let manifest = Manifest {
             artifact: artifact.dir(),
@@ -378,8 +381,24 @@ impl Lake {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             extra: prov.extra,
         };
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifests serialise");
-        self.put(&artifact.manifest_key(), Bytes::from(json))?;
+        let json = Bytes::from(serde_json::to_vec_pretty(&manifest).expect("manifests serialise"));
+        let tag = match before {
+            // A store without e-tags cannot condition the write.
+            Some(None) => {
+                self.put(&artifact.manifest_key(), json.clone())?;
+                None
+            }
+            Some(Some(t)) => Some(Some(t)),
+            None => Some(None),
+        };
+        if let Some(tag) = tag
+            && !self.put_if_unchanged(&artifact.manifest_key(), json, tag)?
+        {
+            return Err(Error::Stale(format!(
+                "{}: another worker committed this partition while this one was computing it; its result is kept (run the stage again to check it)",
+                self.display(&artifact.dir())
+            )));
+        }
         tracing::debug!(artifact = %artifact, rows = manifest.rows, bytes = manifest.bytes, "committed");
         Ok(manifest)
     }

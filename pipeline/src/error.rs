@@ -80,6 +80,9 @@ pub enum Error {
     /// Anything else that is the caller's mistake, explained in words.
     #[error("{0}")]
     Invalid(String),
+    /// In plan mode: the stage is not up to date and would now do this work.
+    #[error("would run: {0}")]
+    WouldRun(String),
 }
 
 impl Error {

@@ -12,6 +12,7 @@ pub mod experiment;
 pub mod figures;
 pub mod integrity;
 pub mod lake;
+pub mod lease;
 pub mod model;
 pub mod params;
 pub mod parquet_io;

@@ -241,7 +241,11 @@ fn real_main(cli: Cli) -> Result<()> {
                 .remove("stage")
                 .context("missing stage=NAME (see `pipeline stages`)")?;
             let lake = Lake::open(&lake_url)?;
-            let ctx = Ctx { lake, config };
+            let ctx = Ctx {
+                lake,
+                config,
+                plan_only: false,
+            };
             let summary = stages::run(&ctx, &stage, &map)?;
             println!("{summary}");
             Ok(())

@@ -28,6 +28,48 @@ pub fn shard_key(model: &str, split: &str, of: u64, shard: u64, resume: bool) ->
     )
 }
 
+/// Parse `layers=` for a model of depth `depth`.
+pub fn parse_layers(spec: &str, depth: usize) -> Result<Vec<usize>> {
+    let mut out: Vec<usize> = match spec.trim() {
+        "last" => vec![depth],
+        "all" => (0..=depth).collect(),
+        list => list
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&l| l <= depth)
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "layers: '{s}' is not a hidden-state index in 0..={depth}"
+                        ))
+                    })
+            })
+            .collect::<Result<_>>()?,
+    };
+    out.sort_unstable();
+    out.dedup();
+    if out.is_empty() {
+        return Err(Error::invalid("layers: no layer selected"));
+    }
+    Ok(out)
+}
+
+/// Parse `shard=i/n`.
+pub fn parse_shard(spec: &str) -> Result<(u64, u64)> {
+    let bad = || Error::invalid(format!("shard '{spec}' is not i/n with 0 <= i < n"));
+    let (i, n) = spec.split_once('/').ok_or_else(bad)?;
+    let (i, n): (u64, u64) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
 /// Statistics of several layers with the metadata of their computation.
 pub struct StateObject {
     pub layers: Vec<usize>,

@@ -200,14 +200,14 @@ fn unsupported_or_inconsistent_checkpoints_are_refused() {
         }
         d.to_string_lossy().to_string()
     };
-    let gpt2 = copy("gpt2ish", &|c| c.replace("\"gpt_neo\"", "\"gpt2\""), false);
-    let err = ModelRef::resolve(tl.lake(), &gpt2)
+    let bert = copy("bertish", &|c| c.replace("\"gpt_neo\"", "\"bert\""), false);
+    let err = ModelRef::resolve(tl.lake(), &bert)
         .unwrap()
         .load(&Device::Cpu, DType::F32)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("model_type 'gpt2' is not supported"), "{err}");
+    assert!(err.contains("model_type 'bert' is not supported"), "{err}");
     let wide = copy(
         "wide",
         &|c| c.replace("\"hidden_size\": 32", "\"hidden_size\": 64"),

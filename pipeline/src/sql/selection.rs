@@ -45,3 +45,25 @@ pub fn correlations_id(source: &str, predicate: &str, n_perm: u64, n_boot: u64, 
     blake3::hash(format!("{source}\n{predicate}\n{n_perm}\n{n_boot}\n{seed}").as_bytes()).to_hex()[..16]
         .to_string()
 }
+
+/// A fingerprint of every artifact a source's view reads: for
+/// `model_metrics` the content hashes of pair_tiles, class_metrics,
+/// decisions and models; for `imported:NAME` those of that import. Analyses
+/// of a selection are up to date while it is unchanged.
+pub fn inputs_fingerprint(lake: &crate::lake::Lake, source: &str) -> Result<String> {
+    let tables: Vec<(&str, String)> = match source.strip_prefix("imported:") {
+        Some(name) => vec![("imported_metrics", format!("source={name}"))],
+        None => ["pair_tiles", "class_metrics", "decisions", "models"]
+            .iter()
+            .map(|t| (*t, String::new()))
+            .collect(),
+    };
+    let mut parts = Vec::new();
+    for (t, under) in &tables {
+        for m in lake.manifests(t, under)? {
+            parts.push(format!("{}={}", m.artifact, m.content_hash));
+        }
+    }
+    parts.sort();
+    Ok(blake3::hash(parts.join("\n").as_bytes()).to_hex()[..32].to_string())
+}

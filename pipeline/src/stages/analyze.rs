@@ -290,6 +290,7 @@ fn analyze_layer(
             ));
         }
     }
+    ctx.would_run(format!("analyze {id}/{split}/{layer}"))?;
 
     let started = std::time::Instant::now();
     let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;

@@ -35,7 +35,7 @@ use crate::error::{Context, Error, Result};
 use crate::model::CausalLm;
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
-use crate::partials::{StateObject, collect_inputs, commit_class_stats, shard_key};
+use crate::partials::{StateObject, collect_inputs, commit_class_stats, parse_layers, parse_shard, shard_key};
 use crate::stages::{Ctx, Stage};
 use crate::stats::{ClassStats, batch_m2_to, batch_partial};
 
@@ -82,48 +82,6 @@ const PARAMS: &[ParamSpec] = &[
         "recompute, discarding checkpoints and stale results",
     ),
 ];
-
-/// Parse `layers=` for a model of depth `depth`.
-pub fn parse_layers(spec: &str, depth: usize) -> Result<Vec<usize>> {
-    let mut out: Vec<usize> = match spec.trim() {
-        "last" => vec![depth],
-        "all" => (0..=depth).collect(),
-        list => list
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|&l| l <= depth)
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "layers: '{s}' is not a hidden-state index in 0..={depth}"
-                        ))
-                    })
-            })
-            .collect::<Result<_>>()?,
-    };
-    out.sort_unstable();
-    out.dedup();
-    if out.is_empty() {
-        return Err(Error::invalid("layers: no layer selected"));
-    }
-    Ok(out)
-}
-
-/// Parse `shard=i/n`.
-pub fn parse_shard(spec: &str) -> Result<(u64, u64)> {
-    let bad = || Error::invalid(format!("shard '{spec}' is not i/n with 0 <= i < n"));
-    let (i, n) = spec.split_once('/').ok_or_else(bad)?;
-    let (i, n): (u64, u64) = (
-        i.trim().parse().map_err(|_| bad())?,
-        n.trim().parse().map_err(|_| bad())?,
-    );
-    if n == 0 || i >= n {
-        return Err(bad());
-    }
-    Ok((i, n))
-}
 
 /// Timings of a collection run.
 #[derive(Default)]
@@ -241,9 +199,6 @@ impl Stage for Collect {
             }
         }
 
-        let model = m.load(&device, dtype)?;
-        let model = &*model;
-        let d = model.shape().hidden_size;
         let range = (shard * chunks.count / of)..((shard + 1) * chunks.count / of);
         let state_id = blake3::hash(
             format!(
@@ -254,6 +209,20 @@ impl Stage for Collect {
         )
         .to_hex()[..16]
             .to_string();
+        if of > 1 && !force {
+            // A shard already finished from the same inputs.
+            let key = shard_key(&m.id, split, of, shard, false);
+            if let Some(st) = StateObject::load(&ctx.lake, &key)?
+                && st.meta.get("state_id") == Some(&state_id)
+                && st.meta.get("complete").map(String::as_str) == Some("true")
+            {
+                return Ok(format!("shard {shard}/{of} of {} on {split}: up to date", m.id));
+            }
+        }
+        ctx.would_run(format!("collect {} shard {shard}/{of}", m.id))?;
+        let model = m.load(&device, dtype)?;
+        let model = &*model;
+        let d = model.shape().hidden_size;
         let resume_key = shard_key(&m.id, split, of, shard, true);
 
         let mut stats: Vec<ClassStats> = layers.iter().map(|_| ClassStats::new(d)).collect();

@@ -225,6 +225,33 @@ pub fn correlations_with(
     Ok(out)
 }
 
+/// Rows of a stored correlations artifact.
+fn stored_rows(batches: &[RecordBatch]) -> Vec<Correlation> {
+    let mut out = Vec::new();
+    for b in batches {
+        for i in 0..b.num_rows() {
+            let n = b
+                .column_by_name("n_models")
+                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>().map(|a| a.value(i)))
+                .unwrap_or(0);
+            let note = str_at(b, "note", i);
+            out.push(Correlation {
+                metric: str_at(b, "metric", i),
+                n_models: n,
+                r2: f64_at(b, "r2", i),
+                slope: f64_at(b, "slope", i),
+                intercept: f64_at(b, "intercept", i),
+                p_value: f64_at(b, "p_value", i),
+                spearman_rho: f64_at(b, "spearman_rho", i),
+                r2_ci_low: f64_at(b, "r2_ci_low", i),
+                r2_ci_high: f64_at(b, "r2_ci_high", i),
+                note: (!note.is_empty()).then_some(note),
+            });
+        }
+    }
+    out
+}
+
 /// Fixed-width text table of correlations.
 pub fn render(rows: &[Correlation]) -> String {
     let fmt = |x: Option<f64>, prec: usize| x.map(|v| format!("{v:.prec$}")).unwrap_or_else(|| "-".into());
@@ -284,9 +311,26 @@ impl Stage for Correlate {
         if seed > i64::MAX as u64 {
             return Err(p.invalid("seed", "must fit in a signed 64-bit integer"));
         }
+        let sel_id = crate::sql::selection::correlations_id(source, predicate, n_perm, n_boot, seed);
+        let a = Artifact::new("correlations", &[("selection_id", &sel_id)])?;
+        let prov = Provenance::new("correlate")
+            .param("source", source)
+            .param("where", predicate)
+            .param("permutations", n_perm)
+            .param("bootstrap", n_boot)
+            .param("seed", seed)
+            .param("inputs", crate::sql::selection::inputs_fingerprint(&ctx.lake, source)?);
+        if ctx.lake.up_to_date(&a, &prov, false)?.is_some() {
+            let rows = stored_rows(&ctx.lake.read_artifact(&a)?);
+            return Ok(format!(
+                "correlations over `{predicate}` ({source}): up to date -> {}\n{}",
+                ctx.lake.display(&a.dir()),
+                render(&rows)
+            ));
+        }
+        ctx.would_run(format!("correlate `{predicate}`"))?;
         let sql = Sql::open(&ctx.lake)?;
         let rows = correlations_with(&sql, source, predicate, n_perm, n_boot, seed)?;
-        let sel_id = crate::sql::selection::correlations_id(source, predicate, n_perm, n_boot, seed);
         let n = rows.len();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(StringArray::from(vec![source; n])),
@@ -308,17 +352,7 @@ impl Stage for Correlate {
             Arc::new(StringArray::from_iter(rows.iter().map(|r| r.note.clone()))),
         ];
         let batch = RecordBatch::try_new(file_schema("correlations")?, cols).ctx("building correlations")?;
-        let a = Artifact::new("correlations", &[("selection_id", &sel_id)])?;
-        ctx.lake.write_artifact(
-            &a,
-            &[batch],
-            Provenance::new("correlate")
-                .param("source", source)
-                .param("where", predicate)
-                .param("permutations", n_perm)
-                .param("bootstrap", n_boot)
-                .param("seed", seed),
-        )?;
+        ctx.lake.write_artifact(&a, &[batch], prov)?;
         Ok(format!(
             "correlations over `{predicate}` ({source}, {n_perm} permutations, seed {seed}) -> {}\n{}",
             ctx.lake.display(&a.dir()),

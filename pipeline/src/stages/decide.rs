@@ -144,6 +144,7 @@ impl Stage for Decide {
         if ctx.lake.up_to_date(&out, &prov, p.bool("force")?)?.is_some() {
             return Ok(format!("{out}: up to date"));
         }
+        ctx.would_run(format!("decide {out}"))?;
 
         let device = crate::model::device(p.str("device"))?;
         m.check_vocab(&config, &tok)?;
@@ -179,18 +180,32 @@ impl Stage for Decide {
             Ok((mu.t()?.contiguous()?, mu_sq, w.t()?.contiguous()?))
         };
         let (mu_t, mu_sq_t, w_t) = setup().ctx("classifier and means")?;
+        // Samples per product: a score block of at most 256 MiB.
+        let block_rows = ((256usize << 20) / (8 * rows.len())).clamp(1, 1 << 16);
         let t = chunks.t;
         let mut tally: BTreeMap<u32, Tally> = BTreeMap::new();
         let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
         chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
             let h = model.hidden_states(&x, &[layer])?.remove(0);
+            // Row blocks bound the samples x |V'| score matrices (large
+            // vocabularies: 152k classes).
             let decide = || -> candle_core::Result<(Vec<u32>, Vec<u32>)> {
                 let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?.to_dtype(dt)?;
-                let lin = h.matmul(&w_t)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
-                let ncc = ((h.matmul(&mu_t)? * 2.0)?.broadcast_sub(&mu_sq_t)?)
-                    .argmax(D::Minus1)?
-                    .to_vec1::<u32>()?;
+                let rows = b * (t - 1);
+                let (mut lin, mut ncc) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+                let mut r0 = 0;
+                while r0 < rows {
+                    let n = block_rows.min(rows - r0);
+                    let hb = h.narrow(0, r0, n)?;
+                    lin.extend(hb.matmul(&w_t)?.argmax(D::Minus1)?.to_vec1::<u32>()?);
+                    ncc.extend(
+                        ((hb.matmul(&mu_t)? * 2.0)?.broadcast_sub(&mu_sq_t)?)
+                            .argmax(D::Minus1)?
+                            .to_vec1::<u32>()?,
+                    );
+                    r0 += n;
+                }
                 Ok((lin, ncc))
             };
             let (lin, ncc) = decide().ctx("decisions")?;

@@ -120,9 +120,9 @@ fn evaluate(ctx: &Ctx, model: &dyn CausalLm, chunks: &Chunks, batch: usize) -> R
             .narrow(1, 0, t - 1)
             .and_then(|h| h.reshape((b * (t - 1), d)))
             .ctx("positions")?;
-        // Row blocks bound the vocabulary-sized logits in memory.
+        // Row blocks bound the vocabulary-sized logits in memory (256 MiB).
         let rows = b * (t - 1);
-        let block = 1024;
+        let block = ((256usize << 20) / (4 * model.shape().vocab_size)).clamp(1, 1024);
         let mut r0 = 0;
         while r0 < rows {
             let n = block.min(rows - r0);
@@ -180,6 +180,7 @@ impl Stage for Eval {
                 lines.push(format!("{}: up to date", m.id));
                 continue;
             }
+            ctx.would_run(format!("eval {}", m.id))?;
             let config = m.config()?;
             m.check_vocab(&config, &tok)?;
             let max = config.shape().max_positions;

@@ -192,6 +192,7 @@ impl Stage for Ingest {
                 return Ok(format!("documents up to date ({})", rows.join(", ")));
             }
         }
+        ctx.would_run(format!("ingest dataset={dataset}"))?;
 
         let opts = ReadOptions {
             format,

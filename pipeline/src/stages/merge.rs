@@ -8,22 +8,26 @@
 //! chunks and layers; they are merged in shard order with Chan's formula,
 //! which is exact and order-independent up to float rounding.
 
-use crate::artifact::{InputRef, Provenance};
+use crate::artifact::{Artifact, InputRef, Provenance};
+use crate::chunks::Chunks;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
-use crate::partials::{StateObject, commit_class_stats, shard_key};
+use crate::partials::{StateObject, collect_inputs, commit_class_stats, parse_layers, shard_key};
 use crate::stages::{Ctx, Stage};
 use crate::stats::ClassStats;
 
 pub struct Merge;
 
 const PARAMS: &[ParamSpec] = &[
-    required(
-        "model",
-        "model id the shards were collected for (as collect resolved it, e.g. NAME@K)",
+    required("model", "the model the shards were collected for (as given to collect)"),
+    param(
+        "dataset",
+        "",
+        "dataset (default: the one the model was trained on)",
     ),
     param("split", "train", "split"),
+    param("layers", "last", "the layers collect was given"),
     required("shards", "n, the number of shards"),
     param("force", "false", "replace class_stats computed from other inputs"),
 ];
@@ -46,18 +50,36 @@ impl Stage for Merge {
     }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let spec = p.nonempty("model")?;
-        // Accept the same references collect accepts, but ids of shards come
-        // from collect's resolution.
-        let id = match ModelRef::resolve_one(&ctx.lake, spec) {
-            Ok(m) => m.id,
-            Err(_) => spec.to_string(),
-        };
+        let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
+        let id = m.id.clone();
+        let dataset = crate::stages::dataset_for(p, &m)?;
         let split = p.nonempty("split")?;
         let n = p.u64("shards")?;
         if n == 0 {
             return Err(p.invalid("shards", "must be at least 1"));
         }
+        let force = p.bool("force")?;
+        let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
+        let depth = m.config()?.shape().num_layers;
+        let layers = parse_layers(p.str("layers"), depth).map_err(|e| p.invalid("layers", e.to_string()))?;
+        let mut prov = Provenance::new("collect")
+            .param("vars", "one-pass")
+            .param("merged_shards", n)
+            .extra("model_source", m.source.as_str())
+            .extra("dataset", dataset.as_str());
+        prov.inputs = collect_inputs(&chunks.manifest, m.weights_input()?);
+        if !force {
+            let mut done = true;
+            for l in &layers {
+                let a = Artifact::new("class_stats", &[("model", &id), ("split", split), ("layer", &l.to_string())])?;
+                let want = prov.clone().param("layer", l);
+                done &= ctx.lake.manifest(&a)?.is_some_and(|x| want.matches(&x));
+            }
+            if done {
+                return Ok(format!("class_stats/model={id}/split={split}: up to date (merged {n} shards)"));
+            }
+        }
+        ctx.would_run(format!("merge {id} from {n} shards"))?;
         let mut missing = Vec::new();
         let mut parts = Vec::new();
         for i in 0..n {
@@ -92,7 +114,11 @@ impl Stage for Merge {
         }
         let inputs: Vec<InputRef> = serde_json::from_str(inputs_json)
             .map_err(|e| Error::artifact(first_key, format!("bad inputs: {e}")))?;
-        let layers = first.layers.clone();
+        if inputs != prov.inputs || first.layers != layers {
+            return Err(Error::Stale(format!(
+                "{first_key} was collected from other weights, chunks or layers than {id} has now; re-collect the shards"
+            )));
+        }
         let d = first.stats[0].d;
         let mut merged: Vec<ClassStats> = layers.iter().map(|_| ClassStats::new(d)).collect();
         for (_, s) in &parts {
@@ -100,16 +126,7 @@ impl Stage for Merge {
                 acc.merge(part)?;
             }
         }
-        let mut prov = Provenance::new("collect")
-            .param("vars", "one-pass")
-            .param("merged_shards", n)
-            .extra(
-                "model_source",
-                first.meta.get("model_source").cloned().unwrap_or_default(),
-            )
-            .extra("dataset", first.meta.get("dataset").cloned().unwrap_or_default());
-        prov.inputs = inputs;
-        commit_class_stats(&ctx.lake, &id, split, &layers, &merged, &prov, p.bool("force")?)?;
+        commit_class_stats(&ctx.lake, &id, split, &layers, &merged, &prov, force)?;
         Ok(format!(
             "class_stats/model={id}/split={split}: merged {n} shards, {} layer(s), {} classes, {} samples",
             layers.len(),

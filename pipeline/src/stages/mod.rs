@@ -31,6 +31,9 @@ pub mod vocab;
 pub struct Ctx {
     pub lake: Lake,
     pub config: Config,
+    /// Plan mode: stages stop, without writing anything, where they would
+    /// start work ([`Ctx::would_run`]); see [`plan`].
+    pub plan_only: bool,
 }
 
 impl Ctx {
@@ -38,8 +41,45 @@ impl Ctx {
         Ctx {
             lake,
             config: Config::default(),
+            plan_only: false,
         }
     }
+
+    /// Called by a stage where it has found it is not up to date and is
+    /// about to do work: in plan mode, stop here.
+    pub fn would_run(&self, what: impl Into<String>) -> Result<()> {
+        if self.plan_only {
+            Err(Error::WouldRun(what.into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Whether a stage run with these parameters is up to date, found by running
+/// it in plan mode (no writes, no work). A stage that cannot start (its
+/// inputs are missing) is not up to date either; a malformed parameter is
+/// still an error.
+pub fn plan(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result<PlanStatus> {
+    let planning = Ctx {
+        lake: ctx.lake.clone(),
+        config: ctx.config.clone(),
+        plan_only: true,
+    };
+    match run(&planning, name, explicit) {
+        Ok(_) => Ok(PlanStatus::Done),
+        Err(Error::WouldRun(w)) => Ok(PlanStatus::ToDo(w)),
+        Err(e @ Error::Param { .. }) => Err(e),
+        Err(e) => Ok(PlanStatus::ToDo(e.to_string())),
+    }
+}
+
+/// What [`plan`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlanStatus {
+    Done,
+    /// Not up to date, and why.
+    ToDo(String),
 }
 
 pub trait Stage: Sync {
@@ -100,15 +140,55 @@ pub fn dataset_for(p: &Params, m: &ModelRef) -> Result<String> {
 pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result<String> {
     let stage = find(name)?;
     let params = Params::resolve(name, stage.params(), &ctx.config, explicit)?;
+    if ctx.plan_only {
+        return stage.run(ctx, &params);
+    }
+    // One worker at a time per stage and parameters (see crate::lease); a
+    // second one waits, then usually finds the work done.
+    let key = lease_name(name, &params);
+    let _lease = crate::lease::acquire(&ctx.lake, &key)?;
     // One line a person reads: the stage and what was asked of it; every
     // resolved parameter goes to the debug log.
     let asked: Vec<String> = explicit.iter().map(|(k, v)| format!("{k}={v}")).collect();
     tracing::info!("{name} {}", asked.join(" "));
     tracing::debug!(stage = name, params = ?params.values(), "resolved parameters");
     let started = std::time::Instant::now();
-    let summary = stage.run(ctx, &params)?;
-    tracing::info!("{name} done in {:.1} s", started.elapsed().as_secs_f64());
-    Ok(summary)
+    let failure = format!("{FAILURES}/{key}.json");
+    match stage.run(ctx, &params) {
+        Ok(summary) => {
+            tracing::info!("{name} done in {:.1} s", started.elapsed().as_secs_f64());
+            if ctx.lake.exists(&failure)? {
+                ctx.lake.delete(&failure)?;
+            }
+            Ok(summary)
+        }
+        Err(e) => {
+            // Recorded for `pipeline status`; a later success removes it.
+            let record = serde_json::json!({
+                "stage": name,
+                "params": params.values(),
+                "error": e.to_string(),
+                "job": crate::lease::current_job(),
+                "time": chrono::Utc::now().to_rfc3339(),
+            });
+            if let Err(w) = ctx.lake.put(&failure, bytes::Bytes::from(record.to_string())) {
+                tracing::warn!(error = %w, "recording the failure");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Where failed stage runs are recorded.
+pub const FAILURES: &str = "_status/failed";
+
+/// The lease (and failure record) name of a stage run: the stage and a hash
+/// of its resolved parameters, `force` aside.
+pub fn lease_name(stage: &str, params: &Params) -> String {
+    let mut values = params.values().clone();
+    values.remove("force");
+    let text = serde_json::to_string(&values).expect("json");
+    format!("{stage}/{}", &blake3::hash(text.as_bytes()).to_hex()[..20])
 }
 
 /// Run a stage from `(key, value)` pairs (used by tests and composite stages).

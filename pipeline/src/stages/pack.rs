@@ -225,6 +225,7 @@ impl Stage for Pack {
                 summary.push(format!("{split}: up to date ({} chunks)", m.rows));
                 continue;
             }
+            ctx.would_run(format!("pack {split}"))?;
             let grouping = if mode == "hf" {
                 Grouping::Hf {
                     n_docs: tokens_m.rows,

@@ -239,6 +239,27 @@ impl Stage for Report {
         let top = p.usize_in("top", 1, 1000)?;
         let sel_id = selection::correlations_id("model_metrics", predicate, n_perm, n_boot, seed);
 
+        let (store, prefix) = match p.opt("out") {
+            Some(o) => (ctx.lake.open_sibling(o)?, String::new()),
+            None => (ctx.lake.clone(), format!("reports/selection={sel_id}")),
+        };
+        // What the report was made from: up to date while it is unchanged.
+        let stamp = serde_json::json!({
+            "where": predicate,
+            "permutations": n_perm,
+            "bootstrap": n_boot,
+            "seed": seed,
+            "top": top,
+            "inputs": selection::inputs_fingerprint(&ctx.lake, "model_metrics")?,
+            "tool_version": env!("CARGO_PKG_VERSION"),
+        });
+        let stamp_key = if prefix.is_empty() { "report.json".to_string() } else { format!("{prefix}/report.json") };
+        if let Some(old) = store.get_opt(&stamp_key)?
+            && serde_json::from_slice::<serde_json::Value>(&old).ok().as_ref() == Some(&stamp)
+        {
+            return Ok(format!("report: up to date -> {}/index.html", store.display(&prefix).trim_end_matches('/')));
+        }
+        ctx.would_run(format!("report `{predicate}`"))?;
         let sql = Sql::open(&ctx.lake)?;
         selection::register(&sql, "report_selection", "model_metrics", &[], predicate)?;
         let vars = [("selection", "report_selection")];
@@ -280,10 +301,6 @@ impl Stage for Report {
             )?,
         };
 
-        let (store, prefix) = match p.opt("out") {
-            Some(o) => (ctx.lake.open_sibling(o)?, String::new()),
-            None => (ctx.lake.clone(), format!("reports/selection={sel_id}")),
-        };
         let mut out = Output {
             store,
             prefix,
@@ -309,6 +326,7 @@ impl Stage for Report {
         };
         out.put("report.md", page.markdown().into_bytes())?;
         out.put("index.html", page.html().into_bytes())?;
+        out.put("report.json", serde_json::to_vec_pretty(&stamp).expect("json"))?;
         Ok(format!(
             "report of {} model(s) selected by `{predicate}`: {} files -> {}/index.html",
             models.len(),

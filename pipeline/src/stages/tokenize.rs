@@ -69,7 +69,7 @@ impl Stage for Tokenize {
             crate::tokenizer::read_tokenizer_json(&ctx.lake, p.nonempty("tokenizer")?)?;
         let tok = TextTokenizer::from_bytes(&tok_bytes, &src_name)?;
         let tok_key = tokenizer_key(tok.fingerprint());
-        if !ctx.lake.exists(&tok_key)? {
+        if !ctx.plan_only && !ctx.lake.exists(&tok_key)? {
             ctx.lake.put(&tok_key, tok_bytes.clone())?;
         }
         let mut summary = Vec::new();
@@ -103,6 +103,7 @@ impl Stage for Tokenize {
                 summary.push(format!("{split}: up to date ({} docs)", m.rows));
                 continue;
             }
+            ctx.would_run(format!("tokenize {split}"))?;
             let started = std::time::Instant::now();
             let (staged, n_tokens, text_bytes) = tokenize_split(ctx, &docs, &tok, batch_docs)?;
             let secs = started.elapsed().as_secs_f64();

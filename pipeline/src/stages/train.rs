@@ -274,6 +274,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
         }
     }
 
+    ctx.would_run(format!("train {}", recipe.name))?;
     let device = crate::model::device(p.str("device"))?;
     let (data, t_data) = load_chunks(ctx, &chunks)?;
     if t_data != t || data.is_empty() {

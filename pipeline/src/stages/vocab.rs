@@ -66,6 +66,7 @@ impl Stage for Vocab {
                 summary.push(format!("{split}: up to date (C = {classes})"));
                 continue;
             }
+            ctx.would_run(format!("vocab {split}"))?;
             let mut counts = vec![0u64; v];
             let stream = ctx.lake.stream_artifact(&chunks, 1024)?;
             let bar = crate::progress::bar(stream.rows, "vocab", "chunks");

@@ -1,0 +1,208 @@
+//! Leases: at most one worker at a time runs a given piece of work on a
+//! shared lake, and a dead worker's claim runs out.
+//!
+//! A lease is a small object under `_leases/NAME/` naming its owner and an
+//! expiry. Claims are numbered: the current lease is the highest-numbered
+//! one, and a worker claims the next number with a create-if-absent put
+//! (object_store `PutMode::Create`: `If-None-Match` on S3, an exclusive hard
+//! link on a local or shared filesystem), so of two workers claiming at once
+//! exactly one succeeds. The owner renews its expiry in the background every
+//! third of the lease time and deletes its claim when done; a worker that
+//! finds a live claim waits (polling) until it is released or expires, and a
+//! claim whose owner died (kill -9, a lost node) expires after the lease time.
+//! A task that the scheduler requeues recognises its own job's claim and
+//! takes it over at once.
+//!
+//! Lease time: `PIPELINE_LEASE_SECS` (default 120 s); longest wait:
+//! `PIPELINE_LEASE_WAIT_SECS` (default a day).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::lake::Lake;
+
+/// Where leases live in the lake.
+pub const LEASES: &str = "_leases";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claim {
+    pub owner: String,
+    /// The scheduler job that holds it (SLURM job and array task), if any.
+    #[serde(default)]
+    pub job: Option<String>,
+    /// Unix time in milliseconds after which the claim is void.
+    pub expires_ms: i64,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn env_secs(name: &str, default: f64) -> Duration {
+    Duration::from_secs_f64(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| *s > 0.0)
+            .unwrap_or(default),
+    )
+}
+
+/// The scheduler job this process runs in (`JOB_TASK` under SLURM).
+pub fn current_job() -> Option<String> {
+    let job = std::env::var("SLURM_ARRAY_JOB_ID")
+        .or_else(|_| std::env::var("SLURM_JOB_ID"))
+        .ok()?;
+    Some(match std::env::var("SLURM_ARRAY_TASK_ID") {
+        Ok(t) => format!("{job}_{t}"),
+        Err(_) => job,
+    })
+}
+
+fn owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    match current_job() {
+        Some(j) => format!("job {j} on {host} (pid {})", std::process::id()),
+        None => format!("{host} (pid {})", std::process::id()),
+    }
+}
+
+/// A held lease; renewed until dropped, then released.
+pub struct Lease {
+    lake: Lake,
+    key: String,
+    stop: Arc<AtomicBool>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.renewer.take() {
+            let _ = h.join();
+        }
+        if let Err(e) = self.lake.delete(&self.key) {
+            tracing::warn!(error = %e, "releasing a lease");
+        }
+    }
+}
+
+/// The claims of a lease name, highest number first.
+fn claims(lake: &Lake, dir: &str) -> Result<Vec<(u64, String, Option<Claim>)>> {
+    let mut out = Vec::new();
+    for (key, _) in lake.list(dir)? {
+        let Some(n) = key
+            .rsplit('/')
+            .next()
+            .and_then(|f| f.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        let claim = lake.get_opt(&key)?.and_then(|b| serde_json::from_slice(&b).ok());
+        out.push((n, key, claim));
+    }
+    out.sort_by(|a, b| b.0.cmp(&a.0));
+    Ok(out)
+}
+
+/// The live claim on `name`, if any (for status displays).
+pub fn holder(lake: &Lake, name: &str) -> Result<Option<Claim>> {
+    let dir = format!("{LEASES}/{name}");
+    Ok(claims(lake, &dir)?
+        .into_iter()
+        .next()
+        .and_then(|(_, _, c)| c)
+        .filter(|c| c.expires_ms > now_ms()))
+}
+
+/// Take the lease `name`, waiting while another worker holds it.
+pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
+    let ttl = env_secs("PIPELINE_LEASE_SECS", 120.0);
+    let max_wait = env_secs("PIPELINE_LEASE_WAIT_SECS", 86_400.0);
+    let dir = format!("{LEASES}/{name}");
+    let me = owner();
+    let job = current_job();
+    let started = Instant::now();
+    let mut told = false;
+    loop {
+        let all = claims(lake, &dir)?;
+        let top = all.first().cloned();
+        let claim = Claim {
+            owner: me.clone(),
+            job: job.clone(),
+            expires_ms: now_ms() + ttl.as_millis() as i64,
+        };
+        let body = Bytes::from(serde_json::to_vec(&claim).expect("json"));
+        let mine_again = |c: &Claim| job.is_some() && c.job == job;
+        let next = match &top {
+            Some((n, key, Some(c))) if c.expires_ms > now_ms() && !mine_again(c) => {
+                if started.elapsed() > max_wait {
+                    return Err(Error::invalid(format!(
+                        "{name} is being worked on by {} (lease {}); gave up after waiting {:.0} s",
+                        c.owner,
+                        lake.display(key),
+                        started.elapsed().as_secs_f64()
+                    )));
+                }
+                if !told {
+                    tracing::info!("{name}: {} is working on it; waiting for its lease (#{n}) to end", c.owner);
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(500).min(ttl / 4));
+                continue;
+            }
+            // Our own job's claim (the scheduler requeued us): take it over.
+            Some((n, key, Some(c))) if mine_again(c) => {
+                lake.put(key, body)?;
+                tracing::info!("{name}: taking over this job's earlier lease #{n}");
+                return Ok(start(lake, key.clone(), claim, ttl));
+            }
+            Some((n, _, _)) => n + 1,
+            None => 0,
+        };
+        let key = format!("{dir}/{next:020}.json");
+        if lake.put_if_absent(&key, body)? {
+            // Older claims are void now.
+            for (_, k, _) in all {
+                let _ = lake.delete(&k);
+            }
+            return Ok(start(lake, key, claim, ttl));
+        }
+        // Another worker claimed that number first: look again.
+    }
+}
+
+fn start(lake: &Lake, key: String, mut claim: Claim, ttl: Duration) -> Lease {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (l, k, s) = (lake.clone(), key.clone(), stop.clone());
+    let renewer = std::thread::spawn(move || {
+        let every = ttl / 3;
+        let mut last = Instant::now();
+        while !s.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100).min(every));
+            if last.elapsed() < every {
+                continue;
+            }
+            last = Instant::now();
+            claim.expires_ms = now_ms() + ttl.as_millis() as i64;
+            let body = Bytes::from(serde_json::to_vec(&claim).expect("json"));
+            if let Err(e) = l.put(&k, body) {
+                tracing::warn!(error = %e, "renewing a lease");
+            }
+        }
+    });
+    Lease {
+        lake: lake.clone(),
+        key,
+        stop,
+        renewer: Some(renewer),
+    }
+}
