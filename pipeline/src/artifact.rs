@@ -221,6 +221,18 @@ impl Provenance {
     pub fn matches(&self, m: &Manifest) -> bool {
         m.stage == self.stage && m.params == self.params && m.inputs == self.inputs
     }
+
+    /// [`Provenance::matches`], with the parameters in `ignore` left out of
+    /// the comparison (ones that do not change the result).
+    pub fn matches_ignoring(&self, m: &Manifest, ignore: &[&str]) -> bool {
+        let strip = |p: &BTreeMap<String, String>| -> BTreeMap<String, String> {
+            p.iter()
+                .filter(|(k, _)| !ignore.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        m.stage == self.stage && strip(&m.params) == strip(&self.params) && m.inputs == self.inputs
+    }
 }
 
 /// A `Write` that hashes what passes through (whole file and blocks).

@@ -53,6 +53,45 @@ pub struct Experiment {
     pub correlate: Section,
     #[serde(default)]
     pub report: Section,
+    /// Scheduler options: `args` for every job, and per step (`data`,
+    /// `train`, `eval`, `collect`, `merge`, `decide`, `analyze`,
+    /// `correlate`, `report`) options added to them.
+    #[serde(default)]
+    pub slurm: Section,
+}
+
+/// One stage run: the stage and its explicit parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub stage: &'static str,
+    pub params: BTreeMap<String, String>,
+}
+
+impl Step {
+    fn new(stage: &'static str, params: BTreeMap<String, String>) -> Self {
+        Step { stage, params }
+    }
+}
+
+/// The steps of one model of the grid.
+#[derive(Debug, Clone)]
+pub struct ModelSteps {
+    pub name: String,
+    pub train: Step,
+    pub eval: Step,
+    pub collect: Step,
+    pub decide: Step,
+    pub analyze: Step,
+}
+
+/// Every stage run of an experiment, in dependency order.
+#[derive(Debug, Clone)]
+pub struct Steps {
+    pub dataset: String,
+    pub data: Vec<Step>,
+    pub models: Vec<ModelSteps>,
+    pub correlate: Step,
+    pub report: Step,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +134,81 @@ pub fn pairs(section: &Section) -> BTreeMap<String, String> {
 }
 
 impl Experiment {
+    /// Every stage run of the study, with `device` for the stages that run
+    /// models.
+    pub fn steps(&self, device: &str) -> Result<Steps> {
+        let data = pairs(&self.data);
+        let dataset = data.get("dataset").cloned().unwrap_or_else(|| "sample".to_string());
+        let pick = |keys: &[&str]| -> BTreeMap<String, String> {
+            let mut m: BTreeMap<String, String> = keys
+                .iter()
+                .filter_map(|k| data.get(*k).map(|v| (k.to_string(), v.clone())))
+                .collect();
+            m.insert("dataset".into(), dataset.clone());
+            m
+        };
+        let data_steps = vec![
+            Step::new(
+                "ingest",
+                pick(&[
+                    "train", "validation", "input", "holdout", "seed", "format", "text_column", "separator", "trim",
+                ]),
+            ),
+            Step::new("tokenize", pick(&["tokenizer"])),
+            Step::new("pack", pick(&["T", "mode", "shards", "batch"])),
+            Step::new("vocab", pick(&[])),
+        ];
+        let mut base = BTreeMap::new();
+        base.insert("dataset".to_string(), dataset.clone());
+        base.insert("device".to_string(), device.to_string());
+        let mut models = Vec::new();
+        for run in self.train_runs(&base) {
+            let name = match run.get("name") {
+                Some(n) => n.clone(),
+                None => {
+                    let num = |k: &str| run.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                    crate::model::naming::format(
+                        num("depth") as usize,
+                        num("width") as usize,
+                        num("epochs") as usize,
+                        num("weight_decay"),
+                        num("seed") as u64,
+                    )?
+                }
+            };
+            let with = |section: &Section, dev: bool| {
+                let mut m = pairs(section);
+                m.insert("model".into(), name.clone());
+                if dev {
+                    m.insert("device".into(), device.to_string());
+                }
+                m
+            };
+            models.push(ModelSteps {
+                train: Step::new("train", run.clone()),
+                eval: Step::new("eval", with(&self.eval, true)),
+                collect: Step::new("collect", with(&self.collect, true)),
+                decide: Step::new("decide", with(&self.decide, true)),
+                analyze: Step::new("analyze", with(&self.analyze, false)),
+                name,
+            });
+        }
+        // The report shows the same correlate run: same selection and settings.
+        let mut report = pairs(&self.report);
+        for k in ["where", "permutations", "bootstrap", "seed"] {
+            if let Some(v) = self.correlate.get(k) {
+                report.entry(k.to_string()).or_insert_with(|| value_string(v));
+            }
+        }
+        Ok(Steps {
+            dataset,
+            data: data_steps,
+            models,
+            correlate: Step::new("correlate", pairs(&self.correlate)),
+            report: Step::new("report", report),
+        })
+    }
+
     pub fn load(path: &str) -> Result<Self> {
         let text = std::fs::read_to_string(path).ctx(path)?;
         let e: Experiment = toml::from_str(&text).map_err(|e| Error::input(path, e.to_string()))?;

@@ -67,6 +67,8 @@ pub struct Lake {
     root: Path,
     /// The URL the user gave, normalised (`file:///abs`, `s3://b/p`, `memory://`).
     url: String,
+    /// The URL exactly as given (a relative path stays relative).
+    given: String,
     /// Scheme and authority DataFusion uses to find `store` in its registry.
     store_url: Url,
     rt: Arc<Runtime>,
@@ -114,6 +116,7 @@ impl Lake {
                 multipart: None,
                 root,
                 url: "memory://".to_string() + rest.trim_matches('/'),
+                given: url.to_string(),
                 store_url: Url::parse("memory://").expect("static URL"),
                 rt,
             });
@@ -139,6 +142,7 @@ impl Lake {
                 multipart: Some(store),
                 root,
                 url: norm,
+                given: url.to_string(),
                 store_url: Url::parse(&format!("s3://{bucket}"))
                     .map_err(|e| bad(&format!("bucket name: {e}")))?,
                 rt,
@@ -169,6 +173,7 @@ impl Lake {
             multipart: None,
             root,
             url: format!("file://{abs_str}"),
+            given: url.to_string(),
             store_url: Url::parse("file:///").expect("static URL"),
             rt,
         })
@@ -176,6 +181,11 @@ impl Lake {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The lake URL as the user gave it.
+    pub fn given_url(&self) -> &str {
+        &self.given
     }
 
     pub fn store(&self) -> Arc<dyn ObjectStore> {

@@ -75,8 +75,12 @@ enum Command {
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
     },
-    /// What exists in the lake, per table and partition, with row counts
-    Status,
+    /// What exists in the lake, per table and partition, with row counts;
+    /// with experiment=FILE the grid as a table, model x stage
+    Status {
+        #[arg(value_name = "experiment=FILE [device=cpu]")]
+        options: Vec<String>,
+    },
     /// Copy the whole lake to another location (a directory or s3:// URL);
     /// results stay up to date there, since identities are content hashes
     Copy {
@@ -359,9 +363,22 @@ fn real_main(cli: Cli) -> Result<()> {
             eprintln!("wrote {}", out.display());
             Ok(())
         }
-        Command::Status => {
+        Command::Status { options } => {
             let lake = Lake::open(&lake_url)?;
-            print_status(&lake)
+            let opts = parse_pairs(&options)?;
+            match opts.get("experiment") {
+                None => print_status(&lake),
+                Some(path) => {
+                    let ctx = Ctx {
+                        lake,
+                        config,
+                        plan_only: false,
+                    };
+                    let device = opts.get("device").map(String::as_str).unwrap_or("cpu");
+                    print!("{}", pipeline::grid_status::render(&ctx, path, device)?);
+                    Ok(())
+                }
+            }
         }
     }
 }

@@ -12,3 +12,4 @@ mod foundation;
 mod model;
 mod report;
 mod s3;
+mod slurm;

@@ -10,11 +10,8 @@
 //! missing. Prints the correlation table, where the report is, and where
 //! the lake is.
 
-use std::collections::BTreeMap;
-
 use crate::error::Result;
-use crate::experiment::{Experiment, pairs};
-use crate::model::naming;
+use crate::experiment::{Experiment, Step};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{self, Ctx, Stage};
 
@@ -31,6 +28,17 @@ const PARAMS: &[ParamSpec] = &[
         "cpu",
         "cpu or cuda[:N] for train, eval, collect and decide",
     ),
+    param(
+        "executor",
+        "local",
+        "local (in this process) or slurm (submit the study as SLURM jobs)",
+    ),
+    param("collect_shards", "1", "slurm: collect array tasks per model (merged after)"),
+    param("slurm_args", "", "slurm: options for every job (partition, --time, account, ...)"),
+    param("dry_run", "false", "slurm: print the job scripts and dependencies, submit nothing"),
+    param("wait", "false", "slurm: block until every job has finished; fail naming failed tasks"),
+    param("binary", "", "slurm: the pipeline binary the jobs run (default: this one; must be on every node)"),
+    param("log_dir", "", "slurm: job logs (default: ./slurm-logs/EXPERIMENT; must be on every node)"),
 ];
 
 impl Stage for All {
@@ -54,94 +62,44 @@ impl Stage for All {
         let path = p.nonempty("experiment")?;
         let exp = Experiment::load(path)?;
         let device = p.nonempty("device")?.to_string();
-        let data = pairs(&exp.data);
-        let dataset = data
-            .get("dataset")
-            .cloned()
-            .unwrap_or_else(|| "sample".to_string());
-        let pick = |stage: &str, keys: &[&str]| -> BTreeMap<String, String> {
-            let mut m: BTreeMap<String, String> = keys
-                .iter()
-                .filter_map(|k| data.get(*k).map(|v| (k.to_string(), v.clone())))
-                .collect();
-            m.insert("dataset".into(), dataset.clone());
-            tracing::info!(stage, "experiment step");
-            m
-        };
-        let step = |name: &str, params: BTreeMap<String, String>| -> Result<String> {
-            let s = stages::run(ctx, name, &params)?;
-            eprintln!("[{name}] {s}");
-            Ok(s)
-        };
-        step(
-            "ingest",
-            pick(
-                "ingest",
-                &[
-                    "train",
-                    "validation",
-                    "input",
-                    "holdout",
-                    "seed",
-                    "format",
-                    "text_column",
-                    "separator",
-                    "trim",
-                ],
-            ),
-        )?;
-        step("tokenize", pick("tokenize", &["tokenizer"]))?;
-        step("pack", pick("pack", &["T", "mode", "shards", "batch"]))?;
-        step("vocab", pick("vocab", &[]))?;
-
-        let mut base = BTreeMap::new();
-        base.insert("dataset".to_string(), dataset.clone());
-        base.insert("device".to_string(), device.clone());
-        let runs = exp.train_runs(&base);
-        let mut names = Vec::new();
-        for run in &runs {
-            step("train", run.clone())?;
-            let name = match run.get("name") {
-                Some(n) => n.clone(),
-                None => {
-                    let num = |k: &str| run.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                    naming::format(
-                        num("depth") as usize,
-                        num("width") as usize,
-                        num("epochs") as usize,
-                        num("weight_decay"),
-                        num("seed") as u64,
-                    )?
+        let steps = exp.steps(&device)?;
+        match p.choice("executor", &["local", "slurm"])? {
+            "slurm" => {
+                let opts = crate::executor::SlurmOptions::from_params(p, &exp, path)?;
+                return crate::executor::slurm(ctx, &steps, &opts);
+            }
+            _ => {
+                let slurm_only = p.bool("dry_run")?
+                    || p.bool("wait")?
+                    || p.u64("collect_shards")? != 1
+                    || ["slurm_args", "binary", "log_dir"].iter().any(|k| p.opt(k).is_some());
+                if slurm_only {
+                    return Err(p.invalid(
+                        "executor",
+                        "dry_run, wait, collect_shards, slurm_args, binary and log_dir apply to executor=slurm",
+                    ));
                 }
-            };
-            names.push(name);
-        }
-        for name in &names {
-            let with = |section: &crate::experiment::Section, dev: bool| {
-                let mut m = pairs(section);
-                m.insert("model".into(), name.clone());
-                if dev {
-                    m.insert("device".into(), device.clone());
-                }
-                m
-            };
-            step("eval", with(&exp.eval, true))?;
-            step("collect", with(&exp.collect, true))?;
-            step("decide", with(&exp.decide, true))?;
-            step("analyze", with(&exp.analyze, false))?;
-        }
-        // The correlation table is this stage's own result: printed once, by the caller.
-        let table = stages::run(ctx, "correlate", &pairs(&exp.correlate))?;
-        // The report shows the same correlate run: same selection and settings.
-        let mut report = pairs(&exp.report);
-        for k in ["where", "permutations", "bootstrap", "seed"] {
-            if let Some(v) = exp.correlate.get(k) {
-                report
-                    .entry(k.to_string())
-                    .or_insert_with(|| crate::experiment::value_string(v));
             }
         }
-        let written = step("report", report)?;
+        let step = |s: &Step| -> Result<String> {
+            let out = stages::run(ctx, s.stage, &s.params)?;
+            eprintln!("[{}] {out}", s.stage);
+            Ok(out)
+        };
+        for s in &steps.data {
+            step(s)?;
+        }
+        for m in &steps.models {
+            step(&m.train)?;
+        }
+        for m in &steps.models {
+            for s in [&m.eval, &m.collect, &m.decide, &m.analyze] {
+                step(s)?;
+            }
+        }
+        // The correlation table is this stage's own result: printed once, by the caller.
+        let table = stages::run(ctx, "correlate", &steps.correlate.params)?;
+        let written = step(&steps.report)?;
         Ok(format!(
             "{table}\n{written}\nlake: {} (query it with `pipeline sql`)",
             ctx.lake.url()
