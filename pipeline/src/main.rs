@@ -105,6 +105,25 @@ enum Command {
         #[arg(value_name = "key=value")]
         options: Vec<String>,
     },
+    /// Write a GPT-Neo model with freshly initialised (random) weights, in
+    /// Hugging Face format: for benchmarks and GPU checks
+    MakeModel {
+        #[arg(long)]
+        depth: usize,
+        #[arg(long)]
+        width: usize,
+        #[arg(long, default_value_t = 16)]
+        heads: usize,
+        #[arg(long, default_value_t = 2048)]
+        context: usize,
+        #[arg(long, default_value_t = 50257)]
+        vocab: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Build a GPT-2 style tokenizer.json from encoder.json + vocab.bpe
     MakeTokenizer {
         /// encoder.json (the vocabulary)
@@ -352,6 +371,26 @@ fn real_main(cli: Cli) -> Result<()> {
         Command::Bench { what, options } => {
             let opts = parse_pairs(&options)?;
             println!("{}", pipeline::bench::run(&what, &opts)?);
+            Ok(())
+        }
+        Command::MakeModel {
+            depth,
+            width,
+            heads,
+            context,
+            vocab,
+            seed,
+            out,
+        } => {
+            let config = pipeline::model::GptNeoConfig::grid(depth, width, heads, vocab, context);
+            config.validate("make-model")?;
+            let w = pipeline::model::init_weights(&config, seed, &candle_core::Device::Cpu)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let store = Lake::open(&out.to_string_lossy())?;
+            let state = serde_json::json!({"global_step": 0, "complete": true});
+            let tok = bytes::Bytes::from_static(pipeline::tokenizer::GPT2_TOKENIZER_JSON);
+            pipeline::model::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
+            eprintln!("wrote {} ({depth}x{width}, random weights, seed {seed})", out.display());
             Ok(())
         }
         Command::MakeTokenizer { vocab, merges, out } => {

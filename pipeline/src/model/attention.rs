@@ -178,10 +178,35 @@ impl CustomOp2 for CausalSoftmaxGrad {
 
 /// Softmax over the last axis of scores [.., T, T] where key j is visible to
 /// query i iff j <= i and, with a window, i - j < window.
+///
+/// On the CPU a fused op; elsewhere (GPUs) an additive mask, made once per
+/// (T, window, device, dtype) and kept, and the device's fused last-axis
+/// softmax kernel.
 pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> candle_core::Result<Tensor> {
     let t = scores.dim(candle_core::D::Minus1)?;
     if scores.device().is_cpu() && matches!(scores.dtype(), DType::F32 | DType::F64) {
         return scores.contiguous()?.apply_op1(CausalSoftmax { window });
+    }
+    let mask = causal_mask(t, window, scores.device(), scores.dtype())?;
+    candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)
+}
+
+type MaskKey = (usize, Option<usize>, String, DType);
+
+/// The additive causal mask (0 where visible, the dtype's minimum elsewhere).
+fn causal_mask(
+    t: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+    dtype: DType,
+) -> candle_core::Result<Tensor> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static MASKS: OnceLock<Mutex<HashMap<MaskKey, Tensor>>> = OnceLock::new();
+    let key = (t, window, format!("{:?}", device.location()), dtype);
+    let cache = MASKS.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(m) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(m.clone());
     }
     let vals: Vec<f32> = (0..t)
         .flat_map(|i| {
@@ -191,8 +216,12 @@ pub fn causal_softmax(scores: &Tensor, window: Option<usize>) -> candle_core::Re
             })
         })
         .collect();
-    let mask = Tensor::from_vec(vals, (t, t), scores.device())?.to_dtype(scores.dtype())?;
-    candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)
+    let mask = Tensor::from_vec(vals, (t, t), device)?.to_dtype(dtype)?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, mask.clone());
+    Ok(mask)
 }
 
 #[cfg(test)]
