@@ -29,7 +29,7 @@ const PARAMS: &[ParamSpec] = &[
     param("split", "train", "split"),
     param("layers", "last", "the layers collect was given"),
     required("shards", "n, the number of shards"),
-    param("force", "false", "replace class_stats computed from other inputs"),
+    param("force", "false", "merge even when class_stats is up to date, replacing what other inputs made"),
 ];
 
 impl Stage for Merge {
@@ -80,7 +80,9 @@ impl Stage for Merge {
                     .is_some_and(|x| want.matches_ignoring(&x, &["merged_shards"]));
             }
             if done {
-                return Ok(format!("class_stats/model={id}/split={split}: up to date (merged {n} shards)"));
+                return Ok(format!(
+                    "class_stats/model={id}/split={split}: up to date (already computed from these weights and chunks; force=true merges again)"
+                ));
             }
         }
         ctx.would_run(format!("merge {id} from {n} shards"))?;
