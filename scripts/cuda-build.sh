@@ -2,7 +2,14 @@
 # Build the CUDA binary of `pipeline` with a CUDA toolkit made of NVIDIA's
 # PyPI wheels (nvcc, headers, cuBLAS, cuRAND, NVRTC): no system CUDA needed.
 #
-#   scripts/cuda-build.sh [12|13]      # default 12: CUDA 12.9
+#   scripts/cuda-build.sh [13]      # CUDA 13.0, compute 9.0 (H100/H200)
+#
+# Why 13 and not 12: NVIDIA's CUDA 12 wheels (nvidia-cuda-nvcc-cu12, every
+# version 12.0.76 to 12.9.86) hold ptxas and libnvvm but no nvcc, cicc or
+# cudafe++, and candle-kernels needs a full nvcc (PTX kernels plus a static
+# library of MoE kernels). The CUDA 13 wheels (nvidia-cuda-nvcc,
+# nvidia-cuda-crt, nvidia-nvvm) hold the whole compiler. The binary then
+# needs an NVIDIA driver of the 580 series or newer (CUDA 13).
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), CUDA_WHEELS (where
 # the toolkit is unpacked, default .cuda/), CARGO_TARGET_DIR (default
@@ -18,17 +25,19 @@
 #                  environment's nvidia/*/lib).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-major=${1:-12}
+major=${1:-13}
 cap=${CUDA_COMPUTE_CAP:-90}
 wheels=${CUDA_WHEELS:-$PWD/.cuda}/cu$major
 case $major in
-  12) pkgs="nvidia-cuda-nvcc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79 nvidia-cublas-cu12==12.9.1.4
-            nvidia-curand-cu12==10.3.10.19 nvidia-cuda-cccl-cu12==12.9.27 nvidia-cuda-nvrtc-cu12==12.9.86" ;;
+  12) echo "CUDA 12: NVIDIA's cu12 wheels ship no nvcc (only ptxas and libnvvm), so this script" >&2
+      echo "cannot build with them; use 13 here, or a system CUDA 12 toolkit with" >&2
+      echo "  CUDA_COMPUTE_CAP=90 cargo build --release --features cuda -p pipeline" >&2
+      exit 2 ;;
   # CUDA 13 splits nvcc's headers (crt) and its device compiler (nvvm) out.
   13) pkgs="nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88
             nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
             nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88" ;;
-  *) echo "usage: $0 [12|13]" >&2; exit 2 ;;
+  *) echo "usage: $0 [13]" >&2; exit 2 ;;
 esac
 
 # 1. The toolkit: wheels unpacked into one tree, merged into CUDA_ROOT.
@@ -39,11 +48,12 @@ if [ ! -x "$wheels/root/bin/nvcc" ]; then
   python3 -m pip install --quiet --no-deps --target "$wheels/site" $pkgs
   root=$wheels/root
   rm -rf "$root" && mkdir -p "$root/bin" "$root/include" "$root/lib64"
+  # Every wheel ships an include/__init__.py: -f lets the duplicates overwrite.
   for d in "$wheels"/site/nvidia/*/ "$wheels"/site/nvidia/cu*/*/; do
     [ -d "$d" ] || continue
-    [ -d "$d/bin" ] && cp -rs "$d/bin/." "$root/bin/"
-    [ -d "$d/include" ] && cp -rs "$d/include/." "$root/include/"
-    [ -d "$d/lib" ] && cp -rs "$d/lib/." "$root/lib64/"
+    [ -d "$d/bin" ] && cp -rsf "$d/bin/." "$root/bin/"
+    [ -d "$d/include" ] && cp -rsf "$d/include/." "$root/include/"
+    [ -d "$d/lib" ] && cp -rsf "$d/lib/." "$root/lib64/"
     [ -d "$d/nvvm" ] && ln -sfn "$d/nvvm" "$root/nvvm"
   done
   # Unversioned names for the linker.
