@@ -78,12 +78,63 @@ pub fn data(source: &str, tokenizer: &str, mb: usize) -> Result<String> {
     ))
 }
 
+/// The anchor for model throughput, measured in this process: the best of
+/// a few f32 GEMMs (1024 x 1024 x 1024) on every rayon thread, GFLOP/s.
+pub fn peak_gemm_gflops() -> f64 {
+    let n = 1024;
+    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.01).collect();
+    let b: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
+    let mut c = vec![0f32; n * n];
+    let threads = rayon::current_num_threads();
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        // SAFETY: three n x n row-major buffers of the stated strides.
+        unsafe {
+            gemm::gemm(
+                n, n, n, c.as_mut_ptr(), 1, n as isize, false,
+                a.as_ptr(), 1, n as isize, b.as_ptr(), 1, n as isize,
+                0.0, 1.0, false, false, false,
+                gemm::Parallelism::Rayon(threads),
+            );
+        }
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&c);
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// Useful FLOPs per token of a GPT-Neo forward at context `t`: the matrix
+/// products of every block (attention projections, MLP), the causal
+/// attention over the keys each query may see (all earlier positions in a
+/// global layer, at most `window_size` in a local one; masked scores are
+/// not counted), and the vocabulary projection when `logits`.
+pub fn forward_flops_per_token(config: &GptNeoConfig, t: usize, logits: bool) -> f64 {
+    let d = config.hidden_size as f64;
+    let ffn = config.inner_size() as f64;
+    let types = config.layer_types();
+    let mut flops = 0.0;
+    for kind in types.iter().take(config.num_layers) {
+        flops += 2.0 * (4.0 * d * d + 2.0 * d * ffn);
+        // Mean number of keys a query sees.
+        let keys = (0..t)
+            .map(|i| if kind == "local" { (i + 1).min(config.window_size) } else { i + 1 })
+            .sum::<usize>() as f64
+            / t as f64;
+        flops += 2.0 * 2.0 * d * keys;
+    }
+    if logits {
+        flops += 2.0 * d * config.vocab_size as f64;
+    }
+    flops
+}
+
 /// Forward (with logits) and training tokens/s of a randomly initialised
 /// model on random token ids.
 pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -> Result<String> {
     let dev = Device::Cpu;
     let config = GptNeoConfig::grid(depth, width, 16, 50257, t.max(2048));
-    let (net, vars) = GptNeo::trainable(config, 0, &dev, "bench")?;
+    let (net, vars) = GptNeo::trainable(config.clone(), 0, &dev, "bench")?;
     let mut opt = crate::model::optim::AdamW::new(
         vars,
         crate::model::optim::AdamWConfig {
@@ -121,17 +172,31 @@ pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -
     })?;
     let (_, tt) = timed(|| {
         for _ in 0..steps {
-            let l = loss::cross_entropy(&forward(true)?, &labels)?;
+            // As the train stage computes it: output layer fused into the loss.
+            let h = net.forward(&x, &[depth], true)?.remove(0);
+            let h = h
+                .narrow(1, 0, t - 1)
+                .and_then(|h| h.reshape((batch * (t - 1), width)))
+                .ctx("positions")?;
+            let l = loss::linear_cross_entropy(&h, net.classifier(), &labels)?;
             let g = l.backward().ctx("backward")?;
             opt.step(&g, 1e-4, 1.0)?;
         }
         Ok(())
     })?;
     let tokens = (steps * batch * t) as f64;
+    let peak = peak_gemm_gflops();
+    let fwd = forward_flops_per_token(&config, t, true);
+    // A training step is a forward and a backward of twice its cost.
+    let (gf, gt) = (fwd * tokens / tf / 1e9, 3.0 * fwd * tokens / tt / 1e9);
     Ok(format!(
-        "model {depth}x{width} (T = {t}, batch {batch}, {} params): forward with logits {:.0} tokens/s, training {:.0} tokens/s",
+        "model {depth}x{width} (T = {t}, batch {batch}, {} params), as a share of the in-process peak GEMM ({peak:.0} GFLOP/s):\n  \
+         forward with logits {:.1}% ({gf:.1} GFLOP/s, {:.0} tokens/s on this machine)\n  \
+         training step {:.1}% ({gt:.1} GFLOP/s, {:.0} tokens/s on this machine)",
         net.n_params(),
+        100.0 * gf / peak,
         tokens / tf,
+        100.0 * gt / peak,
         tokens / tt
     ))
 }
@@ -183,8 +248,12 @@ pub fn collect(
         .get("accumulate_share")
         .and_then(|v| v.as_f64())
         .unwrap_or(f64::NAN);
+    let peak = peak_gemm_gflops();
+    let gf = forward_flops_per_token(&config, 2048, false) * rate / 1e9;
     Ok(format!(
-        "collect {depth}x{width} (T = 2048, batch {batch}): {rate:.0} tokens/s, {:.1}% of the time accumulating\n  ({out})",
+        "collect {depth}x{width} (T = 2048, batch {batch}): {:.1}% of the in-process peak GEMM ({peak:.0} GFLOP/s): \
+         {gf:.1} GFLOP/s, {rate:.0} tokens/s on this machine, {:.1}% of the time accumulating\n  ({out})",
+        100.0 * gf / peak,
         100.0 * share
     ))
 }
@@ -239,8 +308,14 @@ pub fn analyze(c: usize, d: usize, tile: usize, precision: &str) -> Result<Strin
         )));
     }
     let pairs = (c * (c - 1) / 2) as f64;
+    // The anchor, in this process on the same pool: the Gram products alone.
+    let floor = crate::tiles::gram_floor(c, d, tile, precision == "f32");
+    let gflops = (c as f64) * (c as f64 + tile as f64) * d as f64 / floor / 1e9;
     Ok(format!(
-        "analyze C = {c}, d = {d}, tile {tile}, {precision}: {secs:.2} s for the whole stage (process start, reading, writing), {:.1} M pairs/s\n  {}",
+        "analyze C = {c}, d = {d}, tile {tile}, {precision}: {:.2}x the GEMM floor\n  \
+         stage {secs:.2} s (process start, reading, writing), {:.1} M pairs/s; \
+         floor {floor:.2} s: the same upper-triangle Gram tiles alone, {gflops:.0} GFLOP/s, on this machine\n  {}",
+        secs / floor,
         pairs / secs / 1e6,
         String::from_utf8_lossy(&out.stdout).trim()
     ))

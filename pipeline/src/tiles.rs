@@ -330,7 +330,9 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         .fold(init, |mut acc, &(ti, tj)| {
             let r = (ti * edge)..((ti + 1) * edge).min(c);
             let s = (tj * edge)..((tj + 1) * edge).min(c);
-            let metrics = shared.tile(r, s, ti == tj, &mut acc.1, &mut acc.2, &mut acc.3);
+            let metrics = SCRATCH.with_borrow_mut(|scratch| {
+                shared.tile(r, s, ti == tj, &mut acc.1, &mut acc.2, &mut acc.3, scratch)
+            });
             acc.0.push(TileResult { ti, tj, metrics });
             acc
         })
@@ -360,6 +362,23 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         extremes,
         recomputed,
     }
+}
+
+/// Buffers a worker thread reuses from tile to tile: fresh multi-megabyte
+/// allocations per tile cost page faults, a fifth of the stage's time.
+/// Thread-local because rayon's fold makes a new accumulator per split.
+#[derive(Default)]
+struct Scratch {
+    gram: Vec<f64>,
+    vals: [Vec<f64>; N_METRICS],
+    columns: [Vec<f64>; N_METRICS],
+    u2: Vec<f64>,
+    u2_raw: Vec<f64>,
+    excluded: Vec<bool>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// What every tile reads.
@@ -416,20 +435,34 @@ impl Shared<'_> {
         rows: &mut RowSums,
         extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
         recomputed: &mut u64,
+        scratch: &mut Scratch,
     ) -> [Moments; N_METRICS] {
         let cls = self.cls;
         let d = cls.d;
         let (m, n) = (r.len(), s.len());
-        let mut g = vec![0f64; m * n];
-        gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, &mut g);
+        let Scratch {
+            gram: g,
+            vals,
+            columns: buf,
+            u2: u2buf,
+            u2_raw: u2raw_buf,
+            excluded: excl_buf,
+        } = scratch;
+        g.resize(m * n, 0.0);
+        gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, g);
         let riesz_on = self.riesz_s.is_some();
         // Values kept for the exact second pass (M2), per metric.
-        let mut vals: [Vec<f64>; N_METRICS] = std::array::from_fn(|_| Vec::with_capacity(m * n));
+        for v in vals.iter_mut() {
+            v.clear();
+            v.reserve(m * n);
+        }
         let mut first = [FirstPass::new(); N_METRICS];
-        let mut buf: [Vec<f64>; N_METRICS] = std::array::from_fn(|_| vec![0.0; n]);
-        let mut u2buf = vec![0.0; n];
-        let mut u2raw_buf = vec![0.0; n];
-        let mut excl_buf = vec![false; n];
+        for b in buf.iter_mut() {
+            b.resize(n, 0.0);
+        }
+        u2buf.resize(n, 0.0);
+        u2raw_buf.resize(n, 0.0);
+        excl_buf.resize(n, false);
         let (n2, inv, var) = (self.norm2, self.inv_norm, cls.var);
         for (ia, a) in r.clone().enumerate() {
             let j0 = if diag { ia + 1 } else { 0 };
@@ -443,7 +476,7 @@ impl Shared<'_> {
             let (n2a, inva, vara) = (n2[a], inv[a], var[a]);
             let (dbb, irb) = (&self.dot_bar[cols.clone()], &self.inv_raw[cols.clone()]);
             let (dba, ira) = (self.dot_bar[a], self.inv_raw[a]);
-            let [cdnv, intf, logk, riesz, gram, logku, rieszu] = &mut buf;
+            let [cdnv, intf, logk, riesz, gram, logku, rieszu] = buf;
             let (cdnv, intf, logk, riesz, gram, logku, rieszu) = (
                 &mut cdnv[..len],
                 &mut intf[..len],
@@ -739,4 +772,47 @@ pub const METRIC_RIESZ_UNCENTRED: usize = RIESZ_UNC;
 /// Whether metric `k` was computed, given whether Riesz kernels were asked for.
 pub fn metric_active(k: usize, riesz: bool) -> bool {
     active(k, riesz)
+}
+
+/// The GEMM floor of [`pairs`]: only the upper-triangle Gram products of
+/// `c` classes in `d` dims, in the same tiles, order and precision, on the
+/// same thread pool, with random data. Seconds. `pipeline bench analyze`
+/// quotes the stage's time as a ratio to this anchor.
+pub fn gram_floor(c: usize, d: usize, edge: usize, f32_gemm: bool) -> f64 {
+    let mut s = 7u64;
+    let centred: Vec<f64> = (0..c * d)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+        .collect();
+    let zeros = vec![0f64; c.max(d)];
+    let cls = Classes {
+        centred: &centred,
+        d,
+        var: &zeros[..c],
+        mean_bar: &zeros[..d],
+    };
+    let single: Vec<f32> = if f32_gemm {
+        centred.iter().map(|&x| x as f32).collect()
+    } else {
+        Vec::new()
+    };
+    let edge = edge.max(1);
+    let nt = c.div_ceil(edge);
+    let tiles: Vec<(usize, usize)> = (0..nt).flat_map(|i| (i..nt).map(move |j| (i, j))).collect();
+    let t = std::time::Instant::now();
+    let checksum: f64 = tiles
+        .par_iter()
+        .map_init(Vec::new, |g, &(ti, tj)| {
+            let r0 = ti * edge;
+            let s0 = tj * edge;
+            let (m, n) = (edge.min(c - r0), edge.min(c - s0));
+            g.resize(m * n, 0.0);
+            gram_block(&cls, &single, f32_gemm, r0, m, s0, n, g);
+            g[0]
+        })
+        .sum();
+    std::hint::black_box(checksum);
+    t.elapsed().as_secs_f64()
 }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Context, Result};
@@ -77,38 +77,98 @@ impl Logit for f32 {
     fn from_f64(x: f64) -> Self {
         x as f32
     }
-    /// Eight independent f32 lanes (vectorised), combined in f64.
     fn lse(z: &[f32]) -> f64 {
-        let mut m = [f32::NEG_INFINITY; 8];
-        let chunks = z.chunks_exact(8);
-        let tail = chunks.remainder();
-        for c in chunks {
-            for i in 0..8 {
-                m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked above).
+                return unsafe { lse_avx512(z) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked above).
+                return unsafe { lse_avx2(z) };
             }
         }
-        let mut mx = tail
-            .iter()
-            .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
-        for v in m {
-            mx = if v > mx { v } else { mx };
-        }
-        let mut s = [0f32; 8];
-        let chunks = z.chunks_exact(8);
-        for c in chunks {
-            for i in 0..8 {
-                s[i] += exp_f32(c[i] - mx);
-            }
-        }
-        let total: f64 = s.iter().map(|&x| x as f64).sum::<f64>()
-            + tail.iter().map(|&x| exp_f32(x - mx) as f64).sum::<f64>();
-        mx as f64 + total.ln()
+        lse_lanes::<8>(z)
     }
     fn scaled_softmax(z: &[f32], lse: f64, g: f64, out: &mut [f32]) {
-        let (lse, g) = (lse as f32, g as f32);
-        for (o, &x) in out.iter_mut().zip(z) {
-            *o = g * exp_f32(x - lse);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: as in lse.
+                return unsafe { scaled_softmax_avx512(z, lse, g, out) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: as in lse.
+                return unsafe { scaled_softmax_avx2(z, lse, g, out) };
+            }
         }
+        scaled_softmax_f32(z, lse, g, out)
+    }
+}
+
+// The vocabulary-wide loops are a large share of a small model's training
+// step; the portable build only has SSE2, so they are compiled again for
+// AVX2 and AVX-512 and chosen at run time (the same arithmetic: the lane
+// count only changes the summation order of the f32 partial sums).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lse_avx512(z: &[f32]) -> f64 {
+    lse_lanes::<16>(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lse_avx2(z: &[f32]) -> f64 {
+    lse_lanes::<8>(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scaled_softmax_avx512(z: &[f32], lse: f64, g: f64, out: &mut [f32]) {
+    scaled_softmax_f32(z, lse, g, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scaled_softmax_avx2(z: &[f32], lse: f64, g: f64, out: &mut [f32]) {
+    scaled_softmax_f32(z, lse, g, out)
+}
+
+/// logsumexp of a row with `L` independent f32 lanes (vectorised),
+/// combined in f64.
+#[inline(always)]
+fn lse_lanes<const L: usize>(z: &[f32]) -> f64 {
+    let mut m = [f32::NEG_INFINITY; L];
+    let chunks = z.chunks_exact(L);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut mx = tail
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+    for v in m {
+        mx = if v > mx { v } else { mx };
+    }
+    let mut s = [0f32; L];
+    for c in z.chunks_exact(L) {
+        for i in 0..L {
+            s[i] += exp_f32(c[i] - mx);
+        }
+    }
+    let total: f64 = s.iter().map(|&x| x as f64).sum::<f64>()
+        + tail.iter().map(|&x| exp_f32(x - mx) as f64).sum::<f64>();
+    mx as f64 + total.ln()
+}
+
+#[inline(always)]
+fn scaled_softmax_f32(z: &[f32], lse: f64, g: f64, out: &mut [f32]) {
+    let (lse, g) = (lse as f32, g as f32);
+    for (o, &x) in out.iter_mut().zip(z) {
+        *o = g * exp_f32(x - lse);
     }
 }
 
@@ -271,6 +331,156 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
     row_losses(logits, labels)?.mean_all().ctx("cross-entropy mean")
 }
 
+/// Mean cross-entropy of the logits `hidden @ weight^T` (hidden [N, d],
+/// weight [V, d]): the training loss with the output layer inside it.
+///
+/// On the CPU in f32 this is one op whose backward returns the gradients of
+/// `hidden` and `weight` directly, so the [N, V] logits and their gradient
+/// never enter the autograd graph: candle would otherwise allocate a zeroed
+/// [N, V] accumulator and add the logits' gradient into it, a third of a
+/// small model's training step. The logits are recomputed in the backward
+/// (one more GEMM, cheaper than keeping and traversing them).
+pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    let fused = hidden.device().is_cpu() && hidden.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    if !fused {
+        let logits = hidden.matmul(&weight.t().ctx("output layer")?).ctx("output layer")?;
+        return cross_entropy(&logits, labels);
+    }
+    let h = hidden.contiguous().ctx("cross-entropy")?;
+    let w = weight.contiguous().ctx("cross-entropy")?;
+    h.apply_op2(
+        &w,
+        LinearLoss {
+            labels: Arc::new(labels.to_vec()),
+        },
+    )
+    .and_then(|l| l.mean_all())
+    .ctx("cross-entropy")
+}
+
+struct LinearLoss {
+    labels: Arc<Vec<u32>>,
+}
+
+/// C[m, n] = A[m, k] B[k, n] for row-major buffers given by their element
+/// strides (row stride, column stride), on every rayon thread.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    c: &mut [f32],
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+) {
+    assert!(c.len() >= m * n);
+    assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// (N, d, V) of hidden [N, d] and weight [V, d].
+fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let (a, b) = (l1.shape().dims(), l2.shape().dims());
+    if a.len() != 2 || b.len() != 2 || a[1] != b[1] {
+        candle_core::bail!("linear cross-entropy expects hidden [N, d] and weight [V, d], got {a:?} and {b:?}");
+    }
+    Ok((a[0], a[1], b[0]))
+}
+
+fn logits_of(h: &[f32], w: &[f32], (n, d, v): (usize, usize, usize)) -> Vec<f32> {
+    let mut z = vec![0f32; n * v];
+    gemm_f32((n, v, d), &mut z, h, (d, 1), w, (1, d));
+    z
+}
+
+fn cpu_f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (o1, o2) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("linear cross-entropy input must be contiguous".into()))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[o1..o2]),
+        other => candle_core::bail!("linear cross-entropy: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+impl CustomOp2 for LinearLoss {
+    fn name(&self) -> &'static str {
+        "linear-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = linear_dims(l1, l2)?;
+        let (h, w) = (cpu_f32_of(s1, l1)?, cpu_f32_of(s2, l2)?);
+        check_labels(&self.labels, dims.0, dims.2)?;
+        let z = logits_of(h, w, dims);
+        Ok((CpuStorage::F32(row_loss(&z, &self.labels, dims.2)), Shape::from(dims.0)))
+    }
+
+    fn bwd(
+        &self,
+        arg1: &Tensor,
+        arg2: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dims @ (n, d, v) = linear_dims(arg1.layout(), arg2.layout())?;
+        let (res, grad_res) = (res.contiguous()?, grad_res.contiguous()?);
+        let (sh, lh) = arg1.storage_and_layout();
+        let (sw, lw) = arg2.storage_and_layout();
+        let (sl, ll) = res.storage_and_layout();
+        let (sg, lg) = grad_res.storage_and_layout();
+        let (Storage::Cpu(sh), Storage::Cpu(sw), Storage::Cpu(sl), Storage::Cpu(sg)) = (&*sh, &*sw, &*sl, &*sg)
+        else {
+            candle_core::bail!("linear cross-entropy backward: CPU tensors expected");
+        };
+        let (h, w) = (cpu_f32_of(sh, lh)?, cpu_f32_of(sw, lw)?);
+        let (loss, g) = (cpu_f32_of(sl, ll)?, cpu_f32_of(sg, lg)?);
+        // G = g_r (softmax(z_r) - onehot(y_r)), then dH = G W and dW = G^T H.
+        let z = logits_of(h, w, dims);
+        let gz = row_loss_grad(&z, loss, g, &self.labels, v);
+        drop(z);
+        let mut dh = vec![0f32; n * d];
+        gemm_f32((n, d, v), &mut dh, &gz, (v, 1), w, (d, 1));
+        let mut dw = vec![0f32; v * d];
+        gemm_f32((v, d, n), &mut dw, &gz, (1, v), h, (d, 1));
+        let dev = arg1.device();
+        Ok((
+            Some(Tensor::from_vec(dh, (n, d), dev)?),
+            Some(Tensor::from_vec(dw, (v, d), dev)?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +498,42 @@ mod tests {
         }
         assert!(worst < 3e-7, "relative error {worst}");
         assert!(exp_f32(-1000.0) < 1e-37 && exp_f32(-1000.0) >= 0.0);
+    }
+
+    /// The fused output layer + loss against logits = h W^T through the
+    /// primitive path: loss and both gradients, in f32 (tolerance 1e-5
+    /// relative to the largest entry: f32 rounding of short sums).
+    #[test]
+    fn linear_loss_and_gradients_match_the_unfused_ones() {
+        let dev = Device::Cpu;
+        let h0 = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+        let w0 = Tensor::randn(0f32, 1.0, (11, 5), &dev).unwrap();
+        let labels = vec![0u32, 10, 3, 3, 5, 1, 9];
+        let run = |fused: bool| {
+            let (h, w) = (Var::from_tensor(&h0).unwrap(), Var::from_tensor(&w0).unwrap());
+            let l = if fused {
+                linear_cross_entropy(h.as_tensor(), w.as_tensor(), &labels).unwrap()
+            } else {
+                let z = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+                row_losses_primitive(&z, &labels).unwrap().mean_all().unwrap()
+            };
+            let g = l.backward().unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (
+                l.to_scalar::<f32>().unwrap(),
+                flat(g.get(h.as_tensor()).unwrap()),
+                flat(g.get(w.as_tensor()).unwrap()),
+            )
+        };
+        let (la, gha, gwa) = run(true);
+        let (lb, ghb, gwb) = run(false);
+        assert!((la - lb).abs() < 1e-5 * lb.abs(), "{la} vs {lb}");
+        for (a, b) in [(gha, ghb), (gwa, gwb)] {
+            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+            }
+        }
     }
 
     #[test]

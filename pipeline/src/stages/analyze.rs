@@ -194,11 +194,12 @@ fn single_layer(p: &Params, spec: &str, model_ref: Option<&ModelRef>) -> Result<
     Ok(match p.str("layer") {
         "last" => model_ref
             .as_ref()
+            // Not a parameter error: the model may simply not be trained yet,
+            // which planning reports as work to do.
             .ok_or_else(|| {
-                p.invalid(
-                    "layer",
-                    format!("model {spec} is not reachable to tell its last layer; give layer=N"),
-                )
+                Error::invalid(format!(
+                    "model {spec} is not reachable to tell its last layer (not trained yet?); give layer=N"
+                ))
             })?
             .config()?
             .shape()
@@ -294,7 +295,9 @@ fn analyze_layer(
 
     let started = std::time::Instant::now();
     let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
+    let read_secs = started.elapsed().as_secs_f64();
     let prep = prepare(&stats, min, max);
+    let pairs_started = std::time::Instant::now();
     let c = prep.rows.len();
     if c < 2 {
         return Err(Error::invalid(format!(
@@ -310,7 +313,7 @@ fn analyze_layer(
         },
         &opt,
     );
-    let pair_secs = started.elapsed().as_secs_f64();
+    let pair_secs = pairs_started.elapsed().as_secs_f64();
 
     // NC3 needs the classifier rows.
     let w: Option<(Vec<f64>, usize)> = match &weights {
@@ -376,7 +379,7 @@ fn analyze_layer(
         .map(|m| format!(", process peak RSS {m:.0} MiB"))
         .unwrap_or_default();
     Ok(format!(
-        "{id}/{split}/layer={layer}: |V'| = {c}, {} pairs in {} tiles ({pair_secs:.2}s, {} recomputed exactly{rss}); CDNV mean {:.4e}, interference mean {:.4}",
+        "{id}/{split}/layer={layer}: |V'| = {c}, {} pairs in {} tiles ({pair_secs:.2} s, statistics read in {read_secs:.2} s, {} recomputed exactly{rss}); CDNV mean {:.4e}, interference mean {:.4}",
         c * (c - 1) / 2,
         report.tiles.len(),
         report.recomputed,

@@ -381,8 +381,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
                 .narrow(1, 0, t - 1)
                 .and_then(|h| h.reshape((b * (t - 1), recipe.width)))
                 .ctx("positions")?;
-            let logits = model.logits(&h)?;
-            let loss = loss::cross_entropy(&logits, &labels)?;
+            let loss = loss::linear_cross_entropy(&h, model.classifier(), &labels)?;
             let loss_v = loss
                 .to_dtype(DType::F64)
                 .and_then(|l| l.to_scalar::<f64>())
