@@ -9,7 +9,8 @@
 //! exactly one succeeds. The owner renews its expiry in the background every
 //! third of the lease time and deletes its claim when done; a worker that
 //! finds a live claim waits (polling) until it is released or expires, and a
-//! claim whose owner died (kill -9, a lost node) expires after the lease time.
+//! claim whose owner died (kill -9, a lost node) expires after the lease time,
+//! or at once when its owner was a process on this host that no longer runs.
 //! A task that the scheduler requeues recognises its own job's claim and
 //! takes it over at once.
 //!
@@ -37,6 +38,32 @@ pub struct Claim {
     pub job: Option<String>,
     /// Unix time in milliseconds after which the claim is void.
     pub expires_ms: i64,
+    /// Host and process of the owner: a claim of a process that no longer
+    /// runs on this host is void at once (kill -9, then run again).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+impl Claim {
+    /// Whether the owner is known to be gone: same host, process not alive.
+    fn owner_gone(&self) -> bool {
+        match (&self.host, self.pid) {
+            (Some(h), Some(pid)) => {
+                *h == hostname()
+                    && pid != std::process::id()
+                    && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            }
+            _ => false,
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
 }
 
 fn now_ms() -> i64 {
@@ -65,9 +92,7 @@ pub fn current_job() -> Option<String> {
 }
 
 fn owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
+    let host = hostname();
     match current_job() {
         Some(j) => format!("job {j} on {host} (pid {})", std::process::id()),
         None => format!("{host} (pid {})", std::process::id()),
@@ -120,7 +145,7 @@ pub fn holder(lake: &Lake, name: &str) -> Result<Option<Claim>> {
         .into_iter()
         .next()
         .and_then(|(_, _, c)| c)
-        .filter(|c| c.expires_ms > now_ms()))
+        .filter(|c| c.expires_ms > now_ms() && !c.owner_gone()))
 }
 
 /// Take the lease `name`, waiting while another worker holds it.
@@ -139,11 +164,13 @@ pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
             owner: me.clone(),
             job: job.clone(),
             expires_ms: now_ms() + ttl.as_millis() as i64,
+            host: Some(hostname()),
+            pid: Some(std::process::id()),
         };
         let body = Bytes::from(serde_json::to_vec(&claim).expect("json"));
         let mine_again = |c: &Claim| job.is_some() && c.job == job;
         let next = match &top {
-            Some((n, key, Some(c))) if c.expires_ms > now_ms() && !mine_again(c) => {
+            Some((n, key, Some(c))) if c.expires_ms > now_ms() && !mine_again(c) && !c.owner_gone() => {
                 if started.elapsed() > max_wait {
                     return Err(Error::invalid(format!(
                         "{name} is being worked on by {} (lease {}); gave up after waiting {:.0} s",
