@@ -48,10 +48,13 @@ pub struct Claim {
 
 impl Claim {
     /// Whether the owner is known to be gone: same host, process not alive.
+    /// Only where /proc shows processes: without it (macOS) nothing is
+    /// known, and the claim runs until it expires.
     fn owner_gone(&self) -> bool {
         match (&self.host, self.pid) {
             (Some(h), Some(pid)) => {
-                *h == hostname()
+                std::path::Path::new("/proc/self").exists()
+                    && *h == hostname()
                     && pid != std::process::id()
                     && !std::path::Path::new(&format!("/proc/{pid}")).exists()
             }
