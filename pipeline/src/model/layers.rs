@@ -3,7 +3,7 @@
 
 use candle_core::{D, DType, Tensor};
 
-use super::attention;
+use super::{attention, block_attention};
 
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -147,7 +147,9 @@ impl Rotary {
 /// Causal attention of q [B, H, T, dh] over k, v [B, Hkv, T, dh] (grouped
 /// queries share a key/value head), scores scaled by `scale` and computed in
 /// f32 at least, keys restricted to the last `window` positions when given.
-/// Returns [B, T, H * dh].
+/// Returns [B, T, H * dh]. Without gradients on the CPU this is the blocked
+/// kernel of [`block_attention`]; otherwise scores are materialised so that
+/// the step is differentiable (and GPUs use their fused softmax).
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -156,6 +158,17 @@ pub fn attend(
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
+    let no_grad = !(q.track_op() || k.track_op() || v.track_op());
+    let cpu_float = q.device().is_cpu()
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype();
+    if no_grad && cpu_float {
+        return block_attention::attend(q, k, v, scale.unwrap_or(1.0), window)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h * dh));
+    }
     let hkv = k.dim(1)?;
     let (k, v) = if hkv != h {
         let rep = h / hkv;
