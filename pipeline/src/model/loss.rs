@@ -338,9 +338,23 @@ pub fn cross_entropy(logits: &Tensor, labels: &[u32]) -> Result<Tensor> {
 /// `hidden` and `weight` directly, so the [N, V] logits and their gradient
 /// never enter the autograd graph: candle would otherwise allocate a zeroed
 /// [N, V] accumulator and add the logits' gradient into it, a third of a
-/// small model's training step. The logits are recomputed in the backward
-/// (one more GEMM, cheaper than keeping and traversing them).
+/// small model's training step. The op works through the vocabulary in
+/// chunks whose [N, chunk] logits stay in cache, in the forward (a running
+/// logsumexp per row) and again in the backward (logits recomputed, turned
+/// into their gradient, and multiplied out at once), so no [N, V] buffer is
+/// ever written to memory.
 pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &[u32]) -> Result<Tensor> {
+    linear_cross_entropy_chunked(hidden, weight, labels, None)
+}
+
+/// [`linear_cross_entropy`] with the vocabulary chunk given (tests), or
+/// chosen for the cache when `None`.
+fn linear_cross_entropy_chunked(
+    hidden: &Tensor,
+    weight: &Tensor,
+    labels: &[u32],
+    chunk: Option<usize>,
+) -> Result<Tensor> {
     let fused = hidden.device().is_cpu() && hidden.dtype() == DType::F32 && weight.dtype() == DType::F32;
     if !fused {
         let logits = hidden.matmul(&weight.t().ctx("output layer")?).ctx("output layer")?;
@@ -348,10 +362,13 @@ pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &[u32]) ->
     }
     let h = hidden.contiguous().ctx("cross-entropy")?;
     let w = weight.contiguous().ctx("cross-entropy")?;
+    let n = h.dim(0).ctx("cross-entropy")?;
     h.apply_op2(
         &w,
         LinearLoss {
             labels: Arc::new(labels.to_vec()),
+            // 2^17 logits (512 KiB) per chunk: inside L2 beside its operands.
+            chunk: chunk.unwrap_or_else(|| ((1 << 17) / n.max(1)).clamp(16, 4096)).max(1),
         },
     )
     .and_then(|l| l.mean_all())
@@ -360,14 +377,17 @@ pub fn linear_cross_entropy(hidden: &Tensor, weight: &Tensor, labels: &[u32]) ->
 
 struct LinearLoss {
     labels: Arc<Vec<u32>>,
+    /// Vocabulary rows per task.
+    chunk: usize,
 }
 
-/// C[m, n] = A[m, k] B[k, n] for row-major buffers given by their element
-/// strides (row stride, column stride), on every rayon thread.
+/// C[m, n] (+)= A[m, k] B[k, n] for row-major C and operands given by their
+/// element strides (row stride, column stride), on the calling thread.
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
     (m, n, k): (usize, usize, usize),
     c: &mut [f32],
+    accumulate: bool,
     a: &[f32],
     (a_rs, a_cs): (usize, usize),
     b: &[f32],
@@ -385,19 +405,19 @@ fn gemm_f32(
             c.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             a.as_ptr(),
             a_cs as isize,
             a_rs as isize,
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+            gemm::Parallelism::None,
         );
     }
 }
@@ -411,10 +431,31 @@ fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, u
     Ok((a[0], a[1], b[0]))
 }
 
-fn logits_of(h: &[f32], w: &[f32], (n, d, v): (usize, usize, usize)) -> Vec<f32> {
-    let mut z = vec![0f32; n * v];
-    gemm_f32((n, v, d), &mut z, h, (d, 1), w, (1, d));
-    z
+/// z [N, len] = h [N, d] w[v0 .. v0 + len]^T, into a reused buffer.
+fn chunk_logits(h: &[f32], w: &[f32], (n, d): (usize, usize), v0: usize, len: usize, z: &mut Vec<f32>) {
+    // Every element is written by the product before it is read.
+    z.resize(n * len, 0.0);
+    gemm_f32((n, len, d), z, false, h, (d, 1), &w[v0 * d..(v0 + len) * d], (1, d));
+}
+
+/// The logit of each row's label, in f64 from the f32 operands.
+fn label_logits(h: &[f32], w: &[f32], labels: &[u32], d: usize) -> Vec<f64> {
+    h.chunks_exact(d)
+        .zip(labels)
+        .map(|(hr, &y)| {
+            let wy = &w[y as usize * d..(y as usize + 1) * d];
+            hr.iter().zip(wy).map(|(&a, &b)| a as f64 * b as f64).sum()
+        })
+        .collect()
+}
+
+/// log(e^a + e^b) without overflow (a or b may be -inf).
+fn lse_merge(a: f64, b: f64) -> f64 {
+    let m = a.max(b);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + ((a - m).exp() + (b - m).exp()).ln()
 }
 
 fn cpu_f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -424,6 +465,45 @@ fn cpu_f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32
     match s {
         CpuStorage::F32(v) => Ok(&v[o1..o2]),
         other => candle_core::bail!("linear cross-entropy: unsupported dtype {:?}", other.dtype()),
+    }
+}
+
+/// At most this many runs of consecutive vocabulary chunks are processed in
+/// parallel. Each run is summed in order on one thread and the runs are
+/// combined in order, so the loss and gradients do not depend on how rayon
+/// schedules the work (a resumed training run reproduces the weights).
+const CHUNK_RUNS: usize = 32;
+
+impl LinearLoss {
+    /// Vocabulary chunks per run, for V columns.
+    fn per_run(&self, v: usize) -> usize {
+        v.div_ceil(self.chunk).div_ceil(CHUNK_RUNS).max(1)
+    }
+
+    /// Per-row logsumexp over the whole vocabulary, chunk by chunk.
+    fn row_lse(&self, h: &[f32], w: &[f32], (n, d, v): (usize, usize, usize)) -> Vec<f64> {
+        let starts: Vec<usize> = (0..v).step_by(self.chunk).collect();
+        let runs: Vec<Vec<f64>> = starts
+            .par_chunks(self.per_run(v))
+            .map(|run| {
+                let (mut acc, mut z) = (vec![f64::NEG_INFINITY; n], Vec::new());
+                for &v0 in run {
+                    let len = self.chunk.min(v - v0);
+                    chunk_logits(h, w, (n, d), v0, len, &mut z);
+                    for (a, zr) in acc.iter_mut().zip(z.chunks_exact(len)) {
+                        *a = lse_merge(*a, f32::lse(zr));
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut lse = vec![f64::NEG_INFINITY; n];
+        for run in runs {
+            for (x, y) in lse.iter_mut().zip(run) {
+                *x = lse_merge(*x, y);
+            }
+        }
+        lse
     }
 }
 
@@ -439,11 +519,13 @@ impl CustomOp2 for LinearLoss {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = linear_dims(l1, l2)?;
+        let dims @ (n, d, v) = linear_dims(l1, l2)?;
         let (h, w) = (cpu_f32_of(s1, l1)?, cpu_f32_of(s2, l2)?);
-        check_labels(&self.labels, dims.0, dims.2)?;
-        let z = logits_of(h, w, dims);
-        Ok((CpuStorage::F32(row_loss(&z, &self.labels, dims.2)), Shape::from(dims.0)))
+        check_labels(&self.labels, n, v)?;
+        let lse = self.row_lse(h, w, dims);
+        let zy = label_logits(h, w, &self.labels, d);
+        let loss = lse.iter().zip(zy).map(|(l, z)| (l - z) as f32).collect();
+        Ok((CpuStorage::F32(loss), Shape::from(n)))
     }
 
     fn bwd(
@@ -453,7 +535,7 @@ impl CustomOp2 for LinearLoss {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dims @ (n, d, v) = linear_dims(arg1.layout(), arg2.layout())?;
+        let (n, d, v) = linear_dims(arg1.layout(), arg2.layout())?;
         let (res, grad_res) = (res.contiguous()?, grad_res.contiguous()?);
         let (sh, lh) = arg1.storage_and_layout();
         let (sw, lw) = arg2.storage_and_layout();
@@ -465,14 +547,46 @@ impl CustomOp2 for LinearLoss {
         };
         let (h, w) = (cpu_f32_of(sh, lh)?, cpu_f32_of(sw, lw)?);
         let (loss, g) = (cpu_f32_of(sl, ll)?, cpu_f32_of(sg, lg)?);
-        // G = g_r (softmax(z_r) - onehot(y_r)), then dH = G W and dW = G^T H.
-        let z = logits_of(h, w, dims);
-        let gz = row_loss_grad(&z, loss, g, &self.labels, v);
-        drop(z);
-        let mut dh = vec![0f32; n * d];
-        gemm_f32((n, d, v), &mut dh, &gz, (v, 1), w, (d, 1));
+        let labels = &self.labels;
+        // logsumexp_r = loss_r + z_{r y_r}: the forward's, without its pass.
+        let lse: Vec<f64> = label_logits(h, w, labels, d)
+            .into_iter()
+            .zip(loss)
+            .map(|(z, &l)| z + l as f64)
+            .collect();
+        // Per chunk of the vocabulary: G = g_r (softmax(z_r) - onehot(y_r))
+        // for its columns, then dW[chunk] = G^T H (its own rows of dW) and
+        // dH += G W[chunk] (summed along each run, then the runs in order).
         let mut dw = vec![0f32; v * d];
-        gemm_f32((v, d, n), &mut dw, &gz, (1, v), h, (d, 1));
+        let per_run = self.per_run(v);
+        let runs: Vec<Vec<f32>> = dw
+            .par_chunks_mut(per_run * self.chunk * d)
+            .enumerate()
+            .map(|(ri, dw_run)| {
+                let (mut dh, mut z, mut gz) = (vec![0f32; n * d], Vec::new(), Vec::new());
+                for (c, dwc) in dw_run.chunks_mut(self.chunk * d).enumerate() {
+                    let (v0, len) = ((ri * per_run + c) * self.chunk, dwc.len() / d);
+                    chunk_logits(h, w, (n, d), v0, len, &mut z);
+                    gz.resize(n * len, 0.0);
+                    for (r, (zr, gr)) in z.chunks_exact(len).zip(gz.chunks_exact_mut(len)).enumerate() {
+                        f32::scaled_softmax(zr, lse[r], g[r] as f64, gr);
+                        let y = labels[r] as usize;
+                        if (v0..v0 + len).contains(&y) {
+                            gr[y - v0] -= g[r];
+                        }
+                    }
+                    gemm_f32((len, d, n), dwc, false, &gz, (1, len), h, (d, 1));
+                    gemm_f32((n, d, len), &mut dh, true, &gz, (len, 1), &w[v0 * d..(v0 + len) * d], (d, 1));
+                }
+                dh
+            })
+            .collect();
+        let mut dh = vec![0f32; n * d];
+        for run in runs {
+            for (x, y) in dh.iter_mut().zip(run) {
+                *x += y;
+            }
+        }
         let dev = arg1.device();
         Ok((
             Some(Tensor::from_vec(dh, (n, d), dev)?),
@@ -509,10 +623,12 @@ mod tests {
         let h0 = Tensor::randn(0f32, 1.0, (7, 5), &dev).unwrap();
         let w0 = Tensor::randn(0f32, 1.0, (11, 5), &dev).unwrap();
         let labels = vec![0u32, 10, 3, 3, 5, 1, 9];
-        let run = |fused: bool| {
+        // None: unfused; Some(None): the chunk the op picks (one chunk
+        // here); Some(Some(3)): chunks of 3 columns, the last one short.
+        let run = |chunk: Option<Option<usize>>| {
             let (h, w) = (Var::from_tensor(&h0).unwrap(), Var::from_tensor(&w0).unwrap());
-            let l = if fused {
-                linear_cross_entropy(h.as_tensor(), w.as_tensor(), &labels).unwrap()
+            let l = if let Some(chunk) = chunk {
+                linear_cross_entropy_chunked(h.as_tensor(), w.as_tensor(), &labels, chunk).unwrap()
             } else {
                 let z = h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
                 row_losses_primitive(&z, &labels).unwrap().mean_all().unwrap()
@@ -525,13 +641,15 @@ mod tests {
                 flat(g.get(w.as_tensor()).unwrap()),
             )
         };
-        let (la, gha, gwa) = run(true);
-        let (lb, ghb, gwb) = run(false);
-        assert!((la - lb).abs() < 1e-5 * lb.abs(), "{la} vs {lb}");
-        for (a, b) in [(gha, ghb), (gwa, gwb)] {
-            let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
-            for (x, y) in a.iter().zip(&b) {
-                assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+        let (lb, ghb, gwb) = run(None);
+        for chunk in [None, Some(3)] {
+            let (la, gha, gwa) = run(Some(chunk));
+            assert!((la - lb).abs() < 1e-5 * lb.abs(), "{la} vs {lb}");
+            for (a, b) in [(gha, &ghb), (gwa, &gwb)] {
+                let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= 1e-5 * scale, "{x} vs {y}");
+                }
             }
         }
     }
