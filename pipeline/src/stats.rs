@@ -64,6 +64,15 @@ impl ClassStats {
         }
     }
 
+    /// Room for `rows` more classes.
+    pub fn reserve(&mut self, rows: usize) {
+        self.index.reserve(rows);
+        self.classes.reserve(rows);
+        self.count.reserve(rows);
+        self.mean.reserve(rows.saturating_mul(self.d));
+        self.m2.reserve(rows);
+    }
+
     pub fn len(&self) -> usize {
         self.classes.len()
     }
@@ -189,8 +198,16 @@ impl ClassStats {
 
     /// Read `class_stats` batches back.
     pub fn from_batches(batches: &[RecordBatch]) -> Result<Self> {
+        Self::from_stream(batches.iter().cloned().map(Ok), 0)
+    }
+
+    /// As [`ClassStats::from_batches`], from batches as they are read, with
+    /// room reserved for `rows` classes: the means go straight into their
+    /// final buffer, without a whole-file copy in between.
+    pub fn from_stream(batches: impl IntoIterator<Item = Result<RecordBatch>>, rows: usize) -> Result<Self> {
         let mut out: Option<ClassStats> = None;
         for b in batches {
+            let b = b?;
             let ids = b.column(0).as_primitive::<UInt32Type>();
             let counts = b.column(1).as_primitive::<UInt64Type>();
             let means = b.column(2).as_list::<i32>();
@@ -198,7 +215,11 @@ impl ClassStats {
             for i in 0..b.num_rows() {
                 let mv = means.value(i);
                 let mv = mv.as_primitive::<Float64Type>();
-                let st = out.get_or_insert_with(|| ClassStats::new(mv.len()));
+                let st = out.get_or_insert_with(|| {
+                    let mut st = ClassStats::new(mv.len());
+                    st.reserve(rows);
+                    st
+                });
                 if mv.len() != st.d {
                     return Err(Error::invalid(format!(
                         "class {} has a mean of length {}, not {}",

@@ -370,7 +370,6 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
 #[derive(Default)]
 struct Scratch {
     gram: Vec<f64>,
-    vals: [Vec<f64>; N_METRICS],
     columns: [Vec<f64>; N_METRICS],
     u2: Vec<f64>,
     u2_raw: Vec<f64>,
@@ -396,28 +395,6 @@ struct Shared<'a> {
     half_power: f64,
     riesz_s: Option<f64>,
     k_top: usize,
-}
-
-/// Running first-pass moments of one metric in one tile.
-#[derive(Clone, Copy)]
-struct FirstPass {
-    n: u64,
-    sum: f64,
-    min: f64,
-    max: f64,
-    excluded: u64,
-}
-
-impl FirstPass {
-    fn new() -> Self {
-        FirstPass {
-            n: 0,
-            sum: 0.0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            excluded: 0,
-        }
-    }
 }
 
 impl Shared<'_> {
@@ -505,7 +482,6 @@ impl Shared<'_> {
         let (m, n) = (r.len(), s.len());
         let Scratch {
             gram: g,
-            vals,
             columns: buf,
             u2: u2buf,
             u2_raw: u2raw_buf,
@@ -514,12 +490,10 @@ impl Shared<'_> {
         g.resize(m * n, 0.0);
         gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, g);
         let riesz_on = self.riesz_s.is_some();
-        // Values kept for the exact second pass (M2), per metric.
-        for v in vals.iter_mut() {
-            v.clear();
-            v.reserve(m * n);
-        }
-        let mut first = [FirstPass::new(); N_METRICS];
+        // Per metric: the tile's moments, each row's merged in by Chan's
+        // formula after two passes over the row (mean, then M2 about it)
+        // while it is in cache.
+        let mut tile = [Moments::default(); N_METRICS];
         for b in buf.iter_mut() {
             b.resize(n, 0.0);
         }
@@ -662,9 +636,7 @@ impl Shared<'_> {
                 if !active(k, riesz_on) {
                     continue;
                 }
-                vals[k].extend_from_slice(v);
-                let f = &mut first[k];
-                let (mut sum, mut cnt, mut mn, mut mx) = (0.0, 0u64, f.min, f.max);
+                let (mut sum, mut cnt, mut mn, mut mx) = (0.0, 0u64, f64::INFINITY, f64::NEG_INFINITY);
                 for &x in v {
                     let ok = x == x;
                     sum += if ok { x } else { 0.0 };
@@ -672,11 +644,20 @@ impl Shared<'_> {
                     mn = if x < mn { x } else { mn };
                     mx = if x > mx { x } else { mx };
                 }
-                f.n += cnt;
-                f.sum += sum;
-                f.min = mn;
-                f.max = mx;
-                f.excluded += len as u64 - cnt;
+                let mean = if cnt > 0 { sum / cnt as f64 } else { 0.0 };
+                let mut m2 = 0.0;
+                for &x in v {
+                    let e = x - mean;
+                    m2 += if e == e { e * e } else { 0.0 };
+                }
+                tile[k] = tile[k].combine(&Moments {
+                    n: cnt,
+                    mean,
+                    m2,
+                    min: mn,
+                    max: mx,
+                    excluded: len as u64 - cnt,
+                });
                 if k < ROW_METRICS {
                     rows.sum[k][a] += sum;
                     rows.n[k][a] += cnt;
@@ -728,27 +709,7 @@ impl Shared<'_> {
                 }
             }
         }
-        // Second pass over the kept values: M2 about the tile mean.
-        std::array::from_fn(|k| {
-            let f = first[k];
-            if !active(k, riesz_on) {
-                return Moments::default();
-            }
-            let mean = if f.n > 0 { f.sum / f.n as f64 } else { 0.0 };
-            let mut m2 = 0.0;
-            for &x in &vals[k] {
-                let e = x - mean;
-                m2 += if e == e { e * e } else { 0.0 };
-            }
-            Moments {
-                n: f.n,
-                mean,
-                m2: if f.n > 0 { m2 } else { 0.0 },
-                min: f.min,
-                max: f.max,
-                excluded: f.excluded,
-            }
-        })
+        tile
     }
 }
 

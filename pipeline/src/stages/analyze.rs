@@ -294,7 +294,11 @@ fn analyze_layer(
     ctx.would_run(format!("analyze {id}/{split}/{layer}"))?;
 
     let started = std::time::Instant::now();
-    let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
+    // Streamed in small batches: the reader's buffers are reused and the
+    // means land in their final place once.
+    let batches = ctx.lake.stream_artifact(&stats_a, 1024)?;
+    let rows = usize::try_from(batches.rows).unwrap_or(0);
+    let stats = ClassStats::from_stream(batches, rows)?;
     let read_secs = started.elapsed().as_secs_f64();
     let prep = prepare(&stats, min, max);
     let pairs_started = std::time::Instant::now();
