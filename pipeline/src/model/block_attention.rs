@@ -349,6 +349,7 @@ mod tests {
 
     /// f32 agrees with the f64 brute force within 2e-5 absolute (values are
     /// O(1): f32 rounding of dh-term scores and a sum of up to T products);
+    /// the same for the device-primitive blocks of `attention`;
     /// f64 within 1e-12. Covers T not a multiple of the block, grouped
     /// queries, windows shorter and longer than T, and head sizes that are
     /// not a multiple of the vector width.
@@ -360,6 +361,8 @@ mod tests {
             (2, 2, 1, 131, 16, 0.25, Some(40)),
             (1, 3, 3, 70, 4, 1.0, Some(500)),
             (1, 2, 2, 1, 3, 1.0, None),
+            (1, 2, 2, 600, 4, 0.5, None),
+            (1, 2, 2, 600, 4, 1.0, Some(100)),
         ];
         for (n, (b, h, hkv, t, dh, scale, window)) in cases.into_iter().enumerate() {
             let d = Dims { b, h, hkv, t, dh };
@@ -388,6 +391,28 @@ mod tests {
                 .unwrap();
                 let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
                 assert!(worst < tol, "case {n} {dtype:?}: max |diff| {worst:e} >= {tol:e}");
+                // The device-primitive blocks GPUs use (run here on the
+                // CPU), for ungrouped heads; T = 600 spans three blocks.
+                if h == hkv {
+                    let scale = (scale != 1.0).then_some(scale);
+                    let got = crate::model::attention::blocked_attention(
+                        &qt.to_dtype(dtype).unwrap(),
+                        &kt.to_dtype(dtype).unwrap(),
+                        &vt.to_dtype(dtype).unwrap(),
+                        scale,
+                        window,
+                        dtype,
+                    )
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+                    assert!(worst < tol, "blocks, case {n} {dtype:?}: max |diff| {worst:e} >= {tol:e}");
+                }
             }
         }
     }

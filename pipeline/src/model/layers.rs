@@ -147,9 +147,11 @@ impl Rotary {
 /// Causal attention of q [B, H, T, dh] over k, v [B, Hkv, T, dh] (grouped
 /// queries share a key/value head), scores scaled by `scale` and computed in
 /// f32 at least, keys restricted to the last `window` positions when given.
-/// Returns [B, T, H * dh]. Without gradients on the CPU this is the blocked
-/// kernel of [`block_attention`]; otherwise scores are materialised so that
-/// the step is differentiable (and GPUs use their fused softmax).
+/// Returns [B, T, H * dh]. Without gradients this works in blocks of
+/// queries against the keys they see: on the CPU the kernel of
+/// [`block_attention`], on other devices [`attention::blocked_attention`]
+/// (device primitives). With gradients the scores are materialised so that
+/// the step is differentiable.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -185,6 +187,12 @@ pub fn attend(
         DType::BF16 | DType::F16 => DType::F32,
         other => other,
     };
+    if no_grad {
+        return attention::blocked_attention(q, &k, &v, scale, window, score_dtype)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, h * dh));
+    }
     let mut scores = q
         .to_dtype(score_dtype)?
         .contiguous()?
