@@ -90,8 +90,10 @@ strip -o "$out/bin/pipeline" "$CARGO_TARGET_DIR/release/pipeline"
 for lib in $(ldd "$out/bin/pipeline" | awk '/=>/ {print $3}' | grep "^$root/"); do
   cp -L "$lib" "$out/lib/"
 done
-# cuBLAS loads cuBLASLt itself.
+# cuBLAS loads cuBLASLt itself; NVRTC (with its builtins) is opened at run
+# time to compile the block softmax kernel.
 cp -L "$root"/lib64/libcublasLt.so.* "$out/lib/" 2>/dev/null || true
+cp -L "$root"/lib64/libnvrtc.so.* "$root"/lib64/libnvrtc-builtins.so.* "$out/lib/" 2>/dev/null || true
 echo "bundle: $out"
 ldd "$out/bin/pipeline" | grep -E "cuda|cublas|curand|nvrtc" || true
 du -sh "$out/bin" "$out/lib"

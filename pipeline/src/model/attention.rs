@@ -16,6 +16,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 use std::ops::{Add, Div, Mul, Sub};
 
+use super::block_softmax::{BlockSoftmax, block_softmax};
 use super::loss::exp_f32;
 
 #[derive(Clone, Copy)]
@@ -258,9 +259,10 @@ pub const DEVICE_QUERY_BLOCK: usize = 256;
 ///
 /// Each block scores only the keys some of its queries can see: the causal
 /// prefix (about half of the T x T scores over all blocks) or, in a local
-/// layer, its window (at T = 2048, window 256: a quarter). The scores of a
-/// block are masked, normalised by the device's fused softmax and multiplied
-/// by V at once, so the large temporaries are a block's, not the layer's.
+/// layer, its window (at T = 2048, window 256: a quarter). f32 scores are
+/// scaled, masked and normalised by [`block_softmax`] in one pass (other
+/// dtypes: an additive mask and the device's softmax) and multiplied by V at
+/// once, so the large temporaries are a block's, not the layer's.
 /// Returns [B, H, T, dh].
 pub fn blocked_attention(
     q: &Tensor,
@@ -281,16 +283,24 @@ pub fn blocked_attention(
             .narrow(2, i0, i1 - i0)?
             .contiguous()?
             .matmul(&k.narrow(2, lo, i1 - lo)?.t()?.contiguous()?)?;
-        if let Some(s) = scale {
-            scores = (scores * s)?;
-        }
-        let mask = block_mask(i0..i1, lo..i1, window, q.device(), score_dtype)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)?;
-        out.push(
-            probs
-                .to_dtype(v.dtype())?
-                .matmul(&v.narrow(2, lo, i1 - lo)?.contiguous()?)?,
-        );
+        let probs = if score_dtype == DType::F32 && matches!(v.dtype(), DType::F32 | DType::BF16) {
+            // Scale, mask, softmax and the cast for V in one pass.
+            let op = BlockSoftmax {
+                i0,
+                lo,
+                window,
+                scale: scale.unwrap_or(1.0),
+                out: v.dtype(),
+            };
+            block_softmax(&scores, op)?
+        } else {
+            if let Some(s) = scale {
+                scores = (scores * s)?;
+            }
+            let mask = block_mask(i0..i1, lo..i1, window, q.device(), score_dtype)?;
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)?.to_dtype(v.dtype())?
+        };
+        out.push(probs.matmul(&v.narrow(2, lo, i1 - lo)?.contiguous()?)?);
     }
     Tensor::cat(&out, 2)
 }

@@ -19,6 +19,7 @@
 
 pub mod attention;
 pub mod block_attention;
+pub mod block_softmax;
 pub mod checkpoint;
 pub mod config;
 pub mod gpt2;

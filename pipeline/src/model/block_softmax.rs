@@ -1,0 +1,318 @@
+//! The causal (optionally windowed) softmax of one block of attention
+//! scores, scaled, masked and normalised in one pass, with the result in
+//! the dtype the next product wants.
+//!
+//! [`super::attention::blocked_attention`] scores a block of queries
+//! i0 .. i0 + m against keys lo .. lo + nk. Done with primitives, the mask is
+//! a broadcast add, the scale a multiply and the cast to bf16 another pass:
+//! on an H100 the broadcast add alone was a third of a 12x1024 model's
+//! collection (candle's strided binary kernel), more than all its matrix
+//! products. Here one CUDA block takes one row: the maximum and the sum of
+//! exponentials over the visible keys (block reductions), then the
+//! probabilities, zero for masked keys, written once as f32 or bf16. The
+//! kernel is compiled by NVRTC the first time it is used (no build-time
+//! nvcc step). The CPU version does the same arithmetic in f64 and is what
+//! the tests check against brute force.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+
+/// Which block of queries and keys the scores [.., m, nk] belong to.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSoftmax {
+    /// First query of the block; row r of a [.., m, nk] slab is query i0 + r.
+    pub i0: usize,
+    /// First key of the block; column j is key lo + j.
+    pub lo: usize,
+    pub window: Option<usize>,
+    pub scale: f64,
+    /// F32, or BF16 for a bf16 product with V.
+    pub out: DType,
+}
+
+impl BlockSoftmax {
+    /// Visible columns [a, e) of row r (query i0 + r % m).
+    fn columns(&self, r: usize, m: usize) -> (usize, usize) {
+        let i = self.i0 + r % m;
+        let vis_lo = match self.window {
+            Some(w) => (i + 1).saturating_sub(w),
+            None => 0,
+        };
+        (vis_lo.max(self.lo) - self.lo, i + 1 - self.lo)
+    }
+
+    fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let (o1, o2) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("block softmax needs contiguous scores".into()))?;
+        let d = l.shape().dims();
+        if d.len() < 2 {
+            candle_core::bail!("block softmax expects [.., m, nk] scores, got {d:?}");
+        }
+        let (m, nk) = (d[d.len() - 2], d[d.len() - 1]);
+        if m > 0 && self.i0 + m > self.lo + nk {
+            candle_core::bail!(
+                "block softmax: queries {}..{} see keys past the block's {}..{}",
+                self.i0,
+                self.i0 + m,
+                self.lo,
+                self.lo + nk
+            );
+        }
+        let first_visible = match self.window {
+            Some(w) => (self.i0 + 1).saturating_sub(w),
+            None => 0,
+        };
+        if m > 0 && first_visible < self.lo {
+            candle_core::bail!(
+                "block softmax: query {} sees key {first_visible}, before the block's first key {}",
+                self.i0,
+                self.lo
+            );
+        }
+        Ok((o1, o2, m, nk))
+    }
+}
+
+impl CustomOp1 for BlockSoftmax {
+    fn name(&self) -> &'static str {
+        "block-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (o1, o2, m, nk) = self.dims(l)?;
+        let src: Vec<f64> = match s {
+            CpuStorage::F32(v) => v[o1..o2].iter().map(|&x| x as f64).collect(),
+            CpuStorage::F64(v) => v[o1..o2].to_vec(),
+            other => candle_core::bail!("block softmax: unsupported dtype {:?}", other.dtype()),
+        };
+        let mut p = vec![0f64; src.len()];
+        for (r, (row, out)) in src.chunks(nk.max(1)).zip(p.chunks_mut(nk.max(1))).enumerate() {
+            let (a, e) = self.columns(r, m);
+            let mx = row[a..e].iter().map(|&x| x * self.scale).fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = row[a..e].iter().map(|&x| (x * self.scale - mx).exp()).sum();
+            for (o, &x) in out[a..e].iter_mut().zip(&row[a..e]) {
+                *o = (x * self.scale - mx).exp() / sum;
+            }
+        }
+        let out = match self.out {
+            DType::F32 => CpuStorage::F32(p.into_iter().map(|x| x as f32).collect()),
+            DType::F64 => CpuStorage::F64(p),
+            DType::BF16 => CpuStorage::BF16(p.into_iter().map(half::bf16::from_f64).collect()),
+            other => candle_core::bail!("block softmax: unsupported output dtype {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, s, l)
+    }
+}
+
+/// Softmax over the last axis of block scores [.., m, nk] (see the module
+/// documentation); f32 scores on the CPU or a CUDA device.
+pub fn block_softmax(scores: &Tensor, op: BlockSoftmax) -> candle_core::Result<Tensor> {
+    scores.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::BlockSoftmax;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Shape};
+    use std::sync::OnceLock;
+
+    const THREADS: u32 = 256;
+
+    /// One block per row; f32 scores in, f32 or bf16 probabilities out.
+    /// Reductions: warp shuffles, then one value per warp in shared memory.
+    const SOURCE: &str = r#"
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Reduce over the block; every thread gets the result.
+__device__ float block_reduce(float v, bool is_max, float* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float neutral = is_max ? __int_as_float(0xff800000) : 0.0f;
+    v = lane < warps ? sh[lane] : neutral;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    __syncthreads();
+    return v;
+}
+__device__ __forceinline__ unsigned short to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+template <typename Store>
+__device__ void row_softmax(const float* src, unsigned int nk, unsigned int m, unsigned int i0,
+                            unsigned int lo, unsigned int window, float scale, Store store) {
+    __shared__ float sh[32];
+    unsigned long long r = blockIdx.x;
+    const float* x = src + r * nk;
+    unsigned int i = i0 + (unsigned int)(r % m);
+    unsigned int vis = (window > 0 && i + 1 > window) ? i + 1 - window : 0;
+    unsigned int a = (vis > lo ? vis : lo) - lo, e = i + 1 - lo;
+    float mx = __int_as_float(0xff800000);
+    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) mx = fmaxf(mx, x[j] * scale);
+    mx = block_reduce(mx, true, sh);
+    float s = 0.0f;
+    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) s += expf(x[j] * scale - mx);
+    s = block_reduce(s, false, sh);
+    float inv = 1.0f / s;
+    for (unsigned int j = threadIdx.x; j < nk; j += blockDim.x)
+        store(r * nk + j, (j >= a && j < e) ? expf(x[j] * scale - mx) * inv : 0.0f);
+}
+struct StoreF32 { float* p; __device__ void operator()(unsigned long long k, float v) const { p[k] = v; } };
+struct StoreBf16 { unsigned short* p; __device__ void operator()(unsigned long long k, float v) const { p[k] = to_bf16(v); } };
+extern "C" __global__ void block_softmax_f32(const float* src, float* dst, unsigned int nk, unsigned int m,
+                                             unsigned int i0, unsigned int lo, unsigned int window, float scale) {
+    row_softmax(src, nk, m, i0, lo, window, scale, StoreF32{dst});
+}
+extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* dst, unsigned int nk, unsigned int m,
+                                              unsigned int i0, unsigned int lo, unsigned int window, float scale) {
+    row_softmax(src, nk, m, i0, lo, window, scale, StoreBf16{dst});
+}
+"#;
+
+    /// The kernels' PTX, compiled once per process.
+    fn ptx() -> candle_core::Result<&'static str> {
+        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
+                .map(|p| p.to_src())
+                .map_err(|e| format!("compiling the block softmax kernel with NVRTC: {e:?}"))
+        })
+        .as_deref()
+        .map_err(|e| candle_core::Error::Msg(e.clone()))
+    }
+
+    pub(super) fn forward(
+        op: &BlockSoftmax,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (o1, o2, m, nk) = op.dims(l)?;
+        let rows = if nk == 0 { 0 } else { (o2 - o1) / nk };
+        let dev = s.device().clone();
+        let src = s.as_cuda_slice::<f32>()?.slice(o1..o2);
+        let u32_of = |x: usize, what: &str| {
+            u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("block softmax: {what} {x} exceeds u32")))
+        };
+        let (nk32, m32, i032, lo32) = (u32_of(nk, "nk")?, u32_of(m, "m")?, u32_of(op.i0, "i0")?, u32_of(op.lo, "lo")?);
+        let window = u32_of(op.window.unwrap_or(0), "window")?;
+        let scale = op.scale as f32;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(rows, "rows")?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = match op.out {
+            DType::F32 => "block_softmax_f32",
+            DType::BF16 => "block_softmax_bf16",
+            other => candle_core::bail!("block softmax: unsupported output dtype {other:?}"),
+        };
+        let func = dev.get_or_load_custom_func(name, "pipeline_block_softmax", ptx()?)?;
+        let storage = if op.out == DType::F32 {
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<f32>(rows * nk)? };
+            if rows > 0 {
+                let mut b = func.builder();
+                b.arg(&src);
+                b.arg(&out);
+                b.arg(&nk32);
+                b.arg(&m32);
+                b.arg(&i032);
+                b.arg(&lo32);
+                b.arg(&window);
+                b.arg(&scale);
+                // SAFETY: the arguments match the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev)
+        } else {
+            // SAFETY: as above.
+            let out = unsafe { dev.alloc::<half::bf16>(rows * nk)? };
+            if rows > 0 {
+                let mut b = func.builder();
+                b.arg(&src);
+                b.arg(&out);
+                b.arg(&nk32);
+                b.arg(&m32);
+                b.arg(&i032);
+                b.arg(&lo32);
+                b.arg(&window);
+                b.arg(&scale);
+                // SAFETY: as above.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev)
+        };
+        Ok((storage, l.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Against a hand-built masked softmax in f64: rows of two heads, a
+    /// window that cuts into the block, bf16 output within bf16 rounding.
+    #[test]
+    fn block_softmax_matches_the_masked_softmax() {
+        let dev = Device::Cpu;
+        let (m, nk) = (5, 9);
+        let op = BlockSoftmax { i0: 6, lo: 2, window: Some(5), scale: 0.7, out: DType::F32 };
+        let x = Tensor::randn(0f32, 2.0, (2, m, nk), &dev).unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = block_softmax(&x, op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bf = block_softmax(&x, BlockSoftmax { out: DType::BF16, ..op })
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for h in 0..2 {
+            for r in 0..m {
+                let i = 6 + r;
+                let keys: Vec<usize> = (2..2 + nk).filter(|&k| k <= i && i - k < 5).collect();
+                let z: Vec<f64> = keys.iter().map(|&k| 0.7 * xs[(h * m + r) * nk + k - 2] as f64).collect();
+                let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = z.iter().map(|v| (v - mx).exp()).sum();
+                for j in 0..nk {
+                    let want = keys.iter().position(|&k| k == j + 2).map_or(0.0, |p| (z[p] - mx).exp() / sum);
+                    let (g, b) = (got[(h * m + r) * nk + j] as f64, bf[(h * m + r) * nk + j] as f64);
+                    assert!((g - want).abs() < 1e-6, "row {r} key {}: {g} vs {want}", j + 2);
+                    assert!((b - want).abs() <= want * 2f64.powi(-8) + 1e-30, "bf16 {b} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_that_miss_visible_keys_are_refused() {
+        let x = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+        let op = BlockSoftmax { i0: 0, lo: 0, window: None, scale: 1.0, out: DType::F32 };
+        assert!(block_softmax(&x, op).unwrap_err().to_string().contains("past the block"));
+        let op = BlockSoftmax { i0: 4, lo: 2, window: None, scale: 1.0, out: DType::F32 };
+        let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+        assert!(block_softmax(&x, op).unwrap_err().to_string().contains("before the block"));
+    }
+}
