@@ -208,7 +208,7 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (o1, o2, m, nk) = op.dims(l)?;
         let rows = if nk == 0 { 0 } else { (o2 - o1) / nk };
-        let dev = s.device().clone();
+        let dev = s.device.clone();
         let src = s.as_cuda_slice::<f32>()?.slice(o1..o2);
         let u32_of = |x: usize, what: &str| {
             u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("block softmax: {what} {x} exceeds u32")))
