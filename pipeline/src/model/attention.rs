@@ -30,7 +30,7 @@ struct CausalSoftmaxGrad {
 
 /// Visible key range [lo, hi) of query row `i`.
 #[inline]
-fn visible(i: usize, window: Option<usize>) -> (usize, usize) {
+pub(super) fn visible(i: usize, window: Option<usize>) -> (usize, usize) {
     let lo = match window {
         Some(w) => (i + 1).saturating_sub(w),
         None => 0,

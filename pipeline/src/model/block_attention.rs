@@ -20,6 +20,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::attention::visible;
 use super::loss::exp_f32;
 
 /// Queries per task: 64 rows of at most T keys is 512 KiB of f32 scores at
@@ -38,16 +39,6 @@ struct Dims {
     hkv: usize,
     t: usize,
     dh: usize,
-}
-
-/// Visible key range [lo, hi) of query `i`.
-#[inline]
-fn visible(i: usize, window: Option<usize>) -> (usize, usize) {
-    let lo = match window {
-        Some(w) => (i + 1).saturating_sub(w),
-        None => 0,
-    };
-    (lo, i + 1)
 }
 
 /// The element types: a softmax over one row of visible scores, in place.

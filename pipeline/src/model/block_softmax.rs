@@ -17,6 +17,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
+use super::attention::visible;
+
 /// Which block of queries and keys the scores [.., m, nk] belong to.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockSoftmax {
@@ -33,12 +35,8 @@ pub struct BlockSoftmax {
 impl BlockSoftmax {
     /// Visible columns [a, e) of row r (query i0 + r % m).
     fn columns(&self, r: usize, m: usize) -> (usize, usize) {
-        let i = self.i0 + r % m;
-        let vis_lo = match self.window {
-            Some(w) => (i + 1).saturating_sub(w),
-            None => 0,
-        };
-        (vis_lo.max(self.lo) - self.lo, i + 1 - self.lo)
+        let (a, e) = visible(self.i0 + r % m, self.window);
+        (a.max(self.lo) - self.lo, e - self.lo)
     }
 
     fn dims(&self, l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
@@ -59,10 +57,7 @@ impl BlockSoftmax {
                 self.lo + nk
             );
         }
-        let first_visible = match self.window {
-            Some(w) => (self.i0 + 1).saturating_sub(w),
-            None => 0,
-        };
+        let first_visible = visible(self.i0, self.window).0;
         if m > 0 && first_visible < self.lo {
             candle_core::bail!(
                 "block softmax: query {} sees key {first_visible}, before the block's first key {}",
@@ -123,9 +118,9 @@ pub fn block_softmax(scores: &Tensor, op: BlockSoftmax) -> candle_core::Result<T
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::BlockSoftmax;
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::{CudaStorage, DType, Layout, Shape};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
     use std::sync::OnceLock;
 
     const THREADS: u32 = 256;
@@ -226,43 +221,41 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
             DType::BF16 => "block_softmax_bf16",
             other => candle_core::bail!("block softmax: unsupported output dtype {other:?}"),
         };
-        let func = dev.get_or_load_custom_func(name, "pipeline_block_softmax", ptx()?)?;
+        let args = [nk32, m32, i032, lo32, window];
         let storage = if op.out == DType::F32 {
-            // SAFETY: every element is written by the kernel.
-            let out = unsafe { dev.alloc::<f32>(rows * nk)? };
-            if rows > 0 {
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&out);
-                b.arg(&nk32);
-                b.arg(&m32);
-                b.arg(&i032);
-                b.arg(&lo32);
-                b.arg(&window);
-                b.arg(&scale);
-                // SAFETY: the arguments match the kernel's signature.
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            CudaStorage::wrap_cuda_slice(out, dev)
+            launch::<f32>(&dev, name, cfg, &src, rows * nk, args, scale)?
         } else {
-            // SAFETY: as above.
-            let out = unsafe { dev.alloc::<half::bf16>(rows * nk)? };
-            if rows > 0 {
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&out);
-                b.arg(&nk32);
-                b.arg(&m32);
-                b.arg(&i032);
-                b.arg(&lo32);
-                b.arg(&window);
-                b.arg(&scale);
-                // SAFETY: as above.
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            CudaStorage::wrap_cuda_slice(out, dev)
+            launch::<half::bf16>(&dev, name, cfg, &src, rows * nk, args, scale)?
         };
         Ok((storage, l.shape().clone()))
+    }
+
+    /// Runs kernel `name` into a fresh output of `len` elements of `T`.
+    fn launch<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        name: &str,
+        cfg: LaunchConfig,
+        src: &CudaView<'_, f32>,
+        len: usize,
+        args: [u32; 5],
+        scale: f32,
+    ) -> candle_core::Result<CudaStorage> {
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(len)? };
+        if len > 0 {
+            let func = dev.get_or_load_custom_func(name, "pipeline_block_softmax", ptx()?)?;
+            let mut b = func.builder();
+            b.arg(src);
+            b.arg(&out);
+            for a in &args {
+                b.arg(a);
+            }
+            b.arg(&scale);
+            // SAFETY: the arguments (src, dst, nk, m, i0, lo, window, scale)
+            // match the kernel's signature.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
 }
 
