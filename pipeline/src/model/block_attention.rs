@@ -366,43 +366,24 @@ mod tests {
             let kt = Tensor::from_vec(k, (b, hkv, t, dh), &dev).unwrap();
             let vt = Tensor::from_vec(v, (b, hkv, t, dh), &dev).unwrap();
             for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
-                let got = attend(
-                    &qt.to_dtype(dtype).unwrap(),
-                    &kt.to_dtype(dtype).unwrap(),
-                    &vt.to_dtype(dtype).unwrap(),
-                    scale,
-                    window,
-                )
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-                assert!(worst < tol, "case {n} {dtype:?}: max |diff| {worst:e} >= {tol:e}");
+                let (q, k, v) = (
+                    qt.to_dtype(dtype).unwrap(),
+                    kt.to_dtype(dtype).unwrap(),
+                    vt.to_dtype(dtype).unwrap(),
+                );
+                let worst = |got: Tensor| {
+                    let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+                    got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+                };
+                let diff = worst(attend(&q, &k, &v, scale, window).unwrap());
+                assert!(diff < tol, "case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}");
                 // The device-primitive blocks GPUs use (run here on the
                 // CPU), for ungrouped heads; T = 600 spans three blocks.
                 if h == hkv {
                     let scale = (scale != 1.0).then_some(scale);
-                    let got = crate::model::attention::blocked_attention(
-                        &qt.to_dtype(dtype).unwrap(),
-                        &kt.to_dtype(dtype).unwrap(),
-                        &vt.to_dtype(dtype).unwrap(),
-                        scale,
-                        window,
-                        dtype,
-                    )
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-                    let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-                    assert!(worst < tol, "blocks, case {n} {dtype:?}: max |diff| {worst:e} >= {tol:e}");
+                    let blocks = crate::model::attention::blocked_attention(&q, &k, &v, scale, window, dtype);
+                    let diff = worst(blocks.unwrap());
+                    assert!(diff < tol, "blocks, case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}");
                 }
             }
         }
