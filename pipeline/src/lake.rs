@@ -411,6 +411,9 @@ impl Lake {
         self.abort_journalled(rel)?;
         self.block_on(async {
             let id = mp.create_multipart(&path).await.ctx(&what)?;
+            // Registered before the journal is written: once the journal is
+            // visible, a Ctrl-C must find the upload to abort it.
+            let token = in_flight::register(mp.clone(), path.clone(), id.clone());
             let journal = upload_journal_key(rel);
             let entry = serde_json::json!({
                 "key": rel,
@@ -418,15 +421,14 @@ impl Lake {
                 "started": chrono::Utc::now().to_rfc3339(),
                 "pid": std::process::id(),
             });
-            self.store
-                .put(
-                    &self.path(&journal),
-                    PutPayload::from(serde_json::to_vec(&entry).expect("json")),
-                )
-                .await
-                .ctx(format!("journalling {what}"))?;
-            let token = in_flight::register(mp.clone(), path.clone(), id.clone());
             let result: Result<()> = async {
+                self.store
+                    .put(
+                        &self.path(&journal),
+                        PutPayload::from(serde_json::to_vec(&entry).expect("json")),
+                    )
+                    .await
+                    .ctx(format!("journalling {what}"))?;
                 let mut parts: Vec<PartId> = Vec::new();
                 loop {
                     let buf = read_part(&mut file)?;
