@@ -5,7 +5,8 @@
 #   scripts/gpu-check.sh PIPELINE_BINARY OUT_DIR
 #
 # Builds a lake from the shipped sample (T = 2048), makes random-weight
-# GPT-Neo models 2x768 and 12x1024, and for each
+# GPT-Neo models 2x768 and 12x1024 (biases random too, so the bias kernels
+# are checked), and for each
 #   - collects the validation split on the CPU (f32) and on the GPU (f32 and
 #     bf16) and compares the statistics (max relative difference of the
 #     class means and of M2, over classes with at least 4 samples);
@@ -26,7 +27,7 @@ L=$W/lake
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for m in 2x768 12x1024; do
   depth=${m%x*}; width=${m#*x}
-  "$P" make-model --depth "$depth" --width "$width" --out "$W/m$m" 2>/dev/null
+  "$P" make-model --depth "$depth" --width "$width" --bias-std 0.05 --out "$W/m$m" 2>/dev/null
   for run in cpu-f32 cuda-f32 cuda-bf16; do
     dev=${run%-*}; dt=${run#*-}
     rm -rf "$W/l-$m-$run"; "$P" -q --lake "$L" copy "$W/l-$m-$run" >/dev/null

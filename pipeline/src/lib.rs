@@ -16,6 +16,8 @@ pub mod integrity;
 pub mod lake;
 pub mod lease;
 pub mod model;
+#[cfg(feature = "cuda")]
+mod nvrtc;
 pub mod params;
 pub mod parquet_io;
 pub mod partials;

@@ -120,6 +120,11 @@ enum Command {
         vocab: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Standard deviation of random biases (default 0: zero biases, as
+        /// Hugging Face initialises them); nonzero values exercise the bias
+        /// code, e.g. in GPU checks
+        #[arg(long, default_value_t = 0.0)]
+        bias_std: f64,
         /// Output directory
         #[arg(long)]
         out: PathBuf,
@@ -380,17 +385,21 @@ fn real_main(cli: Cli) -> Result<()> {
             context,
             vocab,
             seed,
+            bias_std,
             out,
         } => {
             let config = pipeline::model::GptNeoConfig::grid(depth, width, heads, vocab, context);
             config.validate("make-model")?;
-            let w = pipeline::model::init_weights(&config, seed, &candle_core::Device::Cpu)?;
+            let mut w = pipeline::model::init_weights(&config, seed, &candle_core::Device::Cpu)?;
+            if bias_std != 0.0 {
+                pipeline::model::gpt_neo::randomize_biases(&mut w, bias_std, seed ^ 0xb1a5)?;
+            }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let store = Lake::open(&out.to_string_lossy())?;
             let state = serde_json::json!({"global_step": 0, "complete": true});
             let tok = bytes::Bytes::from_static(pipeline::tokenizer::GPT2_TOKENIZER_JSON);
             pipeline::model::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
-            eprintln!("wrote {} ({depth}x{width}, random weights, seed {seed})", out.display());
+            eprintln!("wrote {} ({depth}x{width}, random weights, seed {seed}, bias std {bias_std})", out.display());
             Ok(())
         }
         Command::MakeTokenizer { vocab, merges, out } => {

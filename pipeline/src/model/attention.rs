@@ -249,6 +249,30 @@ fn block_mask(
     Ok(mask)
 }
 
+/// Allows TF32 for f32 matrix products while alive (candle's switch is
+/// process-wide, read when a product is issued); restores the previous
+/// setting when dropped. A process runs one forward at a time.
+struct Tf32Scores(Option<bool>);
+
+impl Tf32Scores {
+    fn allow(exact: bool) -> Self {
+        if !exact {
+            return Tf32Scores(None);
+        }
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        Tf32Scores(Some(before))
+    }
+}
+
+impl Drop for Tf32Scores {
+    fn drop(&mut self) {
+        if let Some(before) = self.0 {
+            candle_core::cuda::set_gemm_reduced_precision_f32(before);
+        }
+    }
+}
+
 /// Queries per block of [`blocked_attention`]: at T = 2048 and 16 heads,
 /// batch 8, one block's f32 scores are 128 MiB instead of 2 GiB.
 pub const DEVICE_QUERY_BLOCK: usize = 256;
@@ -273,16 +297,22 @@ pub fn blocked_attention(
     score_dtype: DType,
 ) -> candle_core::Result<Tensor> {
     let t = q.dim(2)?;
-    let q = q.to_dtype(score_dtype)?;
-    let k = k.to_dtype(score_dtype)?;
+    // bf16/f16 queries and keys are exact in TF32 (8 and 11 significant
+    // bits), so their f32 scores may use the tensor cores' TF32 mode: the
+    // same products, accumulated in f32.
+    let _tf32 = Tf32Scores::allow(matches!(q.dtype(), DType::BF16 | DType::F16) && score_dtype == DType::F32);
+    // q and k may be head views of [B, T, H, dh] (see `layers::heads`):
+    // the cast makes them contiguous in the same pass.
+    let q = q.to_dtype(score_dtype)?.contiguous()?;
+    let k = k.to_dtype(score_dtype)?.contiguous()?;
+    let v = v.contiguous()?;
     let mut out = Vec::with_capacity(t.div_ceil(DEVICE_QUERY_BLOCK));
     for i0 in (0..t).step_by(DEVICE_QUERY_BLOCK) {
         let i1 = (i0 + DEVICE_QUERY_BLOCK).min(t);
         let lo = visible(i0, window).0;
-        let mut scores = q
-            .narrow(2, i0, i1 - i0)?
-            .contiguous()?
-            .matmul(&k.narrow(2, lo, i1 - lo)?.t()?.contiguous()?)?;
+        // Blocks of q, k and v are strided views: the matrix products read
+        // them in place (cuBLAS takes the strides), so no block is copied.
+        let mut scores = q.narrow(2, i0, i1 - i0)?.matmul(&k.narrow(2, lo, i1 - lo)?.t()?)?;
         let probs = if score_dtype == DType::F32 && matches!(v.dtype(), DType::F32 | DType::BF16) {
             // Scale, mask, softmax and the cast for V in one pass.
             let op = BlockSoftmax {
@@ -300,7 +330,7 @@ pub fn blocked_attention(
             let mask = block_mask(i0..i1, lo..i1, window, q.device(), score_dtype)?;
             candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)?.to_dtype(v.dtype())?
         };
-        out.push(probs.matmul(&v.narrow(2, lo, i1 - lo)?.contiguous()?)?);
+        out.push(probs.matmul(&v.narrow(2, lo, i1 - lo)?)?);
     }
     Tensor::cat(&out, 2)
 }

@@ -121,9 +121,9 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
-    use std::sync::OnceLock;
 
     const THREADS: u32 = 256;
+    const ROW_CACHE_KEYS: usize = 12_000;
 
     /// One block per row; f32 scores in, f32 or bf16 probabilities out.
     /// Reductions: warp shuffles, then one value per warp in shared memory.
@@ -148,14 +148,12 @@ __device__ float block_reduce(float v, bool is_max, float* sh) {
     __syncthreads();
     return v;
 }
-__device__ __forceinline__ unsigned short to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}
+// With `cached`, the row's scaled scores and then their exponentials are kept
+// in shared memory, so global memory is read once instead of three times.
 template <typename Store>
 __device__ void row_softmax(const float* src, unsigned int nk, unsigned int m, unsigned int i0,
-                            unsigned int lo, unsigned int window, float scale, Store store) {
+                            unsigned int lo, unsigned int window, unsigned int cached, float scale, Store store) {
+    extern __shared__ float row[];
     __shared__ float sh[32];
     unsigned long long r = blockIdx.x;
     const float* x = src + r * nk;
@@ -163,38 +161,40 @@ __device__ void row_softmax(const float* src, unsigned int nk, unsigned int m, u
     unsigned int vis = (window > 0 && i + 1 > window) ? i + 1 - window : 0;
     unsigned int a = (vis > lo ? vis : lo) - lo, e = i + 1 - lo;
     float mx = __int_as_float(0xff800000);
-    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) mx = fmaxf(mx, x[j] * scale);
+    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) {
+        float v = x[j] * scale;
+        if (cached) row[j] = v;
+        mx = fmaxf(mx, v);
+    }
     mx = block_reduce(mx, true, sh);
     float s = 0.0f;
-    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) s += expf(x[j] * scale - mx);
+    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) {
+        float p = expf((cached ? row[j] : x[j] * scale) - mx);
+        if (cached) row[j] = p;
+        s += p;
+    }
+    // block_reduce's barrier also publishes `row` to every thread.
     s = block_reduce(s, false, sh);
     float inv = 1.0f / s;
-    for (unsigned int j = threadIdx.x; j < nk; j += blockDim.x)
-        store(r * nk + j, (j >= a && j < e) ? expf(x[j] * scale - mx) * inv : 0.0f);
+    for (unsigned int j = threadIdx.x; j < nk; j += blockDim.x) {
+        float p = 0.0f;
+        if (j >= a && j < e) p = cached ? row[j] : expf(x[j] * scale - mx);
+        store(r * nk + j, p * inv);
+    }
 }
 struct StoreF32 { float* p; __device__ void operator()(unsigned long long k, float v) const { p[k] = v; } };
 struct StoreBf16 { unsigned short* p; __device__ void operator()(unsigned long long k, float v) const { p[k] = to_bf16(v); } };
 extern "C" __global__ void block_softmax_f32(const float* src, float* dst, unsigned int nk, unsigned int m,
-                                             unsigned int i0, unsigned int lo, unsigned int window, float scale) {
-    row_softmax(src, nk, m, i0, lo, window, scale, StoreF32{dst});
+                                             unsigned int i0, unsigned int lo, unsigned int window,
+                                             unsigned int cached, float scale) {
+    row_softmax(src, nk, m, i0, lo, window, cached, scale, StoreF32{dst});
 }
 extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* dst, unsigned int nk, unsigned int m,
-                                              unsigned int i0, unsigned int lo, unsigned int window, float scale) {
-    row_softmax(src, nk, m, i0, lo, window, scale, StoreBf16{dst});
+                                              unsigned int i0, unsigned int lo, unsigned int window,
+                                              unsigned int cached, float scale) {
+    row_softmax(src, nk, m, i0, lo, window, cached, scale, StoreBf16{dst});
 }
 "#;
-
-    /// The kernels' PTX, compiled once per process.
-    fn ptx() -> candle_core::Result<&'static str> {
-        static PTX: OnceLock<Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(SOURCE)
-                .map(|p| p.to_src())
-                .map_err(|e| format!("compiling the block softmax kernel with NVRTC: {e:?}"))
-        })
-        .as_deref()
-        .map_err(|e| candle_core::Error::Msg(e.clone()))
-    }
 
     pub(super) fn forward(
         op: &BlockSoftmax,
@@ -211,17 +211,20 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
         let (nk32, m32, i032, lo32) = (u32_of(nk, "nk")?, u32_of(m, "m")?, u32_of(op.i0, "i0")?, u32_of(op.lo, "lo")?);
         let window = u32_of(op.window.unwrap_or(0), "window")?;
         let scale = op.scale as f32;
+        // A row (and the reduction slots) fits the default 48 KiB of shared
+        // memory up to 12,000 keys; longer rows are read three times.
+        let cached = nk <= ROW_CACHE_KEYS;
         let cfg = LaunchConfig {
             grid_dim: (u32_of(rows, "rows")?, 1, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: if cached { u32_of(4 * nk, "row bytes")? } else { 0 },
         };
         let name = match op.out {
             DType::F32 => "block_softmax_f32",
             DType::BF16 => "block_softmax_bf16",
             other => candle_core::bail!("block softmax: unsupported output dtype {other:?}"),
         };
-        let args = [nk32, m32, i032, lo32, window];
+        let args = [nk32, m32, i032, lo32, window, cached as u32];
         let storage = if op.out == DType::F32 {
             launch::<f32>(&dev, name, cfg, &src, rows * nk, args, scale)?
         } else {
@@ -237,13 +240,14 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
         cfg: LaunchConfig,
         src: &CudaView<'_, f32>,
         len: usize,
-        args: [u32; 5],
+        args: [u32; 6],
         scale: f32,
     ) -> candle_core::Result<CudaStorage> {
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(len)? };
         if len > 0 {
-            let func = dev.get_or_load_custom_func(name, "pipeline_block_softmax", ptx()?)?;
+            const MODULE: &str = "pipeline_block_softmax";
+            let func = dev.get_or_load_custom_func(name, MODULE, &crate::nvrtc::ptx(MODULE, SOURCE)?)?;
             let mut b = func.builder();
             b.arg(src);
             b.arg(&out);
@@ -251,8 +255,9 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
                 b.arg(a);
             }
             b.arg(&scale);
-            // SAFETY: the arguments (src, dst, nk, m, i0, lo, window, scale)
-            // match the kernel's signature.
+            // SAFETY: the arguments (src, dst, nk, m, i0, lo, window, cached,
+            // scale) match the kernel's signature; with `cached` the launch
+            // gives the row's 4 * nk bytes of shared memory.
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))

@@ -302,6 +302,25 @@ pub fn init_weights(config: &GptNeoConfig, seed: u64, device: &Device) -> Result
     Ok(out)
 }
 
+/// Replace every bias (linear and layer-norm) with normal(0, `std`) values:
+/// Hugging Face initialises them to zero, which leaves bias code unexercised
+/// in checks on fresh models.
+pub fn randomize_biases(weights: &mut HashMap<String, Tensor>, std: f64, seed: u64) -> Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal};
+    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::invalid(format!("bias std {std}: {e}")))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut names: Vec<String> = weights.keys().filter(|n| n.ends_with(".bias")).cloned().collect();
+    names.sort();
+    for name in names {
+        let t = &weights[&name];
+        let vals: Vec<f32> = (0..t.elem_count()).map(|_| normal.sample(&mut rng)).collect();
+        let fresh = Tensor::from_vec(vals, t.dims(), t.device()).ctx("randomising biases")?;
+        weights.insert(name, fresh);
+    }
+    Ok(())
+}
+
 /// Convert a set of tensors to another dtype (f64 for gradient checks).
 pub fn to_dtype(tensors: &HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
     tensors

@@ -3,6 +3,7 @@
 
 use candle_core::{D, DType, Tensor};
 
+use super::bias_add::bias_add;
 use super::{attention, block_attention};
 
 pub struct LayerNorm {
@@ -32,7 +33,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result
     let rows: usize = dims[..dims.len() - 1].iter().product();
     let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => bias_add(&y, b)?,
         None => y,
     };
     let mut out = dims;
@@ -209,10 +210,12 @@ pub fn attend(
         .reshape((b, t, h * dh))
 }
 
-/// [B, T, H * dh] -> [B, H, T, dh].
+/// [B, T, H * dh] -> [B, H, T, dh], as a strided view: each consumer makes
+/// it contiguous where it must, and on GPUs the cast of q and k to the
+/// scores' dtype does that in the same pass.
 pub fn heads(x: &Tensor, h: usize, dh: usize) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
-    x.reshape((b, t, h, dh))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, t, h, dh))?.transpose(1, 2)
 }
 
 /// Collects the hidden states asked for while a forward pass runs.

@@ -18,6 +18,7 @@
 //! or untied); for intermediate layers it is still the output layer.
 
 pub mod attention;
+pub mod bias_add;
 pub mod block_attention;
 pub mod block_softmax;
 pub mod checkpoint;
