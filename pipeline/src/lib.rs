@@ -7,6 +7,7 @@
 pub mod artifact;
 pub mod bench;
 pub mod chunks;
+pub mod class_moments;
 pub mod error;
 pub mod executor;
 pub mod experiment;

@@ -12,11 +12,10 @@
 //! M2 = M2_a + M2_b + ||delta||^2 * n_a * n_b / n
 //! ```
 //!
-//! A batch's own partial is computed with two passes over the batch (mean,
-//! then squared distances to it) using tensor operations on the device that
-//! ran the model (index_add / index_select), so the hot path has no per-token
-//! loop over d and the data never leaves the GPU until it is reduced to one
-//! row per class.
+//! A batch's own partial is computed with two passes over each class's rows
+//! (mean, then squared distances to it) by one op on the device that ran
+//! the model ([`crate::class_moments`]), so the data never leaves the GPU
+//! until it is reduced to one row per class.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +27,7 @@ use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Tensor};
 
 use crate::artifact::file_schema;
+use crate::class_moments::class_moments;
 use crate::error::{Context, Error, Result};
 
 /// Statistics of the classes seen so far, rows in first-seen order.
@@ -383,18 +383,27 @@ pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
             s
         })
         .collect();
+    // Rows grouped by class: class s owns order[starts[s]..starts[s + 1]].
     let u = classes.len();
-    let dev = h.device();
+    let mut starts = vec![0u32; u + 1];
+    for (s, &c) in count.iter().enumerate() {
+        starts[s + 1] = starts[s] + c as u32;
+    }
+    let mut fill = starts[..u].to_vec();
+    let mut order = vec![0u32; n];
+    for (row, &s) in idx.iter().enumerate() {
+        order[fill[s as usize] as usize] = row as u32;
+        fill[s as usize] += 1;
+    }
     let run = || -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
-        let idx_t = Tensor::from_vec(idx.clone(), n, dev)?;
-        let h64 = h.to_dtype(DType::F64)?;
-        let sums = Tensor::zeros((u, d), DType::F64, dev)?.index_add(&idx_t, &h64, 0)?;
-        let cnt = Tensor::from_vec(count.iter().map(|&c| c as f64).collect::<Vec<_>>(), (u, 1), dev)?;
-        let means = sums.broadcast_div(&cnt)?;
-        let centred = (h64 - means.index_select(&idx_t, 0)?)?;
-        let sq = centred.sqr()?.sum(1)?;
-        let m2 = Tensor::zeros(u, DType::F64, dev)?.index_add(&idx_t, &sq, 0)?;
-        Ok((means.flatten_all()?.to_vec1()?, m2.to_vec1()?))
+        let both = class_moments(h, &order, &starts)?.flatten_all()?.to_vec1::<f64>()?;
+        let mut mean = Vec::with_capacity(u * d);
+        let mut m2 = Vec::with_capacity(u);
+        for row in both.chunks_exact(d + 1) {
+            mean.extend_from_slice(&row[..d]);
+            m2.push(row[d]);
+        }
+        Ok((mean, m2))
     };
     let (mean, m2) = run().ctx("per-class reduction")?;
     Ok(Partial {
