@@ -370,6 +370,8 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
 #[derive(Default)]
 struct Scratch {
     gram: Vec<f64>,
+    /// The f32 products before widening (f32 mode).
+    gram32: Vec<f32>,
     columns: [Vec<f64>; N_METRICS],
     u2: Vec<f64>,
     u2_raw: Vec<f64>,
@@ -482,13 +484,14 @@ impl Shared<'_> {
         let (m, n) = (r.len(), s.len());
         let Scratch {
             gram: g,
+            gram32,
             columns: buf,
             u2: u2buf,
             u2_raw: u2raw_buf,
             excluded: excl_buf,
         } = scratch;
         g.resize(m * n, 0.0);
-        gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, g);
+        gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, g, gram32);
         let riesz_on = self.riesz_s.is_some();
         // Per metric: the tile's moments, each row's merged in by Chan's
         // formula after two passes over the row (mean, then M2 about it)
@@ -636,20 +639,9 @@ impl Shared<'_> {
                 if !active(k, riesz_on) {
                     continue;
                 }
-                let (mut sum, mut cnt, mut mn, mut mx) = (0.0, 0u64, f64::INFINITY, f64::NEG_INFINITY);
-                for &x in v {
-                    let ok = x == x;
-                    sum += if ok { x } else { 0.0 };
-                    cnt += ok as u64;
-                    mn = if x < mn { x } else { mn };
-                    mx = if x > mx { x } else { mx };
-                }
+                let (sum, cnt, mn, mx) = defined_moments(v);
                 let mean = if cnt > 0 { sum / cnt as f64 } else { 0.0 };
-                let mut m2 = 0.0;
-                for &x in v {
-                    let e = x - mean;
-                    m2 += if e == e { e * e } else { 0.0 };
-                }
+                let m2 = squares_about(v, mean);
                 tile[k] = tile[k].combine(&Moments {
                     n: cnt,
                     mean,
@@ -711,6 +703,64 @@ impl Shared<'_> {
         }
         tile
     }
+}
+
+/// Lanes of the row reductions below: independent partial sums, so the
+/// loops vectorise (one running sum would chain every addition), added up
+/// in a fixed order, so results do not depend on the CPU.
+const LANES: usize = 16;
+
+/// Sum, count, minimum and maximum of the defined (non-NaN) entries.
+#[inline(always)]
+fn defined_moments(v: &[f64]) -> (f64, u64, f64, f64) {
+    let mut sum = [0.0f64; LANES];
+    let mut cnt = [0u64; LANES];
+    let mut mn = [f64::INFINITY; LANES];
+    let mut mx = [f64::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            let x = ch[l];
+            let ok = x == x;
+            sum[l] += if ok { x } else { 0.0 };
+            cnt[l] += ok as u64;
+            mn[l] = if x < mn[l] { x } else { mn[l] };
+            mx[l] = if x > mx[l] { x } else { mx[l] };
+        }
+    }
+    for (l, &x) in rest.iter().enumerate() {
+        let ok = x == x;
+        sum[l] += if ok { x } else { 0.0 };
+        cnt[l] += ok as u64;
+        mn[l] = if x < mn[l] { x } else { mn[l] };
+        mx[l] = if x > mx[l] { x } else { mx[l] };
+    }
+    (
+        sum.iter().sum(),
+        cnt.iter().sum(),
+        mn.iter().fold(f64::INFINITY, |a, &b| if b < a { b } else { a }),
+        mx.iter().fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
+    )
+}
+
+/// Sum of (x - mean)^2 over the defined entries.
+#[inline(always)]
+fn squares_about(v: &[f64], mean: f64) -> f64 {
+    let mut m2 = [0.0f64; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for l in 0..LANES {
+            let e = ch[l] - mean;
+            m2[l] += if e == e { e * e } else { 0.0 };
+        }
+    }
+    for (l, &x) in rest.iter().enumerate() {
+        let e = x - mean;
+        m2[l] += if e == e { e * e } else { 0.0 };
+    }
+    m2.iter().sum()
 }
 
 /// x <- -ln(x)/2 for the defined (non-NaN) entries, with [`ln_fast`]
@@ -778,10 +828,12 @@ fn gram_block(
     s0: usize,
     n: usize,
     out: &mut [f64],
+    g32: &mut Vec<f32>,
 ) {
     let d = cls.d;
     if f32_gemm {
-        let mut g32 = vec![0f32; m * n];
+        // Every element is written (beta = 1, read_dst = false).
+        g32.resize(m * n, 0.0);
         // SAFETY: the pointers cover m*d, n*d and m*n elements with the given
         // strides (row-major operands, rhs read transposed).
         unsafe {
@@ -807,7 +859,7 @@ fn gram_block(
                 gemm::Parallelism::None,
             );
         }
-        for (o, x) in out.iter_mut().zip(g32) {
+        for (o, &x) in out.iter_mut().zip(g32.iter()) {
             *o = x as f64;
         }
     } else {
@@ -888,12 +940,12 @@ pub fn gram_floor(c: usize, d: usize, edge: usize, f32_gemm: bool) -> f64 {
     let t = std::time::Instant::now();
     let checksum: f64 = tiles
         .par_iter()
-        .map_init(Vec::new, |g, &(ti, tj)| {
+        .map_init(<(Vec<f64>, Vec<f32>)>::default, |(g, g32), &(ti, tj)| {
             let r0 = ti * edge;
             let s0 = tj * edge;
             let (m, n) = (edge.min(c - r0), edge.min(c - s0));
             g.resize(m * n, 0.0);
-            gram_block(&cls, &single, f32_gemm, r0, m, s0, n, g);
+            gram_block(&cls, &single, f32_gemm, r0, m, s0, n, g, g32);
             g[0]
         })
         .sum();
