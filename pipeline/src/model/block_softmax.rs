@@ -7,8 +7,8 @@
 //! a broadcast add, the scale a multiply and the cast to bf16 another pass:
 //! on an H100 the broadcast add alone was a third of a 12x1024 model's
 //! collection (candle's strided binary kernel), more than all its matrix
-//! products. Here one CUDA block takes one row: the maximum and the sum of
-//! exponentials over the visible keys (block reductions), then the
+//! products. Here one warp takes one row: the maximum and the sum of
+//! exponentials over the visible keys (warp shuffles), then the
 //! probabilities, zero for masked keys, written once as f32 or bf16. The
 //! kernel is compiled by NVRTC the first time it is used (no build-time
 //! nvcc step). The CPU version does the same arithmetic in f64 and is what
@@ -122,11 +122,15 @@ mod cuda {
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaDevice, CudaStorage, DType, Layout, Shape};
 
-    const THREADS: u32 = 256;
-    const ROW_CACHE_KEYS: usize = 12_000;
+    /// Warps per CUDA block; each warp takes one row.
+    const WARPS: u32 = 4;
+    /// A warp keeps its row in shared memory up to this many keys (the
+    /// block's rows then fit the default 48 KiB); longer rows are read
+    /// from global memory three times.
+    const ROW_CACHE_KEYS: usize = 3_000;
 
-    /// One block per row; f32 scores in, f32 or bf16 probabilities out.
-    /// Reductions: warp shuffles, then one value per warp in shared memory.
+    /// One warp per row (reductions by shuffles alone, no block barriers);
+    /// f32 scores in, f32 or bf16 probabilities out.
     const SOURCE: &str = r#"
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -136,47 +140,38 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-// Reduce over the block; every thread gets the result.
-__device__ float block_reduce(float v, bool is_max, float* sh) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = is_max ? warp_max(v) : warp_sum(v);
-    if (lane == 0) sh[warp] = v;
-    __syncthreads();
-    float neutral = is_max ? __int_as_float(0xff800000) : 0.0f;
-    v = lane < warps ? sh[lane] : neutral;
-    v = is_max ? warp_max(v) : warp_sum(v);
-    __syncthreads();
-    return v;
-}
 // With `cached`, the row's scaled scores and then their exponentials are kept
 // in shared memory, so global memory is read once instead of three times.
 template <typename Store>
-__device__ void row_softmax(const float* src, unsigned int nk, unsigned int m, unsigned int i0,
+__device__ void row_softmax(const float* src, unsigned int rows, unsigned int nk, unsigned int m, unsigned int i0,
                             unsigned int lo, unsigned int window, unsigned int cached, float scale, Store store) {
-    extern __shared__ float row[];
-    __shared__ float sh[32];
-    unsigned long long r = blockIdx.x;
+    extern __shared__ float cache[];
+    unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    unsigned long long r = (unsigned long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (r >= rows) return;
+    float* row = cache + (unsigned long long)warp * nk;
     const float* x = src + r * nk;
     unsigned int i = i0 + (unsigned int)(r % m);
     unsigned int vis = (window > 0 && i + 1 > window) ? i + 1 - window : 0;
     unsigned int a = (vis > lo ? vis : lo) - lo, e = i + 1 - lo;
     float mx = __int_as_float(0xff800000);
-    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) {
+    for (unsigned int j = a + lane; j < e; j += 32) {
         float v = x[j] * scale;
         if (cached) row[j] = v;
         mx = fmaxf(mx, v);
     }
-    mx = block_reduce(mx, true, sh);
+    mx = warp_max(mx);
     float s = 0.0f;
-    for (unsigned int j = a + threadIdx.x; j < e; j += blockDim.x) {
+    for (unsigned int j = a + lane; j < e; j += 32) {
         float p = expf((cached ? row[j] : x[j] * scale) - mx);
         if (cached) row[j] = p;
         s += p;
     }
-    // block_reduce's barrier also publishes `row` to every thread.
-    s = block_reduce(s, false, sh);
+    s = warp_sum(s);
+    // Lanes read entries other lanes wrote.
+    __syncwarp();
     float inv = 1.0f / s;
-    for (unsigned int j = threadIdx.x; j < nk; j += blockDim.x) {
+    for (unsigned int j = lane; j < nk; j += 32) {
         float p = 0.0f;
         if (j >= a && j < e) p = cached ? row[j] : expf(x[j] * scale - mx);
         store(r * nk + j, p * inv);
@@ -184,15 +179,15 @@ __device__ void row_softmax(const float* src, unsigned int nk, unsigned int m, u
 }
 struct StoreF32 { float* p; __device__ void operator()(unsigned long long k, float v) const { p[k] = v; } };
 struct StoreBf16 { unsigned short* p; __device__ void operator()(unsigned long long k, float v) const { p[k] = to_bf16(v); } };
-extern "C" __global__ void block_softmax_f32(const float* src, float* dst, unsigned int nk, unsigned int m,
-                                             unsigned int i0, unsigned int lo, unsigned int window,
+extern "C" __global__ void block_softmax_f32(const float* src, float* dst, unsigned int rows, unsigned int nk,
+                                             unsigned int m, unsigned int i0, unsigned int lo, unsigned int window,
                                              unsigned int cached, float scale) {
-    row_softmax(src, nk, m, i0, lo, window, cached, scale, StoreF32{dst});
+    row_softmax(src, rows, nk, m, i0, lo, window, cached, scale, StoreF32{dst});
 }
-extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* dst, unsigned int nk, unsigned int m,
-                                              unsigned int i0, unsigned int lo, unsigned int window,
+extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* dst, unsigned int rows, unsigned int nk,
+                                              unsigned int m, unsigned int i0, unsigned int lo, unsigned int window,
                                               unsigned int cached, float scale) {
-    row_softmax(src, nk, m, i0, lo, window, cached, scale, StoreBf16{dst});
+    row_softmax(src, rows, nk, m, i0, lo, window, cached, scale, StoreBf16{dst});
 }
 "#;
 
@@ -211,20 +206,19 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
         let (nk32, m32, i032, lo32) = (u32_of(nk, "nk")?, u32_of(m, "m")?, u32_of(op.i0, "i0")?, u32_of(op.lo, "lo")?);
         let window = u32_of(op.window.unwrap_or(0), "window")?;
         let scale = op.scale as f32;
-        // A row (and the reduction slots) fits the default 48 KiB of shared
-        // memory up to 12,000 keys; longer rows are read three times.
         let cached = nk <= ROW_CACHE_KEYS;
+        let rows32 = u32_of(rows, "rows")?;
         let cfg = LaunchConfig {
-            grid_dim: (u32_of(rows, "rows")?, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: if cached { u32_of(4 * nk, "row bytes")? } else { 0 },
+            grid_dim: (rows32.div_ceil(WARPS), 1, 1),
+            block_dim: (32 * WARPS, 1, 1),
+            shared_mem_bytes: if cached { u32_of(4 * nk * WARPS as usize, "row bytes")? } else { 0 },
         };
         let name = match op.out {
             DType::F32 => "block_softmax_f32",
             DType::BF16 => "block_softmax_bf16",
             other => candle_core::bail!("block softmax: unsupported output dtype {other:?}"),
         };
-        let args = [nk32, m32, i032, lo32, window, cached as u32];
+        let args = [rows32, nk32, m32, i032, lo32, window, cached as u32];
         let storage = if op.out == DType::F32 {
             launch::<f32>(&dev, name, cfg, &src, rows * nk, args, scale)?
         } else {
@@ -240,7 +234,7 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
         cfg: LaunchConfig,
         src: &CudaView<'_, f32>,
         len: usize,
-        args: [u32; 6],
+        args: [u32; 7],
         scale: f32,
     ) -> candle_core::Result<CudaStorage> {
         // SAFETY: every element is written by the kernel.
@@ -255,9 +249,9 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
                 b.arg(a);
             }
             b.arg(&scale);
-            // SAFETY: the arguments (src, dst, nk, m, i0, lo, window, cached,
-            // scale) match the kernel's signature; with `cached` the launch
-            // gives the row's 4 * nk bytes of shared memory.
+            // SAFETY: the arguments (src, dst, rows, nk, m, i0, lo, window,
+            // cached, scale) match the kernel's signature; with `cached` the
+            // launch gives each warp its row's 4 * nk bytes of shared memory.
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
