@@ -140,7 +140,11 @@ const ROW_METRICS: usize = 4;
 #[derive(Debug, Clone)]
 pub struct RowSums {
     pub sum: [Vec<f64>; ROW_METRICS],
+    /// Defined (non-NaN) values per class; filled by [`pairs`] from
+    /// `undefined` (each class is in C - 1 pairs), so the tiles count only
+    /// the rare undefined ones.
     pub n: [Vec<u64>; ROW_METRICS],
+    undefined: [Vec<u64>; ROW_METRICS],
     pub excluded: Vec<u64>,
     /// Largest interference and the class index (in V' order) it is with.
     pub top: Vec<(f64, usize)>,
@@ -151,6 +155,7 @@ impl RowSums {
         RowSums {
             sum: std::array::from_fn(|_| vec![0.0; c]),
             n: std::array::from_fn(|_| vec![0; c]),
+            undefined: std::array::from_fn(|_| vec![0; c]),
             excluded: vec![0; c],
             top: vec![(f64::NEG_INFINITY, usize::MAX); c],
         }
@@ -161,7 +166,7 @@ impl RowSums {
             for (a, b) in self.sum[k].iter_mut().zip(&o.sum[k]) {
                 *a += b;
             }
-            for (a, b) in self.n[k].iter_mut().zip(&o.n[k]) {
+            for (a, b) in self.undefined[k].iter_mut().zip(&o.undefined[k]) {
                 *a += b;
             }
         }
@@ -350,6 +355,12 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             x.3 += y.3;
             x
         });
+    let mut rows = rows;
+    for k in 0..ROW_METRICS {
+        for (n, &u) in rows.n[k].iter_mut().zip(&rows.undefined[k]) {
+            *n = (c as u64 - 1) - u;
+        }
+    }
     results.sort_by_key(|t| (t.ti, t.tj));
     let mut extremes = extremes;
     for (lo, hi) in extremes.iter_mut() {
@@ -652,15 +663,17 @@ impl Shared<'_> {
                 });
                 if k < ROW_METRICS {
                     rows.sum[k][a] += sum;
-                    rows.n[k][a] += cnt;
-                    let (cs, cn) = (&mut rows.sum[k][cols.clone()], &mut rows.n[k][cols.clone()]);
-                    for ((s_, n_), &x) in cs.iter_mut().zip(cn.iter_mut()).zip(v) {
-                        let ok = x == x;
-                        *s_ += if ok { x } else { 0.0 };
-                        *n_ += ok as u64;
+                    rows.undefined[k][a] += len as u64 - cnt;
+                    for (s_, &x) in rows.sum[k][cols.clone()].iter_mut().zip(v) {
+                        *s_ += if x == x { x } else { 0.0 };
                     }
-                    for (e, &x) in excl.iter_mut().zip(v) {
-                        *e |= x != x;
+                    if cnt < len as u64 {
+                        let undefined = &mut rows.undefined[k][cols.clone()];
+                        for ((u, e), &x) in undefined.iter_mut().zip(excl.iter_mut()).zip(v) {
+                            let nan = x != x;
+                            *u += nan as u64;
+                            *e |= nan;
+                        }
                     }
                 }
             }
