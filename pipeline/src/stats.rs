@@ -396,13 +396,10 @@ pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
         fill[s as usize] += 1;
     }
     let run = || -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
-        let both = class_moments(h, &order, &starts)?.flatten_all()?.to_vec1::<f64>()?;
-        let mut mean = Vec::with_capacity(u * d);
-        let mut m2 = Vec::with_capacity(u);
-        for row in both.chunks_exact(d + 1) {
-            mean.extend_from_slice(&row[..d]);
-            m2.push(row[d]);
-        }
+        // Split on the device: the host receives each part in place.
+        let both = class_moments(h, &order, &starts)?;
+        let mean = both.narrow(1, 0, d)?.flatten_all()?.to_vec1::<f64>()?;
+        let m2 = both.narrow(1, d, 1)?.flatten_all()?.to_vec1::<f64>()?;
         Ok((mean, m2))
     };
     let (mean, m2) = run().ctx("per-class reduction")?;

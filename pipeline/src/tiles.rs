@@ -330,7 +330,7 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             0,
         )
     };
-    let (mut results, rows, extremes, recomputed) = tiles
+    let (mut results, mut rows, extremes, recomputed) = tiles
         .par_iter()
         .fold(init, |mut acc, &(ti, tj)| {
             let r = (ti * edge)..((ti + 1) * edge).min(c);
@@ -355,7 +355,6 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             x.3 += y.3;
             x
         });
-    let mut rows = rows;
     for k in 0..ROW_METRICS {
         for (n, &u) in rows.n[k].iter_mut().zip(&rows.undefined[k]) {
             *n = (c as u64 - 1) - u;
