@@ -340,10 +340,25 @@ impl TableWriter {
     }
 }
 
+/// Rows per row group for `batches`: about [`ROW_GROUP_BYTES`] of data each
+/// (at most 64 Ki rows). A reader holds one row group's column chunks at a
+/// time, so wide rows (class means of thousands of dimensions) must not make
+/// the whole table one group: reading a quarter-gigabyte `class_stats` would
+/// then first fetch all of it into fresh memory.
+fn rows_per_group(batches: &[RecordBatch]) -> usize {
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let bytes: usize = batches.iter().map(|b| b.get_array_memory_size()).sum();
+    let per_row = bytes.div_ceil(rows.max(1)).max(1);
+    (ROW_GROUP_BYTES / per_row).clamp(1, 64 * 1024)
+}
+
+/// Target uncompressed size of a row group written by [`stage_batches`].
+const ROW_GROUP_BYTES: usize = 8 << 20;
+
 /// Write a set of batches to a staged file in one call.
 pub fn stage_batches(table: &str, batches: &[RecordBatch]) -> Result<StagedFile> {
     let mut w = match batches.first() {
-        Some(b) => TableWriter::with_arrow_schema(table, b.schema(), 64 * 1024)?,
+        Some(b) => TableWriter::with_arrow_schema(table, b.schema(), rows_per_group(batches))?,
         None => TableWriter::new(table)?,
     };
     for b in batches {
