@@ -27,7 +27,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use futures::StreamExt;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::async_reader::ParquetRecordBatchStream;
 
 use crate::parquet_io::ObjectReader;
@@ -549,6 +549,58 @@ impl Lake {
             schema,
             rows,
         })
+    }
+
+    /// The artifact's rows as up to `parts` streams of consecutive row
+    /// groups with about equal rows each, in file order, to be decoded on
+    /// as many threads. Each stream's `rows` is its own.
+    pub fn stream_artifact_parts(&self, artifact: &Artifact, batch_rows: usize, parts: usize) -> Result<Vec<BatchStream>> {
+        let key = artifact.data_key();
+        let what = self.display(&key);
+        let meta = self
+            .head_opt(&key)?
+            .ok_or_else(|| Error::artifact(&what, "data file not found"))?;
+        let reader = || ObjectReader::new(self.store(), self.path(&key), meta.size);
+        let metadata = self
+            .block_on(ArrowReaderMetadata::load_async(&mut reader(), Default::default()))
+            .ctx(&what)?;
+        let schema = metadata.schema().clone();
+        artifact.schema().check(&schema, false)?;
+        let groups: Vec<u64> = metadata
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows().max(0) as u64)
+            .collect();
+        let total: u64 = groups.iter().sum();
+        let parts = parts.clamp(1, groups.len().max(1));
+        let mut out = Vec::with_capacity(parts);
+        let (mut start, mut done) = (0, 0u64);
+        for p in 0..parts {
+            // Whole row groups until this part's share of the rows is reached,
+            // at least one each, and the rest to the last part.
+            let target = total * (p as u64 + 1) / parts as u64;
+            let mut end = start;
+            let mut rows = 0;
+            while end < groups.len() && (end == start || done + rows < target || p + 1 == parts) {
+                rows += groups[end];
+                end += 1;
+            }
+            let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader(), metadata.clone())
+                .with_batch_size(batch_rows)
+                .with_row_groups((start..end).collect())
+                .build()
+                .ctx(&what)?;
+            out.push(BatchStream {
+                lake: self.clone(),
+                stream,
+                key: what.clone(),
+                schema: schema.clone(),
+                rows,
+            });
+            (start, done) = (end, done + rows);
+        }
+        Ok(out)
     }
 
     /// Every manifest under a table (optionally under a partition prefix such as

@@ -43,6 +43,59 @@ pub struct ClassStats {
     pub m2: Vec<f64>,
 }
 
+/// The classes, counts and M2 of one part of a `class_stats` table; its
+/// means are written in place.
+struct DecodedPart {
+    classes: Vec<u32>,
+    count: Vec<u64>,
+    m2: Vec<f64>,
+}
+
+/// Decode consecutive `class_stats` rows, their means into `means` (room for
+/// exactly the rows the part declared), skipping classes counted zero times.
+fn decode_part(
+    batches: impl Iterator<Item = Result<RecordBatch>>,
+    d: usize,
+    means: &mut [f64],
+) -> Result<DecodedPart> {
+    let room = means.len() / d.max(1);
+    let mut out = DecodedPart {
+        classes: Vec::with_capacity(room),
+        count: Vec::with_capacity(room),
+        m2: Vec::with_capacity(room),
+    };
+    for b in batches {
+        let b = b?;
+        let ids = b.column(0).as_primitive::<UInt32Type>();
+        let counts = b.column(1).as_primitive::<UInt64Type>();
+        let mean_col = b.column(2).as_list::<i32>();
+        let m2 = b.column(3).as_primitive::<Float64Type>();
+        for i in 0..b.num_rows() {
+            let mv = mean_col.value(i);
+            let mv = mv.as_primitive::<Float64Type>();
+            if mv.len() != d {
+                return Err(Error::invalid(format!(
+                    "class {} has a mean of length {}, not {d}",
+                    ids.value(i),
+                    mv.len()
+                )));
+            }
+            if counts.value(i) == 0 {
+                continue;
+            }
+            let r = out.classes.len();
+            let dst = means.get_mut(r * d..(r + 1) * d).ok_or_else(|| {
+                Error::invalid(format!("more rows than the {room} its row groups declare"))
+            })?;
+            dst.copy_from_slice(mv.values());
+            out.classes.push(ids.value(i));
+            out.count.push(counts.value(i));
+            out.m2.push(m2.value(i));
+        }
+    }
+    Ok(out)
+}
+
 /// One batch reduced to its classes.
 #[derive(Debug, Clone)]
 pub struct Partial {
@@ -62,15 +115,6 @@ impl ClassStats {
             mean: Vec::new(),
             m2: Vec::new(),
         }
-    }
-
-    /// Room for `rows` more classes.
-    pub fn reserve(&mut self, rows: usize) {
-        self.index.reserve(rows);
-        self.classes.reserve(rows);
-        self.count.reserve(rows);
-        self.mean.reserve(rows.saturating_mul(self.d));
-        self.m2.reserve(rows);
     }
 
     pub fn len(&self) -> usize {
@@ -198,43 +242,78 @@ impl ClassStats {
 
     /// Read `class_stats` batches back.
     pub fn from_batches(batches: &[RecordBatch]) -> Result<Self> {
-        Self::from_stream(batches.iter().cloned().map(Ok), 0)
+        let rows = batches.iter().map(|b| b.num_rows()).sum();
+        Self::from_parts(vec![(batches.iter().cloned().map(Ok), rows)])
     }
 
-    /// As [`ClassStats::from_batches`], from batches as they are read, with
-    /// room reserved for `rows` classes: the means go straight into their
-    /// final buffer, without a whole-file copy in between.
-    pub fn from_stream(batches: impl IntoIterator<Item = Result<RecordBatch>>, rows: usize) -> Result<Self> {
-        let mut out: Option<ClassStats> = None;
-        for b in batches {
-            let b = b?;
-            let ids = b.column(0).as_primitive::<UInt32Type>();
-            let counts = b.column(1).as_primitive::<UInt64Type>();
-            let means = b.column(2).as_list::<i32>();
-            let m2 = b.column(3).as_primitive::<Float64Type>();
-            for i in 0..b.num_rows() {
-                let mv = means.value(i);
-                let mv = mv.as_primitive::<Float64Type>();
-                let st = out.get_or_insert_with(|| {
-                    let mut st = ClassStats::new(mv.len());
-                    st.reserve(rows);
-                    st
-                });
-                if mv.len() != st.d {
-                    return Err(Error::invalid(format!(
-                        "class {} has a mean of length {}, not {}",
-                        ids.value(i),
-                        mv.len(),
-                        st.d
-                    )));
+    /// As [`ClassStats::from_batches`], from a table read in parts: each is
+    /// a stream of consecutive rows with its row count, in table order. The
+    /// parts are decoded in parallel, straight into their place in the means
+    /// buffer, whose fresh pages are faulted in on every thread first: at
+    /// full scale the means are a quarter gigabyte, and decoding them and
+    /// zeroing their pages on one thread was most of `analyze`'s serial time.
+    pub fn from_parts<I>(mut parts: Vec<(I, usize)>) -> Result<Self>
+    where
+        I: Iterator<Item = Result<RecordBatch>> + Send,
+    {
+        use rayon::prelude::*;
+        // The width, from the first row; batches looked at stay with their part.
+        let mut firsts: Vec<Option<RecordBatch>> = vec![None; parts.len()];
+        let mut d = None;
+        'find: for (first, (it, _)) in firsts.iter_mut().zip(parts.iter_mut()) {
+            for b in it.by_ref() {
+                let b = b?;
+                if b.num_rows() > 0 {
+                    d = Some(b.column(2).as_list::<i32>().value_length(0) as usize);
+                    *first = Some(b);
+                    break 'find;
                 }
-                if st.index.contains_key(&ids.value(i)) {
-                    return Err(Error::invalid(format!("class {} appears twice", ids.value(i))));
-                }
-                st.merge_one(ids.value(i), counts.value(i), mv.values(), m2.value(i));
             }
         }
-        out.ok_or_else(|| Error::invalid("no class statistics"))
+        let d = d.ok_or_else(|| Error::invalid("no class statistics"))?;
+        let sizes: Vec<usize> = parts.iter().map(|p| p.1).collect();
+        let too_many = || Error::invalid(format!("{sizes:?} classes of width {d} do not fit in memory"));
+        let total = sizes.iter().try_fold(0usize, |t, &n| t.checked_add(n)).ok_or_else(too_many)?;
+        let len = total.checked_mul(d).ok_or_else(too_many)?;
+        let mut mean = Vec::new();
+        mean.par_extend(rayon::iter::repeat_n(0.0, len));
+        let mut slices = Vec::with_capacity(parts.len());
+        let mut rest = &mut mean[..];
+        for &rows in &sizes {
+            let (part, tail) = rest.split_at_mut(rows * d);
+            slices.push(part);
+            rest = tail;
+        }
+        let decoded: Vec<Result<DecodedPart>> = parts
+            .into_par_iter()
+            .zip(firsts)
+            .zip(slices)
+            .map(|(((it, _), first), means)| decode_part(first.into_iter().map(Ok).chain(it), d, means))
+            .collect();
+        let mut st = ClassStats::new(d);
+        let mut part_start = 0;
+        for (part, rows) in decoded.into_iter().zip(sizes) {
+            let part = part?;
+            // Rows with a zero count are skipped, so a part may fill less
+            // than its share; later parts move down over the gap.
+            let kept = part.classes.len();
+            let to = st.classes.len() * d;
+            if to != part_start * d {
+                mean.copy_within(part_start * d..(part_start + kept) * d, to);
+            }
+            for (i, &class) in part.classes.iter().enumerate() {
+                if st.index.insert(class, st.classes.len()).is_some() {
+                    return Err(Error::invalid(format!("class {class} appears twice")));
+                }
+                st.classes.push(class);
+                st.count.push(part.count[i]);
+                st.m2.push(part.m2[i]);
+            }
+            part_start += rows;
+        }
+        mean.truncate(st.classes.len() * d);
+        st.mean = mean;
+        Ok(st)
     }
 
     /// Serialise (for shard partials and resumable checkpoints).
@@ -464,6 +543,40 @@ mod tests {
                 (c, (hs.len() as u64, mu, m2))
             })
             .collect()
+    }
+
+    /// A table decoded in parts equals it decoded whole: classes in table
+    /// order, means in place even where a part skips a class counted zero
+    /// times; a class in two parts is refused.
+    #[test]
+    fn parts_decode_like_the_whole_table() {
+        let (d, c) = (3, 7);
+        let mut seed = 5u64;
+        let mut st = ClassStats::new(d);
+        for class in 0..c as u32 {
+            let mean: Vec<f64> = (0..d).map(|_| lcg(&mut seed)).collect();
+            st.merge_one(class * 3, 1 + class as u64, &mean, 0.5 + class as f64);
+        }
+        let b = st.to_batch().unwrap();
+        // Class 6 (the third row) counted zero times: skipped by both readers.
+        let mut counts: Vec<u64> = b.column(1).as_primitive::<UInt64Type>().values().to_vec();
+        counts[2] = 0;
+        let mut cols = b.columns().to_vec();
+        cols[1] = Arc::new(UInt64Array::from(counts));
+        let b = RecordBatch::try_new(b.schema(), cols).unwrap();
+        let whole = ClassStats::from_batches(std::slice::from_ref(&b)).unwrap();
+        assert_eq!(whole.len(), c - 1);
+        assert!(whole.row_of(6).is_none());
+        let part = |r: std::ops::Range<usize>| (vec![Ok(b.slice(r.start, r.len()))].into_iter(), r.len());
+        let parts = ClassStats::from_parts(vec![part(0..2), part(2..5), part(5..7)]).unwrap();
+        assert_eq!(parts, whole);
+        for class in [0u32, 3, 9, 18] {
+            let (w, p) = (whole.row_of(class).unwrap(), parts.row_of(class).unwrap());
+            assert_eq!(whole.mean_of(w), parts.mean_of(p));
+            assert_eq!(st.mean_of(st.row_of(class).unwrap()), parts.mean_of(p));
+        }
+        let twice = ClassStats::from_parts(vec![part(0..4), part(3..7)]);
+        assert!(twice.unwrap_err().to_string().contains("appears twice"));
     }
 
     fn lcg(seed: &mut u64) -> f64 {

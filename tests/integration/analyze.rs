@@ -152,7 +152,7 @@ fn moments(v: &[f64]) -> (f64, f64, f64, f64) {
 fn pairwise_metrics_equal_brute_force() {
     for clustered in [false, true] {
         let st = synthetic(500, 64, clustered, if clustered { 11 } else { 3 });
-        let prep = prepare(&st, 1, 0);
+        let prep = prepare(&mut st.clone(), 1, 0);
         let cls = Classes {
             centred: &prep.centred,
             d: 64,
@@ -209,7 +209,7 @@ fn pairwise_metrics_equal_brute_force() {
                         );
                     }
                 }
-                assert_eq!(rep.rows.top[a].1, want.top[a].1, "top interferer of {a}");
+                assert_eq!(rep.rows.top(a).1, want.top[a].1, "top interferer of {a}");
             }
         }
         // Exact duplicates and the zero-norm class were excluded, never NaN.
@@ -307,7 +307,7 @@ fn sql_tile_totals_equal_rust_and_brute_force() {
             ("kernels", "log,riesz"),
         ],
     );
-    let prep = prepare(&st, 1, 0);
+    let prep = prepare(&mut st.clone(), 1, 0);
     let cls = Classes {
         centred: &prep.centred,
         d: 24,
@@ -371,7 +371,7 @@ fn analyze_a_trained_model() {
     )
     .unwrap();
     let st = ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
-    let prep = prepare(&st, 1, 0);
+    let prep = prepare(&mut st.clone(), 1, 0);
     let m = pipeline::model::checkpoint::ModelRef::resolve_one(tl.lake(), "tiny").unwrap();
     let w: Vec<Vec<f32>> = m
         .load(&candle_core::Device::Cpu, candle_core::DType::F32)
@@ -501,4 +501,34 @@ fn both_gnc2_conventions_equal_brute_force_far_from_the_origin() {
         rel(rm, cm) > 0.5 && rel(rcov, ccov) > 0.1,
         "conventions too close: {cm} {rm} {ccov} {rcov}"
     );
+}
+
+/// A `class_stats` table of several row groups reads in parts, one per
+/// thread, exactly as in one piece: rows of 1,024 dims make row groups of
+/// about 1,000 classes (8 MiB), so 2,101 classes are three groups and two
+/// parts of whole groups.
+#[test]
+fn wide_class_stats_read_in_parts_equal_the_whole() {
+    let tl = TestLake::new();
+    let st = synthetic(2100, 1024, false, 5);
+    write_stats(&tl, "wide", &st);
+    let a = Artifact::new(
+        "class_stats",
+        &[("model", "wide"), ("split", "train"), ("layer", "1")],
+    )
+    .unwrap();
+    let parts = tl.lake().stream_artifact_parts(&a, 256, 2).unwrap();
+    let rows: Vec<usize> = parts.iter().map(|p| p.rows as usize).collect();
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|&r| r > 0 && r < st.len()), "{rows:?}");
+    assert_eq!(rows.iter().sum::<usize>(), st.len());
+    let read = ClassStats::from_parts(parts.into_iter().zip(rows).collect()).unwrap();
+    let whole = ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
+    assert_eq!(read, whole);
+    for i in [0, 1000, 1500, st.len() - 1] {
+        let class = st.classes[i];
+        let (r, w) = (read.row_of(class).unwrap(), st.row_of(class).unwrap());
+        assert_eq!(read.mean_of(r), st.mean_of(w), "class {class}");
+        assert_eq!((read.count[r], read.m2[r]), (st.count[w], st.m2[w]));
+    }
 }
