@@ -1117,30 +1117,28 @@ mod ln_tests {
         }
     }
 
+    /// The worst error of `ln` against the library's f64 logarithm over
+    /// `xs`, in units of `eps` relative to the result (at least `tiny`).
+    fn worst_ulp(xs: impl Iterator<Item = f64>, ln: impl Fn(f64) -> f64, eps: f64, tiny: f64) -> f64 {
+        xs.map(|x| {
+            let (a, b) = (ln(x), x.ln());
+            (a - b).abs() / (eps * b.abs().max(tiny))
+        })
+        .fold(0.0, f64::max)
+    }
+
     /// ln_fast against the library's ln over the whole normal range and
     /// densely near 1 (where ln is small and relative error is hardest):
     /// within 4 ulp of the result (the library's is itself within 1).
     #[test]
     fn fast_log_is_within_a_few_ulp() {
-        let mut worst: f64 = 0.0;
-        let mut check = |x: f64| {
-            let (a, b) = (ln_fast(x), x.ln());
-            let ulp = f64::EPSILON * b.abs().max(f64::MIN_POSITIVE);
-            worst = worst.max((a - b).abs() / ulp);
-        };
-        let mut x = f64::MIN_POSITIVE;
-        while x < 1e300 {
-            check(x);
-            x *= 1.000_173_1;
-        }
-        for i in 1..200_000 {
-            check(1.0 + i as f64 * 1e-9);
-            check(1.0 - i as f64 * 1e-9);
-            check(std::f64::consts::SQRT_2 * (1.0 + (i as f64 - 1e5) * 1e-12));
-        }
-        for x in [0.5, 1.0, 2.0, 3.999, 4.0, 1e-300, 7.0e-4] {
-            check(x);
-        }
+        let sweep = std::iter::successors(Some(f64::MIN_POSITIVE), |x| Some(x * 1.000_173_1)).take_while(|&x| x < 1e300);
+        let dense = (1..200_000).flat_map(|i| {
+            let i = i as f64;
+            [1.0 + i * 1e-9, 1.0 - i * 1e-9, std::f64::consts::SQRT_2 * (1.0 + (i - 1e5) * 1e-12)]
+        });
+        let edges = [0.5, 1.0, 2.0, 3.999, 4.0, 1e-300, 7.0e-4];
+        let worst = worst_ulp(sweep.chain(dense).chain(edges), ln_fast, f64::EPSILON, f64::MIN_POSITIVE);
         assert!(worst <= 4.0, "worst error {worst} ulp");
     }
 
@@ -1149,25 +1147,14 @@ mod ln_tests {
     /// of the exact result, counting the rounding of the argument to f32.
     #[test]
     fn f32_log_is_within_a_few_f32_ulp() {
-        let mut worst: f64 = 0.0;
-        let mut check = |x: f32| {
-            let (a, b) = (ln_fast_f32(x as f64), (x as f64).ln());
-            let ulp = f32::EPSILON as f64 * b.abs().max(f32::MIN_POSITIVE as f64);
-            worst = worst.max((a - b).abs() / ulp);
-        };
-        let mut x = f32::MIN_POSITIVE;
-        while x < 1e38 {
-            check(x);
-            x *= 1.000_37;
-        }
-        for i in 1..200_000 {
-            check(1.0 + i as f32 * 1e-7);
-            check(1.0 - i as f32 * 5e-8);
-            check(std::f32::consts::SQRT_2 * (1.0 + (i as f32 - 1e5) * 1e-9));
-        }
-        for x in [0.5, 1.0, 2.0, 3.999, 4.0, 2.2e-16, 7.0e-4] {
-            check(x);
-        }
+        let sweep = std::iter::successors(Some(f32::MIN_POSITIVE), |x| Some(x * 1.000_37)).take_while(|&x| x < 1e38);
+        let dense = (1..200_000).flat_map(|i| {
+            let i = i as f32;
+            [1.0 + i * 1e-7, 1.0 - i * 5e-8, std::f32::consts::SQRT_2 * (1.0 + (i - 1e5) * 1e-9)]
+        });
+        let edges = [0.5, 1.0, 2.0, 3.999, 4.0, 2.2e-16, 7.0e-4];
+        let xs = sweep.chain(dense).chain(edges).map(f64::from);
+        let worst = worst_ulp(xs, ln_fast_f32, f32::EPSILON as f64, f32::MIN_POSITIVE as f64);
         assert!(worst <= 2.0, "worst error {worst} f32 ulp");
     }
 }
