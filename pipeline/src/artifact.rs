@@ -377,6 +377,34 @@ pub struct BatchStream {
     pub rows: u64,
 }
 
+/// A lake Parquet file opened by [`Lake::open_parquet`].
+struct ParquetFile {
+    lake: Lake,
+    what: String,
+    path: object_store::path::Path,
+    size: u64,
+    metadata: ArrowReaderMetadata,
+}
+
+impl ParquetFile {
+    /// A stream builder over the file, sharing its metadata.
+    fn builder(&self) -> ParquetRecordBatchStreamBuilder<ObjectReader> {
+        let reader = ObjectReader::new(self.lake.store(), self.path.clone(), self.size);
+        ParquetRecordBatchStreamBuilder::new_with_metadata(reader, self.metadata.clone())
+    }
+
+    /// The batches `builder` selects, `rows` of them.
+    fn stream(&self, builder: ParquetRecordBatchStreamBuilder<ObjectReader>, rows: u64) -> Result<BatchStream> {
+        Ok(BatchStream {
+            lake: self.lake.clone(),
+            stream: builder.build().ctx(&self.what)?,
+            key: self.what.clone(),
+            schema: self.metadata.schema().clone(),
+            rows,
+        })
+    }
+}
+
 impl Iterator for BatchStream {
     type Item = Result<RecordBatch>;
     fn next(&mut self) -> Option<Self::Item> {
@@ -522,32 +550,38 @@ impl Lake {
         offset: usize,
         limit: usize,
     ) -> Result<BatchStream> {
-        let key = artifact.data_key();
-        let what = self.display(&key);
-        let meta = self
-            .head_opt(&key)?
-            .ok_or_else(|| Error::artifact(&what, "data file not found"))?;
-        let reader = ObjectReader::new(self.store(), self.path(&key), meta.size);
-        let builder = self
-            .block_on(ParquetRecordBatchStreamBuilder::new(reader))
-            .ctx(&what)?;
-        let rows = builder.metadata().file_metadata().num_rows() as u64;
-        let schema = builder.schema().clone();
-        artifact.schema().check(&schema, false)?;
-        let mut builder = builder.with_batch_size(batch_rows);
+        let file = self.open_parquet(artifact)?;
+        let rows = file.metadata.metadata().file_metadata().num_rows().max(0) as u64;
+        let mut builder = file.builder().with_batch_size(batch_rows);
         if offset > 0 {
             builder = builder.with_offset(offset);
         }
         if limit != usize::MAX {
             builder = builder.with_limit(limit);
         }
-        let stream = builder.build().ctx(&what)?;
-        Ok(BatchStream {
+        file.stream(builder, rows)
+    }
+
+    /// An artifact's data file, its Parquet metadata read once and its
+    /// schema checked against the table's, for streams to be built on.
+    fn open_parquet(&self, artifact: &Artifact) -> Result<ParquetFile> {
+        let key = artifact.data_key();
+        let what = self.display(&key);
+        let meta = self
+            .head_opt(&key)?
+            .ok_or_else(|| Error::artifact(&what, "data file not found"))?;
+        let path = self.path(&key);
+        let mut reader = ObjectReader::new(self.store(), path.clone(), meta.size);
+        let metadata = self
+            .block_on(ArrowReaderMetadata::load_async(&mut reader, Default::default()))
+            .ctx(&what)?;
+        artifact.schema().check(metadata.schema(), false)?;
+        Ok(ParquetFile {
             lake: self.clone(),
-            stream,
-            key: what,
-            schema,
-            rows,
+            what,
+            path,
+            size: meta.size,
+            metadata,
         })
     }
 
@@ -555,18 +589,9 @@ impl Lake {
     /// groups with about equal rows each, in file order, to be decoded on
     /// as many threads. Each stream's `rows` is its own.
     pub fn stream_artifact_parts(&self, artifact: &Artifact, batch_rows: usize, parts: usize) -> Result<Vec<BatchStream>> {
-        let key = artifact.data_key();
-        let what = self.display(&key);
-        let meta = self
-            .head_opt(&key)?
-            .ok_or_else(|| Error::artifact(&what, "data file not found"))?;
-        let reader = || ObjectReader::new(self.store(), self.path(&key), meta.size);
-        let metadata = self
-            .block_on(ArrowReaderMetadata::load_async(&mut reader(), Default::default()))
-            .ctx(&what)?;
-        let schema = metadata.schema().clone();
-        artifact.schema().check(&schema, false)?;
-        let groups: Vec<u64> = metadata
+        let file = self.open_parquet(artifact)?;
+        let groups: Vec<u64> = file
+            .metadata
             .metadata()
             .row_groups()
             .iter()
@@ -586,18 +611,11 @@ impl Lake {
                 rows += groups[end];
                 end += 1;
             }
-            let stream = ParquetRecordBatchStreamBuilder::new_with_metadata(reader(), metadata.clone())
+            let builder = file
+                .builder()
                 .with_batch_size(batch_rows)
-                .with_row_groups((start..end).collect())
-                .build()
-                .ctx(&what)?;
-            out.push(BatchStream {
-                lake: self.clone(),
-                stream,
-                key: what.clone(),
-                schema: schema.clone(),
-                rows,
-            });
+                .with_row_groups((start..end).collect());
+            out.push(file.stream(builder, rows)?);
             (start, done) = (end, done + rows);
         }
         Ok(out)

@@ -672,4 +672,3 @@ fn extremes_batch(
     ];
     RecordBatch::try_new(file_schema("pair_extremes")?, cols).ctx("building pair_extremes")
 }
-
