@@ -293,11 +293,7 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
     let inv_norm: Vec<f64> = per_class.iter().map(|p| inv_sqrt(p[0])).collect();
     let dot_bar: Vec<f64> = per_class.iter().map(|p| p[1]).collect();
     let inv_raw: Vec<f64> = per_class.iter().map(|p| inv_sqrt(p[2])).collect();
-    let single: Vec<f32> = if opt.f32_gemm {
-        cls.centred.par_iter().map(|&x| x as f32).collect()
-    } else {
-        Vec::new()
-    };
+    let blocks = Operand::new(cls, edge, opt.f32_gemm);
     let tiles: Vec<(usize, usize)> = (0..nt).flat_map(|i| (i..nt).map(move |j| (i, j))).collect();
     let threshold = recompute_below(opt.f32_gemm);
     let half_power = (2.0 + opt.cdnv_k) / 2.0;
@@ -310,10 +306,10 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         dot_bar: &dot_bar,
         inv_raw: &inv_raw,
         bar2,
-        single: &single,
+        blocks: &blocks,
+        edge,
         f32_gemm: opt.f32_gemm,
         threshold,
-        ln_min: if opt.f32_gemm { f32::MIN_POSITIVE as f64 } else { f64::MIN_POSITIVE },
         half_power,
         riesz_s: opt.riesz_s,
         k_top,
@@ -336,10 +332,8 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
     let (mut results, mut rows, extremes, recomputed) = tiles
         .par_iter()
         .fold(init, |mut acc, &(ti, tj)| {
-            let r = (ti * edge)..((ti + 1) * edge).min(c);
-            let s = (tj * edge)..((tj + 1) * edge).min(c);
             let metrics = SCRATCH.with_borrow_mut(|scratch| {
-                shared.tile(r, s, ti == tj, &mut acc.1, &mut acc.2, &mut acc.3, scratch)
+                shared.tile(ti, tj, &mut acc.1, &mut acc.2, &mut acc.3, scratch)
             });
             acc.0.push(TileResult { ti, tj, metrics });
             acc
@@ -386,8 +380,6 @@ struct Scratch {
     /// The f32 products before widening (f32 mode).
     gram32: Vec<f32>,
     columns: [Vec<f64>; N_METRICS],
-    u2: Vec<f64>,
-    u2_raw: Vec<f64>,
     excluded: Vec<bool>,
 }
 
@@ -395,13 +387,91 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
-/// Where [`Shared::row_geometry`] writes one tile row.
-struct Geometry<'r> {
+/// Where [`Shared::row_values`] writes one tile row's metric values.
+struct RowValues<'r> {
     gram: &'r mut [f64],
-    dist2: &'r mut [f64],
-    cos: &'r mut [f64],
-    u2: &'r mut [f64],
-    u2r: &'r mut [f64],
+    cdnv: &'r mut [f64],
+    intf: &'r mut [f64],
+    logk: &'r mut [f64],
+    logku: &'r mut [f64],
+}
+
+/// A pair's geometry, from its Gram entry or recomputed from the vectors.
+#[derive(Clone, Copy)]
+struct PairGeometry {
+    /// ||mu_a - mu_b||^2.
+    dist2: f64,
+    /// <u_a, u_b>.
+    cos: f64,
+    /// ||u_a - u_b||^2, centred and uncentred.
+    u2: f64,
+    u2r: f64,
+}
+
+/// What one tile row (class a against the column classes b) reads besides
+/// the Gram products: both the vectorised pass and the scalar
+/// recomputation go through it, so they agree on every formula.
+struct Row<'r> {
+    n2a: f64,
+    inva: f64,
+    ira: f64,
+    vara: f64,
+    /// <m_a, mu_bar> + ||mu_bar||^2: class a's part of the uncentred Gram.
+    base: f64,
+    n2b: &'r [f64],
+    invb: &'r [f64],
+    dbb: &'r [f64],
+    irb: &'r [f64],
+    varb: &'r [f64],
+    threshold: f64,
+}
+
+impl Row<'_> {
+    /// The geometry of pair (a, b_j) from their centred Gram entry.
+    #[inline(always)]
+    fn geometry(&self, j: usize, gj: f64) -> PairGeometry {
+        let cos = (gj * self.inva * self.invb[j]).clamp(-1.0, 1.0);
+        let cos_raw = ((gj + self.base + self.dbb[j]) * self.ira * self.irb[j]).clamp(-1.0, 1.0);
+        PairGeometry {
+            dist2: self.n2a + self.n2b[j] - 2.0 * gj,
+            cos,
+            u2: 2.0 - 2.0 * cos,
+            u2r: 2.0 - 2.0 * cos_raw,
+        }
+    }
+
+    /// Which of the distance, the centred and the uncentred direction
+    /// difference cancelled (are small against their terms).
+    #[inline(always)]
+    fn cancelled(&self, j: usize, g: &PairGeometry) -> [bool; 3] {
+        let thr = self.threshold;
+        [g.dist2 < thr * (self.n2a + self.n2b[j]), g.u2 < thr, g.u2r < thr]
+    }
+
+    /// CDNV (with `power`(d) = d^((2+k)/2)), interference and both log
+    /// kernels -ln(||u_a - u_b||^2)/2 of pair (a, b_j); NaN where undefined:
+    /// identical means, a class without a direction, identical directions.
+    /// Branch-free, so loops over it vectorise.
+    #[inline(always)]
+    fn values(
+        &self,
+        j: usize,
+        g: &PairGeometry,
+        ln: impl Fn(f64) -> f64,
+        power: impl Fn(f64) -> f64,
+    ) -> [f64; 4] {
+        let cdnv = (self.vara + self.varb[j]) / (2.0 * power(g.dist2));
+        let directed = (self.n2a > 0.0) & (self.n2b[j] > 0.0);
+        let directed_raw = (self.ira > 0.0) & (self.irb[j] > 0.0);
+        let logk = -0.5 * ln(g.u2);
+        let logku = -0.5 * ln(g.u2r);
+        [
+            if g.dist2 > 0.0 { cdnv } else { f64::NAN },
+            if directed { g.cos } else { f64::NAN },
+            if directed & (g.u2 > 0.0) { logk } else { f64::NAN },
+            if directed_raw & (g.u2r > 0.0) { logku } else { f64::NAN },
+        ]
+    }
 }
 
 /// What every tile reads.
@@ -413,63 +483,54 @@ struct Shared<'a> {
     dot_bar: &'a [f64],
     inv_raw: &'a [f64],
     bar2: f64,
-    single: &'a [f32],
+    blocks: &'a Operand<'a>,
+    edge: usize,
     f32_gemm: bool,
     threshold: f64,
-    /// Smallest value the fast logarithm takes (f32's or f64's smallest
-    /// normal number).
-    ln_min: f64,
     half_power: f64,
     riesz_s: Option<f64>,
     k_top: usize,
 }
 
 impl Shared<'_> {
-    /// One tile row's Gram products `grow` (class `a` against `cols`) into
-    /// the Gram metric, squared distances ||mu_a - mu_b||^2, interferences
-    /// <u_a, u_b>, and ||u_a - u_b||^2 centred and uncentred, in one pass.
-    /// f32 products are widened here, where they are read, rather than in
-    /// a pass of their own. Returns whether any value cancelled (is small
-    /// against its terms) and must be recomputed from the vectors.
+    /// One tile row's Gram products `grow` into every metric value, in one
+    /// pass: f32 products are widened here, where they are read. The
+    /// exponent of CDNV is chosen outside the loop: inside, a vectorised
+    /// loop would call pow for every lane. Returns whether any value
+    /// cancelled and must be recomputed from the vectors.
     #[inline(always)]
-    fn row_geometry<T: Copy + Into<f64>>(
+    fn row_values<T: Copy + Into<f64>>(
         &self,
+        row: &Row,
         grow: &[T],
-        a: usize,
-        cols: std::ops::Range<usize>,
-        out: Geometry,
+        out: RowValues,
+        ln: impl Fn(f64) -> f64 + Copy,
     ) -> bool {
-        let (n2a, inva, ira) = (self.norm2[a], self.inv_norm[a], self.inv_raw[a]);
-        let (n2b, invb) = (&self.norm2[cols.clone()], &self.inv_norm[cols.clone()]);
-        let (dbb, irb) = (&self.dot_bar[cols.clone()], &self.inv_raw[cols]);
-        let Geometry {
-            gram,
-            dist2: dist2s,
-            cos: coss,
-            u2,
-            u2r,
-        } = out;
-        let thr = self.threshold;
-        let base = self.dot_bar[a] + self.bar2;
-        let mut suspect = 0u32;
-        for j in 0..grow.len() {
-            let gj: f64 = grow[j].into();
-            gram[j] = gj;
-            let dist2 = n2a + n2b[j] - 2.0 * gj;
-            dist2s[j] = dist2;
-            let cos = (gj * inva * invb[j]).clamp(-1.0, 1.0);
-            coss[j] = cos;
-            u2[j] = 2.0 - 2.0 * cos;
-            let cos_raw = ((gj + base + dbb[j]) * ira * irb[j]).clamp(-1.0, 1.0);
-            u2r[j] = 2.0 - 2.0 * cos_raw;
-            let cancelled = (dist2 < thr * (n2a + n2b[j])) | (u2[j] < thr) | (u2r[j] < thr);
-            suspect |= cancelled as u32;
+        let hp = self.half_power;
+        if hp == 2.0 {
+            row_pass(row, grow, out, ln, |x| x * x)
+        } else if hp == 1.0 {
+            row_pass(row, grow, out, ln, |x| x)
+        } else {
+            row_pass(row, grow, out, ln, |x| x.powf(hp))
         }
-        suspect != 0
     }
 
-    /// Reduce the tile rows `r` x columns `s` (upper triangle only when
-    /// `diag`): per-metric moments, and the row/column sums into `rows`.
+    /// d^((2+k)/2), as the vectorised pass computes it.
+    fn power(&self, x: f64) -> f64 {
+        let hp = self.half_power;
+        if hp == 2.0 {
+            x * x
+        } else if hp == 1.0 {
+            x
+        } else {
+            x.powf(hp)
+        }
+    }
+
+    /// Reduce tile (ti, tj), the classes of tile ti against those of tj
+    /// (the upper triangle only when ti = tj): per-metric moments, and the
+    /// row/column sums into `rows`.
     ///
     /// The portable build targets SSE2 only, so the tile is compiled again
     /// for AVX2 and AVX-512 and the widest the CPU has is chosen at run time.
@@ -478,9 +539,8 @@ impl Shared<'_> {
     #[allow(clippy::too_many_arguments)]
     fn tile(
         &self,
-        r: std::ops::Range<usize>,
-        s: std::ops::Range<usize>,
-        diag: bool,
+        ti: usize,
+        tj: usize,
         rows: &mut RowSums,
         extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
         recomputed: &mut u64,
@@ -490,14 +550,14 @@ impl Shared<'_> {
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU has AVX-512F (checked above).
-                return unsafe { self.tile_avx512(r, s, diag, rows, extremes, recomputed, scratch) };
+                return unsafe { self.tile_avx512(ti, tj, rows, extremes, recomputed, scratch) };
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU has AVX2 (checked above).
-                return unsafe { self.tile_avx2(r, s, diag, rows, extremes, recomputed, scratch) };
+                return unsafe { self.tile_avx2(ti, tj, rows, extremes, recomputed, scratch) };
             }
         }
-        self.tile_body(r, s, diag, rows, extremes, recomputed, scratch)
+        self.tile_body::<PORTABLE>(ti, tj, rows, extremes, recomputed, scratch)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -505,15 +565,14 @@ impl Shared<'_> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_avx512(
         &self,
-        r: std::ops::Range<usize>,
-        s: std::ops::Range<usize>,
-        diag: bool,
+        ti: usize,
+        tj: usize,
         rows: &mut RowSums,
         extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
         recomputed: &mut u64,
         scratch: &mut Scratch,
     ) -> [Moments; N_METRICS] {
-        self.tile_body(r, s, diag, rows, extremes, recomputed, scratch)
+        self.tile_body::<AVX512>(ti, tj, rows, extremes, recomputed, scratch)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -521,15 +580,14 @@ impl Shared<'_> {
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_avx2(
         &self,
-        r: std::ops::Range<usize>,
-        s: std::ops::Range<usize>,
-        diag: bool,
+        ti: usize,
+        tj: usize,
         rows: &mut RowSums,
         extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
         recomputed: &mut u64,
         scratch: &mut Scratch,
     ) -> [Moments; N_METRICS] {
-        self.tile_body(r, s, diag, rows, extremes, recomputed, scratch)
+        self.tile_body::<AVX2>(ti, tj, rows, extremes, recomputed, scratch)
     }
 
     /// Each row of the tile is evaluated column-wise into small buffers with
@@ -537,40 +595,36 @@ impl Shared<'_> {
     /// vectorises; only the rare cancelled pairs take a scalar path.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn tile_body(
+    fn tile_body<const ISA: u8>(
         &self,
-        r: std::ops::Range<usize>,
-        s: std::ops::Range<usize>,
-        diag: bool,
+        ti: usize,
+        tj: usize,
         rows: &mut RowSums,
         extremes: &mut [(Vec<PairValue>, Vec<PairValue>)],
         recomputed: &mut u64,
         scratch: &mut Scratch,
     ) -> [Moments; N_METRICS] {
         let cls = self.cls;
-        let d = cls.d;
-        let (m, n) = (r.len(), s.len());
+        let (d, c, edge) = (cls.d, cls.var.len(), self.edge);
+        let r = (ti * edge)..((ti + 1) * edge).min(c);
+        let s = (tj * edge)..((tj + 1) * edge).min(c);
+        let diag = ti == tj;
+        let n = s.len();
         let Scratch {
             gram: g,
             gram32,
             columns: buf,
-            u2: u2buf,
-            u2_raw: u2raw_buf,
             excluded: excl_buf,
         } = scratch;
-        gram_block(cls, self.single, self.f32_gemm, r.start, m, s.start, n, g, gram32);
+        self.blocks.gram(ti, tj, g, gram32);
         let riesz_on = self.riesz_s.is_some();
-        // Per metric: the tile's moments, each row's merged in by Chan's
-        // formula after two passes over the row (mean, then M2 about it)
-        // while it is in cache.
+        // Per metric: the tile's moments, each row's (one pass while it is
+        // in cache) merged in by Chan's formula.
         let mut tile = [Moments::default(); N_METRICS];
         for b in buf.iter_mut() {
             b.resize(n, 0.0);
         }
-        u2buf.resize(n, 0.0);
-        u2raw_buf.resize(n, 0.0);
         excl_buf.resize(n, false);
-        let (n2, inv, var) = (self.norm2, self.inv_norm, cls.var);
         for (ia, a) in r.clone().enumerate() {
             let j0 = if diag { ia + 1 } else { 0 };
             if j0 >= n {
@@ -579,9 +633,19 @@ impl Shared<'_> {
             let cols = s.start + j0..s.end;
             let len = cols.len();
             let row_span = ia * n + j0..(ia + 1) * n;
-            let (n2b, invb, varb) = (&n2[cols.clone()], &inv[cols.clone()], &var[cols.clone()]);
-            let (n2a, inva, vara) = (n2[a], inv[a], var[a]);
-            let (irb, ira) = (&self.inv_raw[cols.clone()], self.inv_raw[a]);
+            let row = Row {
+                n2a: self.norm2[a],
+                inva: self.inv_norm[a],
+                ira: self.inv_raw[a],
+                vara: cls.var[a],
+                base: self.dot_bar[a] + self.bar2,
+                n2b: &self.norm2[cols.clone()],
+                invb: &self.inv_norm[cols.clone()],
+                dbb: &self.dot_bar[cols.clone()],
+                irb: &self.inv_raw[cols.clone()],
+                varb: &cls.var[cols.clone()],
+                threshold: self.threshold,
+            };
             let [cdnv, intf, logk, riesz, gram, logku, rieszu] = buf;
             let (cdnv, intf, logk, riesz, gram, logku, rieszu) = (
                 &mut cdnv[..len],
@@ -592,97 +656,63 @@ impl Shared<'_> {
                 &mut logku[..len],
                 &mut rieszu[..len],
             );
-            let u2 = &mut u2buf[..len];
-            let u2r = &mut u2raw_buf[..len];
-            let geometry = Geometry {
+            let values = RowValues {
                 gram,
-                dist2: cdnv,
-                cos: intf,
-                u2,
-                u2r,
+                cdnv,
+                intf,
+                logk,
+                logku,
             };
             let suspect = if self.f32_gemm {
-                self.row_geometry(&gram32[row_span], a, cols.clone(), geometry)
+                self.row_values(&row, &gram32[row_span], values, ln_fast_f32)
             } else {
-                self.row_geometry(&g[row_span], a, cols.clone(), geometry)
+                self.row_values(&row, &g[row_span], values, ln_fast)
             };
-            let thr = self.threshold;
             // Pairs whose subtraction cancelled (rare): recompute from the
-            // vectors. An exact value can be too small for the fast
-            // logarithm below, which then gives way to the library's.
-            let mut unusual = false;
+            // vectors, with the library's logarithm (an exact value can be
+            // too small for the fast one).
             let ma = &cls.centred[a * d..(a + 1) * d];
             for j in (0..len).filter(|_| suspect) {
-                let b = cols.start + j;
-                if cdnv[j] < thr * (n2a + n2b[j]) {
-                    let mb = &cls.centred[b * d..(b + 1) * d];
-                    cdnv[j] = ma.iter().zip(mb).map(|(x, y)| (x - y) * (x - y)).sum();
+                let mut geo = row.geometry(j, gram[j]);
+                let [far, apart, apart_raw] = row.cancelled(j, &geo);
+                let mb = &cls.centred[(cols.start + j) * d..][..d];
+                let mut again = false;
+                if far {
+                    geo.dist2 = ma.iter().zip(mb).map(|(x, y)| (x - y) * (x - y)).sum();
                     *recomputed += 1;
+                    again = true;
                 }
-                if u2[j] < thr && n2a > 0.0 && n2b[j] > 0.0 {
-                    let mb = &cls.centred[b * d..(b + 1) * d];
-                    u2[j] = ma
+                if apart && row.n2a > 0.0 && row.n2b[j] > 0.0 {
+                    let (ia_, ib) = (row.inva, row.invb[j]);
+                    geo.u2 = ma
                         .iter()
                         .zip(mb)
                         .map(|(x, y)| {
-                            let e = x * inva - y * invb[j];
+                            let e = x * ia_ - y * ib;
                             e * e
                         })
                         .sum();
-                    intf[j] = 1.0 - u2[j] / 2.0;
-                    unusual |= u2[j] > 0.0 && u2[j] < self.ln_min;
+                    geo.cos = 1.0 - geo.u2 / 2.0;
                     *recomputed += 1;
+                    again = true;
                 }
-                if u2r[j] < thr && ira > 0.0 && irb[j] > 0.0 {
-                    let mb = &cls.centred[b * d..(b + 1) * d];
-                    u2r[j] = ma
+                if apart_raw && row.ira > 0.0 && row.irb[j] > 0.0 {
+                    let (ia_, ib) = (row.ira, row.irb[j]);
+                    geo.u2r = ma
                         .iter()
                         .zip(mb)
                         .zip(cls.mean_bar)
                         .map(|((x, y), z)| {
-                            let e = (x + z) * ira - (y + z) * irb[j];
+                            let e = (x + z) * ia_ - (y + z) * ib;
                             e * e
                         })
                         .sum();
-                    unusual |= u2r[j] > 0.0 && u2r[j] < self.ln_min;
                     *recomputed += 1;
+                    again = true;
                 }
-            }
-            // Metric values; NaN where undefined.
-            // The exponent is chosen outside the loops: inside, a vectorised
-            // loop would call pow for every lane.
-            let hp = self.half_power;
-            let cdnv_of = |dist2: f64, denom: f64, vb: f64| {
-                let v = (vara + vb) / (2.0 * denom);
-                if dist2 > 0.0 { v } else { f64::NAN }
-            };
-            if hp == 2.0 {
-                for (c, &vb) in cdnv.iter_mut().zip(varb.iter()) {
-                    *c = cdnv_of(*c, *c * *c, vb);
+                if again {
+                    [cdnv[j], intf[j], logk[j], logku[j]] = row.values(j, &geo, f64::ln, |x| self.power(x));
                 }
-            } else if hp == 1.0 {
-                for (c, &vb) in cdnv.iter_mut().zip(varb.iter()) {
-                    *c = cdnv_of(*c, *c, vb);
-                }
-            } else {
-                for (c, &vb) in cdnv.iter_mut().zip(varb.iter()) {
-                    *c = cdnv_of(*c, c.powf(hp), vb);
-                }
-            }
-            let directions = Directions {
-                directed_a: n2a > 0.0,
-                n2b,
-                directed_raw_a: ira > 0.0,
-                irb,
-                u2,
-                u2r,
-            };
-            if unusual {
-                directions.kernels(intf, logk, logku, f64::ln);
-            } else if self.f32_gemm {
-                directions.kernels(intf, logk, logku, ln_fast_f32);
-            } else {
-                directions.kernels(intf, logk, logku, ln_fast);
             }
             if let Some(rs) = self.riesz_s {
                 for (x, &l) in riesz
@@ -703,24 +733,16 @@ impl Shared<'_> {
                 if !active(k, riesz_on) {
                     continue;
                 }
-                let (sum, cnt, mn, mx) = defined_moments(v);
-                let mean = if cnt > 0 { sum / cnt as f64 } else { 0.0 };
-                let m2 = squares_about(v, mean);
-                tile[k] = tile[k].combine(&Moments {
-                    n: cnt,
-                    mean,
-                    m2,
-                    min: mn,
-                    max: mx,
-                    excluded: len as u64 - cnt,
-                });
+                let (m, sum) = if k < ROW_METRICS {
+                    row_moments_on::<ISA, true>(v, &mut rows.sum[k][cols.clone()])
+                } else {
+                    row_moments_on::<ISA, false>(v, &mut [])
+                };
+                tile[k] = tile[k].combine(&m);
                 if k < ROW_METRICS {
                     rows.sum[k][a] += sum;
-                    rows.undefined[k][a] += len as u64 - cnt;
-                    for (s_, &x) in rows.sum[k][cols.clone()].iter_mut().zip(v) {
-                        *s_ += if x == x { x } else { 0.0 };
-                    }
-                    if cnt < len as u64 {
+                    rows.undefined[k][a] += m.excluded;
+                    if m.excluded > 0 {
                         any_undefined = true;
                         let undefined = &mut rows.undefined[k][cols.clone()];
                         for ((u, e), &x) in undefined.iter_mut().zip(excl.iter_mut()).zip(v) {
@@ -791,12 +813,16 @@ fn top_interferers(intf: &[f64], a: usize, b0: usize, rows: &mut RowSums) {
             at[l] = if win { c * LANES + l } else { at[l] };
         }
     }
+    // The rest as one more chunk padded with NaN, which never wins: a
+    // loop over it with a variable lane index would keep the lanes in
+    // memory.
     let tail = len - rest.len();
-    for (l, &x) in rest.iter().enumerate() {
-        if x > best[l] {
-            best[l] = x;
-            at[l] = tail + l;
-        }
+    let mut last = [f64::NAN; LANES];
+    last[..rest.len()].copy_from_slice(rest);
+    for l in 0..LANES {
+        let win = last[l] > best[l];
+        best[l] = if win { last[l] } else { best[l] };
+        at[l] = if win { tail + l } else { at[l] };
     }
     let mut top = rows.top(a);
     for l in 0..LANES {
@@ -807,91 +833,185 @@ fn top_interferers(intf: &[f64], a: usize, b0: usize, rows: &mut RowSums) {
     (rows.top_value[a], rows.top_index[a]) = top;
 }
 
+/// The loop of [`Shared::row_values`].
+#[inline(always)]
+fn row_pass<T: Copy + Into<f64>>(
+    row: &Row,
+    grow: &[T],
+    out: RowValues,
+    ln: impl Fn(f64) -> f64 + Copy,
+    power: impl Fn(f64) -> f64 + Copy,
+) -> bool {
+    let RowValues {
+        gram,
+        cdnv,
+        intf,
+        logk,
+        logku,
+    } = out;
+    let mut suspect = 0u32;
+    for j in 0..grow.len() {
+        let gj: f64 = grow[j].into();
+        gram[j] = gj;
+        let g = row.geometry(j, gj);
+        let [x, y, z] = row.cancelled(j, &g);
+        suspect |= (x | y | z) as u32;
+        [cdnv[j], intf[j], logk[j], logku[j]] = row.values(j, &g, ln, power);
+    }
+    suspect != 0
+}
+
 /// Lanes of the row reductions below: independent partial sums, so the
 /// loops vectorise (one running sum would chain every addition), added up
 /// in a fixed order, so results do not depend on the CPU.
 const LANES: usize = 16;
 
-/// Sum, count, minimum and maximum of the defined (non-NaN) entries.
+/// Instruction sets the tile is compiled for (see [`Shared::tile`]).
+const PORTABLE: u8 = 0;
+const AVX2: u8 = 1;
+const AVX512: u8 = 2;
+
+/// [`row_moments`] for instruction set `ISA`, not inlined: inlined into the
+/// tile, its lanes stay in memory, stored and reloaded at every step (1.4
+/// cycles per value instead of 1).
 #[inline(always)]
-fn defined_moments(v: &[f64]) -> (f64, u64, f64, f64) {
-    let mut sum = [0.0f64; LANES];
+fn row_moments_on<const ISA: u8, const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if ISA == AVX512 {
+            // SAFETY: only tile_avx512 passes AVX512, and it runs only on
+            // CPUs with AVX-512F.
+            return unsafe { row_moments_avx512::<COLS>(v, col_sums) };
+        }
+        if ISA == AVX2 {
+            // SAFETY: likewise for tile_avx2 and AVX2.
+            return unsafe { row_moments_avx2::<COLS>(v, col_sums) };
+        }
+    }
+    row_moments_portable::<COLS>(v, col_sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline(never)]
+unsafe fn row_moments_avx512<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
+    row_moments::<COLS>(v, col_sums)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline(never)]
+unsafe fn row_moments_avx2<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
+    row_moments::<COLS>(v, col_sums)
+}
+
+#[inline(never)]
+fn row_moments_portable<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
+    row_moments::<COLS>(v, col_sums)
+}
+
+/// Moments of the defined (non-NaN) entries of one tile row (not empty) in
+/// one pass, and their sum; with `COLS`, each entry is also added into
+/// `col_sums` (the column classes' row sums; NaN as 0).
+///
+/// The sums are shifted by the row's first defined value x0: M2 = S2 -
+/// S1^2 / n with S_p = sum (x - x0)^p. Its rounding error, relative to M2,
+/// is about eps (1 + n (mean - x0)^2 / M2), and since x0 is one of the
+/// values, (mean - x0)^2 <= M2: at most (n + 1) eps, 1e-13 for a row of
+/// 512 in f64. Two passes (mean, then squares about it) cost a fifth of
+/// the per-pair work.
+///
+/// Most rows have no undefined value, so the first pass assumes none; a
+/// NaN then shows in its sum, and only such a row is summed again with
+/// every value tested. Both give the same result where there is no NaN.
+#[inline(always)]
+fn row_moments<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
+    let all = lane_moments::<COLS, false>(v, col_sums, v[0]);
+    if all.1 == all.1 {
+        return all;
+    }
+    // The column sums skipped the NaN and are complete.
+    let x0 = v.iter().copied().find(|x| x == x).unwrap_or(0.0);
+    lane_moments::<false, true>(v, &mut [], x0)
+}
+
+/// The pass of [`row_moments`] with shift `x0`, testing each value for
+/// NaN when `TESTED` (else a NaN makes the sum NaN).
+#[inline(always)]
+fn lane_moments<const COLS: bool, const TESTED: bool>(v: &[f64], col_sums: &mut [f64], x0: f64) -> (Moments, f64) {
+    let mut s1 = [0.0f64; LANES];
+    let mut s2 = [0.0f64; LANES];
     let mut cnt = [0u64; LANES];
     let mut mn = [f64::INFINITY; LANES];
     let mut mx = [f64::NEG_INFINITY; LANES];
-    let chunks = v.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for ch in chunks {
-        for l in 0..LANES {
-            let x = ch[l];
-            let ok = x == x;
-            sum[l] += if ok { x } else { 0.0 };
+    // A macro, not a closure: through a closure's captures the lanes stay
+    // in memory.
+    macro_rules! lane {
+        ($l:expr, $x:expr) => {{
+            let (l, x) = ($l, $x);
+            let ok = !TESTED || x == x;
+            let e = if ok { x - x0 } else { 0.0 };
+            s1[l] += e;
+            s2[l] += e * e;
             cnt[l] += ok as u64;
             mn[l] = if x < mn[l] { x } else { mn[l] };
             mx[l] = if x > mx[l] { x } else { mx[l] };
-        }
+        }};
     }
-    for (l, &x) in rest.iter().enumerate() {
-        let ok = x == x;
-        sum[l] += if ok { x } else { 0.0 };
-        cnt[l] += ok as u64;
-        mn[l] = if x < mn[l] { x } else { mn[l] };
-        mx[l] = if x > mx[l] { x } else { mx[l] };
-    }
-    (
-        sum.iter().sum(),
-        cnt.iter().sum(),
-        mn.iter().fold(f64::INFINITY, |a, &b| if b < a { b } else { a }),
-        mx.iter().fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
-    )
-}
-
-/// Sum of (x - mean)^2 over the defined entries.
-#[inline(always)]
-fn squares_about(v: &[f64], mean: f64) -> f64 {
-    let mut m2 = [0.0f64; LANES];
     let chunks = v.chunks_exact(LANES);
     let rest = chunks.remainder();
-    for ch in chunks {
-        for l in 0..LANES {
-            let e = ch[l] - mean;
-            m2[l] += if e == e { e * e } else { 0.0 };
+    if COLS {
+        for (ch, cs) in chunks.zip(col_sums.chunks_exact_mut(LANES)) {
+            for l in 0..LANES {
+                lane!(l, ch[l]);
+                cs[l] += if ch[l] == ch[l] { ch[l] } else { 0.0 };
+            }
+        }
+        let tail = v.len() - rest.len();
+        for (x, c) in rest.iter().zip(&mut col_sums[tail..]) {
+            *c += if x == x { *x } else { 0.0 };
+        }
+    } else {
+        for ch in chunks {
+            for l in 0..LANES {
+                lane!(l, ch[l]);
+            }
         }
     }
-    for (l, &x) in rest.iter().enumerate() {
-        let e = x - mean;
-        m2[l] += if e == e { e * e } else { 0.0 };
+    // The rest as one more chunk, padded with x0 (which moves no sum, no
+    // extreme, and is not counted): a loop over it with a variable lane
+    // index would keep the lanes in memory.
+    let mut last = [x0; LANES];
+    last[..rest.len()].copy_from_slice(rest);
+    for l in 0..LANES {
+        let counted = l < rest.len();
+        let e = last[l] - x0;
+        let ok = counted & (!TESTED || e == e);
+        let e = if ok { e } else { 0.0 };
+        s1[l] += e;
+        s2[l] += e * e;
+        cnt[l] += ok as u64;
+        mn[l] = if ok & (last[l] < mn[l]) { last[l] } else { mn[l] };
+        mx[l] = if ok & (last[l] > mx[l]) { last[l] } else { mx[l] };
     }
-    m2.iter().sum()
-}
-
-/// One tile row's squared direction differences ||u_a - u_b||^2, centred
-/// (`u2`) and uncentred (`u2r`), and which classes have a direction.
-struct Directions<'r> {
-    directed_a: bool,
-    n2b: &'r [f64],
-    directed_raw_a: bool,
-    irb: &'r [f64],
-    u2: &'r [f64],
-    u2r: &'r [f64],
-}
-
-impl Directions<'_> {
-    /// Interference (NaN without directions) and both log kernels
-    /// -ln(||u_a - u_b||^2)/2 (NaN also for identical directions) in one
-    /// branch-free pass with the logarithm `ln`, so it vectorises.
-    #[inline(always)]
-    fn kernels(&self, intf: &mut [f64], logk: &mut [f64], logku: &mut [f64], ln: impl Fn(f64) -> f64) {
-        for j in 0..intf.len() {
-            let directed = self.directed_a & (self.n2b[j] > 0.0);
-            intf[j] = if directed { intf[j] } else { f64::NAN };
-            let l = -0.5 * ln(self.u2[j]);
-            logk[j] = if directed & (self.u2[j] > 0.0) { l } else { f64::NAN };
-            let directed_raw = self.directed_raw_a & (self.irb[j] > 0.0);
-            let l = -0.5 * ln(self.u2r[j]);
-            logku[j] = if directed_raw & (self.u2r[j] > 0.0) { l } else { f64::NAN };
+    let n: u64 = cnt.iter().sum();
+    let (s1, s2): (f64, f64) = (s1.iter().sum(), s2.iter().sum());
+    let moments = if n == 0 {
+        Moments {
+            excluded: v.len() as u64,
+            ..Moments::default()
         }
-    }
+    } else {
+        Moments {
+            n,
+            mean: x0 + s1 / n as f64,
+            m2: (s2 - s1 * s1 / n as f64).max(0.0),
+            min: mn.iter().fold(f64::INFINITY, |a, &b| if b < a { b } else { a }),
+            max: mx.iter().fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
+            excluded: v.len() as u64 - n,
+        }
+    };
+    (moments, x0 * n as f64 + s1)
 }
 
 /// ln(x) in f32 arithmetic (precision=f32), for x in f32's positive normal
@@ -950,75 +1070,178 @@ pub fn ln_fast(x: f64) -> f64 {
     e * LN2_HI + (ln_m + e * LN2_LO)
 }
 
-/// G[r, s] = <m_{r0+r}, m_{s0+s}> for an m x n block, into `out` (f64) or
-/// `g32` (f32 products, widened where they are read).
-#[allow(clippy::too_many_arguments)]
-fn gram_block(
-    cls: &Classes,
-    single: &[f32],
-    f32_gemm: bool,
-    r0: usize,
-    m: usize,
-    s0: usize,
-    n: usize,
-    out: &mut Vec<f64>,
-    g32: &mut Vec<f32>,
-) {
-    let d = cls.d;
-    if f32_gemm {
-        // Every element is written (beta = 1, read_dst = false).
-        g32.resize(m * n, 0.0);
-        // SAFETY: the pointers cover m*d, n*d and m*n elements with the given
-        // strides (row-major operands, rhs read transposed).
+/// The centred means laid out for the f32 Gram GEMM: the classes of tile
+/// `t` (`edge` of them, fewer in the last) as one d x w block, class i's
+/// coordinate k at `k * stride + i`.
+///
+/// From row-major f32 means the GEMM gathers both operands element by
+/// element while packing them: a fifth of its time at d = 1024. From these
+/// blocks it reads the left operand in place (column-major) and packs the
+/// right one with contiguous copies (measured at C = 2048, d = 1024, one
+/// core: 100 vs 78 GFLOP/s; the stage's f32 floor 13 % lower).
+struct GramBlocks<T> {
+    data: Vec<T>,
+    edge: usize,
+    c: usize,
+    d: usize,
+}
+
+/// Block strides are whole AVX-512 vectors, so full blocks need no packing.
+const BLOCK_ALIGN: usize = 16;
+
+impl<T: GramFloat> GramBlocks<T> {
+    /// Re-lay the row-major `c x d` matrix `rows`, the blocks in parallel.
+    fn new(rows: &[f64], c: usize, d: usize, edge: usize) -> Self {
+        let edge = edge.max(1);
+        let full = edge.next_multiple_of(BLOCK_ALIGN) * d;
+        let len = c.div_ceil(edge) * full;
+        // Every element is written below, padding included: a zeroed
+        // allocation of recycled memory is a serial memset of it first
+        // (0.15 s of the stage at full scale).
+        let mut data: Vec<T> = Vec::with_capacity(len);
+        data.spare_capacity_mut()[..len].par_chunks_mut(full).enumerate().for_each(|(t, out)| {
+            let first = t * edge;
+            let w = edge.min(c - first);
+            let stride = w.next_multiple_of(BLOCK_ALIGN);
+            // Sixteen classes at a time: sixteen rows read in step, each
+            // block row written in runs of sixteen.
+            for i0 in (0..stride).step_by(BLOCK_ALIGN) {
+                for k in 0..d {
+                    for i in i0..i0 + BLOCK_ALIGN {
+                        let x = if i < w { T::from_f64(rows[(first + i) * d + k]) } else { T::default() };
+                        out[k * stride + i].write(x);
+                    }
+                }
+            }
+            for x in &mut out[stride * d..] {
+                x.write(T::default());
+            }
+        });
+        // SAFETY: the chunks cover all `len` elements and each was written.
+        unsafe { data.set_len(len) };
+        GramBlocks { data, edge, c, d }
+    }
+
+    /// Block `t`: its start, width (classes) and stride.
+    fn block(&self, t: usize) -> (*const T, usize, usize) {
+        let first = t * self.edge;
+        let w = self.edge.min(self.c - first);
+        let full = self.edge.next_multiple_of(BLOCK_ALIGN) * self.d;
+        (self.data[t * full..].as_ptr(), w, w.next_multiple_of(BLOCK_ALIGN))
+    }
+
+    /// G = M_ti M_tj^T (rows: the classes of tile `ti`, columns: those of
+    /// `tj`), row-major into `out`, every element written.
+    fn gram(&self, ti: usize, tj: usize, out: &mut Vec<T>) {
+        let (lhs, m, lhs_stride) = self.block(ti);
+        let (rhs, n, rhs_stride) = self.block(tj);
+        out.resize(m * n, T::default());
+        // SAFETY: block ti holds d columns of m classes `lhs_stride` apart
+        // (left operand: m x d, column-major), block tj likewise (right
+        // operand: d x n, row-major), and `out` holds m x n elements; beta =
+        // 1 with read_dst = false writes every element without reading it.
         unsafe {
             gemm::gemm(
                 m,
                 n,
-                d,
-                g32.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                single.as_ptr().add(r0 * d),
-                1,
-                d as isize,
-                single.as_ptr().add(s0 * d),
-                d as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    } else {
-        out.resize(m * n, 0.0);
-        // SAFETY: as above, in f64.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                d,
+                self.d,
                 out.as_mut_ptr(),
                 1,
                 n as isize,
                 false,
-                cls.centred.as_ptr().add(r0 * d),
+                lhs,
+                lhs_stride as isize,
                 1,
-                d as isize,
-                cls.centred.as_ptr().add(s0 * d),
-                d as isize,
+                rhs,
                 1,
-                0.0,
-                1.0,
+                rhs_stride as isize,
+                T::default(),
+                T::ONE,
                 false,
                 false,
                 false,
                 gemm::Parallelism::None,
             );
         }
+    }
+}
+
+/// The Gram GEMM's operand in the precision asked for. In f64 the GEMM
+/// reads the centred means as they are: its packing costs relatively less
+/// there (measured the same GFLOP/s from either layout), and a re-laid
+/// copy would add C x d x 8 bytes.
+enum Operand<'a> {
+    Single(GramBlocks<f32>),
+    Double(&'a Classes<'a>, usize),
+}
+
+impl<'a> Operand<'a> {
+    fn new(cls: &'a Classes<'a>, edge: usize, f32_gemm: bool) -> Self {
+        if f32_gemm {
+            Operand::Single(GramBlocks::new(cls.centred, cls.var.len(), cls.d, edge))
+        } else {
+            Operand::Double(cls, edge)
+        }
+    }
+
+    /// The Gram block of tiles (ti, tj) into `g` (f64) or `g32` (f32).
+    fn gram(&self, ti: usize, tj: usize, g: &mut Vec<f64>, g32: &mut Vec<f32>) {
+        match self {
+            Operand::Single(b) => b.gram(ti, tj, g32),
+            Operand::Double(cls, edge) => {
+                let (c, d) = (cls.var.len(), cls.d);
+                let (r0, s0) = (ti * edge, tj * edge);
+                let (m, n) = ((*edge).min(c - r0), (*edge).min(c - s0));
+                g.resize(m * n, 0.0);
+                // SAFETY: rows r0.. and s0.. of the row-major C x d means
+                // hold m x d and n x d elements (the right operand read
+                // transposed), and `g` m x n; beta = 1 with read_dst =
+                // false writes every element without reading it.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        d,
+                        g.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        cls.centred.as_ptr().add(r0 * d),
+                        1,
+                        d as isize,
+                        cls.centred.as_ptr().add(s0 * d),
+                        d as isize,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The GEMM's element type: f64, or f32 in precision=f32.
+trait GramFloat: Copy + Default + Send + Sync + 'static {
+    const ONE: Self;
+    fn from_f64(x: f64) -> Self;
+}
+
+impl GramFloat for f32 {
+    const ONE: f32 = 1.0;
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+}
+
+impl GramFloat for f64 {
+    const ONE: f64 = 1.0;
+    fn from_f64(x: f64) -> f64 {
+        x
     }
 }
 
@@ -1061,22 +1284,15 @@ pub fn gram_floor(c: usize, d: usize, edge: usize, f32_gemm: bool) -> f64 {
         var: &zeros[..c],
         mean_bar: &zeros[..d],
     };
-    let single: Vec<f32> = if f32_gemm {
-        centred.iter().map(|&x| x as f32).collect()
-    } else {
-        Vec::new()
-    };
     let edge = edge.max(1);
+    let blocks = Operand::new(&cls, edge, f32_gemm);
     let nt = c.div_ceil(edge);
     let tiles: Vec<(usize, usize)> = (0..nt).flat_map(|i| (i..nt).map(move |j| (i, j))).collect();
     let t = std::time::Instant::now();
     let checksum: f64 = tiles
         .par_iter()
         .map_init(<(Vec<f64>, Vec<f32>)>::default, |(g, g32), &(ti, tj)| {
-            let r0 = ti * edge;
-            let s0 = tj * edge;
-            let (m, n) = (edge.min(c - r0), edge.min(c - s0));
-            gram_block(&cls, &single, f32_gemm, r0, m, s0, n, g, g32);
+            blocks.gram(ti, tj, g, g32);
             if f32_gemm { g32[0] as f64 } else { g[0] }
         })
         .sum();
@@ -1156,5 +1372,106 @@ mod ln_tests {
         let xs = sweep.chain(dense).chain(edges).map(f64::from);
         let worst = worst_ulp(xs, ln_fast_f32, f32::EPSILON as f64, f32::MIN_POSITIVE as f64);
         assert!(worst <= 2.0, "worst error {worst} f32 ulp");
+    }
+}
+
+#[cfg(test)]
+mod reduction_tests {
+    use super::{GramBlocks, Moments, row_moments};
+
+    fn lcg(s: &mut u64) -> f64 {
+        *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    }
+
+    /// Every block product equals the dot products of the rows, for tile
+    /// edges that are and are not a multiple of the block alignment and a
+    /// last tile narrower than the rest. f64 GEMM against a plain sum: the
+    /// orders of addition differ, so 1e-13 relative to sum |x y|.
+    #[test]
+    fn block_products_equal_the_dot_products() {
+        let (c, d) = (37, 7);
+        let mut s = 3;
+        let rows: Vec<f64> = (0..c * d).map(|_| lcg(&mut s)).collect();
+        for edge in [16, 10, 64] {
+            let blocks = GramBlocks::<f64>::new(&rows, c, d, edge);
+            let mut out = Vec::new();
+            for ti in 0..c.div_ceil(edge) {
+                for tj in ti..c.div_ceil(edge) {
+                    blocks.gram(ti, tj, &mut out);
+                    let (r, q) = (ti * edge..((ti + 1) * edge).min(c), tj * edge..((tj + 1) * edge).min(c));
+                    assert_eq!(out.len(), r.len() * q.len());
+                    for (i, a) in r.clone().enumerate() {
+                        for (j, b) in q.clone().enumerate() {
+                            let (x, y) = (&rows[a * d..][..d], &rows[b * d..][..d]);
+                            let want: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+                            let scale: f64 = x.iter().zip(y).map(|(p, q)| (p * q).abs()).sum();
+                            let got = out[i * q.len() + j];
+                            assert!((got - want).abs() <= 1e-13 * scale, "edge {edge} ({a}, {b}): {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Two-pass moments of the non-NaN values, in f64.
+    fn brute(v: &[f64]) -> Moments {
+        let ok: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+        let n = ok.len();
+        if n == 0 {
+            return Moments { excluded: v.len() as u64, ..Moments::default() };
+        }
+        let mean = ok.iter().sum::<f64>() / n as f64;
+        Moments {
+            n: n as u64,
+            mean,
+            m2: ok.iter().map(|x| (x - mean) * (x - mean)).sum(),
+            min: ok.iter().copied().fold(f64::INFINITY, f64::min),
+            max: ok.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            excluded: (v.len() - n) as u64,
+        }
+    }
+
+    /// One-pass shifted moments against two passes, on rows of every tail
+    /// length around the lane count, with and without NaN (first, inside,
+    /// all), far from zero (1e8 + noise of 1: unshifted sums would lose all
+    /// of M2) and with one outlier as the shift. Tolerance: the bound in
+    /// row_moments' doc, (n + 1) eps relative, with a factor 4 for the
+    /// two-pass reference's own rounding; the column sums take each value
+    /// once (NaN as 0), so they are exact.
+    #[test]
+    fn one_pass_row_moments_equal_two_passes() {
+        let mut s = 11;
+        for len in [1, 2, 15, 16, 17, 31, 33, 100, 512] {
+            for case in 0..6 {
+                let mut v: Vec<f64> = (0..len).map(|_| lcg(&mut s)).collect();
+                match case {
+                    1 => v.iter_mut().for_each(|x| *x = 1e8 + *x),
+                    2 => v[0] = f64::NAN,
+                    3 => v[len / 2] = f64::NAN,
+                    4 => v.iter_mut().for_each(|x| *x = f64::NAN),
+                    5 => v[0] = 1e6,
+                    _ => {}
+                }
+                let mut cols = vec![0.25; len];
+                let (got, sum) = row_moments::<true>(&v, &mut cols);
+                let want = brute(&v);
+                let tag = format!("len {len} case {case}");
+                assert_eq!((got.n, got.excluded), (want.n, want.excluded), "{tag}");
+                for (c, x) in cols.iter().zip(&v) {
+                    assert_eq!(*c, 0.25 + if x.is_nan() { 0.0 } else { *x }, "{tag}");
+                }
+                if want.n == 0 {
+                    continue;
+                }
+                assert_eq!((got.min, got.max), (want.min, want.max), "{tag}");
+                let tol = 4.0 * (len as f64 + 1.0) * f64::EPSILON;
+                assert!((got.mean - want.mean).abs() <= tol * want.mean.abs(), "{tag}: mean {} vs {}", got.mean, want.mean);
+                assert!((got.m2 - want.m2).abs() <= tol * want.m2 + 1e-300, "{tag}: m2 {} vs {}", got.m2, want.m2);
+                let direct: f64 = v.iter().filter(|x| !x.is_nan()).sum();
+                assert!((sum - direct).abs() <= tol * v.iter().filter(|x| !x.is_nan()).map(|x| x.abs()).sum::<f64>(), "{tag}: sum");
+            }
+        }
     }
 }
