@@ -873,22 +873,22 @@ const AVX512: u8 = 2;
 
 /// [`row_moments`] for instruction set `ISA`, not inlined: inlined into the
 /// tile, its lanes stay in memory, stored and reloaded at every step (1.4
-/// cycles per value instead of 1).
+/// cycles per value instead of 1). Called through an opaque pointer,
+/// because a release build inlines it even when marked `inline(never)`;
+/// the indirect call costs nothing next to a row of hundreds of values.
 #[inline(always)]
 fn row_moments_on<const ISA: u8, const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if ISA == AVX512 {
-            // SAFETY: only tile_avx512 passes AVX512, and it runs only on
-            // CPUs with AVX-512F.
-            return unsafe { row_moments_avx512::<COLS>(v, col_sums) };
-        }
-        if ISA == AVX2 {
-            // SAFETY: likewise for tile_avx2 and AVX2.
-            return unsafe { row_moments_avx2::<COLS>(v, col_sums) };
-        }
-    }
-    row_moments_portable::<COLS>(v, col_sums)
+    type Kernel = unsafe fn(&[f64], &mut [f64]) -> (Moments, f64);
+    let kernel: Kernel = match ISA {
+        #[cfg(target_arch = "x86_64")]
+        AVX512 => row_moments_avx512::<COLS>,
+        #[cfg(target_arch = "x86_64")]
+        AVX2 => row_moments_avx2::<COLS>,
+        _ => row_moments_portable::<COLS>,
+    };
+    // SAFETY: only tile_avx512 passes AVX512 and only tile_avx2 AVX2, and
+    // each runs only on CPUs with that instruction set.
+    unsafe { std::hint::black_box(kernel)(v, col_sums) }
 }
 
 #[cfg(target_arch = "x86_64")]
