@@ -308,7 +308,6 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
         bar2,
         blocks: &blocks,
         edge,
-        f32_gemm: opt.f32_gemm,
         threshold,
         half_power,
         riesz_s: opt.riesz_s,
@@ -485,7 +484,6 @@ struct Shared<'a> {
     bar2: f64,
     blocks: &'a Operand<'a>,
     edge: usize,
-    f32_gemm: bool,
     threshold: f64,
     half_power: f64,
     riesz_s: Option<f64>,
@@ -663,10 +661,9 @@ impl Shared<'_> {
                 logk,
                 logku,
             };
-            let suspect = if self.f32_gemm {
-                self.row_values(&row, &gram32[row_span], values, ln_fast_f32)
-            } else {
-                self.row_values(&row, &g[row_span], values, ln_fast)
+            let suspect = match self.blocks {
+                Operand::Single(_) => self.row_values(&row, &gram32[row_span], values, ln_fast_f32),
+                Operand::Double(..) => self.row_values(&row, &g[row_span], values, ln_fast),
             };
             // Pairs whose subtraction cancelled (rare): recompute from the
             // vectors, with the library's logarithm (an exact value can be
@@ -683,12 +680,12 @@ impl Shared<'_> {
                     again = true;
                 }
                 if apart && row.n2a > 0.0 && row.n2b[j] > 0.0 {
-                    let (ia_, ib) = (row.inva, row.invb[j]);
+                    let (sa, sb) = (row.inva, row.invb[j]);
                     geo.u2 = ma
                         .iter()
                         .zip(mb)
                         .map(|(x, y)| {
-                            let e = x * ia_ - y * ib;
+                            let e = x * sa - y * sb;
                             e * e
                         })
                         .sum();
@@ -697,13 +694,13 @@ impl Shared<'_> {
                     again = true;
                 }
                 if apart_raw && row.ira > 0.0 && row.irb[j] > 0.0 {
-                    let (ia_, ib) = (row.ira, row.irb[j]);
+                    let (sa, sb) = (row.ira, row.irb[j]);
                     geo.u2r = ma
                         .iter()
                         .zip(mb)
                         .zip(cls.mean_bar)
                         .map(|((x, y), z)| {
-                            let e = (x + z) * ia_ - (y + z) * ib;
+                            let e = (x + z) * sa - (y + z) * sb;
                             e * e
                         })
                         .sum();
