@@ -30,6 +30,7 @@
 //! identical directions (log and Riesz kernels infinite).
 
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Which kernels to evaluate besides CDNV, interference and the Gram entries.
 #[derive(Debug, Clone, Copy)]
@@ -328,16 +329,25 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             0,
         )
     };
-    let (mut results, mut rows, extremes, recomputed) = tiles
-        .par_iter()
-        .fold(init, |mut acc, &(ti, tj)| {
-            let metrics = SCRATCH.with_borrow_mut(|scratch| {
-                shared.tile(ti, tj, &mut acc.1, &mut acc.2, &mut acc.3, scratch)
-            });
-            acc.0.push(TileResult { ti, tj, metrics });
+    // One accumulator per worker, each taking the next tile from a shared
+    // counter until none is left. rayon's fold would make one per split,
+    // about thirty at full scale, and each is megabytes of fresh pages to
+    // fault in and add up. The counter also balances the triangle's uneven
+    // tail without splitting it into more accumulators.
+    let next = AtomicUsize::new(0);
+    let workers = rayon::current_num_threads().clamp(1, tiles.len().max(1));
+    let (mut results, mut rows, extremes, recomputed) = (0..workers)
+        .into_par_iter()
+        .map(|_| {
+            let mut acc = init();
+            let mut scratch = Scratch::default();
+            while let Some(&(ti, tj)) = tiles.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let metrics = shared.tile(ti, tj, &mut acc.1, &mut acc.2, &mut acc.3, &mut scratch);
+                acc.0.push(TileResult { ti, tj, metrics });
+            }
             acc
         })
-        .reduce(init, |mut x, y| {
+        .reduce_with(|mut x, y| {
             x.0.extend(y.0);
             x.1.add(&y.1);
             for (k, (lo, hi)) in y.2.into_iter().enumerate() {
@@ -350,7 +360,8 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             }
             x.3 += y.3;
             x
-        });
+        })
+        .unwrap_or_else(init);
     for k in 0..ROW_METRICS {
         for (n, &u) in rows.n[k].iter_mut().zip(&rows.undefined[k]) {
             *n = (c as u64 - 1) - u;
@@ -370,9 +381,8 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
     }
 }
 
-/// Buffers a worker thread reuses from tile to tile: fresh multi-megabyte
+/// Buffers a worker reuses from tile to tile: fresh multi-megabyte
 /// allocations per tile cost page faults, a fifth of the stage's time.
-/// Thread-local because rayon's fold makes a new accumulator per split.
 #[derive(Default)]
 struct Scratch {
     gram: Vec<f64>,
@@ -380,10 +390,6 @@ struct Scratch {
     gram32: Vec<f32>,
     columns: [Vec<f64>; N_METRICS],
     excluded: Vec<bool>,
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// Where [`Shared::row_values`] writes one tile row's metric values.
