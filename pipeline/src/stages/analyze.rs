@@ -95,7 +95,7 @@ pub struct Prepared {
 /// Rows per decoded `class_stats` batch. A row group is about 8 MB, some
 /// 1,000 rows of 1,024 dimensions; decoding it whole grows an 8 MB values
 /// buffer by doubling, in fresh pages each time. An eighth of that fits the
-/// allocator's reused pages (full scale, f32: reading 0.84-1.05 s -> 0.52-0.62 s).
+/// allocator's reused pages (full scale: reading 0.84-1.05 s -> 0.62-0.86 s).
 const STATS_BATCH_ROWS: usize = 128;
 
 /// Centre the means of V'. The means move out of `stats` (its `mean` is
