@@ -268,6 +268,36 @@ fn keep_extremes(list: &mut Vec<PairValue>, v: PairValue, k: usize, largest: boo
     }
 }
 
+/// Runs `step` on every tile with one state per worker, then merges the
+/// states. Each worker takes the next tile from a shared counter until none
+/// is left. rayon's fold would make one state per split, about thirty at
+/// full scale, and each is megabytes of fresh pages to fault in and add up;
+/// the counter also balances the triangle's uneven tail. Nested inside
+/// another parallel job the workers may share one thread: the first drains
+/// the queue, the rest find it empty, and the result is still complete.
+/// [`pairs`] and its anchor [`gram_floor`] both schedule through here, so
+/// the floor sees the same order and balance as the stage.
+fn per_worker<S: Send>(
+    tiles: &[(usize, usize)],
+    init: impl Fn() -> S + Sync + Send,
+    step: impl Fn(&mut S, usize, usize) + Sync + Send,
+    merge: impl Fn(S, S) -> S + Sync + Send,
+) -> S {
+    let next = AtomicUsize::new(0);
+    let workers = rayon::current_num_threads().clamp(1, tiles.len().max(1));
+    (0..workers)
+        .into_par_iter()
+        .map(|_| {
+            let mut state = init();
+            while let Some(&(ti, tj)) = tiles.get(next.fetch_add(1, Ordering::Relaxed)) {
+                step(&mut state, ti, tj);
+            }
+            state
+        })
+        .reduce_with(merge)
+        .unwrap_or_else(init)
+}
+
 /// Compute every pairwise metric over classes `cls` (C = var.len()).
 pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
     let c = cls.var.len();
@@ -329,25 +359,14 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
             0,
         )
     };
-    // One accumulator per worker, each taking the next tile from a shared
-    // counter until none is left. rayon's fold would make one per split,
-    // about thirty at full scale, and each is megabytes of fresh pages to
-    // fault in and add up. The counter also balances the triangle's uneven
-    // tail without splitting it into more accumulators.
-    let next = AtomicUsize::new(0);
-    let workers = rayon::current_num_threads().clamp(1, tiles.len().max(1));
-    let (mut results, mut rows, extremes, recomputed) = (0..workers)
-        .into_par_iter()
-        .map(|_| {
-            let mut acc = init();
-            let mut scratch = Scratch::default();
-            while let Some(&(ti, tj)) = tiles.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let metrics = shared.tile(ti, tj, &mut acc.1, &mut acc.2, &mut acc.3, &mut scratch);
-                acc.0.push(TileResult { ti, tj, metrics });
-            }
-            acc
-        })
-        .reduce_with(|mut x, y| {
+    let ((mut results, mut rows, extremes, recomputed), _) = per_worker(
+        &tiles,
+        || (init(), Scratch::default()),
+        |(acc, scratch), ti, tj| {
+            let metrics = shared.tile(ti, tj, &mut acc.1, &mut acc.2, &mut acc.3, scratch);
+            acc.0.push(TileResult { ti, tj, metrics });
+        },
+        |(mut x, scratch), (y, _)| {
             x.0.extend(y.0);
             x.1.add(&y.1);
             for (k, (lo, hi)) in y.2.into_iter().enumerate() {
@@ -359,9 +378,9 @@ pub fn pairs(cls: &Classes, opt: &Options) -> PairReport {
                 }
             }
             x.3 += y.3;
-            x
-        })
-        .unwrap_or_else(init);
+            (x, scratch)
+        },
+    );
     for k in 0..ROW_METRICS {
         for (n, &u) in rows.n[k].iter_mut().zip(&rows.undefined[k]) {
             *n = (c as u64 - 1) - u;
@@ -1292,13 +1311,15 @@ pub fn gram_floor(c: usize, d: usize, edge: usize, f32_gemm: bool) -> f64 {
     let nt = c.div_ceil(edge);
     let tiles: Vec<(usize, usize)> = (0..nt).flat_map(|i| (i..nt).map(move |j| (i, j))).collect();
     let t = std::time::Instant::now();
-    let checksum: f64 = tiles
-        .par_iter()
-        .map_init(<(Vec<f64>, Vec<f32>)>::default, |(g, g32), &(ti, tj)| {
+    let (_, _, checksum) = per_worker(
+        &tiles,
+        <(Vec<f64>, Vec<f32>, f64)>::default,
+        |(g, g32, sum), ti, tj| {
             blocks.gram(ti, tj, g, g32);
-            if f32_gemm { g32[0] as f64 } else { g[0] }
-        })
-        .sum();
+            *sum += if f32_gemm { g32[0] as f64 } else { g[0] };
+        },
+        |(g, g32, x), (_, _, y)| (g, g32, x + y),
+    );
     std::hint::black_box(checksum);
     t.elapsed().as_secs_f64()
 }
