@@ -137,7 +137,7 @@ fn claims(lake: &Lake, dir: &str) -> Result<Vec<(u64, String, Option<Claim>)>> {
         let claim = lake.get_opt(&key)?.and_then(|b| serde_json::from_slice(&b).ok());
         out.push((n, key, claim));
     }
-    out.sort_by(|a, b| b.0.cmp(&a.0));
+    out.sort_by_key(|e| std::cmp::Reverse(e.0));
     Ok(out)
 }
 

@@ -743,7 +743,7 @@ impl Shared<'_> {
                     .chain(rieszu.iter_mut().zip(logku.iter()))
                 {
                     // ||u - u'||^-s = exp(s * log(1/||u - u'||)).
-                    *x = if l == l { (rs * l).exp() } else { f64::NAN };
+                    *x = if !l.is_nan() { (rs * l).exp() } else { f64::NAN };
                 }
             }
             // Reductions: tile moments, row a, columns b.
@@ -768,7 +768,7 @@ impl Shared<'_> {
                         any_undefined = true;
                         let undefined = &mut rows.undefined[k][cols.clone()];
                         for ((u, e), &x) in undefined.iter_mut().zip(excl.iter_mut()).zip(v) {
-                            let nan = x != x;
+                            let nan = x.is_nan();
                             *u += nan as u64;
                             *e |= nan;
                         }
@@ -791,7 +791,7 @@ impl Shared<'_> {
                         continue;
                     }
                     for (j, &x) in v.iter().enumerate() {
-                        if x == x {
+                        if !x.is_nan() {
                             let pv = PairValue {
                                 value: x,
                                 a,
@@ -949,11 +949,11 @@ fn row_moments_portable<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (M
 #[inline(always)]
 fn row_moments<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f64) {
     let all = lane_moments::<COLS, false>(v, col_sums, v[0]);
-    if all.1 == all.1 {
+    if !all.1.is_nan() {
         return all;
     }
     // The column sums skipped the NaN and are complete.
-    let x0 = v.iter().copied().find(|x| x == x).unwrap_or(0.0);
+    let x0 = v.iter().copied().find(|x| !x.is_nan()).unwrap_or(0.0);
     lane_moments::<false, true>(v, &mut [], x0)
 }
 
@@ -986,15 +986,17 @@ fn lane_moments<const COLS: bool, const TESTED: bool>(v: &[f64], col_sums: &mut 
         for (ch, cs) in chunks.zip(col_sums.chunks_exact_mut(LANES)) {
             for l in 0..LANES {
                 lane!(l, ch[l]);
-                cs[l] += if ch[l] == ch[l] { ch[l] } else { 0.0 };
+                cs[l] += if !ch[l].is_nan() { ch[l] } else { 0.0 };
             }
         }
         let tail = v.len() - rest.len();
         for (x, c) in rest.iter().zip(&mut col_sums[tail..]) {
-            *c += if x == x { *x } else { 0.0 };
+            *c += if !x.is_nan() { *x } else { 0.0 };
         }
     } else {
         for ch in chunks {
+            // Lane l's registers are indexed by l, as in the loop above.
+            #[allow(clippy::needless_range_loop)]
             for l in 0..LANES {
                 lane!(l, ch[l]);
             }
@@ -1008,7 +1010,7 @@ fn lane_moments<const COLS: bool, const TESTED: bool>(v: &[f64], col_sums: &mut 
     for l in 0..LANES {
         let counted = l < rest.len();
         let e = last[l] - x0;
-        let ok = counted & (!TESTED || e == e);
+        let ok = counted & (!TESTED || !e.is_nan());
         let e = if ok { e } else { 0.0 };
         s1[l] += e;
         s2[l] += e * e;
@@ -1067,7 +1069,7 @@ pub fn ln_fast_f32(x: f64) -> f64 {
 /// parts. Branch-free, so loops over it vectorise.
 #[inline(always)]
 pub fn ln_fast(x: f64) -> f64 {
-    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1;
     const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     // 2^52 + biased exponent, as a float: the exponent without an
     // integer-to-float conversion (which AVX2 lacks for 64-bit lanes).
@@ -1471,7 +1473,7 @@ mod reduction_tests {
             for case in 0..6 {
                 let mut v: Vec<f64> = (0..len).map(|_| lcg(&mut s)).collect();
                 match case {
-                    1 => v.iter_mut().for_each(|x| *x = 1e8 + *x),
+                    1 => v.iter_mut().for_each(|x| *x += 1e8),
                     2 => v[0] = f64::NAN,
                     3 => v[len / 2] = f64::NAN,
                     4 => v.iter_mut().for_each(|x| *x = f64::NAN),

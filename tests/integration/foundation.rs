@@ -126,7 +126,7 @@ fn every_table_round_trips_and_matches_its_schema() {
         let a = Artifact::new(&s.table, &parts_ref).unwrap();
         let m = tl
             .lake()
-            .write_artifact(&a, &[batch.clone()], Provenance::new("test"))
+            .write_artifact(&a, std::slice::from_ref(&batch), Provenance::new("test"))
             .unwrap();
         assert_eq!(m.rows, 3);
         let back = tl.lake().read_artifact(&a).unwrap();

@@ -112,7 +112,9 @@ fn report_files_render_and_match_sql() {
     // Figure 1's data: every metric of every selected model, as SQL has it.
     let (header, rows) = read_csv(&out_dir.join("metric_vs_loss.csv"));
     assert_eq!(header, ["model", "width", "depth", "metric", "value", "val_loss"]);
-    let mut by_metric: BTreeMap<String, Vec<(String, Option<f64>, Option<f64>)>> = BTreeMap::new();
+    // metric -> (model, value, val_loss) rows.
+    type Rows = Vec<(String, Option<f64>, Option<f64>)>;
+    let mut by_metric: BTreeMap<String, Rows> = BTreeMap::new();
     for r in &rows {
         by_metric
             .entry(r[3].clone())

@@ -29,10 +29,10 @@ impl Drop for Server {
 }
 
 pub fn s3s_fs() -> PathBuf {
-    if let Ok(out) = Command::new("which").arg("s3s-fs").output() {
-        if out.status.success() {
-            return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        }
+    if let Ok(out) = Command::new("which").arg("s3s-fs").output()
+        && out.status.success()
+    {
+        return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     }
     let home = std::env::var("HOME").unwrap_or_default();
     let p = PathBuf::from(home).join(".cargo/bin/s3s-fs");

@@ -14,8 +14,11 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 struct BiasAdd;
 
-/// Rows of y and the bias length, for contiguous y [.., n] and b [n].
-fn dims(y: &Layout, b: &Layout) -> candle_core::Result<((usize, usize), (usize, usize), usize)> {
+/// The (start, end) element offsets of a contiguous layout.
+type Offsets = (usize, usize);
+
+/// Offsets of y and b, and the bias length, for contiguous y [.., n] and b [n].
+fn dims(y: &Layout, b: &Layout) -> candle_core::Result<(Offsets, Offsets, usize)> {
     let contiguous = |l: &Layout, what: &str| {
         l.contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg(format!("bias add needs a contiguous {what}")))

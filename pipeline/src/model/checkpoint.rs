@@ -113,10 +113,10 @@ pub fn list_checkpoints(store: &Lake, root: &str) -> Result<Vec<(u64, String)>> 
     for (key, _) in store.list(root)? {
         let rel = key.strip_prefix(root).unwrap_or(&key).trim_start_matches('/');
         let mut parts = rel.split('/');
-        if let (Some(dir), Some("config.json"), None) = (parts.next(), parts.next(), parts.next()) {
-            if let Some(n) = checkpoint_step(dir) {
-                out.push((n, join(root, dir)));
-            }
+        if let (Some(dir), Some("config.json"), None) = (parts.next(), parts.next(), parts.next())
+            && let Some(n) = checkpoint_step(dir)
+        {
+            out.push((n, join(root, dir)));
         }
     }
     out.sort();

@@ -221,7 +221,7 @@ impl GptNeoConfig {
 
     pub fn validate(&self, model: &str) -> Result<()> {
         let bad = |p: String| Err(Error::model(model, format!("config: {p}")));
-        if self.num_heads == 0 || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "hidden_size {} is not divisible by num_heads {}",
                 self.hidden_size, self.num_heads

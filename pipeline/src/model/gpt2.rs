@@ -80,7 +80,7 @@ impl Gpt2Config {
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
         };
-        if c.n_head == 0 || c.n_embd % c.n_head != 0 {
+        if c.n_head == 0 || !c.n_embd.is_multiple_of(c.n_head) {
             return Err(bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 c.n_embd, c.n_head

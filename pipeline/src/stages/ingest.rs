@@ -127,7 +127,7 @@ impl Stage for Ingest {
                 "give train= (and optionally validation=) or input= with holdout=",
             ));
         }
-        if !input.is_empty() && !(train.is_empty() && validation.is_empty()) {
+        if !input.is_empty() && (!train.is_empty() || !validation.is_empty()) {
             return Err(p.invalid("input", "input= cannot be combined with train= or validation="));
         }
         if input.is_empty() && holdout > 0.0 {

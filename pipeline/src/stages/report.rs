@@ -657,6 +657,9 @@ const CORR_COLUMNS: [(&str, &str); 7] = [
     ("note", "note"),
 ];
 
+/// (model, layer) -> list name -> (token text, value) rows.
+type TokenLists = BTreeMap<(String, String), BTreeMap<String, Vec<(String, String)>>>;
+
 impl Page<'_> {
     fn corr_value(&self, col: &str, i: usize) -> String {
         match col {
@@ -666,8 +669,8 @@ impl Page<'_> {
     }
 
     /// Token tables grouped by (model, layer, list).
-    fn token_lists(&self) -> BTreeMap<(String, String), BTreeMap<String, Vec<(String, String)>>> {
-        let mut out: BTreeMap<(String, String), BTreeMap<String, Vec<(String, String)>>> = BTreeMap::new();
+    fn token_lists(&self) -> TokenLists {
+        let mut out = TokenLists::new();
         let t = self.tokens;
         for i in 0..t.rows() {
             let text = match t.str("token_b", i) {

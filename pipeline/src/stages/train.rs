@@ -400,7 +400,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
             window_n += 1;
             bar.inc((b * t) as u64);
             bar.set_message(format!("{} loss {loss_v:.3}", recipe.name));
-            if step % recipe.log_every == 0 || step == total_steps || step % steps_per_epoch == 0 {
+            if step.is_multiple_of(recipe.log_every) || step == total_steps || step.is_multiple_of(steps_per_epoch) {
                 log.push(LogRow {
                     step,
                     epoch: step as f64 / steps_per_epoch as f64,
@@ -413,7 +413,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
                 window_loss = 0.0;
                 window_n = 0;
             }
-            let epoch_end = step % steps_per_epoch == 0;
+            let epoch_end = step.is_multiple_of(steps_per_epoch);
             if epoch_end {
                 let current: HashMap<String, Tensor> = vars
                     .iter()
@@ -435,7 +435,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
                 )?;
             }
             let stopping = stop_after > 0 && step - start_step >= stop_after && step < total_steps;
-            if epoch_end || step % save_every == 0 || stopping {
+            if epoch_end || step.is_multiple_of(save_every) || stopping {
                 write_resume(
                     ctx,
                     &resume_key,
