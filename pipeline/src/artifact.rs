@@ -394,7 +394,11 @@ impl ParquetFile {
     }
 
     /// The batches `builder` selects, `rows` of them.
-    fn stream(&self, builder: ParquetRecordBatchStreamBuilder<ObjectReader>, rows: u64) -> Result<BatchStream> {
+    fn stream(
+        &self,
+        builder: ParquetRecordBatchStreamBuilder<ObjectReader>,
+        rows: u64,
+    ) -> Result<BatchStream> {
         Ok(BatchStream {
             lake: self.lake.clone(),
             stream: builder.build().ctx(&self.what)?,
@@ -588,7 +592,12 @@ impl Lake {
     /// The artifact's rows as up to `parts` streams of consecutive row
     /// groups with about equal rows each, in file order, to be decoded on
     /// as many threads. Each stream's `rows` is its own.
-    pub fn stream_artifact_parts(&self, artifact: &Artifact, batch_rows: usize, parts: usize) -> Result<Vec<BatchStream>> {
+    pub fn stream_artifact_parts(
+        &self,
+        artifact: &Artifact,
+        batch_rows: usize,
+        parts: usize,
+    ) -> Result<Vec<BatchStream>> {
         let file = self.open_parquet(artifact)?;
         let groups: Vec<u64> = file
             .metadata

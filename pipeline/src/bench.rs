@@ -92,9 +92,24 @@ pub fn peak_gemm_gflops() -> f64 {
         // SAFETY: three n x n row-major buffers of the stated strides.
         unsafe {
             gemm::gemm(
-                n, n, n, c.as_mut_ptr(), 1, n as isize, false,
-                a.as_ptr(), 1, n as isize, b.as_ptr(), 1, n as isize,
-                0.0, 1.0, false, false, false,
+                n,
+                n,
+                n,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                n as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
                 gemm::Parallelism::Rayon(threads),
             );
         }
@@ -118,7 +133,13 @@ pub fn forward_flops_per_token(config: &GptNeoConfig, t: usize, logits: bool) ->
         flops += 2.0 * (4.0 * d * d + 2.0 * d * ffn);
         // Mean number of keys a query sees.
         let keys = (0..t)
-            .map(|i| if kind == "local" { (i + 1).min(config.window_size) } else { i + 1 })
+            .map(|i| {
+                if kind == "local" {
+                    (i + 1).min(config.window_size)
+                } else {
+                    i + 1
+                }
+            })
             .sum::<usize>() as f64
             / t as f64;
         flops += 2.0 * 2.0 * d * keys;

@@ -18,7 +18,14 @@ use rayon::prelude::*;
 struct ClassMoments;
 
 /// (h range, n, d, order range, starts range, classes) of contiguous inputs.
-type Dims = ((usize, usize), usize, usize, (usize, usize), (usize, usize), usize);
+type Dims = (
+    (usize, usize),
+    usize,
+    usize,
+    (usize, usize),
+    (usize, usize),
+    usize,
+);
 
 fn dims(h: &Layout, order: &Layout, starts: &Layout) -> candle_core::Result<Dims> {
     let contiguous = |l: &Layout, what: &str| {
@@ -51,13 +58,22 @@ fn check_groups(order: &[u32], starts: &[u32], n: usize) -> candle_core::Result<
         candle_core::bail!("class moments: class starts must rise strictly from 0 to {n}");
     }
     if order.len() != n || order.iter().any(|&r| r as usize >= n) {
-        candle_core::bail!("class moments: {} row ids for {n} rows, or one past them", order.len());
+        candle_core::bail!(
+            "class moments: {} row ids for {n} rows, or one past them",
+            order.len()
+        );
     }
     Ok(())
 }
 
 /// One class per output row of `out` (d means, then M2).
-fn cpu_moments<T: Copy + Sync>(h: &[T], f: impl Fn(T) -> f64 + Sync, order: &[u32], starts: &[u32], d: usize) -> Vec<f64> {
+fn cpu_moments<T: Copy + Sync>(
+    h: &[T],
+    f: impl Fn(T) -> f64 + Sync,
+    order: &[u32],
+    starts: &[u32],
+    d: usize,
+) -> Vec<f64> {
     let u = starts.len() - 1;
     let mut out = vec![0f64; u * (d + 1)];
     out.par_chunks_mut(d + 1).enumerate().for_each(|(c, o)| {
@@ -72,7 +88,11 @@ fn cpu_moments<T: Copy + Sync>(h: &[T], f: impl Fn(T) -> f64 + Sync, order: &[u3
         mean.iter_mut().for_each(|m| *m /= n);
         let mut acc = vec![0f64; d];
         for &r in rows {
-            for ((a, &m), &x) in acc.iter_mut().zip(mean.iter()).zip(&h[r as usize * d..(r as usize + 1) * d]) {
+            for ((a, &m), &x) in acc
+                .iter_mut()
+                .zip(mean.iter())
+                .zip(&h[r as usize * d..(r as usize + 1) * d])
+            {
                 let e = f(x) - m;
                 *a += e * e;
             }
@@ -211,9 +231,42 @@ extern "C" __global__ void class_moments_bf16(const unsigned short* h, const uns
         };
         let d32 = u32::try_from(d).map_err(|_| too_big(d))?;
         let out = match h.dtype() {
-            DType::F32 => launch::<f32>(h, hr, order, or, starts, sr, "class_moments_f32", cfg, u * (d + 1), d32)?,
-            DType::F64 => launch::<f64>(h, hr, order, or, starts, sr, "class_moments_f64", cfg, u * (d + 1), d32)?,
-            DType::BF16 => launch::<half::bf16>(h, hr, order, or, starts, sr, "class_moments_bf16", cfg, u * (d + 1), d32)?,
+            DType::F32 => launch::<f32>(
+                h,
+                hr,
+                order,
+                or,
+                starts,
+                sr,
+                "class_moments_f32",
+                cfg,
+                u * (d + 1),
+                d32,
+            )?,
+            DType::F64 => launch::<f64>(
+                h,
+                hr,
+                order,
+                or,
+                starts,
+                sr,
+                "class_moments_f64",
+                cfg,
+                u * (d + 1),
+                d32,
+            )?,
+            DType::BF16 => launch::<half::bf16>(
+                h,
+                hr,
+                order,
+                or,
+                starts,
+                sr,
+                "class_moments_bf16",
+                cfg,
+                u * (d + 1),
+                d32,
+            )?,
             other => candle_core::bail!("class moments: unsupported dtype {other:?}"),
         };
         Ok((out, Shape::from((u, d + 1))))
@@ -273,19 +326,35 @@ mod tests {
         for dt in [DType::F32, DType::BF16, DType::F64] {
             let h = h.to_dtype(dt).unwrap();
             let rows = h.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap();
-            let got = class_moments(&h, &order, &starts).unwrap().to_vec2::<f64>().unwrap();
+            let got = class_moments(&h, &order, &starts)
+                .unwrap()
+                .to_vec2::<f64>()
+                .unwrap();
             for (c, w) in starts.windows(2).enumerate() {
                 let members = &order[w[0] as usize..w[1] as usize];
                 let k = members.len() as f64;
-                let mean: Vec<f64> = (0..d).map(|j| members.iter().map(|&r| rows[r as usize][j]).sum::<f64>() / k).collect();
+                let mean: Vec<f64> = (0..d)
+                    .map(|j| members.iter().map(|&r| rows[r as usize][j]).sum::<f64>() / k)
+                    .collect();
                 let m2: f64 = members
                     .iter()
-                    .map(|&r| (0..d).map(|j| (rows[r as usize][j] - mean[j]).powi(2)).sum::<f64>())
+                    .map(|&r| {
+                        (0..d)
+                            .map(|j| (rows[r as usize][j] - mean[j]).powi(2))
+                            .sum::<f64>()
+                    })
                     .sum();
                 for j in 0..d {
-                    assert!((got[c][j] - mean[j]).abs() <= 1e-12 * mean[j].abs().max(1.0), "{dt:?} class {c}");
+                    assert!(
+                        (got[c][j] - mean[j]).abs() <= 1e-12 * mean[j].abs().max(1.0),
+                        "{dt:?} class {c}"
+                    );
                 }
-                assert!((got[c][d] - m2).abs() <= 1e-12 * m2.max(1.0), "{dt:?} class {c}: {} vs {m2}", got[c][d]);
+                assert!(
+                    (got[c][d] - m2).abs() <= 1e-12 * m2.max(1.0),
+                    "{dt:?} class {c}: {} vs {m2}",
+                    got[c][d]
+                );
             }
             assert_eq!(got[0][d], 0.0, "one sample has no spread");
         }

@@ -79,7 +79,10 @@ impl Dag {
 }
 
 fn todo(ctx: &Ctx, s: &Step) -> Result<bool> {
-    Ok(matches!(stages::plan(ctx, s.stage, &s.params)?, PlanStatus::ToDo(_)))
+    Ok(matches!(
+        stages::plan(ctx, s.stage, &s.params)?,
+        PlanStatus::ToDo(_)
+    ))
 }
 
 /// The DAG of what is not up to date.
@@ -309,7 +312,10 @@ impl SlurmOptions {
             .unwrap_or_else(|| "study".into());
         let log_dir = match p.opt("log_dir") {
             Some(d) => std::path::PathBuf::from(d),
-            None => std::env::current_dir().ctx("working directory")?.join("slurm-logs").join(&name),
+            None => std::env::current_dir()
+                .ctx("working directory")?
+                .join("slurm-logs")
+                .join(&name),
         };
         let mut per_step: BTreeMap<String, String> = crate::experiment::pairs(&exp.slurm);
         let mut args = per_step.remove("args").unwrap_or_default();
@@ -341,7 +347,10 @@ pub struct Slurm {
 
 /// A string as one shell word.
 fn quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-=:,@+%".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-=:,@+%".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -366,13 +375,20 @@ impl Slurm {
     pub fn script(&self, job: &Job) -> String {
         let mut s = String::from("#!/bin/bash\n");
         let _ = writeln!(s, "#SBATCH --job-name={}", quote(&self.job_name(job)));
-        let _ = writeln!(s, "#SBATCH --output={}", quote(&self.log_pattern(job).to_string_lossy()));
+        let _ = writeln!(
+            s,
+            "#SBATCH --output={}",
+            quote(&self.log_pattern(job).to_string_lossy())
+        );
         s.push_str("#SBATCH --open-mode=append\n#SBATCH --requeue\n#SBATCH --kill-on-invalid-dep=yes\n");
         if job.array {
             let ids: Vec<String> = job.tasks.keys().map(|k| k.to_string()).collect();
             let _ = writeln!(s, "#SBATCH --array={}", ids.join(","));
         }
-        for a in [&self.opts.args, self.opts.per_step.get(job.kind).unwrap_or(&String::new())] {
+        for a in [
+            &self.opts.args,
+            self.opts.per_step.get(job.kind).unwrap_or(&String::new()),
+        ] {
             for word in a.split_whitespace() {
                 let _ = writeln!(s, "#SBATCH {word}");
             }
@@ -384,7 +400,11 @@ impl Slurm {
             steps
                 .iter()
                 .map(|st| {
-                    let mut w = vec!["\"$PIPELINE\"".to_string(), "run".into(), format!("stage={}", st.stage)];
+                    let mut w = vec![
+                        "\"$PIPELINE\"".to_string(),
+                        "run".into(),
+                        format!("stage={}", st.stage),
+                    ];
                     w.extend(st.params.iter().map(|(k, v)| quote(&format!("{k}={v}"))));
                     w.join(" ")
                 })
@@ -437,7 +457,10 @@ impl Slurm {
 }
 
 fn indent(text: &str, pad: &str) -> String {
-    text.lines().map(|l| format!("{pad}{l}")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn run_tool(cmd: &mut Command, what: &str) -> Result<String> {
@@ -497,7 +520,10 @@ impl Executor for Slurm {
             let out = run_tool(cmd.arg(&path), &format!("sbatch {}", path.display()))?;
             let id = out.trim().split(';').next().unwrap_or("").to_string();
             if id.is_empty() {
-                return Err(Error::invalid(format!("sbatch printed no job id for {}", job.name)));
+                return Err(Error::invalid(format!(
+                    "sbatch printed no job id for {}",
+                    job.name
+                )));
             }
             tracing::info!("submitted {} as job {id}", job.name);
             ids.push(id);
@@ -508,7 +534,10 @@ impl Executor for Slurm {
     fn wait(&self, dag: &Dag, ids: &[String]) -> Result<Vec<String>> {
         let list = ids.join(",");
         loop {
-            let out = run_tool(Command::new("squeue").args(["-h", "-r", "-o", "%i", "-j", &list]), "squeue")?;
+            let out = run_tool(
+                Command::new("squeue").args(["-h", "-r", "-o", "%i", "-j", &list]),
+                "squeue",
+            )?;
             if out.trim().is_empty() {
                 break;
             }
@@ -516,7 +545,10 @@ impl Executor for Slurm {
         }
         let mut failed = Vec::new();
         for (job, id) in dag.jobs.iter().zip(ids) {
-            let out = run_tool(Command::new("scontrol").args(["show", "job", "-o", id]), "scontrol show job")?;
+            let out = run_tool(
+                Command::new("scontrol").args(["show", "job", "-o", id]),
+                "scontrol show job",
+            )?;
             for line in out.lines() {
                 let field = |k: &str| {
                     line.split_whitespace()
@@ -529,7 +561,11 @@ impl Executor for Slurm {
                     continue;
                 }
                 let task = field("ArrayTaskId");
-                let jid = if task.is_empty() { id.clone() } else { format!("{id}_{task}") };
+                let jid = if task.is_empty() {
+                    id.clone()
+                } else {
+                    format!("{id}_{task}")
+                };
                 let what = match job.tasks.get(&task.parse::<usize>().unwrap_or(0)) {
                     Some(steps) => steps
                         .iter()
@@ -559,7 +595,9 @@ impl Executor for Slurm {
 pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
     let lake_url = ctx.lake.given_url();
     if lake_url.starts_with("memory://") {
-        return Err(Error::invalid("executor=slurm needs a lake every node sees, not memory://"));
+        return Err(Error::invalid(
+            "executor=slurm needs a lake every node sees, not memory://",
+        ));
     }
     if !lake_url.contains("://") && !std::path::Path::new(lake_url).is_absolute() {
         return Err(Error::invalid(format!(
@@ -627,7 +665,10 @@ pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
         opts.experiment,
         chrono::Utc::now().format("%Y%m%dT%H%M%S")
     );
-    ctx.lake.put(&key, Bytes::from(serde_json::to_vec_pretty(&record).expect("json")))?;
+    ctx.lake.put(
+        &key,
+        Bytes::from(serde_json::to_vec_pretty(&record).expect("json")),
+    )?;
     for (n, id) in names.iter().zip(&ids) {
         let _ = writeln!(text, "submitted {n}: job {id}");
     }

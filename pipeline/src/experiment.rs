@@ -138,7 +138,10 @@ impl Experiment {
     /// models.
     pub fn steps(&self, device: &str) -> Result<Steps> {
         let data = pairs(&self.data);
-        let dataset = data.get("dataset").cloned().unwrap_or_else(|| "sample".to_string());
+        let dataset = data
+            .get("dataset")
+            .cloned()
+            .unwrap_or_else(|| "sample".to_string());
         let pick = |keys: &[&str]| -> BTreeMap<String, String> {
             let mut m: BTreeMap<String, String> = keys
                 .iter()
@@ -151,7 +154,15 @@ impl Experiment {
             Step::new(
                 "ingest",
                 pick(&[
-                    "train", "validation", "input", "holdout", "seed", "format", "text_column", "separator", "trim",
+                    "train",
+                    "validation",
+                    "input",
+                    "holdout",
+                    "seed",
+                    "format",
+                    "text_column",
+                    "separator",
+                    "trim",
                 ]),
             ),
             Step::new("tokenize", pick(&["tokenizer"])),

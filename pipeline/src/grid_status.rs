@@ -26,10 +26,18 @@ pub struct Cell {
 fn output(ctx: &Ctx, s: &Step) -> Option<crate::artifact::Manifest> {
     let model = s.params.get("model");
     let find = |table: &str, under: String| -> Option<crate::artifact::Manifest> {
-        ctx.lake.manifests(table, &under).ok()?.into_iter().max_by(|a, b| a.created.cmp(&b.created))
+        ctx.lake
+            .manifests(table, &under)
+            .ok()?
+            .into_iter()
+            .max_by(|a, b| a.created.cmp(&b.created))
     };
     let resolved = || {
-        model.and_then(|m| crate::model::checkpoint::ModelRef::resolve_one(&ctx.lake, m).ok().map(|r| r.id))
+        model.and_then(|m| {
+            crate::model::checkpoint::ModelRef::resolve_one(&ctx.lake, m)
+                .ok()
+                .map(|r| r.id)
+        })
     };
     match s.stage {
         "train" => find("train_log", format!("model={}", model?)),
@@ -58,12 +66,19 @@ pub fn cell(ctx: &Ctx, s: &Step, queued: bool) -> Result<Cell> {
         let detail = output(ctx, s)
             .map(|m| format!("{} rows, {}", m.rows, m.created.get(..16).unwrap_or(&m.created)))
             .unwrap_or_default();
-        return Ok(Cell { state: "done", detail });
+        return Ok(Cell {
+            state: "done",
+            detail,
+        });
     }
     if let Some(b) = ctx.lake.get_opt(&format!("{}/{key}.json", stages::FAILURES))? {
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
         let err = v.get("error").and_then(|e| e.as_str()).unwrap_or("").to_string();
-        let job = v.get("job").and_then(|j| j.as_str()).map(|j| format!("job {j}: ")).unwrap_or_default();
+        let job = v
+            .get("job")
+            .and_then(|j| j.as_str())
+            .map(|j| format!("job {j}: "))
+            .unwrap_or_default();
         return Ok(Cell {
             state: "failed",
             detail: format!("{job}{}", err.chars().take(80).collect::<String>()),
@@ -90,7 +105,12 @@ fn queued_jobs(ctx: &Ctx, experiment: &str) -> Vec<String> {
     let jobs: Vec<serde_json::Value> = serde_json::from_slice(&bytes).unwrap_or_default();
     let ids: Vec<(String, String)> = jobs
         .iter()
-        .filter_map(|j| Some((j.get("id")?.as_str()?.to_string(), j.get("name")?.as_str()?.to_string())))
+        .filter_map(|j| {
+            Some((
+                j.get("id")?.as_str()?.to_string(),
+                j.get("name")?.as_str()?.to_string(),
+            ))
+        })
         .collect();
     if ids.is_empty() {
         return Vec::new();
@@ -119,7 +139,11 @@ pub fn render(ctx: &Ctx, path: &str, device: &str) -> Result<String> {
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
     let queued = queued_jobs(ctx, &name);
-    let is_queued = |job: &str| queued.iter().any(|q| q == job || q.starts_with(&format!("{job}.")));
+    let is_queued = |job: &str| {
+        queued
+            .iter()
+            .any(|q| q == job || q.starts_with(&format!("{job}.")))
+    };
     let mut rows: Vec<(String, Vec<Cell>)> = Vec::new();
     let mut data = Vec::new();
     for s in &steps.data {
@@ -128,8 +152,13 @@ pub fn render(ctx: &Ctx, path: &str, device: &str) -> Result<String> {
     let stages_cols = ["train", "eval", "collect", "decide", "analyze"];
     for m in &steps.models {
         let mut cells = Vec::new();
-        for (stage, s) in stages_cols.iter().zip([&m.train, &m.eval, &m.collect, &m.decide, &m.analyze]) {
-            let q = is_queued(stage) || is_queued(&format!("{stage}.{}", m.name)) || is_queued(&format!("merge.{}", m.name)) && *stage == "collect";
+        for (stage, s) in stages_cols
+            .iter()
+            .zip([&m.train, &m.eval, &m.collect, &m.decide, &m.analyze])
+        {
+            let q = is_queued(stage)
+                || is_queued(&format!("{stage}.{}", m.name))
+                || is_queued(&format!("merge.{}", m.name)) && *stage == "collect";
             cells.push(cell(ctx, s, q)?);
         }
         rows.push((m.name.clone(), cells));
@@ -163,7 +192,13 @@ pub fn render(ctx: &Ctx, path: &str, device: &str) -> Result<String> {
         out.push('\n');
     }
     let summary: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-    let _ = writeln!(out, "{} models x {} stages: {}", rows.len(), stages_cols.len(), summary.join(", "));
+    let _ = writeln!(
+        out,
+        "{} models x {} stages: {}",
+        rows.len(),
+        stages_cols.len(),
+        summary.join(", ")
+    );
     for d in details {
         let _ = writeln!(out, "  {d}");
     }

@@ -316,9 +316,8 @@ impl Lake {
         };
         match self.block_on(self.store.put_opts(&path, PutPayload::from_bytes(bytes), opts)) {
             Ok(_) => Ok(true),
-            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => {
-                Ok(false)
-            }
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
             Err(e) => Err(e).ctx(format!("creating {}", self.display(rel))),
         }
     }
@@ -340,9 +339,13 @@ impl Lake {
             }),
             ..Default::default()
         };
-        match self.block_on(self.store.put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts)) {
+        match self.block_on(
+            self.store
+                .put_opts(&path, PutPayload::from_bytes(bytes.clone()), opts),
+        ) {
             Ok(_) => Ok(true),
-            Err(object_store::Error::Precondition { .. }) | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
             Err(object_store::Error::NotImplemented { .. }) => {
                 self.put(rel, bytes)?;
                 Ok(true)

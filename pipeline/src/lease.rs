@@ -183,7 +183,10 @@ pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
                     )));
                 }
                 if !told {
-                    tracing::info!("{name}: {} is working on it; waiting for its lease (#{n}) to end", c.owner);
+                    tracing::info!(
+                        "{name}: {} is working on it; waiting for its lease (#{n}) to end",
+                        c.owner
+                    );
                     told = true;
                 }
                 std::thread::sleep(Duration::from_millis(500).min(ttl / 4));

@@ -398,8 +398,18 @@ fn real_main(cli: Cli) -> Result<()> {
             let store = Lake::open(&out.to_string_lossy())?;
             let state = serde_json::json!({"global_step": 0, "complete": true});
             let tok = bytes::Bytes::from_static(pipeline::tokenizer::GPT2_TOKENIZER_JSON);
-            pipeline::model::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
-            eprintln!("wrote {} ({depth}x{width}, random weights, seed {seed}, bias std {bias_std})", out.display());
+            pipeline::model::checkpoint::save_dir(
+                &store,
+                "",
+                &config,
+                &w,
+                &[("tokenizer.json", tok)],
+                &state,
+            )?;
+            eprintln!(
+                "wrote {} ({depth}x{width}, random weights, seed {seed}, bias std {bias_std})",
+                out.display()
+            );
             Ok(())
         }
         Command::MakeTokenizer { vocab, merges, out } => {

@@ -27,9 +27,10 @@ pub fn ptx(module: &'static str, source: &'static str) -> candle_core::Result<Ar
     let i = match cache.iter().position(|(m, _)| *m == module) {
         Some(i) => i,
         None => {
-            let compiled = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{source}"))
-                .map(|p| Arc::from(p.to_src()))
-                .map_err(|e| format!("compiling the {module} kernels with NVRTC: {e:?}"));
+            let compiled =
+                candle_core::cuda_backend::cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{source}"))
+                    .map(|p| Arc::from(p.to_src()))
+                    .map_err(|e| format!("compiling the {module} kernels with NVRTC: {e:?}"));
             cache.push((module, compiled));
             cache.len() - 1
         }

@@ -84,9 +84,9 @@ fn decode_part(
                 continue;
             }
             let r = out.classes.len();
-            let dst = means.get_mut(r * d..(r + 1) * d).ok_or_else(|| {
-                Error::invalid(format!("more rows than the {room} its row groups declare"))
-            })?;
+            let dst = means
+                .get_mut(r * d..(r + 1) * d)
+                .ok_or_else(|| Error::invalid(format!("more rows than the {room} its row groups declare")))?;
             dst.copy_from_slice(mv.values());
             out.classes.push(ids.value(i));
             out.count.push(counts.value(i));
@@ -273,7 +273,10 @@ impl ClassStats {
         let d = d.ok_or_else(|| Error::invalid("no class statistics"))?;
         let sizes: Vec<usize> = parts.iter().map(|p| p.1).collect();
         let too_many = || Error::invalid(format!("{sizes:?} classes of width {d} do not fit in memory"));
-        let total = sizes.iter().try_fold(0usize, |t, &n| t.checked_add(n)).ok_or_else(too_many)?;
+        let total = sizes
+            .iter()
+            .try_fold(0usize, |t, &n| t.checked_add(n))
+            .ok_or_else(too_many)?;
         let len = total.checked_mul(d).ok_or_else(too_many)?;
         let mut mean = Vec::new();
         mean.par_extend(rayon::iter::repeat_n(0.0, len));

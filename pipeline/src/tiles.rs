@@ -493,7 +493,11 @@ impl Row<'_> {
             if g.dist2 > 0.0 { cdnv } else { f64::NAN },
             if directed { g.cos } else { f64::NAN },
             if directed & (g.u2 > 0.0) { logk } else { f64::NAN },
-            if directed_raw & (g.u2r > 0.0) { logku } else { f64::NAN },
+            if directed_raw & (g.u2r > 0.0) {
+                logku
+            } else {
+                f64::NAN
+            },
         ]
     }
 }
@@ -960,7 +964,11 @@ fn row_moments<const COLS: bool>(v: &[f64], col_sums: &mut [f64]) -> (Moments, f
 /// The pass of [`row_moments`] with shift `x0`, testing each value for
 /// NaN when `TESTED` (else a NaN makes the sum NaN).
 #[inline(always)]
-fn lane_moments<const COLS: bool, const TESTED: bool>(v: &[f64], col_sums: &mut [f64], x0: f64) -> (Moments, f64) {
+fn lane_moments<const COLS: bool, const TESTED: bool>(
+    v: &[f64],
+    col_sums: &mut [f64],
+    x0: f64,
+) -> (Moments, f64) {
     let mut s1 = [0.0f64; LANES];
     let mut s2 = [0.0f64; LANES];
     let mut cnt = [0u64; LANES];
@@ -1031,7 +1039,9 @@ fn lane_moments<const COLS: bool, const TESTED: bool>(v: &[f64], col_sums: &mut 
             mean: x0 + s1 / n as f64,
             m2: (s2 - s1 * s1 / n as f64).max(0.0),
             min: mn.iter().fold(f64::INFINITY, |a, &b| if b < a { b } else { a }),
-            max: mx.iter().fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
+            max: mx
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &b| if b > a { b } else { a }),
             excluded: v.len() as u64 - n,
         }
     };
@@ -1089,7 +1099,8 @@ pub fn ln_fast(x: f64) -> f64 {
                     + s2 * (1.0 / 11.0
                         + s2 * (1.0 / 13.0
                             + s2 * (1.0 / 15.0
-                                + s2 * (1.0 / 17.0 + s2 * (1.0 / 19.0 + s2 * (1.0 / 21.0 + s2 * (1.0 / 23.0))))))))));
+                                + s2 * (1.0 / 17.0
+                                    + s2 * (1.0 / 19.0 + s2 * (1.0 / 21.0 + s2 * (1.0 / 23.0))))))))));
     let ln_m = 2.0 * s + 2.0 * s * s2 * p;
     e * LN2_HI + (ln_m + e * LN2_LO)
 }
@@ -1123,24 +1134,31 @@ impl<T: GramFloat> GramBlocks<T> {
         // allocation of recycled memory is a serial memset of it first
         // (0.15 s of the stage at full scale).
         let mut data: Vec<T> = Vec::with_capacity(len);
-        data.spare_capacity_mut()[..len].par_chunks_mut(full).enumerate().for_each(|(t, out)| {
-            let first = t * edge;
-            let w = edge.min(c - first);
-            let stride = w.next_multiple_of(BLOCK_ALIGN);
-            // Sixteen classes at a time: sixteen rows read in step, each
-            // block row written in runs of sixteen.
-            for i0 in (0..stride).step_by(BLOCK_ALIGN) {
-                for k in 0..d {
-                    for i in i0..i0 + BLOCK_ALIGN {
-                        let x = if i < w { T::from_f64(rows[(first + i) * d + k]) } else { T::default() };
-                        out[k * stride + i].write(x);
+        data.spare_capacity_mut()[..len]
+            .par_chunks_mut(full)
+            .enumerate()
+            .for_each(|(t, out)| {
+                let first = t * edge;
+                let w = edge.min(c - first);
+                let stride = w.next_multiple_of(BLOCK_ALIGN);
+                // Sixteen classes at a time: sixteen rows read in step, each
+                // block row written in runs of sixteen.
+                for i0 in (0..stride).step_by(BLOCK_ALIGN) {
+                    for k in 0..d {
+                        for i in i0..i0 + BLOCK_ALIGN {
+                            let x = if i < w {
+                                T::from_f64(rows[(first + i) * d + k])
+                            } else {
+                                T::default()
+                            };
+                            out[k * stride + i].write(x);
+                        }
                     }
                 }
-            }
-            for x in &mut out[stride * d..] {
-                x.write(T::default());
-            }
-        });
+                for x in &mut out[stride * d..] {
+                    x.write(T::default());
+                }
+            });
         // SAFETY: the chunks cover all `len` elements and each was written.
         unsafe { data.set_len(len) };
         GramBlocks { data, edge, c, d }
@@ -1297,7 +1315,9 @@ pub fn gram_floor(c: usize, d: usize, edge: usize, f32_gemm: bool) -> f64 {
     let mut s = 7u64;
     let centred: Vec<f64> = (0..c * d)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
         })
         .collect();
@@ -1355,7 +1375,11 @@ mod ln_tests {
             let logk = combine(&report.tiles, METRIC_LOGKERNEL);
             let want = 20.0 * std::f64::consts::LN_10;
             assert_eq!(logk.n, 3, "f32={f32_gemm}");
-            assert!((logk.max - want).abs() <= 1e-12 * want, "f32={f32_gemm}: {} vs {want}", logk.max);
+            assert!(
+                (logk.max - want).abs() <= 1e-12 * want,
+                "f32={f32_gemm}: {} vs {want}",
+                logk.max
+            );
         }
     }
 
@@ -1374,13 +1398,23 @@ mod ln_tests {
     /// within 4 ulp of the result (the library's is itself within 1).
     #[test]
     fn fast_log_is_within_a_few_ulp() {
-        let sweep = std::iter::successors(Some(f64::MIN_POSITIVE), |x| Some(x * 1.000_173_1)).take_while(|&x| x < 1e300);
+        let sweep = std::iter::successors(Some(f64::MIN_POSITIVE), |x| Some(x * 1.000_173_1))
+            .take_while(|&x| x < 1e300);
         let dense = (1..200_000).flat_map(|i| {
             let i = i as f64;
-            [1.0 + i * 1e-9, 1.0 - i * 1e-9, std::f64::consts::SQRT_2 * (1.0 + (i - 1e5) * 1e-12)]
+            [
+                1.0 + i * 1e-9,
+                1.0 - i * 1e-9,
+                std::f64::consts::SQRT_2 * (1.0 + (i - 1e5) * 1e-12),
+            ]
         });
         let edges = [0.5, 1.0, 2.0, 3.999, 4.0, 1e-300, 7.0e-4];
-        let worst = worst_ulp(sweep.chain(dense).chain(edges), ln_fast, f64::EPSILON, f64::MIN_POSITIVE);
+        let worst = worst_ulp(
+            sweep.chain(dense).chain(edges),
+            ln_fast,
+            f64::EPSILON,
+            f64::MIN_POSITIVE,
+        );
         assert!(worst <= 4.0, "worst error {worst} ulp");
     }
 
@@ -1389,10 +1423,15 @@ mod ln_tests {
     /// of the exact result, counting the rounding of the argument to f32.
     #[test]
     fn f32_log_is_within_a_few_f32_ulp() {
-        let sweep = std::iter::successors(Some(f32::MIN_POSITIVE), |x| Some(x * 1.000_37)).take_while(|&x| x < 1e38);
+        let sweep =
+            std::iter::successors(Some(f32::MIN_POSITIVE), |x| Some(x * 1.000_37)).take_while(|&x| x < 1e38);
         let dense = (1..200_000).flat_map(|i| {
             let i = i as f32;
-            [1.0 + i * 1e-7, 1.0 - i * 5e-8, std::f32::consts::SQRT_2 * (1.0 + (i - 1e5) * 1e-9)]
+            [
+                1.0 + i * 1e-7,
+                1.0 - i * 5e-8,
+                std::f32::consts::SQRT_2 * (1.0 + (i - 1e5) * 1e-9),
+            ]
         });
         let edges = [0.5, 1.0, 2.0, 3.999, 4.0, 2.2e-16, 7.0e-4];
         let xs = sweep.chain(dense).chain(edges).map(f64::from);
@@ -1406,7 +1445,9 @@ mod reduction_tests {
     use super::{GramBlocks, Moments, row_moments};
 
     fn lcg(s: &mut u64) -> f64 {
-        *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (*s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
     }
 
@@ -1425,7 +1466,10 @@ mod reduction_tests {
             for ti in 0..c.div_ceil(edge) {
                 for tj in ti..c.div_ceil(edge) {
                     blocks.gram(ti, tj, &mut out);
-                    let (r, q) = (ti * edge..((ti + 1) * edge).min(c), tj * edge..((tj + 1) * edge).min(c));
+                    let (r, q) = (
+                        ti * edge..((ti + 1) * edge).min(c),
+                        tj * edge..((tj + 1) * edge).min(c),
+                    );
                     assert_eq!(out.len(), r.len() * q.len());
                     for (i, a) in r.clone().enumerate() {
                         for (j, b) in q.clone().enumerate() {
@@ -1433,7 +1477,10 @@ mod reduction_tests {
                             let want: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
                             let scale: f64 = x.iter().zip(y).map(|(p, q)| (p * q).abs()).sum();
                             let got = out[i * q.len() + j];
-                            assert!((got - want).abs() <= 1e-13 * scale, "edge {edge} ({a}, {b}): {got} vs {want}");
+                            assert!(
+                                (got - want).abs() <= 1e-13 * scale,
+                                "edge {edge} ({a}, {b}): {got} vs {want}"
+                            );
                         }
                     }
                 }
@@ -1446,7 +1493,10 @@ mod reduction_tests {
         let ok: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
         let n = ok.len();
         if n == 0 {
-            return Moments { excluded: v.len() as u64, ..Moments::default() };
+            return Moments {
+                excluded: v.len() as u64,
+                ..Moments::default()
+            };
         }
         let mean = ok.iter().sum::<f64>() / n as f64;
         Moments {
@@ -1493,10 +1543,24 @@ mod reduction_tests {
                 }
                 assert_eq!((got.min, got.max), (want.min, want.max), "{tag}");
                 let tol = 4.0 * (len as f64 + 1.0) * f64::EPSILON;
-                assert!((got.mean - want.mean).abs() <= tol * want.mean.abs(), "{tag}: mean {} vs {}", got.mean, want.mean);
-                assert!((got.m2 - want.m2).abs() <= tol * want.m2 + 1e-300, "{tag}: m2 {} vs {}", got.m2, want.m2);
+                assert!(
+                    (got.mean - want.mean).abs() <= tol * want.mean.abs(),
+                    "{tag}: mean {} vs {}",
+                    got.mean,
+                    want.mean
+                );
+                assert!(
+                    (got.m2 - want.m2).abs() <= tol * want.m2 + 1e-300,
+                    "{tag}: m2 {} vs {}",
+                    got.m2,
+                    want.m2
+                );
                 let direct: f64 = v.iter().filter(|x| !x.is_nan()).sum();
-                assert!((sum - direct).abs() <= tol * v.iter().filter(|x| !x.is_nan()).map(|x| x.abs()).sum::<f64>(), "{tag}: sum");
+                assert!(
+                    (sum - direct).abs()
+                        <= tol * v.iter().filter(|x| !x.is_nan()).map(|x| x.abs()).sum::<f64>(),
+                    "{tag}: sum"
+                );
             }
         }
     }

@@ -32,7 +32,16 @@ fn expected(family: &str) -> HashMap<String, Tensor> {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 /// Every hidden state and the logits equal transformers' within 1e-4
@@ -94,7 +103,9 @@ fn lake_with_fixture_chunks(family: &str) -> TestLake {
         Arc::new(list),
     ];
     let batch = RecordBatch::try_new(
-        pipeline::schemas::table("chunks").unwrap().file_schema_with_len(t as i32),
+        pipeline::schemas::table("chunks")
+            .unwrap()
+            .file_schema_with_len(t as i32),
         cols,
     )
     .unwrap();
@@ -116,7 +127,12 @@ fn collect_equals_brute_force_on_transformers_hidden_states() {
         let tl = lake_with_fixture_chunks(family);
         let out = tl.run(
             "collect",
-            &[("model", &dir(family)), ("dataset", "fx"), ("layers", "all"), ("batch", "4")],
+            &[
+                ("model", &dir(family)),
+                ("dataset", "fx"),
+                ("layers", "all"),
+                ("batch", "4"),
+            ],
         );
         assert!(out.contains("3 layer(s)"), "{family}: {out}");
         let want = expected(family);
@@ -152,9 +168,15 @@ fn collect_equals_brute_force_on_transformers_hidden_states() {
                 assert_eq!(st.count[r], hs.len() as u64);
                 let scale = mu.iter().map(|x| x.abs()).fold(1e-3, f64::max);
                 for (a, b) in st.mean_of(r).iter().zip(&mu) {
-                    assert!((a - b).abs() < 1e-4 * scale, "{family} layer {layer} class {c}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-4 * scale,
+                        "{family} layer {layer} class {c}: {a} vs {b}"
+                    );
                 }
-                assert!((st.m2[r] - m2).abs() <= 1e-4 * m2.max(1e-3), "{family} layer {layer} class {c} M2");
+                assert!(
+                    (st.m2[r] - m2).abs() <= 1e-4 * m2.max(1e-3),
+                    "{family} layer {layer} class {c} M2"
+                );
             }
         }
     }
@@ -166,10 +188,16 @@ fn collect_equals_brute_force_on_transformers_hidden_states() {
 #[test]
 fn a_checkpoint_series_is_analysed_layer_by_layer() {
     let tl = lake_with_fixture_chunks("pythia/step-1000");
-    let series = repo().join("tests/fixtures/families/pythia").to_string_lossy().to_string();
+    let series = repo()
+        .join("tests/fixtures/families/pythia")
+        .to_string_lossy()
+        .to_string();
     for k in 0..2 {
         let model = format!("{series}@{k}");
-        tl.run("collect", &[("model", &model), ("dataset", "fx"), ("layers", "all")]);
+        tl.run(
+            "collect",
+            &[("model", &model), ("dataset", "fx"), ("layers", "all")],
+        );
         let out = tl.run("analyze", &[("model", &model), ("layers", "all")]);
         assert_eq!(out.lines().count(), 3, "{out}");
     }
@@ -187,7 +215,9 @@ fn a_checkpoint_series_is_analysed_layer_by_layer() {
         .iter()
         .flat_map(|b| {
             let c = b.column(0).as_string::<i32>();
-            (0..b.num_rows()).map(move |i| c.value(i).to_string()).collect::<Vec<_>>()
+            (0..b.num_rows())
+                .map(move |i| c.value(i).to_string())
+                .collect::<Vec<_>>()
         })
         .collect();
     assert_eq!(models.iter().filter(|m| *m == "pythia@0").count(), 3);
@@ -208,13 +238,25 @@ fn bad_checkpoints_are_refused_clearly() {
     let tl = TestLake::new();
     let bad = tl.dir.path().join("bert");
     std::fs::create_dir_all(&bad).unwrap();
-    std::fs::write(bad.join("config.json"), r#"{"model_type": "bert", "hidden_size": 32}"#).unwrap();
+    std::fs::write(
+        bad.join("config.json"),
+        r#"{"model_type": "bert", "hidden_size": 32}"#,
+    )
+    .unwrap();
     let err = ModelRef::resolve(tl.lake(), bad.to_str().unwrap())
         .unwrap()
         .config()
         .unwrap_err()
         .to_string();
-    for want in ["'bert' is not supported", "gpt2", "gpt_neox", "llama", "qwen2", "mistral", "gpt_neo"] {
+    for want in [
+        "'bert' is not supported",
+        "gpt2",
+        "gpt_neox",
+        "llama",
+        "qwen2",
+        "mistral",
+        "gpt_neo",
+    ] {
         assert!(err.contains(want), "{err}");
     }
     // Weights without one tensor: the error names it.
@@ -222,7 +264,8 @@ fn bad_checkpoints_are_refused_clearly() {
     let cut = tl.dir.path().join("llama-cut");
     std::fs::create_dir_all(&cut).unwrap();
     std::fs::copy(format!("{src}/config.json"), cut.join("config.json")).unwrap();
-    let mut tensors = candle_core::safetensors::load(format!("{src}/model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(format!("{src}/model.safetensors"), &Device::Cpu).unwrap();
     tensors.remove("model.layers.1.mlp.up_proj.weight");
     candle_core::safetensors::save(&tensors, cut.join("model.safetensors")).unwrap();
     let err = ModelRef::resolve(tl.lake(), cut.to_str().unwrap())

@@ -18,11 +18,19 @@ pub struct Cluster {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn have(tool: &str) -> bool {
-    Command::new("which").arg(tool).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("which")
+        .arg(tool)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 /// Start a daemon that dies with the test process. The parent-death
@@ -58,11 +66,22 @@ impl Cluster {
             return None;
         }
         // munged, as the munge user, with the key the package made.
-        let running = Command::new("pgrep").args(["-x", "munged"]).output().unwrap().status.success();
+        let running = Command::new("pgrep")
+            .args(["-x", "munged"])
+            .output()
+            .unwrap()
+            .status
+            .success();
         if !running {
             std::fs::create_dir_all("/run/munge").unwrap();
-            Command::new("chown").args(["munge:munge", "/run/munge"]).status().unwrap();
-            let st = Command::new("runuser").args(["-u", "munge", "--", "/usr/sbin/munged"]).status().unwrap();
+            Command::new("chown")
+                .args(["munge:munge", "/run/munge"])
+                .status()
+                .unwrap();
+            let st = Command::new("runuser")
+                .args(["-u", "munge", "--", "/usr/sbin/munged"])
+                .status()
+                .unwrap();
             assert!(st.success(), "munged did not start");
         }
         let dir = tempfile::tempdir().unwrap();
@@ -70,7 +89,10 @@ impl Cluster {
         for sub in ["state", "spool", "log"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap()
+            .trim()
+            .to_string();
         let conf = d.join("slurm.conf");
         let text = format!(
             "ClusterName=pipetest\nSlurmctldHost={host}(127.0.0.1)\nSlurmUser=root\nSlurmdUser=root\n\
@@ -103,7 +125,10 @@ impl Cluster {
             if String::from_utf8_lossy(&out.stdout).contains("idle") {
                 break;
             }
-            assert!(Instant::now() < deadline, "the SLURM node never became idle: {out:?}");
+            assert!(
+                Instant::now() < deadline,
+                "the SLURM node never became idle: {out:?}"
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
         Some(c)
@@ -127,7 +152,10 @@ impl Cluster {
 /// The cluster, started once for every test that needs it; they take turns.
 fn cluster() -> Option<MutexGuard<'static, Option<Cluster>>> {
     static C: OnceLock<Mutex<Option<Cluster>>> = OnceLock::new();
-    let g = C.get_or_init(|| Mutex::new(Cluster::start())).lock().unwrap_or_else(|p| p.into_inner());
+    let g = C
+        .get_or_init(|| Mutex::new(Cluster::start()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     g.is_some().then_some(g)
 }
 
@@ -169,7 +197,11 @@ fn pipeline_slurm(c: &Cluster, server: &Server, lake: &str, args: &[&str]) -> Ou
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// model_metrics numbers of a lake, by (model, column).
@@ -203,18 +235,37 @@ fn a_study_runs_through_slurm_into_s3() {
     let exp_arg = format!("experiment={exp}");
     let logs_arg = format!("log_dir={}", c.log_dir("study").display());
     let run = |extra: &[&str]| {
-        let base = ["run", "stage=all", exp_arg.as_str(), "executor=slurm", "collect_shards=2", logs_arg.as_str()];
+        let base = [
+            "run",
+            "stage=all",
+            exp_arg.as_str(),
+            "executor=slurm",
+            "collect_shards=2",
+            logs_arg.as_str(),
+        ];
         pipeline_slurm(c, &server, lake, &[&base[..], extra].concat())
     };
     // A dry run shows the jobs and their dependencies, submitting nothing.
     let dry = run(&["dry_run=true"]);
     let t = text(&dry);
     assert!(dry.status.success(), "{t}");
-    for want in ["=== job 0: data", "train (2 task(s))", "aftercorr:train", "collect.01x0008_01n00 (2 task(s))",
-        "#SBATCH --time=00:30:00", "#SBATCH --cpus-per-task=1", "#SBATCH --array=0,1", "dry run:"] {
+    for want in [
+        "=== job 0: data",
+        "train (2 task(s))",
+        "aftercorr:train",
+        "collect.01x0008_01n00 (2 task(s))",
+        "#SBATCH --time=00:30:00",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --array=0,1",
+        "dry run:",
+    ] {
         assert!(t.contains(want), "{want} missing from\n{t}");
     }
-    assert!(String::from_utf8_lossy(&c.tool("squeue", &["-h"]).stdout).trim().is_empty());
+    assert!(
+        String::from_utf8_lossy(&c.tool("squeue", &["-h"]).stdout)
+            .trim()
+            .is_empty()
+    );
 
     let out = run(&["wait=true"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -229,8 +280,25 @@ fn a_study_runs_through_slurm_into_s3() {
     let local = TestLake::new();
     local.run("all", &[("experiment", &exp)]);
     let mut q = Command::new(bin());
-    let want = metrics(&q.args(["--lake", &local.url(), "-q", "sql", METRICS_SQL, "--format", "csv"]).output().unwrap());
-    let got = metrics(&pipeline_slurm(c, &server, lake, &["sql", METRICS_SQL, "--format", "csv"]));
+    let want = metrics(
+        &q.args([
+            "--lake",
+            &local.url(),
+            "-q",
+            "sql",
+            METRICS_SQL,
+            "--format",
+            "csv",
+        ])
+        .output()
+        .unwrap(),
+    );
+    let got = metrics(&pipeline_slurm(
+        c,
+        &server,
+        lake,
+        &["sql", METRICS_SQL, "--format", "csv"],
+    ));
     assert_eq!(got.len(), 2);
     assert_eq!(got.len(), want.len());
     for ((m, g), (wm, w)) in got.iter().zip(&want) {
@@ -253,32 +321,78 @@ fn a_cancelled_task_is_resubmitted_alone() {
     let lake = "s3://cancel/l";
     let logs = format!("log_dir={}", c.log_dir("cancel").display());
     let exp_arg = format!("experiment={exp}");
-    let args = ["run", "stage=all", exp_arg.as_str(), "executor=slurm", "collect_shards=2", logs.as_str()];
+    let args = [
+        "run",
+        "stage=all",
+        exp_arg.as_str(),
+        "executor=slurm",
+        "collect_shards=2",
+        logs.as_str(),
+    ];
     let out = pipeline_slurm(c, &server, lake, &args);
     assert!(out.status.success(), "{}", text(&out));
     // Cancel shard 1 of the second model's collection while it waits.
     let t = text(&out);
-    let line = t.lines().find(|l| l.starts_with("submitted collect.01x0016_01n00:")).unwrap();
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("submitted collect.01x0016_01n00:"))
+        .unwrap();
     let id = line.rsplit(' ').next().unwrap().trim();
     let cancel = c.tool("scancel", &[&format!("{id}_1")]);
     assert!(cancel.status.success(), "{cancel:?}");
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !String::from_utf8_lossy(&c.tool("squeue", &["-h"]).stdout).trim().is_empty() {
+    while !String::from_utf8_lossy(&c.tool("squeue", &["-h"]).stdout)
+        .trim()
+        .is_empty()
+    {
         assert!(Instant::now() < deadline, "jobs never finished");
         std::thread::sleep(Duration::from_secs(1));
     }
-    let status = text(&pipeline_slurm(c, &server, lake, &["status", &format!("experiment={exp}")]));
-    assert!(status.lines().any(|l| l.starts_with("01x0008_01n00") && !l.contains("missing")), "{status}");
-    assert!(status.lines().any(|l| l.starts_with("01x0016_01n00") && l.contains("missing")), "{status}");
+    let status = text(&pipeline_slurm(
+        c,
+        &server,
+        lake,
+        &["status", &format!("experiment={exp}")],
+    ));
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("01x0008_01n00") && !l.contains("missing")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("01x0016_01n00") && l.contains("missing")),
+        "{status}"
+    );
     // Resubmitted: only shard 1, the merge and what follows, for that model.
-    let dry = text(&pipeline_slurm(c, &server, lake, &[&args[..], &["dry_run=true"]].concat()));
-    assert!(dry.contains("collect.01x0016_01n00 (1 task(s))") && dry.contains("#SBATCH --array=1"), "{dry}");
-    for absent in ["=== job 0: data", ": train (", ": eval (", "collect.01x0008_01n00"] {
+    let dry = text(&pipeline_slurm(
+        c,
+        &server,
+        lake,
+        &[&args[..], &["dry_run=true"]].concat(),
+    ));
+    assert!(
+        dry.contains("collect.01x0016_01n00 (1 task(s))") && dry.contains("#SBATCH --array=1"),
+        "{dry}"
+    );
+    for absent in [
+        "=== job 0: data",
+        ": train (",
+        ": eval (",
+        "collect.01x0008_01n00",
+    ] {
         assert!(!dry.contains(absent), "{absent} resubmitted:\n{dry}");
     }
     let out = pipeline_slurm(c, &server, lake, &[&args[..], &["wait=true"]].concat());
     assert!(out.status.success(), "{}", text(&out));
-    let status = text(&pipeline_slurm(c, &server, lake, &["status", &format!("experiment={exp}")]));
+    let status = text(&pipeline_slurm(
+        c,
+        &server,
+        lake,
+        &["status", &format!("experiment={exp}")],
+    ));
     assert!(status.contains("10 done"), "{status}");
 }
 
@@ -293,7 +407,13 @@ fn bad_submissions_fail_clearly() {
     let exp = experiment(work.path());
     let logs = format!("log_dir={}", c.log_dir("bad").display());
     let exp_arg = format!("experiment={exp}");
-    let base = ["run", "stage=all", exp_arg.as_str(), "executor=slurm", logs.as_str()];
+    let base = [
+        "run",
+        "stage=all",
+        exp_arg.as_str(),
+        "executor=slurm",
+        logs.as_str(),
+    ];
     let lake = work.path().join("lake");
     let lake_s = lake.to_string_lossy().to_string();
     let run = |env_path: Option<&str>, lake: &str, extra: &[&str]| {
@@ -302,12 +422,24 @@ fn bad_submissions_fail_clearly() {
         if let Some(p) = env_path {
             cmd.env("PATH", p);
         }
-        cmd.args(["--lake", lake, "-q"]).args(base).args(extra).output().unwrap()
+        cmd.args(["--lake", lake, "-q"])
+            .args(base)
+            .args(extra)
+            .output()
+            .unwrap()
     };
     let o = run(Some("/nonexistent"), &lake_s, &[]);
-    assert!(!o.status.success() && text(&o).contains("needs sbatch on PATH"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("needs sbatch on PATH"),
+        "{}",
+        text(&o)
+    );
     let o = run(None, &lake_s, &["slurm_args=--partition=nosuchpartition"]);
-    assert!(!o.status.success() && text(&o).contains("refuses the job"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("refuses the job"),
+        "{}",
+        text(&o)
+    );
     let o = Command::new(bin())
         .current_dir(work.path())
         .env("SLURM_CONF", &c.conf)
@@ -315,15 +447,26 @@ fn bad_submissions_fail_clearly() {
         .args(base)
         .output()
         .unwrap();
-    assert!(!o.status.success() && text(&o).contains("relative path"), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&c.tool("squeue", &["-h"]).stdout).trim().is_empty());
+    assert!(
+        !o.status.success() && text(&o).contains("relative path"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&c.tool("squeue", &["-h"]).stdout)
+            .trim()
+            .is_empty()
+    );
     // A corpus that vanishes after submission: the data job fails, the rest
     // is cancelled, and wait names the failure with its job and log.
     std::fs::write(work.path().join("train.txt"), "").unwrap();
     let o = run(None, &lake_s, &["wait=true"]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
-    assert!(t.contains("failed:") && t.contains("ingest") && t.contains("job ") && t.contains(".out"), "{t}");
+    assert!(
+        t.contains("failed:") && t.contains("ingest") && t.contains("job ") && t.contains(".out"),
+        "{t}"
+    );
 }
 
 /// Two workers collecting the same model at once: the work is done once,
@@ -333,11 +476,26 @@ fn concurrent_collects_do_the_work_once() {
     let tl = crate::common::small_dataset(40, 10, 32);
     tl.run(
         "train",
-        &[("dataset", "small"), ("name", "conc"), ("depth", "1"), ("width", "8"), ("heads", "2"), ("context", "64"), ("lr", "0.01")],
+        &[
+            ("dataset", "small"),
+            ("name", "conc"),
+            ("depth", "1"),
+            ("width", "8"),
+            ("heads", "2"),
+            ("context", "64"),
+            ("lr", "0.01"),
+        ],
     );
     let spawn = || {
         Command::new(bin())
-            .args(["--lake", &tl.url(), "run", "stage=collect", "model=conc", "batch=1"])
+            .args([
+                "--lake",
+                &tl.url(),
+                "run",
+                "stage=collect",
+                "model=conc",
+                "batch=1",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -345,10 +503,29 @@ fn concurrent_collects_do_the_work_once() {
     };
     let (a, b) = (spawn(), spawn());
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-    assert!(a.status.success() && b.status.success(), "{}\n{}", text(&a), text(&b));
-    let outs = [String::from_utf8_lossy(&a.stdout).to_string(), String::from_utf8_lossy(&b.stdout).to_string()];
-    assert_eq!(outs.iter().filter(|o| o.contains("up to date")).count(), 1, "{outs:?}");
-    assert_eq!(outs.iter().filter(|o| o.contains("samples (")).count(), 1, "{outs:?}");
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    let outs = [
+        String::from_utf8_lossy(&a.stdout).to_string(),
+        String::from_utf8_lossy(&b.stdout).to_string(),
+    ];
+    assert_eq!(
+        outs.iter().filter(|o| o.contains("up to date")).count(),
+        1,
+        "{outs:?}"
+    );
+    assert_eq!(
+        outs.iter().filter(|o| o.contains("samples (")).count(),
+        1,
+        "{outs:?}"
+    );
     let waited = [text(&a), text(&b)];
-    assert!(waited.iter().any(|t| t.contains("waiting for its lease")), "{waited:?}");
+    assert!(
+        waited.iter().any(|t| t.contains("waiting for its lease")),
+        "{waited:?}"
+    );
 }

@@ -312,7 +312,9 @@ pub fn blocked_attention(
         let lo = visible(i0, window).0;
         // Blocks of q, k and v are strided views: the matrix products read
         // them in place (cuBLAS takes the strides), so no block is copied.
-        let mut scores = q.narrow(2, i0, i1 - i0)?.matmul(&k.narrow(2, lo, i1 - lo)?.t()?)?;
+        let mut scores = q
+            .narrow(2, i0, i1 - i0)?
+            .matmul(&k.narrow(2, lo, i1 - lo)?.t()?)?;
         let probs = if score_dtype == DType::F32 && matches!(v.dtype(), DType::F32 | DType::BF16) {
             // Scale, mask, softmax and the cast for V in one pass.
             let op = BlockSoftmax {
@@ -328,7 +330,8 @@ pub fn blocked_attention(
                 scores = (scores * s)?;
             }
             let mask = block_mask(i0..i1, lo..i1, window, q.device(), score_dtype)?;
-            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)?.to_dtype(v.dtype())?
+            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?.contiguous()?)?
+                .to_dtype(v.dtype())?
         };
         out.push(probs.matmul(&v.narrow(2, lo, i1 - lo)?)?);
     }

@@ -26,7 +26,11 @@ fn dims(y: &Layout, b: &Layout) -> candle_core::Result<(Offsets, Offsets, usize)
     let (yo, bo) = (contiguous(y, "input")?, contiguous(b, "bias")?);
     let n = b.shape().elem_count();
     if b.shape().rank() != 1 || y.shape().dims().last() != Some(&n) {
-        candle_core::bail!("bias add: bias {:?} does not match rows of {:?}", b.shape(), y.shape());
+        candle_core::bail!(
+            "bias add: bias {:?} does not match rows of {:?}",
+            b.shape(),
+            y.shape()
+        );
     }
     Ok((yo, bo, n))
 }
@@ -57,9 +61,15 @@ impl CustomOp2 for BiasAdd {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ((y0, y1), (b0, b1), _) = dims(yl, bl)?;
         let out = match (y, b) {
-            (CpuStorage::F32(y), CpuStorage::F32(b)) => CpuStorage::F32(add_rows(&y[y0..y1], &b[b0..b1], |x, c| x + c)),
-            (CpuStorage::F64(y), CpuStorage::F64(b)) => CpuStorage::F64(add_rows(&y[y0..y1], &b[b0..b1], |x, c| x + c)),
-            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => CpuStorage::BF16(add_rows(&y[y0..y1], &b[b0..b1], |x, c| x + c)),
+            (CpuStorage::F32(y), CpuStorage::F32(b)) => {
+                CpuStorage::F32(add_rows(&y[y0..y1], &b[b0..b1], |x, c| x + c))
+            }
+            (CpuStorage::F64(y), CpuStorage::F64(b)) => {
+                CpuStorage::F64(add_rows(&y[y0..y1], &b[b0..b1], |x, c| x + c))
+            }
+            (CpuStorage::BF16(y), CpuStorage::BF16(b)) => {
+                CpuStorage::BF16(add_rows(&y[y0..y1], &b[b0..b1], |x, c| x + c))
+            }
             _ => candle_core::bail!("bias add: unsupported dtypes {:?} and {:?}", y.dtype(), b.dtype()),
         };
         Ok((out, yl.shape().clone()))
@@ -149,7 +159,10 @@ extern "C" __global__ void bias_add_bf16(const unsigned short* y, const unsigned
         n: u32,
     ) -> candle_core::Result<CudaStorage> {
         let dev = y.device.clone();
-        let (ys, bs) = (y.as_cuda_slice::<T>()?.slice(y0..y1), b.as_cuda_slice::<T>()?.slice(b0..b1));
+        let (ys, bs) = (
+            y.as_cuda_slice::<T>()?.slice(y0..y1),
+            b.as_cuda_slice::<T>()?.slice(b0..b1),
+        );
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(y1 - y0)? };
         if cfg.grid_dim.0 > 0 && n > 0 {
@@ -184,7 +197,14 @@ mod tests {
             let got = bias_add(&y, &b).unwrap().to_dtype(DType::F64).unwrap();
             let want = y.broadcast_add(&b).unwrap().to_dtype(DType::F64).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert_eq!(diff, 0.0, "{dt:?}");
         }
         // A transposed (non-contiguous) input is made contiguous first.
@@ -201,7 +221,12 @@ mod tests {
         assert_eq!(diff, 0.0);
         // With gradients: the gradient reaches the bias.
         let bv = Var::from_tensor(&b).unwrap();
-        let grads = bias_add(&y, bv.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = bias_add(&y, bv.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let g = grads.get(bv.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(g, vec![6.0; 5]);
         assert!(bias_add(&y, &Tensor::zeros(4, DType::F32, &dev).unwrap()).is_err());

@@ -291,9 +291,18 @@ impl CustomOp3 for BlockAttention {
 /// Causal attention of q [B, H, T, dh] over k, v [B, Hkv, T, dh] on the CPU,
 /// without gradients: [B, H, T, dh]. Scores are `scale` * q k^T; with a
 /// window, query i sees keys i - window + 1 ..= i.
-pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>) -> candle_core::Result<Tensor> {
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &BlockAttention { scale, window })
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        &BlockAttention { scale, window },
+    )
 }
 
 #[cfg(test)]
@@ -305,7 +314,9 @@ mod tests {
         let mut s = seed;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
             })
             .collect()
@@ -322,7 +333,12 @@ mod tests {
                 for i in 0..t {
                     let (lo, hi_) = visible(i, window);
                     let s: Vec<f64> = (lo..hi_)
-                        .map(|j| scale * (0..dh).map(|c| q[qo + i * dh + c] * k[ko + j * dh + c]).sum::<f64>())
+                        .map(|j| {
+                            scale
+                                * (0..dh)
+                                    .map(|c| q[qo + i * dh + c] * k[ko + j * dh + c])
+                                    .sum::<f64>()
+                        })
                         .collect();
                     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -372,8 +388,17 @@ mod tests {
                     vt.to_dtype(dtype).unwrap(),
                 );
                 let worst = |got: Tensor| {
-                    let got = got.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-                    got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+                    let got = got
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap();
+                    got.iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0, f64::max)
                 };
                 let diff = worst(attend(&q, &k, &v, scale, window).unwrap());
                 assert!(diff < tol, "case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}");
@@ -383,7 +408,10 @@ mod tests {
                     let scale = (scale != 1.0).then_some(scale);
                     let blocks = crate::model::attention::blocked_attention(&q, &k, &v, scale, window, dtype);
                     let diff = worst(blocks.unwrap());
-                    assert!(diff < tol, "blocks, case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}");
+                    assert!(
+                        diff < tol,
+                        "blocks, case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}"
+                    );
                 }
             }
         }

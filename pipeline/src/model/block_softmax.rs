@@ -84,7 +84,10 @@ impl CustomOp1 for BlockSoftmax {
         let mut p = vec![0f64; src.len()];
         for (r, (row, out)) in src.chunks(nk.max(1)).zip(p.chunks_mut(nk.max(1))).enumerate() {
             let (a, e) = self.columns(r, m);
-            let mx = row[a..e].iter().map(|&x| x * self.scale).fold(f64::NEG_INFINITY, f64::max);
+            let mx = row[a..e]
+                .iter()
+                .map(|&x| x * self.scale)
+                .fold(f64::NEG_INFINITY, f64::max);
             let sum: f64 = row[a..e].iter().map(|&x| (x * self.scale - mx).exp()).sum();
             for (o, &x) in out[a..e].iter_mut().zip(&row[a..e]) {
                 *o = (x * self.scale - mx).exp() / sum;
@@ -201,9 +204,15 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
         let dev = s.device.clone();
         let src = s.as_cuda_slice::<f32>()?.slice(o1..o2);
         let u32_of = |x: usize, what: &str| {
-            u32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("block softmax: {what} {x} exceeds u32")))
+            u32::try_from(x)
+                .map_err(|_| candle_core::Error::Msg(format!("block softmax: {what} {x} exceeds u32")))
         };
-        let (nk32, m32, i032, lo32) = (u32_of(nk, "nk")?, u32_of(m, "m")?, u32_of(op.i0, "i0")?, u32_of(op.lo, "lo")?);
+        let (nk32, m32, i032, lo32) = (
+            u32_of(nk, "nk")?,
+            u32_of(m, "m")?,
+            u32_of(op.i0, "i0")?,
+            u32_of(op.lo, "lo")?,
+        );
         let window = u32_of(op.window.unwrap_or(0), "window")?;
         let scale = op.scale as f32;
         let cached = nk <= ROW_CACHE_KEYS;
@@ -211,7 +220,11 @@ extern "C" __global__ void block_softmax_bf16(const float* src, unsigned short* 
         let cfg = LaunchConfig {
             grid_dim: (rows32.div_ceil(WARPS), 1, 1),
             block_dim: (32 * WARPS, 1, 1),
-            shared_mem_bytes: if cached { u32_of(4 * nk * WARPS as usize, "row bytes")? } else { 0 },
+            shared_mem_bytes: if cached {
+                u32_of(4 * nk * WARPS as usize, "row bytes")?
+            } else {
+                0
+            },
         };
         let name = match op.out {
             DType::F32 => "block_softmax_f32",
@@ -269,30 +282,56 @@ mod tests {
     fn block_softmax_matches_the_masked_softmax() {
         let dev = Device::Cpu;
         let (m, nk) = (5, 9);
-        let op = BlockSoftmax { i0: 6, lo: 2, window: Some(5), scale: 0.7, out: DType::F32 };
+        let op = BlockSoftmax {
+            i0: 6,
+            lo: 2,
+            window: Some(5),
+            scale: 0.7,
+            out: DType::F32,
+        };
         let x = Tensor::randn(0f32, 2.0, (2, m, nk), &dev).unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let got = block_softmax(&x, op).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let bf = block_softmax(&x, BlockSoftmax { out: DType::BF16, ..op })
-            .unwrap()
-            .to_dtype(DType::F32)
+        let got = block_softmax(&x, op)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
+        let bf = block_softmax(
+            &x,
+            BlockSoftmax {
+                out: DType::BF16,
+                ..op
+            },
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
         for h in 0..2 {
             for r in 0..m {
                 let i = 6 + r;
                 let keys: Vec<usize> = (2..2 + nk).filter(|&k| k <= i && i - k < 5).collect();
-                let z: Vec<f64> = keys.iter().map(|&k| 0.7 * xs[(h * m + r) * nk + k - 2] as f64).collect();
+                let z: Vec<f64> = keys
+                    .iter()
+                    .map(|&k| 0.7 * xs[(h * m + r) * nk + k - 2] as f64)
+                    .collect();
                 let mx = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = z.iter().map(|v| (v - mx).exp()).sum();
                 for j in 0..nk {
-                    let want = keys.iter().position(|&k| k == j + 2).map_or(0.0, |p| (z[p] - mx).exp() / sum);
+                    let want = keys
+                        .iter()
+                        .position(|&k| k == j + 2)
+                        .map_or(0.0, |p| (z[p] - mx).exp() / sum);
                     let (g, b) = (got[(h * m + r) * nk + j] as f64, bf[(h * m + r) * nk + j] as f64);
                     assert!((g - want).abs() < 1e-6, "row {r} key {}: {g} vs {want}", j + 2);
-                    assert!((b - want).abs() <= want * 2f64.powi(-8) + 1e-30, "bf16 {b} vs {want}");
+                    assert!(
+                        (b - want).abs() <= want * 2f64.powi(-8) + 1e-30,
+                        "bf16 {b} vs {want}"
+                    );
                 }
             }
         }
@@ -301,10 +340,32 @@ mod tests {
     #[test]
     fn blocks_that_miss_visible_keys_are_refused() {
         let x = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
-        let op = BlockSoftmax { i0: 0, lo: 0, window: None, scale: 1.0, out: DType::F32 };
-        assert!(block_softmax(&x, op).unwrap_err().to_string().contains("past the block"));
-        let op = BlockSoftmax { i0: 4, lo: 2, window: None, scale: 1.0, out: DType::F32 };
+        let op = BlockSoftmax {
+            i0: 0,
+            lo: 0,
+            window: None,
+            scale: 1.0,
+            out: DType::F32,
+        };
+        assert!(
+            block_softmax(&x, op)
+                .unwrap_err()
+                .to_string()
+                .contains("past the block")
+        );
+        let op = BlockSoftmax {
+            i0: 4,
+            lo: 2,
+            window: None,
+            scale: 1.0,
+            out: DType::F32,
+        };
         let x = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
-        assert!(block_softmax(&x, op).unwrap_err().to_string().contains("before the block"));
+        assert!(
+            block_softmax(&x, op)
+                .unwrap_err()
+                .to_string()
+                .contains("before the block")
+        );
     }
 }

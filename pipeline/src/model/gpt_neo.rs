@@ -308,7 +308,8 @@ pub fn init_weights(config: &GptNeoConfig, seed: u64, device: &Device) -> Result
 pub fn randomize_biases(weights: &mut HashMap<String, Tensor>, std: f64, seed: u64) -> Result<()> {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};
-    let normal = Normal::new(0.0f32, std as f32).map_err(|e| Error::invalid(format!("bias std {std}: {e}")))?;
+    let normal =
+        Normal::new(0.0f32, std as f32).map_err(|e| Error::invalid(format!("bias std {std}: {e}")))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut names: Vec<String> = weights.keys().filter(|n| n.ends_with(".bias")).cloned().collect();
     names.sort();

@@ -218,7 +218,11 @@ pub fn attend(
 pub fn heads(x: &Tensor, h: usize, dh: usize) -> candle_core::Result<Tensor> {
     let (b, t, _) = x.dims3()?;
     let view = x.reshape((b, t, h, dh))?.transpose(1, 2)?;
-    if x.device().is_cpu() { view.contiguous() } else { Ok(view) }
+    if x.device().is_cpu() {
+        view.contiguous()
+    } else {
+        Ok(view)
+    }
 }
 
 /// Collects the hidden states asked for while a forward pass runs.

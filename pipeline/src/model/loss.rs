@@ -159,8 +159,8 @@ fn lse_lanes<const L: usize>(z: &[f32]) -> f64 {
             s[i] += exp_f32(c[i] - mx);
         }
     }
-    let total: f64 = s.iter().map(|&x| x as f64).sum::<f64>()
-        + tail.iter().map(|&x| exp_f32(x - mx) as f64).sum::<f64>();
+    let total: f64 =
+        s.iter().map(|&x| x as f64).sum::<f64>() + tail.iter().map(|&x| exp_f32(x - mx) as f64).sum::<f64>();
     mx as f64 + total.ln()
 }
 
@@ -357,7 +357,9 @@ fn linear_cross_entropy_chunked(
 ) -> Result<Tensor> {
     let fused = hidden.device().is_cpu() && hidden.dtype() == DType::F32 && weight.dtype() == DType::F32;
     if !fused {
-        let logits = hidden.matmul(&weight.t().ctx("output layer")?).ctx("output layer")?;
+        let logits = hidden
+            .matmul(&weight.t().ctx("output layer")?)
+            .ctx("output layer")?;
         return cross_entropy(&logits, labels);
     }
     let h = hidden.contiguous().ctx("cross-entropy")?;
@@ -368,7 +370,9 @@ fn linear_cross_entropy_chunked(
         LinearLoss {
             labels: Arc::new(labels.to_vec()),
             // 2^17 logits (512 KiB) per chunk: inside L2 beside its operands.
-            chunk: chunk.unwrap_or_else(|| ((1 << 17) / n.max(1)).clamp(16, 4096)).max(1),
+            chunk: chunk
+                .unwrap_or_else(|| ((1 << 17) / n.max(1)).clamp(16, 4096))
+                .max(1),
         },
     )
     .and_then(|l| l.mean_all())
@@ -426,7 +430,9 @@ fn gemm_f32(
 fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     let (a, b) = (l1.shape().dims(), l2.shape().dims());
     if a.len() != 2 || b.len() != 2 || a[1] != b[1] {
-        candle_core::bail!("linear cross-entropy expects hidden [N, d] and weight [V, d], got {a:?} and {b:?}");
+        candle_core::bail!(
+            "linear cross-entropy expects hidden [N, d] and weight [V, d], got {a:?} and {b:?}"
+        );
     }
     Ok((a[0], a[1], b[0]))
 }
@@ -435,7 +441,15 @@ fn linear_dims(l1: &Layout, l2: &Layout) -> candle_core::Result<(usize, usize, u
 fn chunk_logits(h: &[f32], w: &[f32], (n, d): (usize, usize), v0: usize, len: usize, z: &mut Vec<f32>) {
     // Every element is written by the product before it is read.
     z.resize(n * len, 0.0);
-    gemm_f32((n, len, d), z, false, h, (d, 1), &w[v0 * d..(v0 + len) * d], (1, d));
+    gemm_f32(
+        (n, len, d),
+        z,
+        false,
+        h,
+        (d, 1),
+        &w[v0 * d..(v0 + len) * d],
+        (1, d),
+    );
 }
 
 /// The logit of each row's label, in f64 from the f32 operands.
@@ -541,7 +555,8 @@ impl CustomOp2 for LinearLoss {
         let (sw, lw) = arg2.storage_and_layout();
         let (sl, ll) = res.storage_and_layout();
         let (sg, lg) = grad_res.storage_and_layout();
-        let (Storage::Cpu(sh), Storage::Cpu(sw), Storage::Cpu(sl), Storage::Cpu(sg)) = (&*sh, &*sw, &*sl, &*sg)
+        let (Storage::Cpu(sh), Storage::Cpu(sw), Storage::Cpu(sl), Storage::Cpu(sg)) =
+            (&*sh, &*sw, &*sl, &*sg)
         else {
             candle_core::bail!("linear cross-entropy backward: CPU tensors expected");
         };
@@ -576,7 +591,15 @@ impl CustomOp2 for LinearLoss {
                         }
                     }
                     gemm_f32((len, d, n), dwc, false, &gz, (1, len), h, (d, 1));
-                    gemm_f32((n, d, len), &mut dh, true, &gz, (len, 1), &w[v0 * d..(v0 + len) * d], (d, 1));
+                    gemm_f32(
+                        (n, d, len),
+                        &mut dh,
+                        true,
+                        &gz,
+                        (len, 1),
+                        &w[v0 * d..(v0 + len) * d],
+                        (d, 1),
+                    );
                 }
                 dh
             })

@@ -225,7 +225,9 @@ fn fused_update(s: &mut Slot, g: &Tensor, h: &Hyper) -> candle_core::Result<bool
     };
     let done = with_cpu_f32(p, |pv| {
         with_cpu_f32(&s.m, |mv| {
-            with_cpu_f32(&s.v, |vv| with_cpu_f32(g, |gv| (gv.len() == n).then(|| step(pv, mv, vv, gv))))
+            with_cpu_f32(&s.v, |vv| {
+                with_cpu_f32(g, |gv| (gv.len() == n).then(|| step(pv, mv, vv, gv)))
+            })
         })
     })
     .flatten()
@@ -329,7 +331,10 @@ mod tests {
             let grads = loss.backward().unwrap();
             let norm = opt.step(&grads, lr, max_norm).unwrap();
             let want_norm = p.iter().map(|x| x * x).sum::<f64>().sqrt();
-            assert!((norm - want_norm).abs() < 1e-5 * want_norm, "{norm} vs {want_norm}");
+            assert!(
+                (norm - want_norm).abs() < 1e-5 * want_norm,
+                "{norm} vs {want_norm}"
+            );
             let scale = (max_norm / (want_norm + 1e-6)).min(1.0);
             assert!(scale < 1.0);
             let (bc1, bc2) = (1.0 - 0.9f64.powi(t), 1.0 - 0.999f64.powi(t));

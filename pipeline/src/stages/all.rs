@@ -33,12 +33,36 @@ const PARAMS: &[ParamSpec] = &[
         "local",
         "local (in this process) or slurm (submit the study as SLURM jobs)",
     ),
-    param("collect_shards", "1", "slurm: collect array tasks per model (merged after)"),
-    param("slurm_args", "", "slurm: options for every job (partition, --time, account, ...)"),
-    param("dry_run", "false", "slurm: print the job scripts and dependencies, submit nothing"),
-    param("wait", "false", "slurm: block until every job has finished; fail naming failed tasks"),
-    param("binary", "", "slurm: the pipeline binary the jobs run (default: this one; must be on every node)"),
-    param("log_dir", "", "slurm: job logs (default: ./slurm-logs/EXPERIMENT; must be on every node)"),
+    param(
+        "collect_shards",
+        "1",
+        "slurm: collect array tasks per model (merged after)",
+    ),
+    param(
+        "slurm_args",
+        "",
+        "slurm: options for every job (partition, --time, account, ...)",
+    ),
+    param(
+        "dry_run",
+        "false",
+        "slurm: print the job scripts and dependencies, submit nothing",
+    ),
+    param(
+        "wait",
+        "false",
+        "slurm: block until every job has finished; fail naming failed tasks",
+    ),
+    param(
+        "binary",
+        "",
+        "slurm: the pipeline binary the jobs run (default: this one; must be on every node)",
+    ),
+    param(
+        "log_dir",
+        "",
+        "slurm: job logs (default: ./slurm-logs/EXPERIMENT; must be on every node)",
+    ),
 ];
 
 impl Stage for All {
@@ -72,7 +96,9 @@ impl Stage for All {
                 let slurm_only = p.bool("dry_run")?
                     || p.bool("wait")?
                     || p.u64("collect_shards")? != 1
-                    || ["slurm_args", "binary", "log_dir"].iter().any(|k| p.opt(k).is_some());
+                    || ["slurm_args", "binary", "log_dir"]
+                        .iter()
+                        .any(|k| p.opt(k).is_some());
                 if slurm_only {
                     return Err(p.invalid(
                         "executor",

@@ -333,8 +333,12 @@ fn analyze_layer(
         .stream_artifact_parts(&stats_a, STATS_BATCH_ROWS, rayon::current_num_threads())?
         .into_iter()
         .map(|s| {
-            let rows = usize::try_from(s.rows)
-                .map_err(|_| Error::artifact(stats_a.to_string(), format!("{} rows do not fit in memory", s.rows)))?;
+            let rows = usize::try_from(s.rows).map_err(|_| {
+                Error::artifact(
+                    stats_a.to_string(),
+                    format!("{} rows do not fit in memory", s.rows),
+                )
+            })?;
             Ok((s, rows))
         })
         .collect::<Result<Vec<_>>>()?;

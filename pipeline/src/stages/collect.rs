@@ -35,7 +35,9 @@ use crate::error::{Context, Error, Result};
 use crate::model::CausalLm;
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
-use crate::partials::{StateObject, collect_inputs, commit_class_stats, parse_layers, parse_shard, shard_key};
+use crate::partials::{
+    StateObject, collect_inputs, commit_class_stats, parse_layers, parse_shard, shard_key,
+};
 use crate::stages::{Ctx, Stage};
 use crate::stats::{ClassStats, Partial, batch_m2_to, batch_partial};
 
@@ -357,7 +359,10 @@ impl Stage for Collect {
                 }
                 let t1 = Instant::now();
                 if pass == 1 {
-                    let partials = hs.iter().map(|h| batch_partial(h, &labels)).collect::<Result<Vec<_>>>()?;
+                    let partials = hs
+                        .iter()
+                        .map(|h| batch_partial(h, &labels))
+                        .collect::<Result<Vec<_>>>()?;
                     merges.merge(partials)?;
                 } else {
                     for ((h, s), mu) in hs.iter().zip(merges.settled()?.iter_mut()).zip(&means) {
@@ -463,7 +468,9 @@ mod tests {
         let d = 4;
         let mut seed = 3u64;
         let mut next = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 11) as f64 / (1u64 << 53) as f64
         };
         let batches: Vec<(Tensor, Vec<u32>)> = (0..6)

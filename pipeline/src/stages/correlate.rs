@@ -232,7 +232,10 @@ fn stored_rows(batches: &[RecordBatch]) -> Vec<Correlation> {
         for i in 0..b.num_rows() {
             let n = b
                 .column_by_name("n_models")
-                .and_then(|c| c.as_primitive_opt::<arrow::datatypes::UInt64Type>().map(|a| a.value(i)))
+                .and_then(|c| {
+                    c.as_primitive_opt::<arrow::datatypes::UInt64Type>()
+                        .map(|a| a.value(i))
+                })
                 .unwrap_or(0);
             let note = str_at(b, "note", i);
             out.push(Correlation {
@@ -319,7 +322,10 @@ impl Stage for Correlate {
             .param("permutations", n_perm)
             .param("bootstrap", n_boot)
             .param("seed", seed)
-            .param("inputs", crate::sql::selection::inputs_fingerprint(&ctx.lake, source)?);
+            .param(
+                "inputs",
+                crate::sql::selection::inputs_fingerprint(&ctx.lake, source)?,
+            );
         if ctx.lake.up_to_date(&a, &prov, false)?.is_some() {
             let rows = stored_rows(&ctx.lake.read_artifact(&a)?);
             return Ok(format!(

@@ -20,7 +20,10 @@ use crate::stats::ClassStats;
 pub struct Merge;
 
 const PARAMS: &[ParamSpec] = &[
-    required("model", "the model the shards were collected for (as given to collect)"),
+    required(
+        "model",
+        "the model the shards were collected for (as given to collect)",
+    ),
     param(
         "dataset",
         "",
@@ -29,7 +32,11 @@ const PARAMS: &[ParamSpec] = &[
     param("split", "train", "split"),
     param("layers", "last", "the layers collect was given"),
     required("shards", "n, the number of shards"),
-    param("force", "false", "merge even when class_stats is up to date, replacing what other inputs made"),
+    param(
+        "force",
+        "false",
+        "merge even when class_stats is up to date, replacing what other inputs made",
+    ),
 ];
 
 impl Stage for Merge {
@@ -71,7 +78,10 @@ impl Stage for Merge {
         if !force {
             let mut done = true;
             for l in &layers {
-                let a = Artifact::new("class_stats", &[("model", &id), ("split", split), ("layer", &l.to_string())])?;
+                let a = Artifact::new(
+                    "class_stats",
+                    &[("model", &id), ("split", split), ("layer", &l.to_string())],
+                )?;
                 let want = prov.clone().param("layer", l);
                 // However many shards made them (or none): the same statistics.
                 done &= ctx

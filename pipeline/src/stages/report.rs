@@ -253,11 +253,18 @@ impl Stage for Report {
             "inputs": selection::inputs_fingerprint(&ctx.lake, "model_metrics")?,
             "tool_version": env!("CARGO_PKG_VERSION"),
         });
-        let stamp_key = if prefix.is_empty() { "report.json".to_string() } else { format!("{prefix}/report.json") };
+        let stamp_key = if prefix.is_empty() {
+            "report.json".to_string()
+        } else {
+            format!("{prefix}/report.json")
+        };
         if let Some(old) = store.get_opt(&stamp_key)?
             && serde_json::from_slice::<serde_json::Value>(&old).ok().as_ref() == Some(&stamp)
         {
-            return Ok(format!("report: up to date -> {}/index.html", store.display(&prefix).trim_end_matches('/')));
+            return Ok(format!(
+                "report: up to date -> {}/index.html",
+                store.display(&prefix).trim_end_matches('/')
+            ));
         }
         ctx.would_run(format!("report `{predicate}`"))?;
         let sql = Sql::open(&ctx.lake)?;

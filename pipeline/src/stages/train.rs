@@ -400,7 +400,10 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
             window_n += 1;
             bar.inc((b * t) as u64);
             bar.set_message(format!("{} loss {loss_v:.3}", recipe.name));
-            if step.is_multiple_of(recipe.log_every) || step == total_steps || step.is_multiple_of(steps_per_epoch) {
+            if step.is_multiple_of(recipe.log_every)
+                || step == total_steps
+                || step.is_multiple_of(steps_per_epoch)
+            {
                 log.push(LogRow {
                     step,
                     epoch: step as f64 / steps_per_epoch as f64,
