@@ -33,12 +33,12 @@ struct BlockAttention {
 }
 
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    h: usize,
-    hkv: usize,
-    t: usize,
-    dh: usize,
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) h: usize,
+    pub(crate) hkv: usize,
+    pub(crate) t: usize,
+    pub(crate) dh: usize,
 }
 
 /// The element types: a softmax over one row of visible scores, in place.
@@ -306,11 +306,12 @@ pub fn attend(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
-    fn random(n: usize, seed: u64) -> Vec<f64> {
+    /// Uniform in [-2, 2), from a seeded LCG.
+    pub(crate) fn random(n: usize, seed: u64) -> Vec<f64> {
         let mut s = seed;
         (0..n)
             .map(|_| {
@@ -322,8 +323,16 @@ mod tests {
             .collect()
     }
 
-    /// Brute force in f64: every score, the masked softmax, the product.
-    fn reference(q: &[f64], k: &[f64], v: &[f64], d: Dims, scale: f64, window: Option<usize>) -> Vec<f64> {
+    /// Brute force in f64: every score, the masked softmax, the product;
+    /// q [B, H, T, dh], k and v [B, Hkv, T, dh] in, [B, H, T, dh] out.
+    pub(crate) fn reference(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        d: Dims,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Vec<f64> {
         let Dims { b, h, hkv, t, dh } = d;
         let mut out = vec![0.0; b * h * t * dh];
         for bi in 0..b {

@@ -23,6 +23,7 @@ pub mod block_attention;
 pub mod block_softmax;
 pub mod checkpoint;
 pub mod config;
+pub mod flash_attention;
 pub mod gpt2;
 pub mod gpt_neo;
 pub mod gpt_neox;

@@ -1,0 +1,506 @@
+//! Causal attention of bf16 models on CUDA GPUs in one kernel
+//! (`cuda/flash_attention.cu`, compiled by NVRTC for compute_80 and newer).
+//!
+//! [`super::attention::blocked_attention`] builds attention from device
+//! primitives: per block of queries a score product, the block softmax and
+//! a product with V, with q and k cast to f32 first and the heads copied
+//! contiguous around them. On an H100 those passes were about half of a
+//! 12x1024 bf16 collection (the softmax 15 %, the casts 10 %, the head
+//! copies 11 %, and the products' share). This kernel reads q, k and v where
+//! they lie (heads as strided views of the projections, grouped queries
+//! sharing their key/value head), keeps scores and the running softmax in
+//! registers, and writes the output once as [B, T, H * D]: the layout the
+//! output projection reads.
+//!
+//! The same source runs on the CPU in the tests through an emulator of the
+//! CUDA execution model (`cuda/emulator.hpp`: threads as fibers in seeded
+//! random order, barriers and warp collectives checked, the tensor-core
+//! instruction computed from the PTX ISA's fragment layouts), against the
+//! f64 brute force. Until a GPU run has measured it (`scripts/gpu-check.sh`
+//! compares it with the CPU and times it) it is opt-in: `attention=fused`
+//! on `collect` (see [`super::layers::use_attention`]).
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+
+/// Queries per CUDA block (`FA_BQ` in the kernel): four warps of 16 rows.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const QUERY_BLOCK: usize = 64;
+
+/// Head dimensions the kernel is instantiated for (multiples of the 16-wide
+/// tensor-core steps; at most 128, so a warp's output rows stay in registers).
+const HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 112, 128];
+
+/// The kernel's arguments: `FlashArgs` of `cuda/flash_attention.cu`, field
+/// for field (strides in elements; the head dimension's stride is 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct FlashArgs {
+    /// Batch, head and token strides of q.
+    q_stride: [i64; 3],
+    k_stride: [i64; 3],
+    v_stride: [i64; 3],
+    t: u32,
+    h: u32,
+    hkv: u32,
+    /// 0: causal; else query i sees keys i - window + 1 ..= i.
+    window: u32,
+    d: u32,
+    /// The score scale times log2(e): the kernel's exponentials are exp2.
+    scale_log2: f32,
+}
+
+// The kernel's struct: 9 strides of 8 bytes, 5 counts and a scale of 4.
+const _: () = assert!(std::mem::size_of::<FlashArgs>() == 96);
+
+/// One launch: its arguments, the batch size and where q, k and v start in
+/// their storage (elements).
+#[derive(Debug, PartialEq)]
+pub(crate) struct Launch {
+    args: FlashArgs,
+    batch: usize,
+    starts: [usize; 3],
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Launch {
+    /// Grid: query blocks x heads x batch.
+    fn grid(&self) -> (u32, u32, u32) {
+        (
+            (self.args.t as usize).div_ceil(QUERY_BLOCK) as u32,
+            self.args.h,
+            self.batch as u32,
+        )
+    }
+
+    /// The launch for q [B, H, T, D] and k, v [B, Hkv, T, D] with these
+    /// layouts, or why the kernel cannot take them: head dimension not one
+    /// of [`HEAD_DIMS`], not contiguous within a head, or offsets and
+    /// strides that break its vector loads (q is read 4 bytes at a time, so
+    /// its offsets must be even; k and v 16 bytes at a time, so theirs must
+    /// be multiples of 8 elements).
+    pub(crate) fn new(
+        q: &Layout,
+        k: &Layout,
+        v: &Layout,
+        scale: f64,
+        window: Option<usize>,
+    ) -> Result<Launch, String> {
+        let dims4 = |l: &Layout, what: &str| -> Result<(usize, usize, usize, usize), String> {
+            l.shape()
+                .dims4()
+                .map_err(|_| format!("{what} is {:?}, not [B, H, T, D]", l.shape()))
+        };
+        let (b, h, t, d) = dims4(q, "q")?;
+        let (bk, hkv, tk, dk) = dims4(k, "k")?;
+        if (bk, tk, dk) != (b, t, d) || v.shape() != k.shape() || hkv == 0 || h % hkv != 0 {
+            return Err(format!(
+                "q {:?}, k {:?}, v {:?} do not fit [B, H, T, D] / [B, Hkv, T, D]",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            ));
+        }
+        if !HEAD_DIMS.contains(&d) {
+            return Err(format!("head dimension {d} is not one of {HEAD_DIMS:?}"));
+        }
+        if t == 0 || b == 0 {
+            return Err("no tokens".into());
+        }
+        let u32_of = |x: usize, what: &str| u32::try_from(x).map_err(|_| format!("{what} {x} exceeds u32"));
+        if b > 65_535 || h > 65_535 {
+            return Err(format!("a grid of {b} x {h} blocks exceeds CUDA's 65,535"));
+        }
+        let strides = |l: &Layout, align: usize, what: &str| -> Result<[i64; 3], String> {
+            let s = l.stride();
+            if s[3] != 1 {
+                return Err(format!(
+                    "{what}'s head dimension is not contiguous (stride {})",
+                    s[3]
+                ));
+            }
+            if !l.start_offset().is_multiple_of(align) || s[..3].iter().any(|x| !x.is_multiple_of(align)) {
+                return Err(format!(
+                    "{what}'s offset {} or strides {s:?} are not multiples of {align} elements",
+                    l.start_offset()
+                ));
+            }
+            let mut out = [0i64; 3];
+            for (o, &x) in out.iter_mut().zip(&s[..3]) {
+                *o = i64::try_from(x).map_err(|_| format!("{what}'s stride {x} exceeds i64"))?;
+            }
+            Ok(out)
+        };
+        Ok(Launch {
+            args: FlashArgs {
+                q_stride: strides(q, 2, "q")?,
+                k_stride: strides(k, 8, "k")?,
+                v_stride: strides(v, 8, "v")?,
+                t: u32_of(t, "T")?,
+                h: h as u32,
+                hkv: hkv as u32,
+                window: u32_of(window.unwrap_or(0), "window")?,
+                d: d as u32,
+                scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+            },
+            batch: b,
+            starts: [q.start_offset(), k.start_offset(), v.start_offset()],
+        })
+    }
+
+    fn out_shape(&self) -> Shape {
+        let a = &self.args;
+        Shape::from((self.batch, a.t as usize, (a.h * a.d) as usize))
+    }
+}
+
+/// The op, with its launch worked out from the layouts candle hands it.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct FlashAttention(Launch);
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA devices only (the CPU has block attention)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        // `attend` made the launch from these tensors' layouts.
+        if [l1, l2, l3].map(Layout::start_offset) != self.0.starts {
+            candle_core::bail!("flash attention: called on other tensors than it was made for");
+        }
+        cuda::forward(&self.0, s1, s2, s3)
+    }
+}
+
+/// Causal attention of bf16 q [B, H, T, D] over k, v [B, Hkv, T, D] on a
+/// CUDA device of compute capability 8.0 or newer, without gradients, as
+/// [B, T, H * D]; scores scaled by `scale`, keys limited to the last
+/// `window` positions when given. `None` when the kernel cannot take these
+/// tensors (another device or dtype, see [`Launch::new`]): the caller
+/// falls back to block attention.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Option<Tensor>> {
+    let bf16 = [q, k, v].iter().all(|x| x.dtype() == candle_core::DType::BF16);
+    if !bf16 || !supported_device(q.device()) {
+        return Ok(None);
+    }
+    match Launch::new(q.layout(), k.layout(), v.layout(), scale, window) {
+        Ok(launch) => q.apply_op3_no_bwd(k, v, &FlashAttention(launch)).map(Some),
+        Err(why) => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!("flash attention cannot take these heads ({why}); using block attention")
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// A CUDA device with the bf16 tensor-core instruction the kernel uses
+/// (compute capability 8.0: A100 and newer).
+fn supported_device(device: &candle_core::Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return dev
+            .cuda_stream()
+            .context()
+            .compute_capability()
+            .is_ok_and(|cc| cc >= (8, 0));
+    }
+    let _ = device;
+    false
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{FlashArgs, Launch};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, Shape};
+    use half::bf16;
+
+    const SOURCE: &str = include_str!("../../cuda/flash_attention.cu");
+    const MODULE: &str = "pipeline_flash_attention";
+
+    // SAFETY: FlashArgs is repr(C), plain numbers, laid out as the kernel's
+    // struct of the same name (the emulator tests pass it the same way).
+    unsafe impl DeviceRepr for FlashArgs {}
+
+    pub(super) fn forward(
+        launch: &Launch,
+        q: &CudaStorage,
+        k: &CudaStorage,
+        v: &CudaStorage,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = q.device.clone();
+        let [qs, ks, vs] = launch.starts;
+        let q = q.as_cuda_slice::<bf16>()?.slice(qs..);
+        let k = k.as_cuda_slice::<bf16>()?.slice(ks..);
+        let v = v.as_cuda_slice::<bf16>()?.slice(vs..);
+        let shape = launch.out_shape();
+        // SAFETY: the kernel writes every element (each query row of each head).
+        let out = unsafe { dev.alloc::<bf16>(shape.elem_count())? };
+        let ptx = crate::nvrtc::ptx_for(MODULE, SOURCE, Some("compute_80"))?;
+        let func =
+            dev.get_or_load_custom_func(&format!("flash_attention_bf16_d{}", launch.args.d), MODULE, &ptx)?;
+        let cfg = LaunchConfig {
+            grid_dim: launch.grid(),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = func.builder();
+        b.arg(&q);
+        b.arg(&k);
+        b.arg(&v);
+        b.arg(&out);
+        b.arg(&launch.args);
+        // SAFETY: the arguments (q, k, v, out, FlashArgs) match the kernel's
+        // signature; Launch::new checked that every read stays inside q, k
+        // and v as their layouts describe them, and out holds B x T x H x D.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::ffi::{c_char, c_int};
+
+    unsafe extern "C" {
+        /// `cuda/flash_attention_emulated.cpp`: the kernel on the CPU emulator.
+        fn pipeline_flash_attention_emulated(
+            q: *const u16,
+            k: *const u16,
+            v: *const u16,
+            out: *mut u16,
+            args: *const FlashArgs,
+            batch: u32,
+            seed: u64,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+    }
+
+    /// A tensor's whole bf16 storage as bits, in a 16-byte aligned buffer
+    /// (the kernel's 16-byte loads need the alignment cudaMalloc gives).
+    fn aligned_bits(x: &Tensor) -> Vec<u128> {
+        let (storage, _) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::BF16(v)) = &*storage else {
+            panic!("expected a bf16 CPU tensor");
+        };
+        let mut out = vec![0u128; v.len().div_ceil(8)];
+        for (i, h) in v.iter().enumerate() {
+            out[i / 8] |= (h.to_bits() as u128) << (16 * (i % 8));
+        }
+        out
+    }
+
+    /// Runs the emulated kernel on q, k, v as their layouts lie; [B, T, H * D].
+    fn emulated(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, window: Option<usize>, seed: u64) -> Tensor {
+        let launch = Launch::new(q.layout(), k.layout(), v.layout(), scale, window).unwrap();
+        let (qb, kb, vb) = (aligned_bits(q), aligned_bits(k), aligned_bits(v));
+        let shape = launch.out_shape();
+        let mut out = vec![0xffffu16; shape.elem_count()];
+        let mut err = [0 as c_char; 256];
+        let at = |b: &[u128], start: usize| unsafe { (b.as_ptr() as *const u16).add(start) };
+        // SAFETY: the buffers hold the tensors' storages, the starts are
+        // their layouts' offsets, and out has B x T x H x D elements.
+        let rc = unsafe {
+            pipeline_flash_attention_emulated(
+                at(&qb, launch.starts[0]),
+                at(&kb, launch.starts[1]),
+                at(&vb, launch.starts[2]),
+                out.as_mut_ptr(),
+                &launch.args,
+                launch.batch as u32,
+                seed,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+            panic!("emulated kernel: {}", msg.to_string_lossy());
+        }
+        let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
+        Tensor::from_vec(out, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The kernel, run by the emulator, against the f64 brute force on the
+    /// same bf16 inputs. Bound: the probabilities and the output are each
+    /// rounded to bf16 once (relative 2^-9), and the probabilities sum to 1,
+    /// so |error| <= 2^-8 max|v| (+ f32 sums, far below); observed 5-6e-3
+    /// for |v| <= 2 against the bound 7.8e-3, while a missing barrier, a
+    /// fragment out of place or a key lost at a tile edge gives 0.1-4.
+    /// Cases: grouped queries, T not a multiple of the 64-query block,
+    /// windows shorter and longer than T, windows of every offset between
+    /// key tiles and a warp's rows (W mod 16 = 0..15), every head
+    /// dimension, GPT-Neo's unscaled scores with a 256-key window over ten
+    /// blocks, and q, k, v as views of one fused projection (GPT-2's
+    /// c_attn: offsets and a 3 H D token stride).
+    #[test]
+    fn flash_attention_matches_brute_force_on_the_emulator() {
+        use crate::model::block_attention::tests::{random, reference};
+        // In a windowed layer a key tile starts (1 - W) mod 16 rows off a
+        // warp's first row: the sweep of W = 1..=16 (and a few past the
+        // 64-key tile) meets every such offset at the tile and warp edges.
+        // (batch, heads, key/value heads, T, head dimension, scale, window)
+        type Case = (usize, usize, usize, usize, usize, f64, Option<usize>);
+        let sweep = (1..=16)
+            .chain([31, 63, 65, 127])
+            .map(|w| (1, 1, 1, 150, 16, 0.3, Some(w)));
+        let cases: Vec<Case> = [
+            (2, 4, 4, 150, 64, 0.125, None),
+            (1, 4, 2, 150, 32, 0.35, None),
+            (2, 2, 1, 131, 16, 0.25, Some(40)),
+            (1, 3, 3, 70, 48, 0.2, Some(500)),
+            (1, 2, 2, 1, 64, 1.0, None),
+            (1, 2, 2, 300, 128, 0.09, None),
+            (1, 2, 2, 200, 64, 0.1, Some(18)),
+            (1, 2, 1, 200, 32, 0.2, Some(2)),
+            (1, 1, 1, 333, 80, 0.1, Some(50)),
+            (1, 2, 2, 97, 96, 0.1, None),
+            (1, 2, 2, 129, 112, 0.1, Some(64)),
+            (1, 2, 2, 600, 64, 1.0, Some(256)),
+        ]
+        .into_iter()
+        .chain(sweep)
+        .collect();
+        let dev = Device::Cpu;
+        for (n, &(b, h, hkv, t, d, scale, window)) in cases.iter().enumerate() {
+            // GPT-Neo's scores are unscaled: smaller inputs keep its softmax
+            // from being one-hot, so dropped keys would show.
+            let amp = if scale == 1.0 && t > 1 { 0.25 } else { 1.0 };
+            let bf = |x: Vec<f64>| {
+                x.into_iter()
+                    .map(|v| half::bf16::from_f64(v * amp))
+                    .collect::<Vec<_>>()
+            };
+            // q as the heads of a [B, T, H * D] projection (strided view).
+            let q = Tensor::from_vec(bf(random(b * t * h * d, 5 * n as u64 + 1)), (b, t, h, d), &dev)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let k = Tensor::from_vec(
+                bf(random(b * hkv * t * d, 5 * n as u64 + 2)),
+                (b, hkv, t, d),
+                &dev,
+            )
+            .unwrap();
+            let v = Tensor::from_vec(
+                bf(random(b * hkv * t * d, 5 * n as u64 + 3)),
+                (b, hkv, t, d),
+                &dev,
+            )
+            .unwrap();
+            let check = |q: &Tensor, k: &Tensor, v: &Tensor, what: &str| {
+                let f64s = |x: &Tensor| {
+                    x.to_dtype(DType::F64)
+                        .unwrap()
+                        .contiguous()
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                };
+                let dims = crate::model::block_attention::Dims { b, h, hkv, t, dh: d };
+                let vs = f64s(v);
+                // reference: [B, H, T, D]; the kernel writes [B, T, H * D].
+                let want = Tensor::from_vec(
+                    reference(&f64s(q), &f64s(k), &vs, dims, scale, window),
+                    (b, h, t, d),
+                    &dev,
+                )
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, h * d))
+                .unwrap();
+                let got = emulated(q, k, v, scale, window, n as u64)
+                    .to_dtype(DType::F64)
+                    .unwrap();
+                let diff: f64 = (got - want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                let max_v = vs.iter().fold(0f64, |m, x| m.max(x.abs()));
+                let bound = max_v / 256.0 * 1.001;
+                assert!(
+                    diff <= bound,
+                    "case {n} ({what}: b {b} h {h}/{hkv} t {t} d {d} scale {scale} window {window:?}): max |diff| {diff:e} > {bound:e}"
+                );
+            };
+            check(&q, &k, &v, "heads");
+            if h == hkv {
+                // One fused [B, T, 3 H D] projection, split by narrowing.
+                let qkv = Tensor::cat(
+                    &[
+                        &q.transpose(1, 2).unwrap(),
+                        &k.transpose(1, 2).unwrap(),
+                        &v.transpose(1, 2).unwrap(),
+                    ],
+                    2,
+                )
+                .unwrap()
+                .contiguous()
+                .unwrap();
+                let part = |i: usize| qkv.narrow(2, i * h, h).unwrap().transpose(1, 2).unwrap();
+                let (qf, kf, vf) = (part(0), part(1), part(2));
+                assert_eq!(kf.layout().start_offset(), h * d);
+                check(&qf, &kf, &vf, "fused projection");
+            }
+        }
+    }
+
+    #[test]
+    fn layouts_the_kernel_cannot_take_are_refused() {
+        let dev = Device::Cpu;
+        let z = |s: (usize, usize, usize, usize)| Tensor::zeros(s, DType::BF16, &dev).unwrap();
+        let (q, k) = (z((1, 4, 8, 64)), z((1, 2, 8, 64)));
+        assert!(Launch::new(q.layout(), k.layout(), k.layout(), 1.0, None).is_ok());
+        let why =
+            |q: &Tensor, k: &Tensor| Launch::new(q.layout(), k.layout(), k.layout(), 1.0, None).unwrap_err();
+        assert!(why(&z((1, 4, 8, 72)), &z((1, 4, 8, 72))).contains("head dimension 72"));
+        assert!(why(&q, &z((1, 3, 8, 64))).contains("do not fit"));
+        // A head dimension that is not contiguous.
+        let qt = z((1, 4, 64, 8)).transpose(2, 3).unwrap();
+        assert!(why(&qt, &z((1, 4, 8, 64))).contains("not contiguous"));
+        // k starting at element 2, rows 68 apart.
+        let kk = z((1, 2, 8, 68)).narrow(3, 2, 64).unwrap();
+        assert!(why(&q, &kk).contains("multiples of 8"));
+        // CPU tensors never reach the kernel.
+        assert!(attend(&q, &k, &k, 1.0, None).unwrap().is_none());
+    }
+}
