@@ -1,7 +1,8 @@
 //! Builds the CPU emulator of the project's CUDA kernels (`cuda/`), which
 //! the unit tests run against brute-force references on machines without a
 //! GPU. Only test code calls into it, so the linker leaves it out of the
-//! binary.
+//! binary. Without a C++17 compiler the crate still builds (cfg
+//! `cuda_emulator` unset) and the emulator tests fail, saying why.
 
 fn main() {
     for f in [
@@ -12,11 +13,16 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed=cuda/{f}");
     }
-    cc::Build::new()
+    println!("cargo::rustc-check-cfg=cfg(cuda_emulator)");
+    let built = cc::Build::new()
         .cpp(true)
         .std("c++17")
         .file("cuda/flash_attention_emulated.cpp")
         .include("cuda")
         .warnings(true)
-        .compile("pipeline_cuda_emulator");
+        .try_compile("pipeline_cuda_emulator");
+    match built {
+        Ok(()) => println!("cargo:rustc-cfg=cuda_emulator"),
+        Err(e) => println!("cargo:warning=the CUDA kernel emulator was not built (its tests will fail): {e}"),
+    }
 }

@@ -4,14 +4,18 @@
 #
 #   scripts/gpu-check.sh PIPELINE_BINARY OUT_DIR
 #
-# Builds a lake from the shipped sample (T = 2048), makes random-weight
-# GPT-Neo models 2x768 and 12x1024 (biases random too, so the bias kernels
-# are checked), and for each
-#   - collects the validation split on the CPU (f32) and on the GPU (f32 and
-#     bf16) and compares the statistics (max relative difference of the
-#     class means and of M2, over classes with at least 4 samples);
+# Times the two attention paths of bf16 inference (`bench attention`: block
+# attention from primitives and the fused kernel, causal and with GPT-Neo's
+# 256-key window, and their largest difference). Builds a lake from the
+# shipped sample (T = 2048), makes random-weight GPT-Neo models 2x768 and
+# 12x1024 (biases random too, so the bias kernels are checked), and for each
+#   - collects the validation split on the CPU (f32) and on the GPU (f32,
+#     bf16, and bf16 with attention=fused) and compares the statistics (max
+#     relative difference of the class means and of M2, over classes with at
+#     least 4 samples);
 #   - collects the train split (the sample 16 times: 1.8 M tokens) on the GPU
-#     in bf16 and f32 for throughput, and runs decide there.
+#     in bf16 (both attention paths) and f32 for throughput, and runs decide
+#     there.
 # Prints a table; every log goes to OUT_DIR.
 set -euo pipefail
 P=${1:?pipeline binary}
@@ -25,15 +29,22 @@ L=$W/lake
 "$P" --lake "$L" -q run stage=tokenize dataset=g
 "$P" --lake "$L" -q run stage=pack dataset=g T=2048 mode=concat
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# The fused kernel's runs may fail without ending the check: the rest of the
+# table is still measured.
+for window in 0 256; do
+  "$P" bench attention window=$window 2>&1 | tee -a "$OUT/bench-attention.log" || echo "bench attention window=$window FAILED"
+done
 for m in 2x768 12x1024; do
   depth=${m%x*}; width=${m#*x}
   "$P" make-model --depth "$depth" --width "$width" --bias-std 0.05 --out "$W/m$m" 2>/dev/null
-  for run in cpu-f32 cuda-f32 cuda-bf16; do
-    dev=${run%-*}; dt=${run#*-}
+  for run in cpu-f32 cuda-f32 cuda-bf16 cuda-bf16-fused; do
+    dev=${run%%-*}; dt=${run#*-}; dt=${dt%-fused}
+    att=blocks; [[ $run == *-fused ]] && att=fused
     rm -rf "$W/l-$m-$run"; "$P" -q --lake "$L" copy "$W/l-$m-$run" >/dev/null
     batch=4; [ "$dev" = cpu ] && batch=2
     "$P" -q --lake "$W/l-$m-$run" run stage=collect model="$W/m$m" dataset=g split=validation \
-      device=$dev dtype=$dt batch=$batch 2>&1 | tee "$OUT/collect-val-$m-$run.log"
+      device=$dev dtype=$dt attention=$att batch=$batch 2>&1 | tee "$OUT/collect-val-$m-$run.log" \
+      || { [ $att = fused ] && echo "collect $m $run FAILED"; }
   done
   python3 - "$W" "$m" <<'PY' | tee "$OUT/compare-$m.txt"
 import sys, glob
@@ -44,8 +55,12 @@ def load(run):
     t = pq.read_table(f).to_pydict()
     return {c: (n, np.array(mu), m2) for c, n, mu, m2 in zip(t["class_id"], t["count"], t["mean"], t["m2"])}
 ref = load("cpu-f32")
-for run in ["cuda-f32", "cuda-bf16"]:
-    got = load(run)
+for run in ["cuda-f32", "cuda-bf16", "cuda-bf16-fused"]:
+    try:
+        got = load(run)
+    except IndexError:
+        print(f"{m} {run}: no statistics (the run failed)")
+        continue
     dm = dv = 0.0
     for c, (n, mu, m2) in ref.items():
         if n < 4: continue
@@ -54,9 +69,12 @@ for run in ["cuda-f32", "cuda-bf16"]:
         dv = max(dv, abs(g[2] - m2) / max(abs(m2), 1e-12))
     print(f"{m} {run} vs cpu-f32: {len(ref)} classes, max rel diff of means {dm:.2e}, of M2 {dv:.2e}")
 PY
-  for dt in bf16 f32; do
-    rm -rf "$W/t-$m-$dt"; "$P" -q --lake "$L" copy "$W/t-$m-$dt" >/dev/null
-    "$P" -q --lake "$W/t-$m-$dt" run stage=collect model="$W/m$m" dataset=g device=cuda dtype=$dt batch=8 2>&1 | tee "$OUT/collect-train-$m-$dt.log"
+  for run in bf16 bf16-fused f32; do
+    dt=${run%-fused}; att=blocks; [[ $run == *-fused ]] && att=fused
+    rm -rf "$W/t-$m-$run"; "$P" -q --lake "$L" copy "$W/t-$m-$run" >/dev/null
+    "$P" -q --lake "$W/t-$m-$run" run stage=collect model="$W/m$m" dataset=g device=cuda dtype=$dt \
+      attention=$att batch=8 2>&1 | tee "$OUT/collect-train-$m-$run.log" \
+      || { [ $att = fused ] && echo "collect $m $run FAILED"; }
   done
   "$P" -q --lake "$W/t-$m-bf16" run stage=decide model="$W/m$m" dataset=g device=cuda batch=8 precision=f32 2>&1 | tee "$OUT/decide-$m.log"
 done

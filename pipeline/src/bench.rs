@@ -410,6 +410,85 @@ pub fn correlate(models: usize, metrics: usize, perms: u64) -> Result<String> {
     ))
 }
 
+/// Inference attention on a CUDA device: block attention from device
+/// primitives against the fused kernel of `attention=fused`, on the same
+/// random bf16 heads ([B, T, H * D] projections viewed as [B, H, T, D], as
+/// the models make them): time per call, useful TFLOP/s (4 D FLOPs per
+/// visible query-key pair) and the largest difference of their outputs,
+/// beside the bound both paths' bf16 roundings allow: each rounds the
+/// probabilities and the output once (relative 2^-9 each, the
+/// probabilities summing to 1), so each is within 2^-8 max|v| of the exact
+/// attention and they are within 2^-7 max|v| of each other.
+pub fn attention(
+    batch: usize,
+    heads: usize,
+    t: usize,
+    dim: usize,
+    window: usize,
+    device: &str,
+    reps: usize,
+) -> Result<String> {
+    use crate::model::flash_attention;
+    use crate::model::layers::{self, AttentionKernel, use_attention};
+    let dev = crate::model::device(device)?;
+    if dev.is_cpu() {
+        return Err(Error::invalid(
+            "bench attention compares the two CUDA attention paths: give device=cuda[:N] (a CUDA build on a GPU machine)",
+        ));
+    }
+    let window = (window > 0).then_some(window);
+    let scale = 1.0 / (dim as f64).sqrt();
+    let measure = || -> candle_core::Result<(f64, f64, f32, f32)> {
+        let heads_of = |seed: u64| -> candle_core::Result<Tensor> {
+            dev.set_seed(seed)?;
+            let x = Tensor::randn(0f32, 1.0, (batch, t, heads * dim), &dev)?
+                .to_dtype(candle_core::DType::BF16)?;
+            layers::heads(&x, heads, dim)
+        };
+        let (q, k, v) = (heads_of(1)?, heads_of(2)?, heads_of(3)?);
+        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<(Tensor, f64)> {
+            let out = run()?;
+            dev.synchronize()?;
+            let started = Instant::now();
+            for _ in 0..reps {
+                run()?;
+            }
+            dev.synchronize()?;
+            Ok((out, started.elapsed().as_secs_f64() / reps.max(1) as f64))
+        };
+        // Block attention as the models call it (casts, head copies and the
+        // output's transpose included), and the kernel alone, which must
+        // take these heads rather than fall back.
+        let _blocks = use_attention(AttentionKernel::Blocks);
+        let (blocks, t_blocks) = time(&|| layers::attend(&q, &k, &v, Some(scale), window))?;
+        let (fused, t_fused) = time(&|| {
+            flash_attention::attend(&q, &k, &v, scale, window)?.ok_or_else(|| {
+                candle_core::Error::Msg("the fused kernel cannot take these heads (see the log)".into())
+            })
+        })?;
+        let f32s = |x: &Tensor| x.to_dtype(candle_core::DType::F32);
+        let diff = (f32s(&fused)? - f32s(&blocks)?)?.abs()?.max_all()?.to_scalar()?;
+        let max_v = f32s(&v)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok((t_blocks, t_fused, diff, max_v / 128.0))
+    };
+    let (t_blocks, t_fused, diff, bound) = measure().ctx("bench attention")?;
+    let pairs: usize = (0..t)
+        .map(|i| window.map_or(i + 1, |w| (i + 1).min(w)))
+        .sum::<usize>()
+        * batch
+        * heads;
+    let tflops = |secs: f64| 4.0 * dim as f64 * pairs as f64 / secs / 1e12;
+    Ok(format!(
+        "attention bf16, batch {batch}, {heads} heads of {dim}, T = {t}, window {window:?}: fused {:.3} ms ({:.1} TFLOP/s), \
+         blocks {:.3} ms ({:.1} TFLOP/s): fused takes {:.2}x the time of blocks; max |fused - blocks| {diff:.2e} (bf16 bound {bound:.2e})",
+        t_fused * 1e3,
+        tflops(t_fused),
+        t_blocks * 1e3,
+        tflops(t_blocks),
+        t_fused / t_blocks
+    ))
+}
+
 /// Options of `pipeline bench`, as key=value pairs.
 pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
     let get = |k: &str, d: &str| opts.get(k).cloned().unwrap_or_else(|| d.to_string());
@@ -449,8 +528,17 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
             num("metrics", 7)?,
             num("permutations", 10_000)? as u64,
         ),
+        "attention" => attention(
+            num("batch", 8)?,
+            num("heads", 16)?,
+            num("T", 2048)?,
+            num("dim", 64)?,
+            num("window", 0)?,
+            &get("device", "cuda"),
+            num("reps", 20)?,
+        ),
         other => Err(Error::invalid(format!(
-            "unknown benchmark '{other}'; benchmarks: data, model, collect, analyze, correlate"
+            "unknown benchmark '{other}'; benchmarks: data, model, collect, analyze, correlate, attention"
         ))),
     }
 }

@@ -331,6 +331,12 @@ fn mismatched_inputs_are_refused() {
     );
     let err = tl.run_err("collect", &[("model", "tiny"), ("shard", "3/3")]);
     assert!(err.contains("shard"), "{err}");
+    // The fused attention kernel exists for bf16 on CUDA only.
+    let err = tl.run_err("collect", &[("model", "tiny"), ("attention", "fused")]);
+    assert!(
+        err.contains("attention") && err.contains("device=cuda and dtype=bf16"),
+        "{err}"
+    );
     // Data tokenized with another vocabulary than the model's own tokenizer:
     // the shipped tokenizer with the ids of two tokens swapped.
     let other = std::fs::read_to_string(crate::common::data("tokenizer.json"))

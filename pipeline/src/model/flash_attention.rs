@@ -291,8 +291,10 @@ mod cuda {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+    #[cfg(cuda_emulator)]
     use std::ffi::{c_char, c_int};
 
+    #[cfg(cuda_emulator)]
     unsafe extern "C" {
         /// `cuda/flash_attention_emulated.cpp`: the kernel on the CPU emulator.
         fn pipeline_flash_attention_emulated(
@@ -306,6 +308,54 @@ mod tests {
             err: *mut c_char,
             err_len: usize,
         ) -> c_int;
+    }
+
+    /// The emulated kernel over q, k, v (pointers at their first elements)
+    /// into out; what went wrong otherwise.
+    #[cfg(cuda_emulator)]
+    fn run_emulator(
+        q: *const u16,
+        k: *const u16,
+        v: *const u16,
+        out: &mut [u16],
+        launch: &Launch,
+        seed: u64,
+    ) -> Result<(), String> {
+        let mut err = [0 as c_char; 256];
+        // SAFETY: the caller's pointers cover the tensors' storages from
+        // their layouts' offsets, and out has B x T x H x D elements.
+        let rc = unsafe {
+            pipeline_flash_attention_emulated(
+                q,
+                k,
+                v,
+                out.as_mut_ptr(),
+                &launch.args,
+                launch.batch as u32,
+                seed,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: the emulator wrote a NUL-terminated message into err.
+        Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    #[cfg(not(cuda_emulator))]
+    fn run_emulator(
+        _: *const u16,
+        _: *const u16,
+        _: *const u16,
+        _: &mut [u16],
+        _: &Launch,
+        _: u64,
+    ) -> Result<(), String> {
+        Err("build.rs could not compile the CUDA emulator: these tests need a C++17 compiler (g++)".into())
     }
 
     /// A tensor's whole bf16 storage as bits, in a 16-byte aligned buffer
@@ -328,26 +378,14 @@ mod tests {
         let (qb, kb, vb) = (aligned_bits(q), aligned_bits(k), aligned_bits(v));
         let shape = launch.out_shape();
         let mut out = vec![0xffffu16; shape.elem_count()];
-        let mut err = [0 as c_char; 256];
         let at = |b: &[u128], start: usize| unsafe { (b.as_ptr() as *const u16).add(start) };
-        // SAFETY: the buffers hold the tensors' storages, the starts are
-        // their layouts' offsets, and out has B x T x H x D elements.
-        let rc = unsafe {
-            pipeline_flash_attention_emulated(
-                at(&qb, launch.starts[0]),
-                at(&kb, launch.starts[1]),
-                at(&vb, launch.starts[2]),
-                out.as_mut_ptr(),
-                &launch.args,
-                launch.batch as u32,
-                seed,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc != 0 {
-            let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-            panic!("emulated kernel: {}", msg.to_string_lossy());
+        let (q, k, v) = (
+            at(&qb, launch.starts[0]),
+            at(&kb, launch.starts[1]),
+            at(&vb, launch.starts[2]),
+        );
+        if let Err(e) = run_emulator(q, k, v, &mut out, &launch, seed) {
+            panic!("emulated kernel: {e}");
         }
         let out: Vec<half::bf16> = out.into_iter().map(half::bf16::from_bits).collect();
         Tensor::from_vec(out, shape, &Device::Cpu).unwrap()

@@ -4,7 +4,7 @@
 use candle_core::{D, DType, Tensor};
 
 use super::bias_add::bias_add;
-use super::{attention, block_attention};
+use super::{attention, block_attention, flash_attention};
 
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -145,14 +145,43 @@ impl Rotary {
     }
 }
 
+/// How inference attends on CUDA devices: block attention from device
+/// primitives (the default), or, for bf16 models, the one-kernel flash
+/// attention of [`flash_attention`] (`attention=fused`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    Blocks,
+    Fused,
+}
+
+static FUSED_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the process-wide [`AttentionKernel`] (like candle's TF32 switch: a
+/// process runs one stage at a time) until the guard is dropped, which
+/// restores the previous choice.
+pub fn use_attention(kernel: AttentionKernel) -> AttentionGuard {
+    use std::sync::atomic::Ordering;
+    AttentionGuard(FUSED_ATTENTION.swap(kernel == AttentionKernel::Fused, Ordering::Relaxed))
+}
+
+#[must_use = "the choice lasts while the guard lives"]
+pub struct AttentionGuard(bool);
+
+impl Drop for AttentionGuard {
+    fn drop(&mut self) {
+        FUSED_ATTENTION.store(self.0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Causal attention of q [B, H, T, dh] over k, v [B, Hkv, T, dh] (grouped
 /// queries share a key/value head), scores scaled by `scale` and computed in
 /// f32 at least, keys restricted to the last `window` positions when given.
 /// Returns [B, T, H * dh]. Without gradients this works in blocks of
 /// queries against the keys they see: on the CPU the kernel of
 /// [`block_attention`], on other devices [`attention::blocked_attention`]
-/// (device primitives). With gradients the scores are materialised so that
-/// the step is differentiable.
+/// (device primitives), or [`flash_attention`] where [`use_attention`] chose
+/// it and it takes the tensors. With gradients the scores are materialised
+/// so that the step is differentiable.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -171,6 +200,13 @@ pub fn attend(
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, h * dh));
+    }
+    if no_grad
+        && !q.device().is_cpu()
+        && FUSED_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+        && let Some(out) = flash_attention::attend(q, k, v, scale.unwrap_or(1.0), window)?
+    {
+        return Ok(out);
     }
     let hkv = k.dim(1)?;
     let (k, v) = if hkv != h {

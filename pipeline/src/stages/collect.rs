@@ -34,6 +34,7 @@ use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
 use crate::model::CausalLm;
 use crate::model::checkpoint::ModelRef;
+use crate::model::layers::{AttentionKernel, use_attention};
 use crate::params::{ParamSpec, Params, param, required};
 use crate::partials::{
     StateObject, collect_inputs, commit_class_stats, parse_layers, parse_shard, shard_key,
@@ -73,6 +74,11 @@ const PARAMS: &[ParamSpec] = &[
     ),
     param("device", "cpu", "cpu or cuda[:N]"),
     param("dtype", "f32", "f32 | bf16 (GPU)"),
+    param(
+        "attention",
+        "blocks",
+        "blocks | fused: with device=cuda dtype=bf16, attention in one kernel (flash attention; experimental, see README)",
+    ),
     param(
         "stop_after",
         "0",
@@ -203,6 +209,13 @@ impl Stage for Collect {
         let force = p.bool("force")?;
         let device = crate::model::device(p.str("device"))?;
         let dtype = crate::model::dtype(p.str("dtype"))?;
+        let attention = match p.choice("attention", &["blocks", "fused"])? {
+            "fused" if device.is_cpu() || dtype != candle_core::DType::BF16 => {
+                return Err(p.invalid("attention", "fused needs device=cuda and dtype=bf16"));
+            }
+            "fused" => AttentionKernel::Fused,
+            _ => AttentionKernel::Blocks,
+        };
 
         let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
         let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
@@ -282,6 +295,7 @@ impl Stage for Collect {
         ctx.would_run(format!("collect {} shard {shard}/{of}", m.id))?;
         let model = m.load(&device, dtype)?;
         let model = &*model;
+        let _attention = use_attention(attention);
         let d = model.shape().hidden_size;
         let resume_key = shard_key(&m.id, split, of, shard, true);
 
