@@ -214,6 +214,7 @@ pub fn attend(
     if !bf16 || !supported_device(q.device()) {
         return Ok(None);
     }
+    // The op works its launch out again from the layouts candle hands it.
     match Launch::new(q.layout(), k.layout(), v.layout(), scale, window) {
         Ok(_) => q
             .apply_op3_no_bwd(k, v, &FlashAttention { scale, window })
@@ -253,6 +254,8 @@ mod cuda {
 
     const SOURCE: &str = include_str!("../../cuda/flash_attention.cu");
     const MODULE: &str = "pipeline_flash_attention";
+    /// Threads per CUDA block: `FA_WARPS` warps.
+    const THREADS: u32 = 128;
 
     // SAFETY: FlashArgs is repr(C), plain numbers, laid out as the kernel's
     // struct of the same name (the emulator tests pass it the same way).
@@ -277,7 +280,7 @@ mod cuda {
             dev.get_or_load_custom_func(&format!("flash_attention_bf16_d{}", launch.args.d), MODULE, &ptx)?;
         let cfg = LaunchConfig {
             grid_dim: launch.grid(),
-            block_dim: (128, 1, 1),
+            block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = func.builder();
@@ -287,8 +290,9 @@ mod cuda {
         b.arg(&out);
         b.arg(&launch.args);
         // SAFETY: the arguments (q, k, v, out, FlashArgs) match the kernel's
-        // signature; Launch::new checked that every read stays inside q, k
-        // and v as their layouts describe them, and out holds B x T x H x D.
+        // signature; the kernel reads q, k and v only where their layouts
+        // (which candle keeps inside their storages) place elements, with
+        // the alignment Launch::new checked, and out holds B x T x H x D.
         unsafe { b.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
