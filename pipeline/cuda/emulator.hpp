@@ -140,8 +140,6 @@ template <class Finish>
 inline void warp_collective(Collective op, Finish finish) {
     Runtime& r = rt();
     const unsigned int t = linear_tid();
-    if (r.block_dim.x * r.block_dim.y * r.block_dim.z % 32 != 0)
-        fail("warp collective in a block whose size is not a multiple of 32");
     Warp& w = r.warps[t / 32];
     if (w.arrived == 0) {
         w.op = op;
@@ -241,18 +239,20 @@ inline std::string launch(dim3 grid, dim3 block, unsigned long long seed, const 
     r.grid_dim = grid;
     r.block_dim = block;
     const unsigned int n = block.x * block.y * block.z;
+    // Warps are whole, as the kernels' collectives assume.
+    if (n % 32 != 0) return "a block of " + std::to_string(n) + " threads is not whole warps";
     std::mt19937_64 rng(seed);
     std::vector<unsigned int> order(n);
+    std::iota(order.begin(), order.end(), 0u);
     for (unsigned int bz = 0; bz < grid.z; ++bz)
         for (unsigned int by = 0; by < grid.y; ++by)
             for (unsigned int bx = 0; bx < grid.x; ++bx) {
                 r.block_idx = dim3{bx, by, bz};
                 r.fibers.assign(n, Fiber{});
-                r.warps.assign((n + 31) / 32, Warp{});
+                r.warps.assign(n / 32, Warp{});
                 r.block_arrived = 0;
                 for (unsigned int i = 0; i < n; ++i)
                     start_fiber(r.fibers[i], dim3{i % block.x, (i / block.x) % block.y, i / (block.x * block.y)});
-                std::iota(order.begin(), order.end(), 0u);
                 unsigned int running = n;
                 while (running > 0) {
                     std::shuffle(order.begin(), order.end(), rng);
