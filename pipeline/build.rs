@@ -10,6 +10,8 @@ fn main() {
         "prelude.cuh",
         "flash_attention.cu",
         "flash_attention_emulated.cpp",
+        "class_stats_merge.cu",
+        "class_stats_merge_emulated.cpp",
     ] {
         println!("cargo:rerun-if-changed=cuda/{f}");
     }
@@ -18,8 +20,12 @@ fn main() {
         .cpp(true)
         .std("c++17")
         .file("cuda/flash_attention_emulated.cpp")
+        .file("cuda/class_stats_merge_emulated.cpp")
         .include("cuda")
         .warnings(true)
+        // The kernels' f64 arithmetic is checked bit for bit against Rust,
+        // which never fuses a multiply and an add.
+        .flag_if_supported("-ffp-contract=off")
         .try_compile("pipeline_cuda_emulator");
     match built {
         Ok(()) => println!("cargo:rustc-cfg=cuda_emulator"),

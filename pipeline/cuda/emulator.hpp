@@ -291,3 +291,19 @@ inline float __shfl_xor_sync(unsigned int, float v, int mask) {
 }
 inline unsigned int __shfl_xor_sync(unsigned int, unsigned int v, int mask) { return emu::shfl_xor(v, mask); }
 inline int __shfl_xor_sync(unsigned int, int v, int mask) { return (int)emu::shfl_xor((uint32_t)v, mask); }
+// A double travels as two 32-bit shuffles, as on the hardware.
+inline double __shfl_xor_sync(unsigned int, double v, int mask) {
+    uint64_t u;
+    std::memcpy(&u, &v, 8);
+    const uint64_t lo = emu::shfl_xor((uint32_t)u, mask), hi = emu::shfl_xor((uint32_t)(u >> 32), mask);
+    u = lo | (hi << 32);
+    std::memcpy(&v, &u, 8);
+    return v;
+}
+// Round-to-nearest f64 arithmetic that the CUDA compiler never contracts
+// into fused multiply-adds. The emulator is built as ISO C++ (-std=c++17),
+// where GCC does not contract either.
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }

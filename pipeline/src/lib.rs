@@ -8,6 +8,7 @@ pub mod artifact;
 pub mod bench;
 pub mod chunks;
 pub mod class_moments;
+pub mod device_stats;
 pub mod error;
 pub mod executor;
 pub mod experiment;

@@ -440,6 +440,52 @@ pub fn check_safetensors_hash(
     Ok(true)
 }
 
+/// A batch's labels grouped by class: class `classes[s]` (in order of first
+/// appearance) has `count[s]` rows, `order[starts[s]..starts[s + 1]]`.
+pub struct LabelGroups {
+    pub classes: Vec<u32>,
+    pub count: Vec<u64>,
+    pub order: Vec<u32>,
+    pub starts: Vec<u32>,
+}
+
+impl LabelGroups {
+    pub fn new(labels: &[u32]) -> Self {
+        let mut slot: HashMap<u32, u32> = HashMap::new();
+        let mut classes = Vec::new();
+        let mut count: Vec<u64> = Vec::new();
+        let idx: Vec<u32> = labels
+            .iter()
+            .map(|&y| {
+                let s = *slot.entry(y).or_insert_with(|| {
+                    classes.push(y);
+                    count.push(0);
+                    (classes.len() - 1) as u32
+                });
+                count[s as usize] += 1;
+                s
+            })
+            .collect();
+        let u = classes.len();
+        let mut starts = vec![0u32; u + 1];
+        for (s, &c) in count.iter().enumerate() {
+            starts[s + 1] = starts[s] + c as u32;
+        }
+        let mut fill = starts[..u].to_vec();
+        let mut order = vec![0u32; labels.len()];
+        for (row, &s) in idx.iter().enumerate() {
+            order[fill[s as usize] as usize] = row as u32;
+            fill[s as usize] += 1;
+        }
+        LabelGroups {
+            classes,
+            count,
+            order,
+            starts,
+        }
+    }
+}
+
 /// Reduce one batch of samples `h` [N, d] with labels to per-class partials,
 /// on the device holding `h` (f64 arithmetic).
 pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
@@ -450,33 +496,12 @@ pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
             labels.len()
         )));
     }
-    let mut slot: HashMap<u32, u32> = HashMap::new();
-    let mut classes = Vec::new();
-    let mut count: Vec<u64> = Vec::new();
-    let idx: Vec<u32> = labels
-        .iter()
-        .map(|&y| {
-            let s = *slot.entry(y).or_insert_with(|| {
-                classes.push(y);
-                count.push(0);
-                (classes.len() - 1) as u32
-            });
-            count[s as usize] += 1;
-            s
-        })
-        .collect();
-    // Rows grouped by class: class s owns order[starts[s]..starts[s + 1]].
-    let u = classes.len();
-    let mut starts = vec![0u32; u + 1];
-    for (s, &c) in count.iter().enumerate() {
-        starts[s + 1] = starts[s] + c as u32;
-    }
-    let mut fill = starts[..u].to_vec();
-    let mut order = vec![0u32; n];
-    for (row, &s) in idx.iter().enumerate() {
-        order[fill[s as usize] as usize] = row as u32;
-        fill[s as usize] += 1;
-    }
+    let LabelGroups {
+        classes,
+        count,
+        order,
+        starts,
+    } = LabelGroups::new(labels);
     let run = || -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
         // Split on the device: the host receives each part in place.
         let both = class_moments(h, &order, &starts)?;

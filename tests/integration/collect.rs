@@ -254,6 +254,25 @@ fn interrupted_collection_resumes_to_the_same_statistics() {
         tl.lake().get_opt(&key).unwrap().is_none(),
         "checkpoint left behind"
     );
+
+    // Running tables on the device (here the CPU, whose merge is the host's
+    // arithmetic), checkpointed and resumed: the same statistics bit for bit.
+    let device = |extra: &[(&str, &str)]| {
+        let mut args = vec![
+            ("model", "tiny"),
+            ("split", "validation"),
+            ("batch", "2"),
+            ("accumulate", "device"),
+        ];
+        args.extend_from_slice(extra);
+        tl.run("collect", &args)
+    };
+    tl.lake().delete_prefix(&a.dir()).unwrap();
+    let out = device(&[("stop_after", "4")]);
+    assert!(out.contains("stopped at chunk 4"), "{out}");
+    let out = device(&[]);
+    assert!(out.contains("statistics on the device"), "{out}");
+    assert_eq!(stats_of(tl, "tiny@1", "validation", 2), whole);
 }
 
 /// Samples pair the embedding at position t with the token at t + 1.
@@ -331,6 +350,15 @@ fn mismatched_inputs_are_refused() {
     );
     let err = tl.run_err("collect", &[("model", "tiny"), ("shard", "3/3")]);
     assert!(err.contains("shard"), "{err}");
+    // The second pass of two-pass runs on the host.
+    let err = tl.run_err(
+        "collect",
+        &[("model", "tiny"), ("vars", "two-pass"), ("accumulate", "device")],
+    );
+    assert!(
+        err.contains("accumulate") && err.contains("two-pass accumulates on the host"),
+        "{err}"
+    );
     // The fused attention kernel exists for bf16 on CUDA only.
     let err = tl.run_err("collect", &[("model", "tiny"), ("attention", "fused")]);
     assert!(

@@ -152,6 +152,22 @@ pub fn device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Free memory of a GPU in bytes; None for the CPU (or where it cannot be
+/// read).
+pub fn free_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, _)| free as u64);
+    }
+    let _ = device;
+    None
+}
+
 /// Parse a compute dtype name.
 pub fn dtype(spec: &str) -> Result<DType> {
     match spec {

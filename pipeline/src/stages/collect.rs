@@ -9,7 +9,10 @@
 //! h_t (after ln_f, or any hidden state with `layers=`) labelled by the next
 //! token x_{t+1}. Each batch is reduced on the model's device to per-class
 //! (count, mean, M2) and merged into the running statistics with Chan's
-//! formula, so one forward pass yields means and variances together.
+//! formula, so one forward pass yields means and variances together. The
+//! running statistics live on the host, or (`accumulate=`, on a GPU by
+//! default) in per-layer tables on the device (`device_stats`), read back
+//! only for checkpoints and the result.
 //! `vars=two-pass` instead computes the means in a first pass and the exact
 //! squared distances to them in a second (a check on the one-pass numbers).
 //!
@@ -24,6 +27,7 @@
 //! Refuses chunks tokenized with another vocabulary than the model's, a model
 //! whose context is shorter than T, and an empty split.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -31,6 +35,7 @@ use candle_core::Tensor;
 
 use crate::artifact::Provenance;
 use crate::chunks::Chunks;
+use crate::device_stats::DeviceStats;
 use crate::error::{Context, Error, Result};
 use crate::model::CausalLm;
 use crate::model::checkpoint::ModelRef;
@@ -78,6 +83,11 @@ const PARAMS: &[ParamSpec] = &[
         "attention",
         "blocks",
         "blocks | fused: with device=cuda dtype=bf16, attention in one kernel (flash attention; experimental, see README)",
+    ),
+    param(
+        "accumulate",
+        "auto",
+        "auto | host | device: where the running class statistics live between checkpoints (auto: on a GPU, the device when they fit in a quarter of its free memory)",
     ),
     param(
         "stop_after",
@@ -153,6 +163,53 @@ impl MergeChan {
     }
 }
 
+/// Where the running statistics live: merged on the host (`MergeChan`), or
+/// in tables on the model's device (`DeviceStats`), which a GPU collection
+/// never waits for between checkpoints.
+enum Running {
+    Host(MergeChan),
+    Device(DeviceStats),
+}
+
+impl Running {
+    fn add_batch(&mut self, hs: &[Tensor], labels: &[u32]) -> Result<()> {
+        match self {
+            Running::Host(m) => {
+                let partials = hs
+                    .iter()
+                    .map(|h| batch_partial(h, labels))
+                    .collect::<Result<Vec<_>>>()?;
+                m.merge(partials)
+            }
+            Running::Device(t) => t.add_batch(hs, labels),
+        }
+    }
+
+    /// The statistics so far (for a checkpoint).
+    fn snapshot(&mut self) -> Result<Cow<'_, [ClassStats]>> {
+        match self {
+            Running::Host(m) => Ok(Cow::Borrowed(m.settled()?)),
+            Running::Device(t) => Ok(Cow::Owned(t.to_class_stats()?)),
+        }
+    }
+
+    /// The host's statistics, which the second pass of `vars=two-pass`
+    /// (always on the host) updates in place.
+    fn host(&mut self) -> Result<&mut Vec<ClassStats>> {
+        match self {
+            Running::Host(m) => m.settled(),
+            Running::Device(_) => Err(Error::invalid("vars=two-pass accumulates on the host")),
+        }
+    }
+
+    fn into_stats(self) -> Result<Vec<ClassStats>> {
+        match self {
+            Running::Host(m) => m.into_stats(),
+            Running::Device(t) => t.to_class_stats(),
+        }
+    }
+}
+
 /// Run the model over `ids` and return, per requested layer, the sample
 /// embeddings [B*(T-1), d] (positions 1..T-1) with their labels.
 fn samples(
@@ -207,6 +264,10 @@ impl Stage for Collect {
             return Err(p.invalid("vars", "two-pass needs every chunk in one process; use shard=0/1"));
         }
         let force = p.bool("force")?;
+        let accumulate = p.choice("accumulate", &["auto", "host", "device"])?;
+        if two_pass && accumulate == "device" {
+            return Err(p.invalid("accumulate", "vars=two-pass accumulates on the host"));
+        }
         let device = crate::model::device(p.str("device"))?;
         let dtype = crate::model::dtype(p.str("dtype"))?;
         let attention = match p.choice("attention", &["blocks", "fused"])? {
@@ -319,7 +380,33 @@ impl Stage for Collect {
             }
         }
 
-        let mut merges = MergeChan::new(stats, !device.is_cpu());
+        // The device's tables hold a row per token id of the model.
+        let rows = shape.vocab_size;
+        let on_device = match accumulate {
+            "device" => true,
+            "host" => false,
+            _ => {
+                let need = DeviceStats::bytes(rows, d, layers.len());
+                let free = crate::model::free_memory(&device);
+                let fits = !two_pass && free.is_some_and(|f| need <= f / 4);
+                if free.is_some() && !fits {
+                    tracing::info!(
+                        need_mb = need >> 20,
+                        free_mb = free.unwrap_or(0) >> 20,
+                        "class statistics stay on the host"
+                    );
+                }
+                fits
+            }
+        };
+        let mut running = if on_device {
+            Running::Device(
+                DeviceStats::new(&stats, rows, &device)
+                    .map_err(|e| p.invalid("accumulate", format!("device tables: {e}")))?,
+            )
+        } else {
+            Running::Host(MergeChan::new(stats, !device.is_cpu()))
+        };
         let started = Instant::now();
         let mut clock = Clock::default();
         let save = |stats: &[ClassStats], next: u64, pass: u32| -> Result<()> {
@@ -344,8 +431,8 @@ impl Stage for Collect {
         while pass <= passes {
             // Second pass: the final means, on the device, per layer.
             let means: Vec<Option<Tensor>> = if pass == 2 {
-                merges
-                    .settled()?
+                running
+                    .host()?
                     .iter()
                     .map(|s| {
                         Tensor::from_slice(&s.mean, (s.len(), d), &device)
@@ -367,19 +454,17 @@ impl Stage for Collect {
             chunks.for_each_batch(&ctx.lake, next..until, batch, |first, ids, b| {
                 let t0 = Instant::now();
                 let (hs, labels) = samples(model, ids, b, chunks.t, &layers)?;
-                // Make the forward's time measurable apart from accumulation.
-                if let Some(h) = hs.first() {
+                // Make the forward's time measurable apart from accumulation;
+                // not with device tables, where the host runs ahead and the
+                // GPU is never left waiting for it.
+                if let (Some(h), false) = (hs.first(), on_device) {
                     h.device().synchronize().ctx("device sync")?;
                 }
                 let t1 = Instant::now();
                 if pass == 1 {
-                    let partials = hs
-                        .iter()
-                        .map(|h| batch_partial(h, &labels))
-                        .collect::<Result<Vec<_>>>()?;
-                    merges.merge(partials)?;
+                    running.add_batch(&hs, &labels)?;
                 } else {
-                    for ((h, s), mu) in hs.iter().zip(merges.settled()?.iter_mut()).zip(&means) {
+                    for ((h, s), mu) in hs.iter().zip(running.host()?.iter_mut()).zip(&means) {
                         if let Some(mu) = mu {
                             s.add_m2(&batch_m2_to(h, &labels, s, mu)?);
                         }
@@ -392,7 +477,7 @@ impl Stage for Collect {
                 next = first + b as u64;
                 since += b as u64;
                 if since >= every && next < until {
-                    save(merges.settled()?, next, pass)?;
+                    save(&running.snapshot()?, next, pass)?;
                     since = 0;
                 }
                 Ok(())
@@ -401,7 +486,7 @@ impl Stage for Collect {
                 *left = left.saturating_sub(next - from);
             }
             if next < range.end {
-                save(merges.settled()?, next, pass)?;
+                save(&running.snapshot()?, next, pass)?;
                 bar.finish_and_clear();
                 return Ok(format!(
                     "collect {} on {split}: stopped at chunk {next} of {} (stop_after={stop_after}); run again to continue",
@@ -409,7 +494,7 @@ impl Stage for Collect {
                 ));
             }
             if pass == 1 && two_pass {
-                let stats = merges.settled()?;
+                let stats = running.host()?;
                 for s in stats.iter_mut() {
                     s.m2.iter_mut().for_each(|x| *x = 0.0);
                 }
@@ -418,27 +503,36 @@ impl Stage for Collect {
             }
             pass += 1;
         }
-        let stats = merges.into_stats()?;
+        let stats = running.into_stats()?;
         bar.finish_and_clear();
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let rate = clock.tokens as f64 / secs;
-        let share = clock.accumulate / (clock.forward + clock.accumulate).max(1e-9);
+        // With device tables the host does not wait for the forward, so
+        // the split between forward and accumulation is not measured.
+        let share = (!on_device).then(|| clock.accumulate / (clock.forward + clock.accumulate).max(1e-9));
+        let accumulated = match share {
+            Some(share) => format!("{:.1}% accumulating", 100.0 * share),
+            None => "statistics on the device".to_string(),
+        };
         tracing::debug!(
-            "collected {} tokens at {rate:.0} tokens/s, {:.1}% of the time accumulating",
-            clock.tokens,
-            100.0 * share
+            "collected {} tokens at {rate:.0} tokens/s, {accumulated}",
+            clock.tokens
         );
 
         let summary = if of == 1 {
-            let prov = prov.extra("tokens_per_s", rate).extra("accumulate_share", share);
+            let mut prov = prov
+                .extra("tokens_per_s", rate)
+                .extra("accumulate", if on_device { "device" } else { "host" });
+            if let Some(share) = share {
+                prov = prov.extra("accumulate_share", share);
+            }
             let ms = commit_class_stats(&ctx.lake, &m.id, split, &layers, &stats, &prov, force)?;
             format!(
-                "class_stats/model={}/split={split}: {} layer(s), {} classes, {} samples ({rate:.0} tokens/s, {:.1}% accumulating)",
+                "class_stats/model={}/split={split}: {} layer(s), {} classes, {} samples ({rate:.0} tokens/s, {accumulated})",
                 m.id,
                 ms.len(),
                 stats[0].len(),
                 stats[0].samples(),
-                100.0 * share
             )
         } else {
             let mut meta = HashMap::new();
