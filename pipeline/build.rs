@@ -12,6 +12,8 @@ fn main() {
         "flash_attention_emulated.cpp",
         "class_stats_merge.cu",
         "class_stats_merge_emulated.cpp",
+        "bias_epilogues.cu",
+        "bias_epilogues_emulated.cpp",
     ] {
         println!("cargo:rerun-if-changed=cuda/{f}");
     }
@@ -21,6 +23,7 @@ fn main() {
         .std("c++17")
         .file("cuda/flash_attention_emulated.cpp")
         .file("cuda/class_stats_merge_emulated.cpp")
+        .file("cuda/bias_epilogues_emulated.cpp")
         .include("cuda")
         .warnings(true)
         // The kernels' f64 arithmetic is checked bit for bit against Rust,

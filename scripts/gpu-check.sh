@@ -6,7 +6,8 @@
 #
 # Times the two attention paths of bf16 inference (`bench attention`: block
 # attention from primitives and the fused kernel, causal and with GPT-Neo's
-# 256-key window, and their largest difference). Builds a lake from the
+# 256-key window, and their largest difference) and the fused bias epilogues
+# against the unfused passes (`bench epilogues`, bf16 and f32). Builds a lake from the
 # shipped sample (T = 2048), makes random-weight GPT-Neo models 2x768 and
 # 12x1024 (biases random too, so the bias kernels are checked), and for each
 #   - collects the validation split on the CPU (f32) and on the GPU (f32,
@@ -35,6 +36,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # statistics tables are new there): the rest of the table is still measured.
 for window in 0 256; do
   "$P" bench attention window=$window 2>&1 | tee -a "$OUT/bench-attention.log" || echo "bench attention window=$window FAILED"
+done
+for dt in bf16 f32; do
+  "$P" bench epilogues dtype=$dt 2>&1 | tee -a "$OUT/bench-epilogues.log" || echo "bench epilogues dtype=$dt FAILED"
 done
 for m in 2x768 12x1024; do
   depth=${m%x*}; width=${m#*x}

@@ -489,6 +489,89 @@ pub fn attention(
     ))
 }
 
+/// The fused bias epilogues of GPT-2/GPT-Neo blocks on a CUDA device
+/// (`bias_gelu` on the MLP's [rows, 4d], `bias_residual` on [rows, d])
+/// against the unfused passes the CPU runs (bias add, then candle's GELU or
+/// add): time per call, and the fused kernels' bandwidth as a share of a
+/// plain device copy's measured in the same run (the floor of any pass
+/// that reads and writes the same bytes). Prints the largest difference
+/// beside one rounding of the dtype (the unfused paths round y + b once
+/// more).
+pub fn epilogues(rows: usize, width: usize, dtype: &str, device: &str, reps: usize) -> Result<String> {
+    use crate::model::bias_add::{bias_add, bias_gelu, bias_residual};
+    let dev = crate::model::device(device)?;
+    if dev.is_cpu() {
+        return Err(Error::invalid(
+            "bench epilogues compares the CUDA bias epilogues: give device=cuda[:N] (a CUDA build on a GPU machine)",
+        ));
+    }
+    let dt = crate::model::dtype(dtype)?;
+    let measure = || -> candle_core::Result<String> {
+        let rand = |shape: &[usize], seed: u64| -> candle_core::Result<Tensor> {
+            dev.set_seed(seed)?;
+            Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dt)
+        };
+        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<(Tensor, f64)> {
+            let out = run()?;
+            dev.synchronize()?;
+            let started = Instant::now();
+            for _ in 0..reps {
+                run()?;
+            }
+            dev.synchronize()?;
+            Ok((out, started.elapsed().as_secs_f64() / reps.max(1) as f64))
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            let f = |x: &Tensor| x.to_dtype(candle_core::DType::F32);
+            (f(a)? - f(b)?)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
+        let bytes = dt.size_in_bytes() as f64;
+        let mut lines = Vec::new();
+        // The copy floor: read and write rows x 4d elements once.
+        let y4 = rand(&[rows, 4 * width], 1)?;
+        let (_, t_copy) = time(&|| y4.copy())?;
+        let copy_gbs = 2.0 * bytes * y4.elem_count() as f64 / t_copy / 1e9;
+        let b4 = rand(&[4 * width], 2)?;
+        let (unfused, t_unfused) = time(&|| bias_add(&y4, &b4)?.gelu())?;
+        let (fused, t_fused) = time(&|| bias_gelu(&y4, &b4))?;
+        let gbs = 2.0 * bytes * y4.elem_count() as f64 / t_fused / 1e9;
+        lines.push(format!(
+            "bias + GELU [{rows}, {}]: fused {:.3} ms ({gbs:.0} GB/s, {:.0}% of the copy's), unfused {:.3} ms: {:.2}x; max diff {:.2e}",
+            4 * width,
+            t_fused * 1e3,
+            100.0 * gbs / copy_gbs,
+            t_unfused * 1e3,
+            t_unfused / t_fused,
+            max_diff(&fused, &unfused)?
+        ));
+        let (y, x, b) = (
+            rand(&[rows, width], 3)?,
+            rand(&[rows, width], 4)?,
+            rand(&[width], 5)?,
+        );
+        let (unfused, t_unfused) = time(&|| &x + bias_add(&y, &b)?)?;
+        let (fused, t_fused) = time(&|| bias_residual(&x, &y, &b))?;
+        let gbs = 3.0 * bytes * y.elem_count() as f64 / t_fused / 1e9;
+        lines.push(format!(
+            "bias + residual [{rows}, {width}]: fused {:.3} ms ({gbs:.0} GB/s, {:.0}% of the copy's), unfused {:.3} ms: {:.2}x; max diff {:.2e}",
+            t_fused * 1e3,
+            100.0 * gbs / copy_gbs,
+            t_unfused * 1e3,
+            t_unfused / t_fused,
+            max_diff(&fused, &unfused)?
+        ));
+        lines.push(format!(
+            "copy floor: {copy_gbs:.0} GB/s on this device ({dtype}, one unit of rounding {:.1e})",
+            match dt {
+                candle_core::DType::BF16 => 2f64.powi(-8),
+                _ => 2f64.powi(-23),
+            }
+        ));
+        Ok(lines.join("\n"))
+    };
+    Ok(measure().ctx("bench epilogues")?)
+}
+
 /// Options of `pipeline bench`, as key=value pairs.
 pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
     let get = |k: &str, d: &str| opts.get(k).cloned().unwrap_or_else(|| d.to_string());
@@ -537,8 +620,15 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
             &get("device", "cuda"),
             num("reps", 20)?,
         ),
+        "epilogues" => epilogues(
+            num("rows", 16384)?,
+            num("width", 1024)?,
+            &get("dtype", "bf16"),
+            &get("device", "cuda"),
+            num("reps", 20)?,
+        ),
         other => Err(Error::invalid(format!(
-            "unknown benchmark '{other}'; benchmarks: data, model, collect, analyze, correlate, attention"
+            "unknown benchmark '{other}'; benchmarks: data, model, collect, analyze, correlate, attention, epilogues"
         ))),
     }
 }

@@ -99,7 +99,7 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Benchmark a stage: data | model | collect | analyze | correlate | attention [key=value ...]
+    /// Benchmark a stage: data | model | collect | analyze | correlate | attention | epilogues [key=value ...]
     Bench {
         what: String,
         #[arg(value_name = "key=value")]

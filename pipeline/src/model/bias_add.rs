@@ -8,9 +8,16 @@
 //! CUDA block walks one row. Used without gradients only: training keeps
 //! the differentiable broadcast add. The CPU version is the one the tests
 //! check against candle's broadcast add.
+//!
+//! On a GPU, what follows the bias in a GPT-2/GPT-Neo block is fused with
+//! it (`cuda/bias_epilogues.cu`): `bias_gelu` (the MLP's first layer) and
+//! `bias_residual` (the attention's and the MLP's output joining the
+//! residual stream) each make one pass of 16-byte accesses instead of two
+//! passes of 2-byte ones. Elsewhere (the CPU, training, shapes the kernels
+//! do not take) they are the unfused operations, bit for bit as before.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 struct BiasAdd;
 
@@ -99,6 +106,232 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     y.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &BiasAdd)
 }
 
+/// `gelu_tanh(y + b)` (GPT-2's `gelu_new`) for a bias b [n] on the rows of
+/// y [.., n]: one pass on a GPU, else `bias_add` then candle's GELU.
+pub fn bias_gelu(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match fused_operands(y, b, None)? {
+        Some((y, b)) => y.apply_op2_no_bwd(&b, &BiasGelu),
+        None => bias_add(y, b)?.gelu(),
+    }
+}
+
+/// `x + (y + b)` for a bias b [n] on the rows of y [.., n] and a residual x
+/// of y's shape: one pass on a GPU, else `bias_add` then the add.
+pub fn bias_residual(x: &Tensor, y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    match fused_operands(y, b, Some(x))? {
+        // `fused_operands` took x only contiguous.
+        Some((y, b)) => y.apply_op3_no_bwd(&b, x, &BiasResidual),
+        None => x + bias_add(y, b)?,
+    }
+}
+
+/// y and b made contiguous, when the fused kernels take them: on a GPU,
+/// without gradients, one float dtype, rows a multiple of a 16-byte pack,
+/// every operand starting on 16 bytes, and 32-bit pack indices.
+fn fused_operands(
+    y: &Tensor,
+    b: &Tensor,
+    x: Option<&Tensor>,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    let dt = y.dtype();
+    let n = b.elem_count();
+    let pack = 16 / dt.size_in_bytes().max(1);
+    let takes = y.device().is_cuda()
+        && matches!(dt, DType::F32 | DType::F64 | DType::BF16)
+        && b.dtype() == dt
+        && b.rank() == 1
+        && y.dims().last() == Some(&n)
+        && n > 0
+        && n.is_multiple_of(pack)
+        && y.elem_count() / pack <= u32::MAX as usize
+        && !y.track_op()
+        && !b.track_op()
+        && x.is_none_or(|x| x.dtype() == dt && x.dims() == y.dims() && !x.track_op());
+    if !takes {
+        return Ok(None);
+    }
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(pack);
+    let (y, b) = (y.contiguous()?, b.contiguous()?);
+    let x_aligned = match x {
+        Some(x) => x.is_contiguous() && aligned(x),
+        None => true,
+    };
+    Ok((aligned(&y) && aligned(&b) && x_aligned).then_some((y, b)))
+}
+
+/// The fused epilogue the kernels and `cpu_epilogue` compute.
+#[derive(Clone, Copy)]
+enum Epilogue {
+    Gelu,
+    Residual,
+}
+
+/// GPT-2's `gelu_new` in f32, as `cuda/bias_epilogues.cu` writes it.
+fn gelu_f32(v: f32) -> f32 {
+    0.5 * v * (1.0 + (0.797_884_6_f32 * (v + 0.044715 * v * v * v)).tanh())
+}
+
+fn gelu_f64(v: f64) -> f64 {
+    0.5 * v * (1.0 + (0.7978845608028654 * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// The kernels' arithmetic on the CPU: out[r, j] = f(y[r, j] + b[j]) or
+/// x[r, j] + (y[r, j] + b[j]), in f32 for bf16 and f32, in f64 for f64.
+fn cpu_epilogue(
+    ep: Epilogue,
+    y: &CpuStorage,
+    (y0, y1): Offsets,
+    b: &CpuStorage,
+    (b0, b1): Offsets,
+    x: Option<(&CpuStorage, Offsets)>,
+) -> candle_core::Result<CpuStorage> {
+    fn run<T: Copy, F: Copy + std::ops::Add<Output = F>>(
+        ep: Epilogue,
+        y: &[T],
+        b: &[T],
+        x: Option<&[T]>,
+        load: impl Fn(T) -> F,
+        store: impl Fn(F) -> T,
+        gelu: impl Fn(F) -> F,
+    ) -> Vec<T> {
+        let n = b.len().max(1);
+        (0..y.len())
+            .map(|i| {
+                let v = load(y[i]) + load(b[i % n]);
+                store(match (ep, x) {
+                    (Epilogue::Residual, Some(x)) => load(x[i]) + v,
+                    _ => gelu(v),
+                })
+            })
+            .collect()
+    }
+    let x = x.map(|(s, (x0, x1))| (s, x0, x1));
+    Ok(match (y, b, x) {
+        (CpuStorage::BF16(y), CpuStorage::BF16(b), x) => {
+            let x = match x {
+                Some((CpuStorage::BF16(x), x0, x1)) => Some(&x[x0..x1]),
+                None => None,
+                Some(_) => candle_core::bail!("bias epilogue: mixed dtypes"),
+            };
+            CpuStorage::BF16(run(
+                ep,
+                &y[y0..y1],
+                &b[b0..b1],
+                x,
+                |v| v.to_f32(),
+                half::bf16::from_f32,
+                gelu_f32,
+            ))
+        }
+        (CpuStorage::F32(y), CpuStorage::F32(b), x) => {
+            let x = match x {
+                Some((CpuStorage::F32(x), x0, x1)) => Some(&x[x0..x1]),
+                None => None,
+                Some(_) => candle_core::bail!("bias epilogue: mixed dtypes"),
+            };
+            CpuStorage::F32(run(ep, &y[y0..y1], &b[b0..b1], x, |v| v, |v| v, gelu_f32))
+        }
+        (CpuStorage::F64(y), CpuStorage::F64(b), x) => {
+            let x = match x {
+                Some((CpuStorage::F64(x), x0, x1)) => Some(&x[x0..x1]),
+                None => None,
+                Some(_) => candle_core::bail!("bias epilogue: mixed dtypes"),
+            };
+            CpuStorage::F64(run(ep, &y[y0..y1], &b[b0..b1], x, |v| v, |v| v, gelu_f64))
+        }
+        _ => candle_core::bail!(
+            "bias epilogue: unsupported dtypes {:?} and {:?}",
+            y.dtype(),
+            b.dtype()
+        ),
+    })
+}
+
+/// `gelu_tanh(y + b)` in one pass.
+struct BiasGelu;
+
+/// `x + (y + b)` in one pass.
+struct BiasResidual;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        yl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ys, bs, _) = dims(yl, bl)?;
+        Ok((
+            cpu_epilogue(Epilogue::Gelu, y, ys, b, bs, None)?,
+            yl.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::epilogue(Epilogue::Gelu, y, yl, b, bl, None)
+    }
+}
+
+/// The residual's offsets, when it has y's shape and is contiguous.
+fn residual_offsets(x: &Layout, y: &Layout) -> candle_core::Result<Offsets> {
+    match x.contiguous_offsets() {
+        Some(o) if x.shape() == y.shape() => Ok(o),
+        _ => candle_core::bail!(
+            "bias residual: residual {:?} is not a contiguous {:?}",
+            x.shape(),
+            y.shape()
+        ),
+    }
+}
+
+impl CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        y: &CpuStorage,
+        yl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        x: &CpuStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (ys, bs, _) = dims(yl, bl)?;
+        let xs = residual_offsets(xl, yl)?;
+        Ok((
+            cpu_epilogue(Epilogue::Residual, y, ys, b, bs, Some((x, xs)))?,
+            yl.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        cuda::epilogue(Epilogue::Residual, y, yl, b, bl, Some((x, xl)))
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -178,6 +411,94 @@ extern "C" __global__ void bias_add_bf16(const unsigned short* y, const unsigned
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
+
+    const EPILOGUES: &str = include_str!("../../cuda/bias_epilogues.cu");
+    const EPILOGUE_MODULE: &str = "pipeline_bias_epilogues";
+    /// The epilogue kernels' block size (`BE_THREADS` in their source).
+    const EPILOGUE_THREADS: u32 = 256;
+
+    pub(super) fn epilogue(
+        ep: super::Epilogue,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        x: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (ys, bs, n) = super::dims(yl, bl)?;
+        let xs = x.map(|(_, xl)| super::residual_offsets(xl, yl)).transpose()?;
+        let pack = 16 / y.dtype().size_in_bytes();
+        let in_packs = |o: usize| o.is_multiple_of(pack);
+        if n == 0 || !in_packs(n) || !in_packs(ys.0) || !in_packs(bs.0) || !xs.is_none_or(|x| in_packs(x.0)) {
+            candle_core::bail!("bias epilogue: rows of {n} or offsets not in packs of {pack} elements");
+        }
+        let len = ys.1 - ys.0;
+        let packs = u32::try_from(len / pack).map_err(|_| {
+            candle_core::Error::Msg(format!("bias epilogue: {len} elements exceed 32-bit packs"))
+        })?;
+        let row_packs = (n / pack) as u32;
+        let kind = match ep {
+            super::Epilogue::Gelu => "gelu",
+            super::Epilogue::Residual => "residual",
+        };
+        let x = x.map(|(x, _)| x).zip(xs);
+        let out = match y.dtype() {
+            DType::BF16 => launch_epilogue::<half::bf16>(kind, "bf16", y, ys, b, bs, x, packs, row_packs)?,
+            DType::F32 => launch_epilogue::<f32>(kind, "f32", y, ys, b, bs, x, packs, row_packs)?,
+            DType::F64 => launch_epilogue::<f64>(kind, "f64", y, ys, b, bs, x, packs, row_packs)?,
+            other => candle_core::bail!("bias epilogue: unsupported dtype {other:?}"),
+        };
+        Ok((out, yl.shape().clone()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_epilogue<T: CudaDType + DeviceRepr>(
+        kind: &str,
+        suffix: &str,
+        y: &CudaStorage,
+        (y0, y1): (usize, usize),
+        b: &CudaStorage,
+        (b0, b1): (usize, usize),
+        x: Option<(&CudaStorage, (usize, usize))>,
+        packs: u32,
+        row_packs: u32,
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = y.device.clone();
+        let ys = y.as_cuda_slice::<T>()?.slice(y0..y1);
+        let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
+        // SAFETY: the kernel writes every element (every pack of every row).
+        let out = unsafe { dev.alloc::<T>(y1 - y0)? };
+        if packs == 0 {
+            return Ok(CudaStorage::wrap_cuda_slice(out, dev));
+        }
+        let ptx = crate::nvrtc::ptx(EPILOGUE_MODULE, EPILOGUES)?;
+        let func = dev.get_or_load_custom_func(&format!("bias_{kind}_{suffix}"), EPILOGUE_MODULE, &ptx)?;
+        let cfg = LaunchConfig {
+            grid_dim: (packs.div_ceil(EPILOGUE_THREADS), 1, 1),
+            block_dim: (EPILOGUE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let xs = match x {
+            Some((x, (x0, x1))) => Some(x.as_cuda_slice::<T>()?.slice(x0..x1)),
+            None => None,
+        };
+        let mut builder = func.builder();
+        builder.arg(&ys);
+        builder.arg(&bs);
+        if let Some(xs) = &xs {
+            builder.arg(xs);
+        }
+        builder.arg(&out);
+        builder.arg(&packs);
+        builder.arg(&row_packs);
+        // SAFETY: the arguments (y, b, [x,] out, packs, row_packs) match the
+        // kernel's signature for its kind; `epilogue` checked that y, b and
+        // x start on 16 bytes (offsets in whole packs; cudaMalloc aligns
+        // the storages) and that rows are whole packs, so the kernel's
+        // packs lie inside y, x and out (packs * pack = y's length) and b.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
 }
 
 #[cfg(test)]
@@ -230,5 +551,183 @@ mod tests {
         let g = grads.get(bv.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(g, vec![6.0; 5]);
         assert!(bias_add(&y, &Tensor::zeros(4, DType::F32, &dev).unwrap()).is_err());
+    }
+
+    /// Random y [rows, n], b [n] and x [rows, n] in `dt`.
+    fn operands(rows: usize, n: usize, dt: DType) -> (Tensor, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let r = |shape: &[usize]| {
+            Tensor::randn(0f32, 2.0, shape, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
+        };
+        (r(&[rows, n]), r(&[n]), r(&[rows, n]))
+    }
+
+    fn as_f64(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// The fused epilogues' arithmetic (their CPU op) against the unfused
+    /// operations, which round v = y + b to the dtype before the GELU or the
+    /// residual add. Both then differ by that rounding of v, carried through
+    /// a slope of at most 1.13 (GELU's largest), and by each result's own
+    /// rounding: |fused - unfused| <= u (1.2 |v| + 2 |out|) + a, with u the
+    /// dtype's unit (2^-8 bf16, 1e-6 f32 with its f32 GELU, 1e-14 f64) and a
+    /// tiny absolute term for results near zero. Off a GPU the public
+    /// functions are the unfused operations, bit for bit.
+    #[test]
+    fn fused_epilogues_match_the_unfused_operations() {
+        for (dt, u, abs) in [
+            (DType::BF16, 2f64.powi(-8), 2f64.powi(-12)),
+            (DType::F32, 1e-6, 1e-9),
+            (DType::F64, 1e-14, 1e-15),
+        ] {
+            let (y, b, x) = operands(7, 24, dt);
+            let unfused_gelu = bias_add(&y, &b).unwrap().gelu().unwrap();
+            let unfused_residual = (&x + bias_add(&y, &b).unwrap()).unwrap();
+            let fused_gelu = y.apply_op2_no_bwd(&b, &BiasGelu).unwrap();
+            let fused_residual = y.apply_op3_no_bwd(&b, &x, &BiasResidual).unwrap();
+            for (got, want, what) in [
+                (&fused_gelu, &unfused_gelu, "gelu"),
+                (&fused_residual, &unfused_residual, "residual"),
+            ] {
+                let (yv, bv) = (as_f64(&y), as_f64(&b));
+                for (i, (g, w)) in as_f64(got).iter().zip(as_f64(want)).enumerate() {
+                    let v = yv[i] + bv[i % bv.len()];
+                    let bound = u * (1.2 * v.abs() + 2.0 * w.abs()) + abs;
+                    assert!((g - w).abs() <= bound, "{dt:?} {what}: {g} vs {w} (v = {v})");
+                }
+            }
+            assert_eq!(as_f64(&bias_gelu(&y, &b).unwrap()), as_f64(&unfused_gelu));
+            assert_eq!(
+                as_f64(&bias_residual(&x, &y, &b).unwrap()),
+                as_f64(&unfused_residual)
+            );
+        }
+    }
+
+    #[cfg(cuda_emulator)]
+    unsafe extern "C" {
+        /// `cuda/bias_epilogues_emulated.cpp`: the kernels on the emulator.
+        fn pipeline_bias_epilogue_emulated(
+            residual: std::ffi::c_int,
+            dtype: std::ffi::c_int,
+            y: *const std::ffi::c_void,
+            b: *const std::ffi::c_void,
+            x: *const std::ffi::c_void,
+            out: *mut std::ffi::c_void,
+            packs: u32,
+            row_packs: u32,
+            blocks: u32,
+            seed: u64,
+            err: *mut std::ffi::c_char,
+            err_len: usize,
+        ) -> std::ffi::c_int;
+    }
+
+    /// The raw bytes of a contiguous CPU tensor.
+    fn bytes(t: &Tensor) -> Vec<u8> {
+        let (s, l) = t.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*s else {
+            panic!("a CPU tensor")
+        };
+        let (a, z) = l.contiguous_offsets().expect("contiguous");
+        match s {
+            CpuStorage::BF16(v) => v[a..z].iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+            CpuStorage::F32(v) => v[a..z].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            CpuStorage::F64(v) => v[a..z].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            _ => panic!("a float tensor"),
+        }
+    }
+
+    /// The kernel of `ep` on the emulator over `blocks` blocks: the output's
+    /// bytes.
+    #[cfg(cuda_emulator)]
+    fn emulated(
+        ep: Epilogue,
+        y: &Tensor,
+        b: &Tensor,
+        x: &Tensor,
+        blocks: u32,
+        seed: u64,
+    ) -> Result<Vec<u8>, String> {
+        let dt = y.dtype();
+        let pack = 16 / dt.size_in_bytes();
+        let code = match dt {
+            DType::BF16 => 0,
+            DType::F32 => 1,
+            _ => 2,
+        };
+        let (yb, bb, xb) = (bytes(y), bytes(b), bytes(x));
+        assert!(yb.len() == xb.len() && yb.len() % 16 == 0 && bb.len() % 16 == 0);
+        // 16-byte aligned buffers, as cudaMalloc gives.
+        let aligned = |v: &[u8]| {
+            let mut w = vec![0u128; v.len() / 16];
+            // SAFETY: w has exactly v.len() bytes.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), w.as_mut_ptr().cast::<u8>(), v.len()) };
+            w
+        };
+        let (ya, ba, xa) = (aligned(&yb), aligned(&bb), aligned(&xb));
+        let mut out = vec![0u128; ya.len()];
+        let mut err = [0 as std::ffi::c_char; 256];
+        // SAFETY: y, x and out hold `packs` 16-byte packs and b `row_packs`,
+        // all 16-byte aligned.
+        let rc = unsafe {
+            pipeline_bias_epilogue_emulated(
+                matches!(ep, Epilogue::Residual) as std::ffi::c_int,
+                code,
+                ya.as_ptr().cast(),
+                ba.as_ptr().cast(),
+                xa.as_ptr().cast(),
+                out.as_mut_ptr().cast(),
+                (y.elem_count() / pack) as u32,
+                (b.elem_count() / pack) as u32,
+                blocks,
+                seed,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc != 0 {
+            // SAFETY: the emulator wrote a NUL-terminated message into err.
+            return Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+                .to_string_lossy()
+                .into_owned());
+        }
+        // SAFETY: out's bytes, in order.
+        Ok(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<u8>(), out.len() * 16) }.to_vec())
+    }
+
+    #[cfg(not(cuda_emulator))]
+    fn emulated(_: Epilogue, _: &Tensor, _: &Tensor, _: &Tensor, _: u32, _: u64) -> Result<Vec<u8>, String> {
+        Err("build.rs could not compile the CUDA emulator: these tests need a C++17 compiler (g++)".into())
+    }
+
+    /// The CUDA kernels, run on the emulator, equal the CPU op bit for bit
+    /// (the same f32 or f64 arithmetic, the same libm tanh), in every dtype,
+    /// for a grid that covers the packs once and for one block that strides
+    /// over them (rows of 3 packs, so a pack's bias column wraps).
+    #[test]
+    fn bias_epilogue_kernels_match_the_cpu_op_on_the_emulator() {
+        for dt in [DType::BF16, DType::F32, DType::F64] {
+            let pack = 16 / dt.size_in_bytes();
+            let (y, b, x) = operands(300, 3 * pack, dt);
+            let want_gelu = bytes(&y.apply_op2_no_bwd(&b, &BiasGelu).unwrap());
+            let want_residual = bytes(&y.apply_op3_no_bwd(&b, &x, &BiasResidual).unwrap());
+            let packs = (y.elem_count() / pack) as u32;
+            for blocks in [packs.div_ceil(256), 1] {
+                let got = emulated(Epilogue::Gelu, &y, &b, &x, blocks, blocks as u64).unwrap();
+                assert!(got == want_gelu, "{dt:?} gelu, {blocks} block(s)");
+                let got = emulated(Epilogue::Residual, &y, &b, &x, blocks, 7).unwrap();
+                assert!(got == want_residual, "{dt:?} residual, {blocks} block(s)");
+            }
+        }
     }
 }

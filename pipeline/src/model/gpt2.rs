@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
+use super::bias_add::bias_residual;
 use super::layers::{Activation, Keep, LayerNorm, attend, heads, linear};
 use super::{CausalLm, Shape, take};
 use crate::error::{Context, Error, Result};
@@ -212,10 +213,13 @@ impl Gpt2 {
                 scale /= (i + 1) as f64;
             }
             let att = attend(&q, &k, &v, Some(scale), None)?;
-            x = (x + linear(&att, &blk.proj_w, Some(&blk.proj_b))?)?;
+            // Each bias joins the operation after it (one pass on a GPU).
+            x = bias_residual(&x, &linear(&att, &blk.proj_w, None)?, &blk.proj_b)?;
             let m = blk.ln_2.forward(&x, false)?;
-            let m = c.activation.apply(&linear(&m, &blk.fc_w, Some(&blk.fc_b))?)?;
-            x = (x + linear(&m, &blk.out_w, Some(&blk.out_b))?)?;
+            let m = c
+                .activation
+                .apply_biased(&linear(&m, &blk.fc_w, None)?, &blk.fc_b)?;
+            x = bias_residual(&x, &linear(&m, &blk.out_w, None)?, &blk.out_b)?;
         }
         let x = self.ln_f.forward(&x, false)?;
         keep.at(c.n_layer, &x);

@@ -17,6 +17,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::bias_add::{bias_gelu, bias_residual};
 use super::config::GptNeoConfig;
 use super::layers::{Keep, LayerNorm, attend, heads, linear};
 use super::{CausalLm, Shape};
@@ -238,12 +239,11 @@ impl GptNeo {
             );
             // GPT-Neo does not scale its scores.
             let att = attend(&q, &k, &v, None, blk.local.then_some(window))?;
-            let att = linear(&att, &blk.out_w, Some(&blk.out_b))?;
-            x = (x + att)?;
+            // Each bias joins the operation after it (one pass on a GPU).
+            x = bias_residual(&x, &linear(&att, &blk.out_w, None)?, &blk.out_b)?;
             let h = blk.ln_2.forward(&x, train)?;
-            let h = linear(&h, &blk.fc_w, Some(&blk.fc_b))?.gelu()?;
-            let h = linear(&h, &blk.proj_w, Some(&blk.proj_b))?;
-            x = (x + h)?;
+            let h = bias_gelu(&linear(&h, &blk.fc_w, None)?, &blk.fc_b)?;
+            x = bias_residual(&x, &linear(&h, &blk.proj_w, None)?, &blk.proj_b)?;
         }
         let x = self.ln_f.forward(&x, train)?;
         keep.at(last, &x);

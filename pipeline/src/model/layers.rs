@@ -3,7 +3,7 @@
 
 use candle_core::{D, DType, Tensor};
 
-use super::bias_add::bias_add;
+use super::bias_add::{bias_add, bias_gelu};
 use super::{attention, block_attention, flash_attention};
 
 pub struct LayerNorm {
@@ -95,6 +95,15 @@ impl Activation {
             Activation::GeluErf => x.gelu_erf(),
             Activation::Relu => x.relu(),
             Activation::Silu => x.silu(),
+        }
+    }
+
+    /// The activation of `y + b` for a bias b on y's rows; the tanh GELU
+    /// fused with the bias into one pass where `bias_gelu` can.
+    pub fn apply_biased(self, y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Activation::GeluTanh => bias_gelu(y, b),
+            other => other.apply(&bias_add(y, b)?),
         }
     }
 }
