@@ -155,8 +155,9 @@ impl Rotary {
 }
 
 /// How inference attends on CUDA devices: block attention from device
-/// primitives (the default), or, for bf16 models, the one-kernel flash
-/// attention of [`flash_attention`] (`attention=fused`).
+/// primitives (the process default), or, for bf16 models, the one-kernel
+/// flash attention of [`flash_attention`] (what `collect` chooses for bf16
+/// on CUDA unless told `attention=blocks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
     Blocks,
