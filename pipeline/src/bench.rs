@@ -28,6 +28,23 @@ fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
     Ok((v, t.elapsed().as_secs_f64()))
 }
 
+/// One call of `run` on `dev` (its result, and a warm-up), then the mean
+/// seconds of `reps` more, timed between device synchronisations.
+fn device_time(
+    dev: &candle_core::Device,
+    reps: usize,
+    run: &dyn Fn() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<(Tensor, f64)> {
+    let out = run()?;
+    dev.synchronize()?;
+    let started = Instant::now();
+    for _ in 0..reps {
+        run()?;
+    }
+    dev.synchronize()?;
+    Ok((out, started.elapsed().as_secs_f64() / reps.max(1) as f64))
+}
+
 /// Peak resident memory of this process so far (Linux), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -446,16 +463,7 @@ pub fn attention(
             layers::heads(&x, heads, dim)
         };
         let (q, k, v) = (heads_of(1)?, heads_of(2)?, heads_of(3)?);
-        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<(Tensor, f64)> {
-            let out = run()?;
-            dev.synchronize()?;
-            let started = Instant::now();
-            for _ in 0..reps {
-                run()?;
-            }
-            dev.synchronize()?;
-            Ok((out, started.elapsed().as_secs_f64() / reps.max(1) as f64))
-        };
+        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| device_time(&dev, reps, run);
         // Block attention as the models call it (casts, head copies and the
         // output's transpose included), and the kernel alone, which must
         // take these heads rather than fall back.
@@ -511,16 +519,7 @@ pub fn epilogues(rows: usize, width: usize, dtype: &str, device: &str, reps: usi
             dev.set_seed(seed)?;
             Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dt)
         };
-        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<(Tensor, f64)> {
-            let out = run()?;
-            dev.synchronize()?;
-            let started = Instant::now();
-            for _ in 0..reps {
-                run()?;
-            }
-            dev.synchronize()?;
-            Ok((out, started.elapsed().as_secs_f64() / reps.max(1) as f64))
-        };
+        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| device_time(&dev, reps, run);
         let max_diff = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
             let f = |x: &Tensor| x.to_dtype(candle_core::DType::F32);
             (f(a)? - f(b)?)?.abs()?.max_all()?.to_scalar::<f32>()

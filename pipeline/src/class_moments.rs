@@ -148,12 +148,34 @@ impl CustomOp3 for ClassMoments {
 /// rows of class s being `order[starts[s]..starts[s + 1]]`: [u, d + 1] f64
 /// on h's device. `starts` must rise strictly from 0 to n.
 pub fn class_moments(h: &Tensor, order: &[u32], starts: &[u32]) -> candle_core::Result<Tensor> {
-    let (n, _) = h.dims2()?;
-    check_groups(order, starts, n)?;
-    let dev = h.device();
-    let order = Tensor::from_slice(order, order.len(), dev)?;
-    let starts = Tensor::from_slice(starts, starts.len(), dev)?;
-    h.contiguous()?.apply_op3_no_bwd(&order, &starts, &ClassMoments)
+    ClassRuns::new(order, starts, h.device())?.moments(h)
+}
+
+/// A batch's class runs, checked and on the device once, for the moments of
+/// several layers' rows (`collect layers=...` reduces every layer of a
+/// batch with the same runs).
+pub struct ClassRuns {
+    order: Tensor,
+    starts: Tensor,
+}
+
+impl ClassRuns {
+    /// `starts` must rise strictly from 0 to `order.len()`, and the row ids
+    /// in `order` lie below it.
+    pub fn new(order: &[u32], starts: &[u32], dev: &candle_core::Device) -> candle_core::Result<Self> {
+        check_groups(order, starts, order.len())?;
+        Ok(ClassRuns {
+            order: Tensor::from_slice(order, order.len(), dev)?,
+            starts: Tensor::from_slice(starts, starts.len(), dev)?,
+        })
+    }
+
+    /// Per-class mean and M2 of the rows of `h` [n, d] (n the runs' row
+    /// count): [u, d + 1] f64 on h's device.
+    pub fn moments(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        h.contiguous()?
+            .apply_op3_no_bwd(&self.order, &self.starts, &ClassMoments)
+    }
 }
 
 #[cfg(feature = "cuda")]

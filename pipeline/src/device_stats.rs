@@ -18,7 +18,7 @@
 
 use candle_core::{CpuStorage, Device, InplaceOp3, Layout, Tensor};
 
-use crate::class_moments::class_moments;
+use crate::class_moments::ClassRuns;
 use crate::error::{Context, Error, Result};
 use crate::stats::{ClassStats, LabelGroups};
 
@@ -103,6 +103,7 @@ impl DeviceStats {
         check_plan(&plan, self.rows).map_err(|e| Error::invalid(e.to_string()))?;
         let device = self.tables[0].device().clone();
         let plan = Tensor::from_vec(plan, (g.classes.len(), 3), &device).ctx("merge plan")?;
+        let runs = ClassRuns::new(&g.order, &g.starts, &device).ctx("class runs")?;
         for (h, table) in hs.iter().zip(&self.tables) {
             let (n, d) = h.dims2().ctx("batch embeddings")?;
             if n != labels.len() || d != self.d {
@@ -112,7 +113,7 @@ impl DeviceStats {
                     self.d
                 )));
             }
-            let moments = class_moments(h, &g.order, &g.starts).ctx("per-class reduction")?;
+            let moments = runs.moments(h).ctx("per-class reduction")?;
             table
                 .inplace_op3(&moments, &plan, &ClassMerge)
                 .ctx("merging into the class statistics")?;
@@ -323,6 +324,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::class_moments::class_moments;
     use crate::stats::batch_partial;
 
     fn lcg(seed: &mut u64) -> f64 {
@@ -453,10 +455,10 @@ mod tests {
     ) -> Result<(), String> {
         let u = plan.len() / 3;
         assert_eq!(batch.len(), u * (d + 1));
-        let mut err = [0 as std::ffi::c_char; 256];
-        // SAFETY: batch and plan hold u rows; check_plan keeps every plan
-        // row inside table, which has (d + 1) columns.
+        let mut err: crate::emulator::Message = [0; 256];
         check_plan(plan, table.len() / (d + 1)).map_err(|e| e.to_string())?;
+        // SAFETY: batch and plan hold u rows; check_plan kept every plan
+        // row inside table, which has (d + 1) columns.
         let rc = unsafe {
             pipeline_class_stats_merge_emulated(
                 table.as_mut_ptr(),
@@ -469,18 +471,12 @@ mod tests {
                 err.len(),
             )
         };
-        if rc == 0 {
-            return Ok(());
-        }
-        // SAFETY: the emulator wrote a NUL-terminated message into err.
-        Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned())
+        crate::emulator::outcome(rc, &err)
     }
 
     #[cfg(not(cuda_emulator))]
     fn emulated_merge(_: &mut [f64], _: &[f64], _: &[f64], _: usize, _: u64) -> Result<(), String> {
-        Err("build.rs could not compile the CUDA emulator: these tests need a C++17 compiler (g++)".into())
+        Err(crate::emulator::NOT_BUILT.into())
     }
 
     /// The CUDA kernel, run on the emulator, against the host's merges of

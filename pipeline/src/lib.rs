@@ -9,6 +9,8 @@ pub mod bench;
 pub mod chunks;
 pub mod class_moments;
 pub mod device_stats;
+#[cfg(test)]
+mod emulator;
 pub mod error;
 pub mod executor;
 pub mod experiment;

@@ -180,22 +180,28 @@ fn gelu_f64(v: f64) -> f64 {
 fn cpu_epilogue(
     ep: Epilogue,
     y: &CpuStorage,
-    (y0, y1): Offsets,
+    ys: Offsets,
     b: &CpuStorage,
-    (b0, b1): Offsets,
+    bs: Offsets,
     x: Option<(&CpuStorage, Offsets)>,
 ) -> candle_core::Result<CpuStorage> {
-    fn run<T: Copy, F: Copy + std::ops::Add<Output = F>>(
+    /// Each operand as a slice of T (`as_slice` refuses another dtype).
+    fn run<T: candle_core::WithDType, F: Copy + std::ops::Add<Output = F>>(
         ep: Epilogue,
-        y: &[T],
-        b: &[T],
-        x: Option<&[T]>,
+        (y, (y0, y1)): (&CpuStorage, Offsets),
+        (b, (b0, b1)): (&CpuStorage, Offsets),
+        x: Option<(&CpuStorage, Offsets)>,
         load: impl Fn(T) -> F,
         store: impl Fn(F) -> T,
         gelu: impl Fn(F) -> F,
-    ) -> Vec<T> {
+    ) -> candle_core::Result<Vec<T>> {
+        let (y, b) = (&y.as_slice::<T>()?[y0..y1], &b.as_slice::<T>()?[b0..b1]);
+        let x = match x {
+            Some((x, (x0, x1))) => Some(&x.as_slice::<T>()?[x0..x1]),
+            None => None,
+        };
         let n = b.len().max(1);
-        (0..y.len())
+        Ok((0..y.len())
             .map(|i| {
                 let v = load(y[i]) + load(b[i % n]);
                 store(match (ep, x) {
@@ -203,42 +209,21 @@ fn cpu_epilogue(
                     _ => gelu(v),
                 })
             })
-            .collect()
+            .collect())
     }
-    let x = x.map(|(s, (x0, x1))| (s, x0, x1));
-    Ok(match (y, b, x) {
-        (CpuStorage::BF16(y), CpuStorage::BF16(b), x) => {
-            let x = match x {
-                Some((CpuStorage::BF16(x), x0, x1)) => Some(&x[x0..x1]),
-                None => None,
-                Some(_) => candle_core::bail!("bias epilogue: mixed dtypes"),
-            };
-            CpuStorage::BF16(run(
-                ep,
-                &y[y0..y1],
-                &b[b0..b1],
-                x,
-                |v| v.to_f32(),
-                half::bf16::from_f32,
-                gelu_f32,
-            ))
-        }
-        (CpuStorage::F32(y), CpuStorage::F32(b), x) => {
-            let x = match x {
-                Some((CpuStorage::F32(x), x0, x1)) => Some(&x[x0..x1]),
-                None => None,
-                Some(_) => candle_core::bail!("bias epilogue: mixed dtypes"),
-            };
-            CpuStorage::F32(run(ep, &y[y0..y1], &b[b0..b1], x, |v| v, |v| v, gelu_f32))
-        }
-        (CpuStorage::F64(y), CpuStorage::F64(b), x) => {
-            let x = match x {
-                Some((CpuStorage::F64(x), x0, x1)) => Some(&x[x0..x1]),
-                None => None,
-                Some(_) => candle_core::bail!("bias epilogue: mixed dtypes"),
-            };
-            CpuStorage::F64(run(ep, &y[y0..y1], &b[b0..b1], x, |v| v, |v| v, gelu_f64))
-        }
+    let (yo, bo) = ((y, ys), (b, bs));
+    Ok(match y {
+        CpuStorage::BF16(_) => CpuStorage::BF16(run(
+            ep,
+            yo,
+            bo,
+            x,
+            |v: half::bf16| v.to_f32(),
+            half::bf16::from_f32,
+            gelu_f32,
+        )?),
+        CpuStorage::F32(_) => CpuStorage::F32(run(ep, yo, bo, x, |v: f32| v, |v| v, gelu_f32)?),
+        CpuStorage::F64(_) => CpuStorage::F64(run(ep, yo, bo, x, |v: f64| v, |v| v, gelu_f64)?),
         _ => candle_core::bail!(
             "bias epilogue: unsupported dtypes {:?} and {:?}",
             y.dtype(),
@@ -676,7 +661,7 @@ mod tests {
         };
         let (ya, ba, xa) = (aligned(&yb), aligned(&bb), aligned(&xb));
         let mut out = vec![0u128; ya.len()];
-        let mut err = [0 as std::ffi::c_char; 256];
+        let mut err: crate::emulator::Message = [0; 256];
         // SAFETY: y, x and out hold `packs` 16-byte packs and b `row_packs`,
         // all 16-byte aligned.
         let rc = unsafe {
@@ -695,19 +680,14 @@ mod tests {
                 err.len(),
             )
         };
-        if rc != 0 {
-            // SAFETY: the emulator wrote a NUL-terminated message into err.
-            return Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-                .to_string_lossy()
-                .into_owned());
-        }
+        crate::emulator::outcome(rc, &err)?;
         // SAFETY: out's bytes, in order.
         Ok(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<u8>(), out.len() * 16) }.to_vec())
     }
 
     #[cfg(not(cuda_emulator))]
     fn emulated(_: Epilogue, _: &Tensor, _: &Tensor, _: &Tensor, _: u32, _: u64) -> Result<Vec<u8>, String> {
-        Err("build.rs could not compile the CUDA emulator: these tests need a C++17 compiler (g++)".into())
+        Err(crate::emulator::NOT_BUILT.into())
     }
 
     /// The CUDA kernels, run on the emulator, equal the CPU op bit for bit

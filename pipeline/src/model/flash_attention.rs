@@ -333,7 +333,7 @@ mod tests {
         launch: &Launch,
         seed: u64,
     ) -> Result<(), String> {
-        let mut err = [0 as c_char; 256];
+        let mut err: crate::emulator::Message = [0; 256];
         // SAFETY: the caller's pointers cover the tensors' storages from
         // their layouts' offsets, and out has B x T x H x D elements.
         let rc = unsafe {
@@ -349,13 +349,7 @@ mod tests {
                 err.len(),
             )
         };
-        if rc == 0 {
-            return Ok(());
-        }
-        // SAFETY: the emulator wrote a NUL-terminated message into err.
-        Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned())
+        crate::emulator::outcome(rc, &err)
     }
 
     #[cfg(not(cuda_emulator))]
@@ -367,7 +361,7 @@ mod tests {
         _: &Launch,
         _: u64,
     ) -> Result<(), String> {
-        Err("build.rs could not compile the CUDA emulator: these tests need a C++17 compiler (g++)".into())
+        Err(crate::emulator::NOT_BUILT.into())
     }
 
     /// u16s that end where an inaccessible page begins, so a read or write
