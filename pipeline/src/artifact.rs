@@ -459,6 +459,7 @@ impl Lake {
             )));
         }
         tracing::debug!(artifact = %artifact, rows = manifest.rows, bytes = manifest.bytes, "committed");
+        self.note_commit(&manifest);
         Ok(manifest)
     }
 

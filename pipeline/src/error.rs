@@ -80,6 +80,15 @@ pub enum Error {
     /// Anything else that is the caller's mistake, explained in words.
     #[error("{0}")]
     Invalid(String),
+    /// A query ran past its time limit.
+    #[error("{0}")]
+    Timeout(String),
+    /// A query needed more memory than its limit allows.
+    #[error("{0}")]
+    MemoryLimit(String),
+    /// Stopped on request ([`crate::cancel::Cancel`]) before committing.
+    #[error("interrupted")]
+    Interrupted,
     /// In plan mode: the stage is not up to date and would now do this work.
     #[error("would run: {0}")]
     WouldRun(String),

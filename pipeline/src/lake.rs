@@ -72,7 +72,13 @@ pub struct Lake {
     /// Scheme and authority DataFusion uses to find `store` in its registry.
     store_url: Url,
     rt: Arc<Runtime>,
+    /// Where [`Lake::commit`] records what it committed, for a caller that
+    /// asked ([`Lake::with_journal`]); shared by clones.
+    journal: Option<Journal>,
 }
+
+/// The manifests committed through a journaled lake handle, in order.
+pub type Journal = Arc<std::sync::Mutex<Vec<crate::artifact::Manifest>>>;
 
 impl std::fmt::Debug for Lake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -119,6 +125,7 @@ impl Lake {
                 given: url.to_string(),
                 store_url: Url::parse("memory://").expect("static URL"),
                 rt,
+                journal: None,
             });
         }
         if url.starts_with("s3://") || url.starts_with("s3a://") {
@@ -146,6 +153,7 @@ impl Lake {
                 store_url: Url::parse(&format!("s3://{bucket}"))
                     .map_err(|e| bad(&format!("bucket name: {e}")))?,
                 rt,
+                journal: None,
             });
         }
         if url.contains("://") && !url.starts_with("file://") {
@@ -176,7 +184,24 @@ impl Lake {
             given: url.to_string(),
             store_url: Url::parse("file:///").expect("static URL"),
             rt,
+            journal: None,
         })
+    }
+
+    /// The same lake, recording every artifact committed through this
+    /// handle and its clones in `journal` (what a stage run wrote).
+    pub fn with_journal(&self, journal: Journal) -> Lake {
+        Lake {
+            journal: Some(journal),
+            ..self.clone()
+        }
+    }
+
+    /// Record a commit in the journal, if there is one.
+    pub(crate) fn note_commit(&self, manifest: &crate::artifact::Manifest) {
+        if let Some(j) = &self.journal {
+            j.lock().unwrap_or_else(|e| e.into_inner()).push(manifest.clone());
+        }
     }
 
     pub fn url(&self) -> &str {

@@ -6,8 +6,10 @@
 
 pub mod artifact;
 pub mod bench;
+pub mod cancel;
 pub mod chunks;
 pub mod class_moments;
+pub mod cli;
 pub mod device_stats;
 #[cfg(test)]
 mod emulator;

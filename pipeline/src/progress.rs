@@ -1,13 +1,79 @@
 //! Progress of long work: a bar with rate and ETA on a terminal, and where
 //! stderr is not one (a log file, a batch job), a log line every
 //! `PIPELINE_PROGRESS_SECS` seconds (default 30) with the same figures.
+//!
+//! A host that draws progress itself (the Python module, with tqdm) calls
+//! [`draw_elsewhere`]: bars then draw nothing and log nothing here, and the
+//! host polls their state with [`live_bars`]. This is process-wide, as the
+//! terminal the bars would draw on is.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, WeakProgressBar};
+
+/// Set by [`draw_elsewhere`].
+static HOSTED: AtomicBool = AtomicBool::new(false);
+/// The bars made since [`draw_elsewhere`], while they live.
+static LIVE: Mutex<Vec<(u64, &'static str, WeakProgressBar)>> = Mutex::new(Vec::new());
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// From now on the host draws progress: bars are hidden and registered for
+/// [`live_bars`].
+pub fn draw_elsewhere() {
+    HOSTED.store(true, Ordering::Relaxed);
+}
+
+/// What a host needs to draw one bar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BarState {
+    /// Unique in the process, so a host can tell bars apart.
+    pub id: u64,
+    /// What is being done ("collect", a model's name and loss).
+    pub message: String,
+    pub position: u64,
+    pub length: Option<u64>,
+    /// "tok", "docs", "chunks", or "B" for bytes.
+    pub unit: &'static str,
+    pub finished: bool,
+}
+
+/// The bars alive now, oldest first (dropped ones are forgotten).
+pub fn live_bars() -> Vec<BarState> {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|(_, _, weak)| weak.upgrade().is_some());
+    live.iter()
+        .filter_map(|(id, unit, weak)| {
+            let pb = weak.upgrade()?;
+            Some(BarState {
+                id: *id,
+                message: pb.message(),
+                position: pb.position(),
+                length: pb.length(),
+                unit,
+                finished: pb.is_finished(),
+            })
+        })
+        .collect()
+}
+
+fn hosted() -> bool {
+    HOSTED.load(Ordering::Relaxed)
+}
+
+/// Register `pb` for the host when it draws progress.
+fn register(pb: &ProgressBar, unit: &'static str) {
+    if hosted() {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|(_, _, weak)| weak.upgrade().is_some());
+        live.push((id, unit, pb.downgrade()));
+    }
+}
 
 fn on_terminal() -> bool {
-    std::io::IsTerminal::is_terminal(&std::io::stderr())
+    !hosted() && std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 fn log_every() -> Duration {
@@ -35,7 +101,7 @@ fn human(x: f64) -> String {
 /// Off a terminal, log the bar's state every interval until it is finished
 /// or dropped.
 fn log_while_running(pb: &ProgressBar, unit: &'static str) {
-    if on_terminal() {
+    if on_terminal() || hosted() {
         return;
     }
     let weak = pb.downgrade();
@@ -94,6 +160,7 @@ pub fn bar(len: u64, what: &str, unit: &'static str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     log_while_running(&pb, unit);
+    register(&pb, unit);
     pb
 }
 
@@ -109,5 +176,6 @@ pub fn bytes_bar(len: u64, what: &str) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     log_while_running(&pb, "B");
+    register(&pb, "B");
     pb
 }

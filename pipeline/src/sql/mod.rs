@@ -304,7 +304,7 @@ impl Sql {
                 .lake
                 .block_on(async { tokio::time::timeout(t, work).await })
                 .map_err(|_| {
-                    Error::Sql(format!(
+                    Error::Timeout(format!(
                         "the query was stopped after its time limit of {} s (--timeout)",
                         t.as_secs_f64()
                     ))
@@ -318,7 +318,7 @@ impl Sql {
         // DataFusion reports an exhausted pool as "Resources exhausted", and
         // at very small limits sometimes as a failed spill.
         if text.contains("Resources exhausted") || text.contains("to spill") {
-            return Error::Sql(format!(
+            return Error::MemoryLimit(format!(
                 "the query needs more memory than the SQL memory limit of {} (--memory-limit; spilling to disk did not suffice): {}",
                 human_bytes(self.limits.memory_bytes),
                 e.strip_backtrace()

@@ -215,6 +215,7 @@ impl Stage for Analyze {
         };
         let mut lines = Vec::new();
         for layer in &layers {
+            ctx.cancel.check()?;
             lines.push(analyze_layer(ctx, p, model_ref.as_ref(), &id, split, layer)?);
         }
         Ok(lines.join("\n"))

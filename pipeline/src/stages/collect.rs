@@ -477,6 +477,7 @@ impl Stage for Collect {
                 clock.forward += (t1 - t0).as_secs_f64();
                 clock.accumulate += t1.elapsed().as_secs_f64();
                 clock.tokens += (b * chunks.t) as u64;
+                ctx.cancel.check()?;
                 bar.inc((b * chunks.t) as u64);
                 next = first + b as u64;
                 since += b as u64;

@@ -218,6 +218,7 @@ impl Stage for Decide {
                 e.linear_correct += u64::from(l == y);
                 e.ncc_correct += u64::from(n == y);
             }
+            ctx.cancel.check()?;
             bar.inc((b * t) as u64);
             Ok(())
         })?;

@@ -136,6 +136,7 @@ fn evaluate(ctx: &Ctx, model: &dyn CausalLm, chunks: &Chunks, batch: usize) -> R
             r0 += n;
         }
         tot.samples += rows as u64;
+        ctx.cancel.check()?;
         bar.inc((b * t) as u64);
         Ok(())
     })?;

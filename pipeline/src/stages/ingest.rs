@@ -200,7 +200,10 @@ impl Stage for Ingest {
             separator,
             trim,
         };
-        let mut sinks: Vec<DocSink> = splits.iter().map(|s| DocSink::new(s)).collect::<Result<_>>()?;
+        let mut sinks: Vec<DocSink> = splits
+            .iter()
+            .map(|_| DocSink::new(&ctx.cancel))
+            .collect::<Result<_>>()?;
         let total_bytes: u64 = train_src
             .iter()
             .chain(&val_src)
@@ -310,11 +313,14 @@ struct DocSink {
     pending_bytes: usize,
     next_id: u64,
     text_bytes: u64,
+    /// Checked at every batch of documents.
+    cancel: crate::cancel::Cancel,
 }
 
 impl DocSink {
-    fn new(_split: &str) -> Result<Self> {
+    fn new(cancel: &crate::cancel::Cancel) -> Result<Self> {
         Ok(DocSink {
+            cancel: cancel.clone(),
             writer: TableWriter::new("documents")?,
             ids: UInt64Builder::new(),
             sources: StringBuilder::new(),
@@ -341,6 +347,7 @@ impl DocSink {
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.cancel.check()?;
         if self.ids.len() == 0 {
             return Ok(());
         }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::lake::Lake;
 use crate::model::checkpoint::ModelRef;
@@ -34,6 +35,9 @@ pub struct Ctx {
     /// Plan mode: stages stop, without writing anything, where they would
     /// start work ([`Ctx::would_run`]); see [`plan`].
     pub plan_only: bool,
+    /// Set from outside to stop the stage at its next checkpoint
+    /// ([`crate::cancel`]).
+    pub cancel: Cancel,
 }
 
 impl Ctx {
@@ -42,6 +46,7 @@ impl Ctx {
             lake,
             config: Config::default(),
             plan_only: false,
+            cancel: Cancel::new(),
         }
     }
 
@@ -65,6 +70,7 @@ pub fn plan(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Resul
         lake: ctx.lake.clone(),
         config: ctx.config.clone(),
         plan_only: true,
+        cancel: ctx.cancel.clone(),
     };
     match run(&planning, name, explicit) {
         Ok(_) => Ok(PlanStatus::Done),
@@ -139,6 +145,7 @@ pub fn dataset_for(p: &Params, m: &ModelRef) -> Result<String> {
 /// Resolve parameters (config file, then `explicit`) and run a stage by name.
 pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result<String> {
     let stage = find(name)?;
+    ctx.cancel.check()?;
     let params = Params::resolve(name, stage.params(), &ctx.config, explicit)?;
     if ctx.plan_only {
         return stage.run(ctx, &params);
@@ -162,6 +169,8 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
             }
             Ok(summary)
         }
+        // Stopped on request: nothing failed, and nothing half-done is left.
+        Err(Error::Interrupted) => Err(Error::Interrupted),
         Err(e) => {
             // Recorded for `pipeline status`; a later success removes it.
             let record = serde_json::json!({

@@ -273,6 +273,7 @@ impl Stage for Pack {
                         next_id += n;
                     }
                 }
+                ctx.cancel.check()?;
                 bar.inc(b.num_rows() as u64);
             }
             bar.finish_and_clear();

@@ -149,6 +149,7 @@ fn tokenize_split(
         let out = tokens_batch(ids, &encoded)?;
         n_tokens += encoded.iter().map(|v| v.len() as u64).sum::<u64>();
         writer.write(&out)?;
+        ctx.cancel.check()?;
         bar.inc(batch.num_rows() as u64);
     }
     bar.finish_and_clear();

@@ -398,6 +398,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
             tokens_seen += (b * t) as u64;
             window_loss += loss_v;
             window_n += 1;
+            ctx.cancel.check()?;
             bar.inc((b * t) as u64);
             bar.set_message(format!("{} loss {loss_v:.3}", recipe.name));
             if step.is_multiple_of(recipe.log_every)

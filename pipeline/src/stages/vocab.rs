@@ -86,6 +86,7 @@ impl Stage for Vocab {
                         *slot += 1;
                     }
                 }
+                ctx.cancel.check()?;
                 bar.inc(b.num_rows() as u64);
             }
             bar.finish_and_clear();

@@ -1,0 +1,30 @@
+"""Neural collapse in causal language models, from Python.
+
+The pipeline's engine (written in Rust) in process: a results lake of
+Parquet tables, DataFusion SQL over it, and every stage of the study::
+
+    import linguistic_collapse as lc
+
+    lake = lc.Lake("lake")                      # or s3://bucket/prefix
+    lake.run("all")                             # the study in experiments/quickstart.toml
+    metrics = lake.sql("SELECT * FROM model_metrics").to_pandas()
+
+Results are ``pyarrow.Table`` objects that cross from Rust through the Arrow
+C stream interface (``__arrow_c_stream__``) without copying; pandas
+(``.to_pandas()``), polars (``polars.from_arrow``) and duckdb (a query over
+the variable) read them directly.
+"""
+
+from ._native import DamagedArtifactError, PipelineError, __version__
+from ._lake import Lake, RunResult, Stage, VerifyReport, stages
+
+__all__ = [
+    "Lake",
+    "RunResult",
+    "Stage",
+    "VerifyReport",
+    "stages",
+    "PipelineError",
+    "DamagedArtifactError",
+    "__version__",
+]

@@ -1,0 +1,506 @@
+//! `linguistic_collapse._native`: the pipeline's engine for Python.
+//!
+//! Glue only: every call goes to the `pipeline` library, exactly as the
+//! command line does. Three rules hold at this edge:
+//! - work runs on its own thread with the GIL released, while the calling
+//!   thread wakes every [`TICK`] to deliver Python's signals (Ctrl-C cancels
+//!   the work at its next checkpoint, see `pipeline::cancel`) and to hand the
+//!   progress bars' state to a Python callback;
+//! - library errors become Python exceptions by kind ([`to_py`]); a Rust panic
+//!   becomes a `PipelineError` and never unwinds into the interpreter;
+//! - tables leave as Arrow through the PyCapsule stream interface
+//!   (`pyarrow.table` imports them without copying).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use pyo3::exceptions::{
+    PyFileNotFoundError, PyKeyboardInterrupt, PyMemoryError, PyRuntimeError, PyTimeoutError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use pipeline::cancel::Cancel;
+use pipeline::error::Error;
+use pipeline::params::Config;
+use pipeline::stages::Ctx;
+
+// The library's hot loops allocate step-sized buffers; see
+// `pipeline::cli::keep_freed_memory`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+pyo3::create_exception!(
+    linguistic_collapse,
+    PipelineError,
+    PyRuntimeError,
+    "An error of the pipeline that no built-in exception describes."
+);
+pyo3::create_exception!(
+    linguistic_collapse,
+    DamagedArtifactError,
+    PipelineError,
+    "A lake artifact whose bytes disagree with its manifest; the message names the file and the stage that remakes it."
+);
+
+/// A progress bar for Python: `(id, message, position, length, unit, finished)`.
+type BarTuple<'a> = (u64, String, u64, Option<u64>, &'a str, bool);
+/// An artifact for Python: `(table, partition, rows, bytes, stage, created)`.
+type ArtifactTuple = (String, String, u64, u64, String, String);
+/// A verify finding for Python: `(kind, path, detail)`.
+type FindingTuple = (String, String, String);
+/// A stage for Python: `(name, about, reads, writes, [(key, default, doc)])`.
+type StageTuple = (
+    String,
+    String,
+    String,
+    String,
+    Vec<(String, Option<String>, String)>,
+);
+
+/// How often the calling thread wakes to deliver signals and progress.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A library error as the Python exception a researcher would catch.
+fn to_py(e: Error) -> PyErr {
+    let text = describe(&e);
+    if let Some(d) = find_source::<pipeline::integrity::Damaged>(&e) {
+        return DamagedArtifactError::new_err((text, d.file.clone()));
+    }
+    if is_not_found(&e) {
+        return PyFileNotFoundError::new_err(text);
+    }
+    match e {
+        Error::Interrupted => PyKeyboardInterrupt::new_err(text),
+        Error::Timeout(_) => PyTimeoutError::new_err(text),
+        Error::MemoryLimit(_) => PyMemoryError::new_err(text),
+        Error::Param { .. }
+        | Error::Invalid(_)
+        | Error::Sql(_)
+        | Error::Url { .. }
+        | Error::DataFusion { .. }
+        | Error::Input { .. } => PyValueError::new_err(text),
+        _ => PipelineError::new_err(text),
+    }
+}
+
+/// The error and its causes, each once (object-store errors repeat theirs).
+fn describe(e: &Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        let msg = c.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cause = c.source();
+    }
+    parts.join("\n  caused by: ")
+}
+
+fn find_source<T: std::error::Error + 'static>(e: &Error) -> Option<&T> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// A missing file, lake object or input artifact, anywhere in the chain.
+fn is_not_found(e: &Error) -> bool {
+    // The library words every missing input artifact or model "not found...".
+    if let Error::Artifact { problem, .. } | Error::Model { problem, .. } = e
+        && (problem.starts_with("not found") || problem == "data file not found")
+    {
+        return true;
+    }
+    if let Error::Input { problem, .. } = e
+        && problem == "no such file"
+    {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(object_store::Error::NotFound { .. }) = c.downcast_ref::<object_store::Error>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::NotFound
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// What a KeyboardInterrupt waits for.
+#[derive(Clone, Copy, PartialEq)]
+enum OnInterrupt {
+    /// Work that writes: raise once it has stopped at its checkpoint, so
+    /// the lake is settled when the exception reaches the caller.
+    WaitForStop,
+    /// Read-only work: raise at once; the thread's result is dropped.
+    Abandon,
+}
+
+/// Run `work` on its own thread with the GIL released. Every [`TICK`] the
+/// calling thread takes the GIL back to deliver signals (a pending
+/// KeyboardInterrupt cancels the work and is raised as `on_interrupt`
+/// says) and to call `tick`.
+fn interruptible<T: Send + 'static>(
+    py: Python<'_>,
+    cancel: &Cancel,
+    on_interrupt: OnInterrupt,
+    mut tick: impl FnMut(Python<'_>) -> PyResult<()>,
+    work: impl FnOnce() -> pipeline::Result<T> + Send + 'static,
+) -> PyResult<T> {
+    let (tx, rx) = mpsc::channel();
+    // Shared with the GIL-free closures below, which need a `Sync` handle.
+    let rx = std::sync::Mutex::new(rx);
+    let worker = std::thread::Builder::new()
+        .name("linguistic-collapse".into())
+        .spawn(move || {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let _ = tx.send(out);
+        })
+        .map_err(|e| PipelineError::new_err(format!("starting a worker thread: {e}")))?;
+    let stop = |py: Python<'_>, err: PyErr| -> PyErr {
+        cancel.cancel();
+        if on_interrupt == OnInterrupt::WaitForStop {
+            let _ = py.detach(|| worker_join(&rx));
+        }
+        err
+    };
+    loop {
+        match py.detach(|| lock(&rx).recv_timeout(TICK)) {
+            Ok(out) => {
+                let _ = worker.join();
+                tick(py)?;
+                return match out {
+                    Ok(result) => result.map_err(to_py),
+                    Err(panic) => Err(PipelineError::new_err(format!(
+                        "internal error (a bug; please report it): {}",
+                        panic_text(&panic)
+                    ))),
+                };
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(PipelineError::new_err("the worker thread ended without a result"));
+            }
+        }
+        if let Err(e) = py.check_signals() {
+            return Err(stop(py, e));
+        }
+        if let Err(e) = tick(py) {
+            return Err(stop(py, e));
+        }
+    }
+}
+
+/// Wait for the worker's result after cancelling it (its value is dropped).
+fn worker_join<T>(rx: &std::sync::Mutex<mpsc::Receiver<T>>) -> Option<T> {
+    lock(rx).recv().ok()
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}
+
+/// The state of every live progress bar, as tuples for the Python side:
+/// `(id, message, position, length or None, unit, finished)`.
+fn bar_states(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
+    let rows: Vec<BarTuple> = pipeline::progress::live_bars()
+        .into_iter()
+        .map(|b| (b.id, b.message, b.position, b.length, b.unit, b.finished))
+        .collect();
+    PyList::new(py, rows)
+}
+
+fn table_to_py(py: Python<'_>, batches: Vec<RecordBatch>, schema: SchemaRef) -> PyResult<Py<PyAny>> {
+    Ok(pyo3_arrow::PyTable::try_new(batches, schema)?
+        .into_pyarrow(py)?
+        .unbind())
+}
+
+/// A results lake: SQL over its tables and the stages that write them.
+#[pyclass(module = "linguistic_collapse._native", name = "Lake", frozen)]
+struct PyLake {
+    lake: pipeline::lake::Lake,
+    config: Config,
+}
+
+#[pymethods]
+impl PyLake {
+    /// Open the lake at `url`, else `PIPELINE_LAKE`, else `lake =` in the
+    /// configuration (`config`, else `./pipeline.toml` when it exists), else
+    /// `./lake`.
+    #[new]
+    #[pyo3(signature = (url=None, config=None))]
+    fn new(url: Option<String>, config: Option<PathBuf>) -> PyResult<Self> {
+        if let Some(c) = &config
+            && !c.is_file()
+        {
+            return Err(PyFileNotFoundError::new_err(format!(
+                "{}: no such configuration file",
+                c.display()
+            )));
+        }
+        let config = pipeline::cli::load_config(config.as_deref()).map_err(to_py)?;
+        let given = url.or_else(|| std::env::var("PIPELINE_LAKE").ok().filter(|v| !v.is_empty()));
+        let url = pipeline::cli::lake_url(given.as_deref(), &config);
+        let lake = pipeline::lake::Lake::open(&url).map_err(to_py)?;
+        Ok(PyLake { lake, config })
+    }
+
+    /// The lake's normalised URL (`file:///abs/path`, `s3://bucket/prefix`).
+    #[getter]
+    fn url(&self) -> String {
+        self.lake.url().to_string()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Lake('{}')", self.lake.url())
+    }
+
+    /// Run one read-only SQL statement; the result as a `pyarrow.Table`.
+    #[pyo3(signature = (query, memory_limit=None, timeout=None))]
+    fn sql(
+        &self,
+        py: Python<'_>,
+        query: String,
+        memory_limit: Option<usize>,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        self.require_exists()?;
+        let mut limits = pipeline::sql::Limits::default();
+        if let Some(m) = memory_limit {
+            if m == 0 {
+                return Err(PyValueError::new_err(
+                    "memory_limit: expected a positive number of bytes",
+                ));
+            }
+            limits.memory_bytes = m;
+        }
+        if let Some(t) = timeout {
+            if !(t > 0.0 && t.is_finite()) {
+                return Err(PyValueError::new_err(format!(
+                    "timeout={t}: expected a positive number of seconds"
+                )));
+            }
+            limits.timeout = Some(Duration::from_secs_f64(t));
+        }
+        let lake = self.lake.clone();
+        let cancel = Cancel::new();
+        let stop = cancel.clone();
+        let (batches, schema) = interruptible(
+            py,
+            &cancel,
+            OnInterrupt::Abandon,
+            |_| Ok(()),
+            move || {
+                let sql = pipeline::sql::Sql::open_with(&lake, limits)?;
+                let mut batches = Vec::new();
+                let schema = sql.query_each(&query, false, |b| {
+                    stop.check()?;
+                    batches.push(b);
+                    Ok(())
+                })?;
+                Ok((batches, schema))
+            },
+        )?;
+        table_to_py(py, batches, schema)
+    }
+
+    /// Every committed artifact: `(table, partition, rows, bytes, stage,
+    /// created)` tuples.
+    fn status(&self, py: Python<'_>) -> PyResult<Vec<ArtifactTuple>> {
+        self.require_exists()?;
+        let lake = self.lake.clone();
+        let rows = interruptible(
+            py,
+            &Cancel::new(),
+            OnInterrupt::Abandon,
+            |_| Ok(()),
+            move || pipeline::cli::artifacts(&lake),
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|a| (a.table, a.partition, a.rows, a.bytes, a.stage, a.created))
+            .collect())
+    }
+
+    /// Check every artifact (or one table's) against its recorded hashes:
+    /// `(checked, bytes, findings, text)` where findings are `(kind, path,
+    /// detail)` tuples and text is what `pipeline verify` prints.
+    #[pyo3(signature = (table=None))]
+    fn verify(
+        &self,
+        py: Python<'_>,
+        table: Option<String>,
+    ) -> PyResult<(u64, u64, Vec<FindingTuple>, String)> {
+        self.require_exists()?;
+        let lake = self.lake.clone();
+        let (report, text) = interruptible(
+            py,
+            &Cancel::new(),
+            OnInterrupt::Abandon,
+            |_| Ok(()),
+            move || {
+                let report = pipeline::verify::verify(&lake, table.as_deref(), false)?;
+                let text = pipeline::verify::render(&lake, &report);
+                Ok((report, text))
+            },
+        )?;
+        let findings = report
+            .findings
+            .iter()
+            .map(|f| (f.kind.to_string(), f.path.clone(), f.detail.clone()))
+            .collect();
+        Ok((report.checked, report.bytes, findings, text))
+    }
+
+    /// Run one stage with the command line's semantics; `params` are the
+    /// `key=value` pairs as strings. Calls `progress(bars)` about ten times a
+    /// second with the live bars' state (see `bar_states`). Returns the
+    /// stage's summary and the manifests it committed, as dicts.
+    #[pyo3(signature = (stage, params, progress=None))]
+    fn run_stage(
+        &self,
+        py: Python<'_>,
+        stage: String,
+        params: BTreeMap<String, String>,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<(String, Vec<Py<PyAny>>)> {
+        if params.contains_key("stage") {
+            return Err(PyValueError::new_err(
+                "give the stage as the first argument, not as a parameter",
+            ));
+        }
+        pipeline::progress::draw_elsewhere();
+        let journal = pipeline::lake::Journal::default();
+        let ctx = Ctx {
+            lake: self.lake.with_journal(journal.clone()),
+            config: self.config.clone(),
+            plan_only: false,
+            cancel: Cancel::new(),
+        };
+        let cancel = ctx.cancel.clone();
+        let tick = |py: Python<'_>| -> PyResult<()> {
+            if let Some(cb) = &progress {
+                cb.call1(py, (bar_states(py)?,))?;
+            }
+            Ok(())
+        };
+        let summary = interruptible(py, &cancel, OnInterrupt::WaitForStop, tick, move || {
+            pipeline::stages::run(&ctx, &stage, &params)
+        })?;
+        let written = journal.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let json = py.import("json")?;
+        let mut out = Vec::with_capacity(written.len());
+        for m in &written {
+            let text = serde_json::to_string(m)
+                .map_err(|e| PipelineError::new_err(format!("a manifest as JSON: {e}")))?;
+            out.push(json.call_method1("loads", (text,))?.unbind());
+        }
+        Ok((summary, out))
+    }
+}
+
+impl PyLake {
+    /// Reading a local lake that does not exist is a mistake worth naming
+    /// (SQL over it would quietly find empty tables).
+    fn require_exists(&self) -> PyResult<()> {
+        if let Some(path) = self.lake.url().strip_prefix("file://")
+            && !std::path::Path::new(path).is_dir()
+        {
+            return Err(PyFileNotFoundError::new_err(format!(
+                "lake {path} does not exist: run a stage first (Lake.run), or give the lake's location"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Every stage: `(name, about, reads, writes, [(key, default or None, doc)])`.
+#[pyfunction]
+fn stages() -> Vec<StageTuple> {
+    pipeline::stages::all()
+        .iter()
+        .map(|s| {
+            let params = s
+                .params()
+                .iter()
+                .map(|p| {
+                    (
+                        p.name.to_string(),
+                        p.default.map(str::to_string),
+                        p.doc.to_string(),
+                    )
+                })
+                .collect();
+            (
+                s.name().to_string(),
+                s.about().to_string(),
+                s.reads().to_string(),
+                s.writes().to_string(),
+                params,
+            )
+        })
+        .collect()
+}
+
+/// The `pipeline` command line (`argv` with the program name first); returns
+/// its exit status. The wheel's `pipeline` console script calls this.
+#[pyfunction]
+fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(|| pipeline::cli::main(argv))
+}
+
+/// Where the module's log lines go: stderr, at `level` unless `RUST_LOG` says
+/// otherwise. The first call wins (a process has one subscriber).
+#[pyfunction]
+#[pyo3(signature = (level="warn"))]
+fn init_logging(level: &str) -> bool {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init()
+        .is_ok()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    pipeline::cli::keep_freed_memory();
+    let py = m.py();
+    m.add_class::<PyLake>()?;
+    m.add_function(wrap_pyfunction!(stages, m)?)?;
+    m.add_function(wrap_pyfunction!(cli_main, m)?)?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add("PipelineError", py.get_type::<PipelineError>())?;
+    m.add("DamagedArtifactError", py.get_type::<DamagedArtifactError>())?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
