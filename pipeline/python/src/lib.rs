@@ -175,7 +175,7 @@ fn interruptible<T: Send + 'static>(
     let stop = |py: Python<'_>, err: PyErr| -> PyErr {
         cancel.cancel();
         if on_interrupt == OnInterrupt::WaitForStop {
-            let _ = py.detach(|| worker_join(&rx));
+            wait_for_stop(py, &rx);
         }
         err
     };
@@ -183,7 +183,11 @@ fn interruptible<T: Send + 'static>(
         match py.detach(|| lock(&rx).recv_timeout(TICK)) {
             Ok(out) => {
                 let _ = worker.join();
-                tick(py)?;
+                // The last state of the bars, after a success only: a
+                // failed run's bars stay where the work stopped.
+                if matches!(out, Ok(Ok(_))) {
+                    tick(py)?;
+                }
                 return match out {
                     Ok(result) => result.map_err(to_py),
                     Err(panic) => Err(PipelineError::new_err(format!(
@@ -206,9 +210,21 @@ fn interruptible<T: Send + 'static>(
     }
 }
 
-/// Wait for the worker's result after cancelling it (its value is dropped).
-fn worker_join<T>(rx: &std::sync::Mutex<mpsc::Receiver<T>>) -> Option<T> {
-    lock(rx).recv().ok()
+/// Wait for a cancelled worker to reach its checkpoint (its result is
+/// dropped). A second Ctrl-C stops waiting: the work then ends on its own,
+/// committing at most what it was already committing.
+fn wait_for_stop<T: Send>(py: Python<'_>, rx: &std::sync::Mutex<mpsc::Receiver<T>>) {
+    loop {
+        match py.detach(|| lock(rx).recv_timeout(TICK)) {
+            Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if py.check_signals().is_err() {
+                    eprintln!("interrupted again: not waiting for the stage to reach its checkpoint");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -128,3 +128,23 @@ def test_stages_lists_parameters_and_defaults():
     assert by_name["pack"].params["T"][0] is not None
     assert by_name["eval"].params["model"][0] is None  # required
 
+
+
+def test_bars_follow_the_engine_states():
+    """The tqdm side: a bar per engine bar, moved to each reported position,
+    closed once when finished or gone."""
+    from linguistic_collapse._progress import Bars
+
+    bars = Bars()
+    bars([(7, "collect", 5, 100, "tok", False)])
+    bar = bars._bars[7]
+    assert (bar.n, bar.total) == (5, 100)
+    bars([(7, "collect m", 60, 100, "tok", False), (8, "eval", 1, 10, "tok", False)])
+    assert bar.n == 60 and 8 in bars._bars
+    eight = bars._bars[8]
+    bars([(7, "collect m", 100, 100, "tok", True)])  # 7 finished, 8 gone
+    assert bars._bars == {}
+    assert eight.n == 10  # gone while the run goes on: its work was done
+    bars([(7, "collect m", 100, 100, "tok", True)])  # a finished bar stays closed
+    assert bars._bars == {}
+    bars.close()

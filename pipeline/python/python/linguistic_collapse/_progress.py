@@ -15,10 +15,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 BarState = Tuple[int, str, int, Optional[int], str, bool]
 
-try:  # tqdm is optional: `pip install linguistic-collapse[progress]`
-    from tqdm.auto import tqdm as _tqdm
-except ImportError:  # pragma: no cover - exercised where tqdm is absent
-    _tqdm = None
+
+def _tqdm_class() -> Any:
+    """tqdm.auto's bar, or None without tqdm (`pip install
+    linguistic-collapse[progress]`). Imported when a run first shows
+    progress: it takes longer to import than this package."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
 
 
 class _PlainBar:
@@ -47,13 +53,14 @@ class Bars:
     """Draws the engine's live bars; forgets (closes) bars that ended."""
 
     def __init__(self) -> None:
+        self._tqdm = _tqdm_class()
         self._bars: Dict[int, Any] = {}
         self._done: set = set()
 
     def _open(self, message: str, length: Optional[int], unit: str) -> Any:
-        if _tqdm is None:
+        if self._tqdm is None:
             return _PlainBar(message, length, unit)
-        return _tqdm(
+        return self._tqdm(
             total=length,
             desc=message,
             unit=unit,
@@ -72,7 +79,7 @@ class Bars:
             bar = self._bars.get(bar_id)
             if bar is None:
                 bar = self._bars[bar_id] = self._open(message, length, unit)
-            if _tqdm is None:
+            if self._tqdm is None:
                 bar.desc, bar.total, bar.n = message, length, position
                 bar.show()
             else:
@@ -82,16 +89,25 @@ class Bars:
                     bar.set_description_str(message, refresh=False)
                 bar.update(position - bar.n)
             if finished:
-                self._close(bar_id)
+                self._close(bar_id, fill=False)
+        # A bar that is gone while the run goes on ended between two polls
+        # (the engine drops a bar when its work is done): draw it full.
         for bar_id in [b for b in self._bars if b not in seen]:
-            self._close(bar_id)
+            self._close(bar_id, fill=True)
 
-    def _close(self, bar_id: int) -> None:
+    def _close(self, bar_id: int, fill: bool) -> None:
         bar = self._bars.pop(bar_id, None)
         self._done.add(bar_id)
-        if bar is not None:
-            bar.close()
+        if bar is None:
+            return
+        if fill and bar.total:
+            if self._tqdm is None:
+                bar.n = bar.total
+            else:
+                bar.update(bar.total - bar.n)
+        bar.close()
 
     def close(self) -> None:
+        """At the end of a run: bars still open stay where the work stopped."""
         for bar_id in list(self._bars):
-            self._close(bar_id)
+            self._close(bar_id, fill=False)
