@@ -66,8 +66,10 @@ fn check_groups(order: &[u32], starts: &[u32], n: usize) -> candle_core::Result<
     Ok(())
 }
 
-/// One class per output row of `out` (d means, then M2).
-fn cpu_moments<T: Copy + Sync>(
+/// Per-class mean and M2 of rows of `h` ([n, d] row-major, read in place,
+/// converted by `f`): class `c` is rows `order[starts[c]..starts[c + 1]]`.
+/// One output row of d means, then M2, per class; classes in parallel.
+pub fn cpu_moments<T: Copy + Sync>(
     h: &[T],
     f: impl Fn(T) -> f64 + Sync,
     order: &[u32],

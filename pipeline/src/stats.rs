@@ -518,6 +518,47 @@ pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
     })
 }
 
+/// Reduce one batch held in host memory to per-class partials, on all
+/// cores, in f64: `h` holds rows of `d` values (row-major, read in place,
+/// converted by `to_f64`), and `labels[i]` is the class of row `rows[i]`
+/// (rows the caller skips are simply absent).
+pub fn host_partial<T: Copy + Sync>(
+    h: &[T],
+    to_f64: impl Fn(T) -> f64 + Sync,
+    d: usize,
+    rows: &[u32],
+    labels: &[u32],
+) -> Result<Partial> {
+    if rows.len() != labels.len() || rows.iter().any(|&r| (r as usize + 1) * d > h.len()) {
+        return Err(Error::invalid(format!(
+            "{} rows for {} labels, or a row past the {} values given",
+            rows.len(),
+            labels.len(),
+            h.len()
+        )));
+    }
+    let LabelGroups {
+        classes,
+        count,
+        order,
+        starts,
+    } = LabelGroups::new(labels);
+    let order: Vec<u32> = order.iter().map(|&i| rows[i as usize]).collect();
+    let both = crate::class_moments::cpu_moments(h, to_f64, &order, &starts, d);
+    let mut mean = Vec::with_capacity(classes.len() * d);
+    let mut m2 = Vec::with_capacity(classes.len());
+    for row in both.chunks_exact(d + 1) {
+        mean.extend_from_slice(&row[..d]);
+        m2.push(row[d]);
+    }
+    Ok(Partial {
+        classes,
+        count,
+        mean,
+        m2,
+    })
+}
+
 /// Squared distances of a batch to fixed class means (second pass of the
 /// two-pass mode), summed per class. `means` holds the rows of `stats`.
 pub fn batch_m2_to(h: &Tensor, labels: &[u32], stats: &ClassStats, means: &Tensor) -> Result<Partial> {
@@ -553,6 +594,29 @@ pub fn batch_m2_to(h: &Tensor, labels: &[u32], stats: &ClassStats, means: &Tenso
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn host_partial_of_chosen_rows_equals_the_tensor_path() {
+        // Rows 0..6 of width 3; row 2 and 5 are skipped by the caller.
+        let h: Vec<f32> = (0..18).map(|i| (i * i % 7) as f32 - 2.5).collect();
+        let rows = [0u32, 1, 3, 4];
+        let labels = [4u32, 9, 4, 4];
+        let host = host_partial(&h, |x| x as f64, 3, &rows, &labels).unwrap();
+        let kept: Vec<f32> = rows
+            .iter()
+            .flat_map(|&r| h[r as usize * 3..r as usize * 3 + 3].to_vec())
+            .collect();
+        let t = Tensor::from_vec(kept, (4, 3), &Device::Cpu).unwrap();
+        let tensor = batch_partial(&t, &labels).unwrap();
+        assert_eq!(host.classes, tensor.classes);
+        assert_eq!(host.count, tensor.count);
+        assert_eq!(host.mean, tensor.mean);
+        assert_eq!(host.m2, tensor.m2);
+        // Class 4 by hand: rows 0, 3, 4.
+        let mean0: f64 = [0, 3, 4].iter().map(|&r| h[r * 3] as f64).sum::<f64>() / 3.0;
+        assert_eq!(host.mean[0], mean0);
+        assert!(host_partial(&h, |x| x as f64, 3, &[6], &[1]).is_err());
+    }
 
     fn brute(samples: &[(u32, Vec<f64>)]) -> HashMap<u32, (u64, Vec<f64>, f64)> {
         let mut by: HashMap<u32, Vec<&Vec<f64>>> = HashMap::new();

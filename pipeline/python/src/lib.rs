@@ -24,6 +24,8 @@ use pyo3::exceptions::{
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
+mod class_stats;
+
 use pipeline::cancel::Cancel;
 use pipeline::error::Error;
 use pipeline::params::Config;
@@ -512,6 +514,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pipeline::cli::keep_freed_memory();
     let py = m.py();
     m.add_class::<PyLake>()?;
+    m.add_class::<class_stats::PyClassStats>()?;
     m.add_function(wrap_pyfunction!(stages, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;

@@ -15,10 +15,11 @@ C stream interface (``__arrow_c_stream__``) without copying; pandas
 the variable) read them directly.
 """
 
-from ._native import DamagedArtifactError, PipelineError, __version__
+from ._native import ClassStats, DamagedArtifactError, PipelineError, __version__
 from ._lake import Lake, RunResult, Stage, VerifyReport, stages
 
 __all__ = [
+    "ClassStats",
     "Lake",
     "RunResult",
     "Stage",

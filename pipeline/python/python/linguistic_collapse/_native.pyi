@@ -13,6 +13,30 @@ class DamagedArtifactError(PipelineError):
     ``args`` is ``(message, path)``: the damaged file's lake path.
     """
 
+class ClassStats:
+    """Running per-class count, mean and M2 of ``dim``-wide samples, in f64.
+
+    ``update`` reads numpy arrays in place (float16/32/64, C-contiguous)
+    with the GIL released; ``merge`` combines accumulators (Chan's formula);
+    instances pickle exactly.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None: ...
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def samples(self) -> int: ...
+    def update(self, hidden: Any, labels: Any, ignore_index: int = -100) -> None: ...
+    def merge(self, other: "ClassStats") -> None: ...
+    @property
+    def counts(self) -> Any: ...
+    @property
+    def means(self) -> Any: ...
+    @property
+    def m2(self) -> Any: ...
+
 BarState = Tuple[int, str, int, Optional[int], str, bool]
 
 class Lake:

@@ -1,0 +1,286 @@
+//! `ClassStats`: one-pass per-class statistics of hidden states handed over
+//! from Python, with the engine's arithmetic (`pipeline::stats`): each batch
+//! is reduced per class in f64 (mean, then squared distances to it) and
+//! Chan-merged into the running counts, means and M2, as `collect` does.
+//!
+//! Host arrays are read in place through numpy's buffer (never copied
+//! whole) with the GIL released, on all cores. A rejected batch leaves the
+//! statistics untouched: every check runs before anything is merged.
+
+use numpy::{
+    Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use pipeline::stats::{ClassStats, Partial, host_partial};
+
+/// Running per-class count, mean and M2 (= sum of squared distances to the
+/// mean) of `dim`-dimensional samples of classes `0..num_classes`, in f64.
+#[pyclass(module = "linguistic_collapse._native", name = "ClassStats")]
+pub struct PyClassStats {
+    num_classes: usize,
+    stats: ClassStats,
+}
+
+/// The samples of one batch: their row ids (after `ignore_index`) and labels.
+struct Kept {
+    rows: Vec<u32>,
+    labels: Vec<u32>,
+}
+
+impl PyClassStats {
+    /// Labels flattened to one per row, checked against the class range.
+    fn labels(&self, labels: &Bound<'_, PyAny>, n: usize, ignore_index: i64) -> PyResult<Kept> {
+        let arr = labels
+            .cast::<numpy::PyUntypedArray>()
+            .map_err(|_| PyTypeError::new_err("labels: expected a numpy array of integers"))?;
+        let kind = arr.dtype().kind();
+        if kind != b'i' && kind != b'u' {
+            return Err(PyTypeError::new_err(format!(
+                "labels: expected integers, got dtype {}",
+                arr.dtype()
+            )));
+        }
+        if arr.len() != n {
+            return Err(PyValueError::new_err(format!(
+                "labels: {} labels for {n} hidden states (shape {:?})",
+                arr.len(),
+                arr.shape()
+            )));
+        }
+        // One int64 per row, contiguous (a small copy beside the hidden states).
+        let flat = labels.call_method1("astype", ("int64",))?.call_method0("ravel")?;
+        let flat = flat
+            .cast::<numpy::PyArray1<i64>>()
+            .map_err(|_| PyTypeError::new_err("labels: expected a numpy array of integers"))?
+            .readonly();
+        let values = flat
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("labels: could not be read as one row of int64"))?;
+        let mut kept = Kept {
+            rows: Vec::with_capacity(n),
+            labels: Vec::with_capacity(n),
+        };
+        for (i, &y) in values.iter().enumerate() {
+            if y == ignore_index {
+                continue;
+            }
+            if y < 0 || y as u64 >= self.num_classes as u64 {
+                return Err(PyValueError::new_err(format!(
+                    "labels: label {y} at position {i} is outside 0..{} (and not ignore_index={ignore_index})",
+                    self.num_classes
+                )));
+            }
+            kept.rows.push(i as u32);
+            kept.labels.push(y as u32);
+        }
+        Ok(kept)
+    }
+
+    /// The batch's per-class partial, computed from `hidden` in place.
+    fn partial_of<T: Element + Copy + Sync>(
+        &self,
+        py: Python<'_>,
+        hidden: &Bound<'_, PyArrayDyn<T>>,
+        labels: &Bound<'_, PyAny>,
+        ignore_index: i64,
+        to_f64: fn(T) -> f64,
+    ) -> PyResult<Partial> {
+        let view: PyReadonlyArrayDyn<T> = hidden.readonly();
+        let shape = view.shape().to_vec();
+        let d = self.stats.d;
+        if !(2..=3).contains(&shape.len()) || shape[shape.len() - 1] != d {
+            return Err(PyValueError::new_err(format!(
+                "hidden: expected shape [N, {d}] or [B, T, {d}], got {shape:?}"
+            )));
+        }
+        let n: usize = shape[..shape.len() - 1].iter().product();
+        if n > u32::MAX as usize {
+            return Err(PyValueError::new_err(format!(
+                "hidden: {n} rows in one batch; split it below 2^32"
+            )));
+        }
+        let kept = self.labels(labels, n, ignore_index)?;
+        // (`as_slice` also accepts Fortran order, whose rows are not rows.)
+        let c_order = view.is_c_contiguous();
+        let values = view.as_slice().ok().filter(|_| c_order).ok_or_else(|| {
+            PyValueError::new_err(
+                "hidden: expected a C-contiguous array (numpy.ascontiguousarray copies a strided view)",
+            )
+        })?;
+        py.detach(|| host_partial(values, to_f64, d, &kept.rows, &kept.labels))
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+}
+
+#[pymethods]
+impl PyClassStats {
+    #[new]
+    fn new(num_classes: usize, dim: usize) -> PyResult<Self> {
+        if num_classes == 0 || num_classes > u32::MAX as usize {
+            return Err(PyValueError::new_err(format!(
+                "num_classes: expected 1..2^32, got {num_classes}"
+            )));
+        }
+        if dim == 0 {
+            return Err(PyValueError::new_err("dim: expected a positive width"));
+        }
+        Ok(PyClassStats {
+            num_classes,
+            stats: ClassStats::new(dim),
+        })
+    }
+
+    #[getter]
+    fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.stats.d
+    }
+
+    /// Samples accumulated so far.
+    #[getter]
+    fn samples(&self) -> u64 {
+        self.stats.samples()
+    }
+
+    /// Accumulate one batch: `hidden` [N, d] or [B, T, d] (float16, float32
+    /// or float64, C-contiguous), `labels` [N] or [B, T] integers; labels
+    /// equal to `ignore_index` are skipped.
+    #[pyo3(signature = (hidden, labels, ignore_index=-100))]
+    fn update(
+        &mut self,
+        py: Python<'_>,
+        hidden: &Bound<'_, PyAny>,
+        labels: &Bound<'_, PyAny>,
+        ignore_index: i64,
+    ) -> PyResult<()> {
+        let partial = if let Ok(a) = hidden.cast::<PyArrayDyn<f32>>() {
+            self.partial_of(py, a, labels, ignore_index, |x| x as f64)?
+        } else if let Ok(a) = hidden.cast::<PyArrayDyn<f64>>() {
+            self.partial_of(py, a, labels, ignore_index, |x| x)?
+        } else if let Ok(a) = hidden.cast::<PyArrayDyn<half::f16>>() {
+            self.partial_of(py, a, labels, ignore_index, |x| x.to_f64())?
+        } else if let Ok(a) = hidden.cast::<numpy::PyUntypedArray>() {
+            return Err(PyTypeError::new_err(format!(
+                "hidden: expected float16, float32 or float64, got dtype {}",
+                a.dtype()
+            )));
+        } else {
+            return Err(PyTypeError::new_err(format!(
+                "hidden: expected a numpy array, got {}",
+                hidden.get_type().name()?
+            )));
+        };
+        self.stats.merge_partial(&partial);
+        Ok(())
+    }
+
+    /// Merge another accumulator (same num_classes and dim) into this one.
+    fn merge(&mut self, other: PyRef<'_, PyClassStats>) -> PyResult<()> {
+        if other.num_classes != self.num_classes || other.stats.d != self.stats.d {
+            return Err(PyValueError::new_err(format!(
+                "other: statistics of {} classes x {} cannot merge into {} x {}",
+                other.num_classes, other.stats.d, self.num_classes, self.stats.d
+            )));
+        }
+        let theirs = other.stats.clone();
+        self.stats
+            .merge(&theirs)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Samples per class, [num_classes] uint64.
+    #[getter]
+    fn counts<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        let mut out = vec![0u64; self.num_classes];
+        for (r, &c) in self.stats.classes.iter().enumerate() {
+            out[c as usize] = self.stats.count[r];
+        }
+        PyArray1::from_vec(py, out)
+    }
+
+    /// Class means, [num_classes, dim] float64 (zero rows for unseen classes).
+    #[getter]
+    fn means<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let d = self.stats.d;
+        let mut out = vec![0f64; self.num_classes * d];
+        for (r, &c) in self.stats.classes.iter().enumerate() {
+            out[c as usize * d..(c as usize + 1) * d].copy_from_slice(self.stats.mean_of(r));
+        }
+        PyArray1::from_vec(py, out).reshape([self.num_classes, d])
+    }
+
+    /// Per-class M2 = sum of squared distances to the class mean, [num_classes] float64.
+    #[getter]
+    fn m2<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<f64>> {
+        let mut out = vec![0f64; self.num_classes];
+        for (r, &c) in self.stats.classes.iter().enumerate() {
+            out[c as usize] = self.stats.m2[r];
+        }
+        PyArray1::from_vec(py, out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ClassStats(num_classes={}, dim={}, samples={}, classes_seen={})",
+            self.num_classes,
+            self.stats.d,
+            self.stats.samples(),
+            self.stats.len()
+        )
+    }
+
+    fn __getnewargs__(&self) -> (usize, usize) {
+        (self.num_classes, self.stats.d)
+    }
+
+    /// Exact state for pickle: class ids, counts, means and M2 as
+    /// little-endian bytes, in the accumulator's own row order.
+    fn __getstate__<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        let s = &self.stats;
+        let bytes = |v: Vec<u8>| PyBytes::new(py, &v);
+        vec![
+            bytes(s.classes.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            bytes(s.count.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            bytes(s.mean.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            bytes(s.m2.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ]
+    }
+
+    fn __setstate__(&mut self, state: Vec<Vec<u8>>) -> PyResult<()> {
+        let bad = || PyValueError::new_err("ClassStats: a damaged pickled state");
+        let [classes, count, mean, m2] = <[Vec<u8>; 4]>::try_from(state).map_err(|_| bad())?;
+        let u32s: Vec<u32> = classes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .collect();
+        let u64s: Vec<u64> = count
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let f64s = |b: &[u8]| -> Vec<f64> {
+            b.chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect()
+        };
+        let (mean, m2) = (f64s(&mean), f64s(&m2));
+        let d = self.stats.d;
+        let k = u32s.len();
+        if u64s.len() != k || m2.len() != k || mean.len() != k * d {
+            return Err(bad());
+        }
+        let mut stats = ClassStats::new(d);
+        for r in 0..k {
+            stats.merge_one(u32s[r], u64s[r], &mean[r * d..(r + 1) * d], m2[r]);
+        }
+        self.stats = stats;
+        Ok(())
+    }
+}
