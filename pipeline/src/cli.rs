@@ -223,23 +223,10 @@ where
     match real_main(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", describe(&e));
+            eprintln!("error: {}", crate::error::describe(e.as_ref()));
             1
         }
     }
-}
-
-/// The error and its causes, leaving out causes whose text an earlier
-/// message already contains (object-store errors repeat their sources).
-fn describe(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if !parts.iter().any(|p| p.contains(&msg)) {
-            parts.push(msg);
-        }
-    }
-    parts.join("\n  caused by: ")
 }
 
 /// The configuration: `path` when given, else `./pipeline.toml` when it
@@ -328,7 +315,8 @@ fn real_main(cli: Cli) -> Result<i32> {
             let lake = Lake::open(&lake_url)?;
             let mut limits = crate::sql::Limits::default();
             if let Some(m) = &memory_limit {
-                limits.memory_bytes = parse_size(m).with_context(|| format!("--memory-limit {m}"))?;
+                limits.memory_bytes =
+                    crate::sql::parse_size(m).with_context(|| format!("--memory-limit {m}"))?;
             }
             if let Some(t) = timeout {
                 if !(t > 0.0 && t.is_finite()) {
@@ -460,34 +448,6 @@ fn real_main(cli: Cli) -> Result<i32> {
             }
         }
     }
-}
-
-/// A size like `512M`, `2G`, `1.5G` or a byte count.
-fn parse_size(text: &str) -> Result<usize> {
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        None => (t, 1f64),
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1f64,
-                "K" => 1024f64,
-                "M" => 1024f64 * 1024.0,
-                "G" => 1024f64 * 1024.0 * 1024.0,
-                "T" => 1024f64 * 1024.0 * 1024.0 * 1024.0,
-                _ => bail!("unknown unit '{}' (use K, M, G or T)", &t[i..]),
-            };
-            (&t[..i], m)
-        }
-    };
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| anyhow::anyhow!("'{text}' is not a size"))?;
-    if !(x > 0.0 && x.is_finite()) {
-        bail!("'{text}' is not a positive size");
-    }
-    Ok((x * mult) as usize)
 }
 
 /// Rows of a table-format result printed per table block, so results

@@ -118,6 +118,52 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A missing file, lake object, input artifact or model: object-store or
+    /// I/O "not found" anywhere in the chain, or the library's own "not
+    /// found" of an artifact, model or input file.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            Error::Artifact { problem, .. } | Error::Model { problem, .. }
+                if problem.starts_with("not found") || problem == "data file not found" =>
+            {
+                return true;
+            }
+            Error::Input { problem, .. } if problem == "no such file" => return true,
+            _ => {}
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(c) = cause {
+            if let Some(object_store::Error::NotFound { .. }) = c.downcast_ref::<object_store::Error>() {
+                return true;
+            }
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::NotFound
+            {
+                return true;
+            }
+            cause = c.source();
+        }
+        false
+    }
+}
+
+/// An error and its causes in one message, leaving out causes whose text an
+/// earlier message already contains (object-store errors repeat their
+/// sources). Both front ends print errors this way.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let msg = c.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cause = c.source();
+    }
+    parts.join("\n  caused by: ")
+}
+
 /// Attach a description of what was being done to a foreign error.
 pub trait Context<T> {
     fn ctx(self, what: impl Display) -> Result<T>;

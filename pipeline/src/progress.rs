@@ -42,20 +42,22 @@ pub struct BarState {
 /// The bars alive now, oldest first (dropped ones are forgotten).
 pub fn live_bars() -> Vec<BarState> {
     let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-    live.retain(|(_, _, weak)| weak.upgrade().is_some());
-    live.iter()
-        .filter_map(|(id, unit, weak)| {
-            let pb = weak.upgrade()?;
-            Some(BarState {
-                id: *id,
-                message: pb.message(),
-                position: pb.position(),
-                length: pb.length(),
-                unit,
-                finished: pb.is_finished(),
-            })
-        })
-        .collect()
+    let mut states = Vec::with_capacity(live.len());
+    live.retain(|(id, unit, weak)| {
+        let Some(pb) = weak.upgrade() else {
+            return false;
+        };
+        states.push(BarState {
+            id: *id,
+            message: pb.message(),
+            position: pb.position(),
+            length: pb.length(),
+            unit,
+            finished: pb.is_finished(),
+        });
+        true
+    });
+    states
 }
 
 fn hosted() -> bool {

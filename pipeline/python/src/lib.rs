@@ -69,11 +69,11 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// A library error as the Python exception a researcher would catch.
 fn to_py(e: Error) -> PyErr {
-    let text = describe(&e);
+    let text = pipeline::error::describe(&e);
     if let Some(d) = find_source::<pipeline::integrity::Damaged>(&e) {
         return DamagedArtifactError::new_err((text, d.file.clone()));
     }
-    if is_not_found(&e) {
+    if e.is_not_found() {
         return PyFileNotFoundError::new_err(text);
     }
     match e {
@@ -90,20 +90,6 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
-/// The error and its causes, each once (object-store errors repeat theirs).
-fn describe(e: &Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cause: Option<&dyn std::error::Error> = Some(e);
-    while let Some(c) = cause {
-        let msg = c.to_string();
-        if !parts.iter().any(|p| p.contains(&msg)) {
-            parts.push(msg);
-        }
-        cause = c.source();
-    }
-    parts.join("\n  caused by: ")
-}
-
 fn find_source<T: std::error::Error + 'static>(e: &Error) -> Option<&T> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
@@ -113,34 +99,6 @@ fn find_source<T: std::error::Error + 'static>(e: &Error) -> Option<&T> {
         cause = c.source();
     }
     None
-}
-
-/// A missing file, lake object or input artifact, anywhere in the chain.
-fn is_not_found(e: &Error) -> bool {
-    // The library words every missing input artifact or model "not found...".
-    if let Error::Artifact { problem, .. } | Error::Model { problem, .. } = e
-        && (problem.starts_with("not found") || problem == "data file not found")
-    {
-        return true;
-    }
-    if let Error::Input { problem, .. } = e
-        && problem == "no such file"
-    {
-        return true;
-    }
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(object_store::Error::NotFound { .. }) = c.downcast_ref::<object_store::Error>() {
-            return true;
-        }
-        if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::NotFound
-        {
-            return true;
-        }
-        cause = c.source();
-    }
-    false
 }
 
 /// What a KeyboardInterrupt waits for.
@@ -305,18 +263,17 @@ impl PyLake {
         &self,
         py: Python<'_>,
         query: String,
-        memory_limit: Option<usize>,
+        memory_limit: Option<String>,
         timeout: Option<f64>,
     ) -> PyResult<Py<PyAny>> {
         self.require_exists()?;
         let mut limits = pipeline::sql::Limits::default();
         if let Some(m) = memory_limit {
-            if m == 0 {
-                return Err(PyValueError::new_err(
-                    "memory_limit: expected a positive number of bytes",
-                ));
-            }
-            limits.memory_bytes = m;
+            limits.memory_bytes = pipeline::sql::parse_size(&m).map_err(|e| {
+                PyValueError::new_err(format!(
+                    "memory_limit={m}: {e}; expected bytes or a size like '512M', '2G'"
+                ))
+            })?;
         }
         if let Some(t) = timeout {
             if !(t > 0.0 && t.is_finite()) {

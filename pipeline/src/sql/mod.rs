@@ -147,6 +147,40 @@ pub fn total_memory_bytes() -> Option<usize> {
     Some(kb * 1024)
 }
 
+/// A memory size as people write it (`512M`, `2G`, `1.5GiB`, or a byte
+/// count), as both front ends accept for a query's memory limit.
+pub fn parse_size(text: &str) -> Result<usize> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        None => (t, 1f64),
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1f64,
+                "K" => 1024f64,
+                "M" => 1024f64 * 1024.0,
+                "G" => 1024f64 * 1024.0 * 1024.0,
+                "T" => 1024f64 * 1024.0 * 1024.0 * 1024.0,
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "unknown unit '{}' (use K, M, G or T)",
+                        &t[i..]
+                    )));
+                }
+            };
+            (&t[..i], m)
+        }
+    };
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid(format!("'{text}' is not a size")))?;
+    if !(x > 0.0 && x.is_finite()) {
+        return Err(Error::invalid(format!("'{text}' is not a positive size")));
+    }
+    Ok((x * mult) as usize)
+}
+
 /// A byte count for messages ("512.0 MiB").
 pub fn human_bytes(b: usize) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];

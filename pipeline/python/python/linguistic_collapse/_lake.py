@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -22,26 +21,6 @@ def _pa():
     import pyarrow
 
     return pyarrow
-
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def _bytes(size: Union[int, str, None]) -> Optional[int]:
-    """``2G``, ``512M``, ``1.5G`` or a byte count, as bytes."""
-    if size is None:
-        return None
-    if isinstance(size, bool):
-        raise ValueError(f"memory_limit={size!r}: expected bytes or a size like '2G'")
-    if isinstance(size, int):
-        if size <= 0:
-            raise ValueError(f"memory_limit={size}: expected a positive number of bytes")
-        return size
-    m = _SIZE.match(str(size))
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"memory_limit={size!r}: expected bytes or a size like '512M', '2G'")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
 
 def _param_text(key: str, value: Any) -> str:
     """A parameter as the command line spells it."""
@@ -180,9 +159,9 @@ class Lake:
         """
         if not isinstance(query, str):
             raise TypeError(f"query: expected a string, got {type(query).__name__}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
-        return self._native.sql(query, _bytes(memory_limit), None if timeout is None else float(timeout))
+        # Sizes and the timeout are checked by the engine, as for `pipeline sql`.
+        size = None if memory_limit is None else str(memory_limit)
+        return self._native.sql(query, size, timeout)
 
     def tables(self) -> List[str]:
         """The names of every table and view, sorted."""
