@@ -13,10 +13,13 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "making the test environment $venv"
     python3 -m venv "$venv"
 fi
-# What the tests need; pip leaves satisfied requirements alone.
-if ! "$venv/bin/python" -c "import maturin, pytest, pyarrow, numpy, pandas, tqdm" 2>/dev/null; then
+# What the tests need; pip leaves satisfied requirements alone. torch (the
+# tensors ClassStats takes; PyPI's build brings a few GB of CUDA libraries,
+# installed once) and transformers are for the tests only: the package
+# itself needs neither.
+if ! "$venv/bin/python" -c "import maturin, pytest, pyarrow, numpy, pandas, tqdm, torch, transformers" 2>/dev/null; then
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q "maturin>=1.9,<2" pytest "pyarrow>=14" numpy pandas tqdm
+    "$venv/bin/pip" install -q "maturin>=1.9,<2" pytest "pyarrow>=14" numpy pandas tqdm torch transformers
 fi
 
 wheels="$(mktemp -d)"

@@ -16,6 +16,7 @@ mod emulator;
 pub mod error;
 pub mod executor;
 pub mod experiment;
+pub mod external;
 pub mod figures;
 pub mod grid_status;
 pub mod integrity;

@@ -27,6 +27,7 @@ pub const SCHEMA_FILES: &[(&str, &str)] = &[
     ("models", include_str!("../../schemas/models.json")),
     ("train_log", include_str!("../../schemas/train_log.json")),
     ("class_stats", include_str!("../../schemas/class_stats.json")),
+    ("classifiers", include_str!("../../schemas/classifiers.json")),
     ("decisions", include_str!("../../schemas/decisions.json")),
     ("pair_tiles", include_str!("../../schemas/pair_tiles.json")),
     ("class_metrics", include_str!("../../schemas/class_metrics.json")),

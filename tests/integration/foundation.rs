@@ -73,17 +73,13 @@ fn sample_batch(s: &TableSchema) -> RecordBatch {
                     (0..n).map(|i| valid(i).then(|| format!("v{i} é"))),
                 )),
             ),
-            "list<float64>" | "list<uint32>" => {
-                let inner = if c.type_name.contains("float") {
-                    DataType::Float64
-                } else {
-                    DataType::UInt32
+            "list<float64>" | "list<float32>" | "list<uint32>" => {
+                let values: ArrayRef = match c.type_name.as_str() {
+                    "list<float64>" => Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])),
+                    "list<float32>" => Arc::new(Float32Array::from(vec![1.5, 2.0, 3.0, 4.0, 5.0, 6.0])),
+                    _ => Arc::new(UInt32Array::from(vec![1, 2, 3, 4, 5, 6])),
                 };
-                let values: ArrayRef = if inner == DataType::Float64 {
-                    Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
-                } else {
-                    Arc::new(UInt32Array::from(vec![1, 2, 3, 4, 5, 6]))
-                };
+                let inner = values.data_type().clone();
                 let field = Arc::new(Field::new("item", inner, true));
                 let list = ListArray::new(field.clone(), OffsetBuffer::from_lengths([2, 1, 3]), values, None);
                 (DataType::List(field), Arc::new(list))

@@ -4,8 +4,15 @@
 //! Chan-merged into the running counts, means and M2, as `collect` does.
 //!
 //! Host arrays are read in place through numpy's buffer (never copied
-//! whole) with the GIL released, on all cores. A rejected batch leaves the
-//! statistics untouched: every check runs before anything is merged.
+//! whole) with the GIL released, on all cores; bfloat16 arrives as its bits
+//! (an int16 view of a torch tensor). Batches reduced elsewhere (a CUDA
+//! device, see `linguistic_collapse._torch`) arrive as per-class moments and
+//! take the same Chan merges. A rejected batch leaves the statistics
+//! untouched: every check runs before anything is merged.
+//!
+//! The Python class `linguistic_collapse.ClassStats` subclasses this one and
+//! chooses the path for each input (numpy, torch on the CPU, torch on a
+//! device).
 
 use numpy::{
     Element, PyArray1, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
@@ -15,11 +22,14 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use pipeline::external::{StatsTarget, commit_class_stats_from};
 use pipeline::stats::{ClassStats, Partial, host_partial};
+
+use crate::{PyLake, manifest_to_py, to_py};
 
 /// Running per-class count, mean and M2 (= sum of squared distances to the
 /// mean) of `dim`-dimensional samples of classes `0..num_classes`, in f64.
-#[pyclass(module = "linguistic_collapse._native", name = "ClassStats")]
+#[pyclass(module = "linguistic_collapse._native", name = "ClassStats", subclass)]
 pub struct PyClassStats {
     num_classes: usize,
     stats: ClassStats,
@@ -150,18 +160,32 @@ impl PyClassStats {
         self.stats.samples()
     }
 
-    /// Accumulate one batch: `hidden` [N, d] or [B, T, d] (float16, float32
-    /// or float64, C-contiguous), `labels` [N] or [B, T] integers; labels
-    /// equal to `ignore_index` are skipped.
-    #[pyo3(signature = (hidden, labels, ignore_index=-100))]
-    fn update(
+    /// Accumulate one host batch: `hidden` a numpy array [N, d] or [B, T, d]
+    /// (float16, float32 or float64, C-contiguous; with `bfloat16` the int16
+    /// or uint16 bits of bfloat16 values), `labels` [N] or [B, T] integers;
+    /// labels equal to `ignore_index` are skipped.
+    #[pyo3(signature = (hidden, labels, ignore_index=-100, bfloat16=false))]
+    fn _update_host(
         &mut self,
         py: Python<'_>,
         hidden: &Bound<'_, PyAny>,
         labels: &Bound<'_, PyAny>,
         ignore_index: i64,
+        bfloat16: bool,
     ) -> PyResult<()> {
-        let partial = if let Ok(a) = hidden.cast::<PyArrayDyn<f32>>() {
+        let partial = if bfloat16 {
+            if let Ok(a) = hidden.cast::<PyArrayDyn<i16>>() {
+                self.partial_of(py, a, labels, ignore_index, |x| {
+                    half::bf16::from_bits(x as u16).to_f64()
+                })?
+            } else if let Ok(a) = hidden.cast::<PyArrayDyn<u16>>() {
+                self.partial_of(py, a, labels, ignore_index, |x| half::bf16::from_bits(x).to_f64())?
+            } else {
+                return Err(PyTypeError::new_err(
+                    "hidden: bfloat16 values are expected as an int16 or uint16 array of their bits",
+                ));
+            }
+        } else if let Ok(a) = hidden.cast::<PyArrayDyn<f32>>() {
             self.partial_of(py, a, labels, ignore_index, |x| x as f64)?
         } else if let Ok(a) = hidden.cast::<PyArrayDyn<f64>>() {
             self.partial_of(py, a, labels, ignore_index, |x| x)?
@@ -169,17 +193,100 @@ impl PyClassStats {
             self.partial_of(py, a, labels, ignore_index, |x| x.to_f64())?
         } else if let Ok(a) = hidden.cast::<numpy::PyUntypedArray>() {
             return Err(PyTypeError::new_err(format!(
-                "hidden: expected float16, float32 or float64, got dtype {}",
+                "hidden: expected float16, bfloat16, float32 or float64, got dtype {}",
                 a.dtype()
             )));
         } else {
             return Err(PyTypeError::new_err(format!(
-                "hidden: expected a numpy array, got {}",
+                "hidden: expected a numpy array or a torch tensor, got {}",
                 hidden.get_type().name()?
             )));
         };
         self.stats.merge_partial(&partial);
         Ok(())
+    }
+
+    /// Merge one batch already reduced per class (on a device): its
+    /// distinct `classes` [K] int64, `counts` [K] int64 (positive), `means`
+    /// [K, dim] float64 and `m2` [K] float64 (squared distances to those
+    /// means). All are checked before anything is merged.
+    fn _merge_moments(
+        &mut self,
+        classes: numpy::PyReadonlyArray1<'_, i64>,
+        counts: numpy::PyReadonlyArray1<'_, i64>,
+        means: numpy::PyReadonlyArray2<'_, f64>,
+        m2: numpy::PyReadonlyArray1<'_, f64>,
+    ) -> PyResult<()> {
+        let d = self.stats.d;
+        let k = classes.len();
+        if counts.len() != k || m2.len() != k || means.shape() != [k, d] {
+            return Err(PyValueError::new_err(format!(
+                "moments: {k} classes with {} counts, {} M2 and means of shape {:?} (expected [{k}, {d}])",
+                counts.len(),
+                m2.len(),
+                means.shape()
+            )));
+        }
+        let bad = |what: &str| PyValueError::new_err(format!("moments: {what}"));
+        let (classes, counts) = (classes.as_array(), counts.as_array());
+        let (means, m2) = (means.as_array(), m2.as_array());
+        let mut partial = Partial {
+            classes: Vec::with_capacity(k),
+            count: Vec::with_capacity(k),
+            mean: Vec::with_capacity(k * d),
+            m2: Vec::with_capacity(k),
+        };
+        let mut seen = std::collections::HashSet::with_capacity(k);
+        for i in 0..k {
+            let c = classes[i];
+            if c < 0 || c as u64 >= self.num_classes as u64 {
+                return Err(bad(&format!("class {c} is outside 0..{}", self.num_classes)));
+            }
+            if !seen.insert(c) {
+                return Err(bad(&format!("class {c} appears twice in one batch")));
+            }
+            if counts[i] <= 0 {
+                return Err(bad(&format!("class {c} has count {}", counts[i])));
+            }
+            let row = means.row(i);
+            if !m2[i].is_finite() || m2[i] < 0.0 || row.iter().any(|x| !x.is_finite()) {
+                return Err(bad(&format!(
+                    "class {c} has a non-finite mean or a negative or non-finite M2 (overflow in the batch?)"
+                )));
+            }
+            partial.classes.push(c as u32);
+            partial.count.push(counts[i] as u64);
+            partial.mean.extend(row.iter());
+            partial.m2.push(m2[i]);
+        }
+        self.stats.merge_partial(&partial);
+        Ok(())
+    }
+
+    /// Commit the statistics as `class_stats/model=.../split=.../layer=...`
+    /// in `lake`, as collect commits its own; returns (up_to_date, manifest).
+    #[pyo3(signature = (lake, model, dataset, split, layer, force=false))]
+    fn _write(
+        &self,
+        py: Python<'_>,
+        lake: PyRef<'_, PyLake>,
+        model: &str,
+        dataset: Option<&str>,
+        split: &str,
+        layer: usize,
+        force: bool,
+    ) -> PyResult<(bool, Py<PyAny>)> {
+        let target = StatsTarget {
+            model,
+            dataset,
+            split,
+            layer,
+        };
+        let store = &lake.lake;
+        let committed = py
+            .detach(|| commit_class_stats_from(store, &target, &self.stats, force))
+            .map_err(to_py)?;
+        Ok((committed.up_to_date, manifest_to_py(py, &committed.manifest)?))
     }
 
     /// Merge another accumulator (same num_classes and dim) into this one.

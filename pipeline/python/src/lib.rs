@@ -68,7 +68,7 @@ type StageTuple = (
 const TICK: Duration = Duration::from_millis(100);
 
 /// A library error as the Python exception a researcher would catch.
-fn to_py(e: Error) -> PyErr {
+pub(crate) fn to_py(e: Error) -> PyErr {
     let text = pipeline::error::describe(&e);
     if let Some(d) = find_source::<pipeline::integrity::Damaged>(&e) {
         return DamagedArtifactError::new_err((text, d.file.clone()));
@@ -219,8 +219,8 @@ fn table_to_py(py: Python<'_>, batches: Vec<RecordBatch>, schema: SchemaRef) -> 
 
 /// A results lake: SQL over its tables and the stages that write them.
 #[pyclass(module = "linguistic_collapse._native", name = "Lake", frozen)]
-struct PyLake {
-    lake: pipeline::lake::Lake,
+pub(crate) struct PyLake {
+    pub(crate) lake: pipeline::lake::Lake,
     config: Config,
 }
 
@@ -389,15 +389,50 @@ impl PyLake {
             pipeline::stages::run(&ctx, &stage, &params)
         })?;
         let written = journal.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let json = py.import("json")?;
-        let mut out = Vec::with_capacity(written.len());
-        for m in &written {
-            let text = serde_json::to_string(m)
-                .map_err(|e| PipelineError::new_err(format!("a manifest as JSON: {e}")))?;
-            out.push(json.call_method1("loads", (text,))?.unbind());
-        }
+        let out = written
+            .iter()
+            .map(|m| manifest_to_py(py, m))
+            .collect::<PyResult<Vec<_>>>()?;
         Ok((summary, out))
     }
+}
+
+/// A manifest as the dict its JSON file holds.
+pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::artifact::Manifest) -> PyResult<Py<PyAny>> {
+    let text =
+        serde_json::to_string(m).map_err(|e| PipelineError::new_err(format!("a manifest as JSON: {e}")))?;
+    Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
+}
+
+/// Commit a model's output-layer rows `weight` [num_classes, dim] (float32,
+/// C-contiguous) as `classifiers/model=...`, which analyze reads for NC3
+/// when the model's weights are not in the lake; returns (up_to_date,
+/// manifest).
+#[pyfunction]
+#[pyo3(signature = (lake, model, weight, force=false))]
+fn write_classifier(
+    py: Python<'_>,
+    lake: PyRef<'_, PyLake>,
+    model: &str,
+    weight: numpy::PyReadonlyArray2<'_, f32>,
+    force: bool,
+) -> PyResult<(bool, Py<PyAny>)> {
+    use numpy::PyUntypedArrayMethods;
+    let [v, d] = [weight.shape()[0], weight.shape()[1]];
+    let rows = weight
+        .as_slice()
+        .ok()
+        .filter(|_| weight.is_c_contiguous())
+        .ok_or_else(|| {
+            PyValueError::new_err(
+                "weight: expected a C-contiguous array (numpy.ascontiguousarray copies a strided view)",
+            )
+        })?;
+    let store = &lake.lake;
+    let committed = py
+        .detach(|| pipeline::external::commit_classifier(store, model, rows, v, d, force))
+        .map_err(to_py)?;
+    Ok((committed.up_to_date, manifest_to_py(py, &committed.manifest)?))
 }
 
 impl PyLake {
@@ -475,6 +510,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(stages, m)?)?;
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(write_classifier, m)?)?;
     m.add("PipelineError", py.get_type::<PipelineError>())?;
     m.add("DamagedArtifactError", py.get_type::<DamagedArtifactError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

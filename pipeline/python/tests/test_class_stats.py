@@ -1,9 +1,5 @@
-"""`ClassStats` against a single f64 numpy pass over the same samples.
-
-Tolerances: every input value converts to f64 exactly, so the only error is
-f64 rounding in the per-batch sums and Chan merges: relative 1e-12 on means
-(and absolute 1e-12 times the data's scale for means near zero), relative
-1e-10 on M2, whatever the input dtype. Counts are exact."""
+"""`ClassStats` from numpy arrays against a single f64 numpy pass over the
+same samples (tolerances: `reference.py`)."""
 
 from __future__ import annotations
 
@@ -14,35 +10,7 @@ import pytest
 
 import linguistic_collapse as lc
 
-C, D = 37, 24
-
-
-def reference(hidden: np.ndarray, labels: np.ndarray, ignore_index=-100):
-    h = hidden.reshape(-1, D).astype(np.float64)
-    y = labels.reshape(-1)
-    counts = np.zeros(C, np.uint64)
-    means = np.zeros((C, D))
-    m2 = np.zeros(C)
-    for c in range(C):
-        x = h[y == c]
-        counts[c] = len(x)
-        if len(x):
-            means[c] = x.mean(axis=0)
-            m2[c] = ((x - means[c]) ** 2).sum()
-    return counts, means, m2
-
-
-def assert_matches(stats, counts, means, m2, scale=1.0):
-    np.testing.assert_array_equal(stats.counts, counts)
-    np.testing.assert_allclose(stats.means, means, rtol=1e-12, atol=1e-12 * scale)
-    np.testing.assert_allclose(stats.m2, m2, rtol=1e-10, atol=1e-10 * scale**2)
-
-
-def samples(rng, n, dtype, planted=True):
-    labels = rng.integers(0, C, size=n)
-    centres = rng.normal(size=(C, D)) * 3 if planted else np.zeros((C, D))
-    hidden = (centres[labels] + rng.normal(size=(n, D))).astype(dtype)
-    return hidden, labels
+from reference import C, D, assert_matches, reference, samples
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -92,10 +60,11 @@ def test_bad_inputs_name_the_argument_and_change_nothing():
         (ValueError, "outside 0..37", hidden, np.where(labels == 3, C, labels)),
         (ValueError, "outside 0..37", hidden, np.where(labels == 3, -5, labels)),
         (TypeError, "labels: expected integers", hidden, labels.astype(np.float32)),
-        (TypeError, "hidden: expected float16, float32 or float64", hidden.astype(np.int32), labels),
-        (TypeError, "hidden: expected a numpy array", hidden.tolist(), labels),
+        (TypeError, "hidden: expected float16, bfloat16, float32 or float64", hidden.astype(np.int32), labels),
+        (TypeError, "hidden: expected a numpy array or a torch tensor", hidden.tolist(), labels),
         (ValueError, "C-contiguous", np.asfortranarray(hidden), labels),
         (ValueError, "C-contiguous", hidden[::2], labels[::2]),
+        (TypeError, "labels: expected a numpy array or a torch tensor", hidden, "abc"),
     ]
     for exc, msg, h, y in cases:
         with pytest.raises(exc, match=msg):

@@ -2,7 +2,8 @@
 //! class statistics, per class and per class pair (in streaming tiles).
 //!
 //! Reads: `class_stats/model=ID/split=S/layer=L`; the model's classifier rows
-//! W (NC3, when the weights are reachable); `decisions/model=ID/split=
+//! W (NC3: from its weights when reachable, else from `classifiers/model=ID`
+//! when written from Python); `decisions/model=ID/split=
 //! validation/layer=L` (NC4, when present); the dataset tokenizer (token text).
 //! Writes: `pair_tiles` (per tile and metric: n, mean, M2, min, max,
 //! excluded), `class_metrics` (per class), and with `dump_pairs=topk:K` the
@@ -288,6 +289,12 @@ fn analyze_layer(
         Some(m) => Some((m, m.weights_input()?)),
         None => None,
     };
+    // A model known only by its statistics may have had its classifier
+    // rows written from Python (external::commit_classifier).
+    let written_rows = match weights {
+        None => crate::external::classifier_manifest(&ctx.lake, &id)?,
+        Some(_) => None,
+    };
     let mut prov = Provenance::new("analyze")
         .param("min_per_class", min)
         .param("max_per_class", max)
@@ -303,6 +310,9 @@ fn analyze_layer(
     }
     if let Some((_, w)) = &weights {
         prov.inputs.push(w.clone());
+    }
+    if let Some(m) = &written_rows {
+        prov = prov.input(m);
     }
     let parts = [
         ("model", id.as_str()),
@@ -369,8 +379,18 @@ fn analyze_layer(
     let pair_secs = pairs_started.elapsed().as_secs_f64();
 
     // NC3 needs the classifier rows.
-    let w: Option<(Vec<f64>, usize)> = match &weights {
-        Some((m, _)) => {
+    let w: Option<(Vec<f64>, usize)> = match (&weights, written_rows) {
+        (None, Some(m)) => {
+            let (flat, v, d) = crate::external::read_classifier(&ctx.lake, &id)?;
+            if d != stats.d {
+                return Err(Error::artifact(
+                    m.artifact,
+                    format!("classifier width {d} differs from the statistics' {}", stats.d),
+                ));
+            }
+            Some((flat, v))
+        }
+        (Some((m, _)), _) => {
             let (flat, v, d) = m.classifier_rows()?;
             if d != stats.d {
                 return Err(Error::model(
@@ -380,8 +400,8 @@ fn analyze_layer(
             }
             Some((flat.into_iter().map(f64::from).collect(), v))
         }
-        None => {
-            tracing::warn!(model = %id, "weights not reachable: NC3 columns will be null");
+        (None, None) => {
+            tracing::warn!(model = %id, "weights not reachable and no classifier rows written: NC3 columns will be null");
             None
         }
     };

@@ -13,10 +13,16 @@ Results are ``pyarrow.Table`` objects that cross from Rust through the Arrow
 C stream interface (``__arrow_c_stream__``) without copying; pandas
 (``.to_pandas()``), polars (``polars.from_arrow``) and duckdb (a query over
 the variable) read them directly.
+
+Hidden states computed elsewhere (a forward hook, a training loop) enter
+through ``ClassStats``: numpy arrays or torch tensors on any device, reduced
+with the engine's f64 arithmetic and written to the lake as ``collect``
+writes them (``ClassStats.write``), with ``write_classifier`` for NC3.
 """
 
-from ._native import ClassStats, DamagedArtifactError, PipelineError, __version__
+from ._native import DamagedArtifactError, PipelineError, __version__
 from ._lake import Lake, RunResult, Stage, VerifyReport, stages
+from ._stats import ClassStats, write_classifier
 
 __all__ = [
     "ClassStats",
@@ -25,6 +31,7 @@ __all__ = [
     "Stage",
     "VerifyReport",
     "stages",
+    "write_classifier",
     "PipelineError",
     "DamagedArtifactError",
     "__version__",

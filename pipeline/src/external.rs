@@ -1,0 +1,316 @@
+//! Results made outside the pipeline's stages, committed as the stages
+//! commit theirs: per-class statistics accumulated by another program (the
+//! Python module's `ClassStats.write`) and the output-layer rows of a model
+//! whose weights the lake does not hold (`write_classifier`).
+//!
+//! Writes: `class_stats/model=ID/split=S/layer=L`, exactly the table
+//! `collect` writes (same schema, manifest fields and content identity), so
+//! `analyze`, `status` and SQL take it unchanged; `classifiers/model=ID`,
+//! which `analyze` reads for NC3 when the model's weights are not in the lake.
+//!
+//! Invariants: such results cannot be recomputed from the lake, so an
+//! existing artifact is never replaced by different content without `force`;
+//! committing the same content again is a no-op ("up to date"). Statistics
+//! of one model and split from other inputs (a `collect` run) are not mixed
+//! with them, as `collect` refuses to mix its own.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, AsArray, Float32Array, ListArray, UInt32Array};
+use arrow::buffer::OffsetBuffer;
+use arrow::datatypes::{DataType, Field, Float32Type, UInt32Type};
+use arrow::record_batch::RecordBatch;
+
+use crate::artifact::{Artifact, Manifest, Provenance, file_schema};
+use crate::error::{Context, Error, Result};
+use crate::lake::Lake;
+use crate::model::checkpoint::ModelRef;
+use crate::partials::commit_class_stats;
+use crate::stats::ClassStats;
+
+/// The `stage` recorded in the manifests of results made outside the stages.
+pub const STAGE: &str = "python";
+
+/// What committing found: a new artifact, or the same content already there.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub manifest: Manifest,
+    pub up_to_date: bool,
+}
+
+/// Where statistics computed outside `collect` belong.
+#[derive(Debug, Clone)]
+pub struct StatsTarget<'a> {
+    pub model: &'a str,
+    /// The dataset whose tokenizer names the classes (analyze's token
+    /// text); none when the classes are not a lake dataset's tokens.
+    pub dataset: Option<&'a str>,
+    pub split: &'a str,
+    pub layer: usize,
+}
+
+/// A digest of statistics' exact content, in class order.
+fn stats_digest(stats: &ClassStats) -> String {
+    let mut order: Vec<usize> = (0..stats.len()).collect();
+    order.sort_by_key(|&r| stats.classes[r]);
+    let mut h = blake3::Hasher::new();
+    h.update(&(stats.d as u64).to_le_bytes());
+    for r in order {
+        h.update(&stats.classes[r].to_le_bytes());
+        h.update(&stats.count[r].to_le_bytes());
+        h.update(&stats.m2[r].to_le_bytes());
+        for x in stats.mean_of(r) {
+            h.update(&x.to_le_bytes());
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
+/// Refuse to replace an existing artifact by different content unless
+/// `force`; `Some` when the same content is already committed.
+fn existing(lake: &Lake, a: &Artifact, prov: &Provenance, force: bool) -> Result<Option<Manifest>> {
+    let Some(m) = lake.manifest(a)? else {
+        return Ok(None);
+    };
+    if prov.matches(&m) {
+        return Ok(Some(m));
+    }
+    if force {
+        return Ok(None);
+    }
+    Err(Error::Stale(format!(
+        "{a} already holds other results (made by {}); they cannot be recomputed from the lake, so they are kept (pass force=True to replace them)",
+        m.stage
+    )))
+}
+
+/// Commit statistics accumulated outside `collect` as `class_stats`.
+pub fn commit_class_stats_from(
+    lake: &Lake,
+    target: &StatsTarget<'_>,
+    stats: &ClassStats,
+    force: bool,
+) -> Result<Committed> {
+    if stats.is_empty() {
+        return Err(Error::invalid(format!(
+            "no samples to write for {}/{}/layer {}: update the statistics first",
+            target.model, target.split, target.layer
+        )));
+    }
+    let a = Artifact::new(
+        "class_stats",
+        &[
+            ("model", target.model),
+            ("split", target.split),
+            ("layer", &target.layer.to_string()),
+        ],
+    )?;
+    // What collect records, less what only a forward pass knows (its
+    // inputs, the model's source, its speed); the digest names the content.
+    let mut prov = Provenance::new(STAGE).param("stats", stats_digest(stats));
+    if let Some(ds) = target.dataset {
+        prov = prov.extra("dataset", ds);
+    }
+    if let Some(m) = existing(lake, &a, &prov.clone().param("layer", target.layer), force)? {
+        return Ok(Committed {
+            manifest: m,
+            up_to_date: true,
+        });
+    }
+    let mut written = commit_class_stats(
+        lake,
+        target.model,
+        target.split,
+        &[target.layer],
+        std::slice::from_ref(stats),
+        &prov,
+        force,
+    )?;
+    Ok(Committed {
+        manifest: written.remove(0),
+        up_to_date: false,
+    })
+}
+
+/// The `classifiers/model=ID` artifact.
+fn classifier_artifact(model: &str) -> Result<Artifact> {
+    Artifact::new("classifiers", &[("model", model)])
+}
+
+/// Commit a model's output-layer rows W [v, d] (row c = class c), row-major,
+/// for NC3 of a model whose weights the lake does not hold. Refused for a
+/// model whose weights are in the lake: analyze reads its rows from them.
+pub fn commit_classifier(
+    lake: &Lake,
+    model: &str,
+    rows: &[f32],
+    v: usize,
+    d: usize,
+    force: bool,
+) -> Result<Committed> {
+    if v == 0 || d == 0 || rows.len() != v * d {
+        return Err(Error::invalid(format!(
+            "weight: expected [num_classes, dim] with both positive, got {} values for [{v}, {d}]",
+            rows.len()
+        )));
+    }
+    if v > u32::MAX as usize {
+        return Err(Error::invalid(format!("weight: {v} rows; class ids are 32-bit")));
+    }
+    if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
+        return Err(Error::invalid(format!(
+            "weight: row {} column {} is {} (expected finite values)",
+            i / d,
+            i % d,
+            rows[i]
+        )));
+    }
+    if let Ok(m) = ModelRef::resolve_one(lake, model)
+        && m.in_lake
+        && m.weights_input().is_ok()
+    {
+        return Err(Error::model(
+            model,
+            "its weights are in the lake, and analyze reads the classifier from them",
+        ));
+    }
+    let a = classifier_artifact(model)?;
+    let mut h = blake3::Hasher::new();
+    h.update(&(d as u64).to_le_bytes());
+    for x in rows {
+        h.update(&x.to_le_bytes());
+    }
+    let prov = Provenance::new(STAGE)
+        .param("weight", h.finalize().to_hex())
+        .extra("classes", v as u64)
+        .extra("d", d as u64);
+    if let Some(m) = existing(lake, &a, &prov, force)? {
+        return Ok(Committed {
+            manifest: m,
+            up_to_date: true,
+        });
+    }
+    let list = ListArray::try_new(
+        Arc::new(Field::new("item", DataType::Float32, true)),
+        OffsetBuffer::<i32>::from_lengths(std::iter::repeat_n(d, v)),
+        Arc::new(Float32Array::from(rows.to_vec())),
+        None,
+    )
+    .ctx("building classifier rows")?;
+    let cols: Vec<ArrayRef> = vec![
+        Arc::new(UInt32Array::from_iter_values(0..v as u32)),
+        Arc::new(list),
+    ];
+    let batch = RecordBatch::try_new(file_schema("classifiers")?, cols).ctx("building classifiers")?;
+    Ok(Committed {
+        manifest: lake.write_artifact(&a, &[batch], prov)?,
+        up_to_date: false,
+    })
+}
+
+/// The manifest of the classifier rows written by [`commit_classifier`]
+/// for `model`, if any (checked against its data object).
+pub fn classifier_manifest(lake: &Lake, model: &str) -> Result<Option<Manifest>> {
+    let a = classifier_artifact(model)?;
+    if lake.manifest(&a)?.is_none() {
+        return Ok(None);
+    }
+    lake.require(&a, "write it with linguistic_collapse.write_classifier")
+        .map(Some)
+}
+
+/// The classifier rows written by [`commit_classifier`]: W row-major in
+/// f64, and its shape [v, d].
+pub fn read_classifier(lake: &Lake, model: &str) -> Result<(Vec<f64>, usize, usize)> {
+    let a = classifier_artifact(model)?;
+    let bad = |problem: String| Error::artifact(a.to_string(), problem);
+    let (mut flat, mut v, mut d) = (Vec::new(), 0usize, None::<usize>);
+    for b in lake.read_artifact(&a)? {
+        let ids = b.column(0).as_primitive::<UInt32Type>();
+        let lists = b.column(1).as_list::<i32>();
+        for i in 0..b.num_rows() {
+            if ids.value(i) as usize != v {
+                return Err(bad(format!(
+                    "row {v} holds class {}; expected classes 0, 1, ... in order",
+                    ids.value(i)
+                )));
+            }
+            let row = lists.value(i);
+            let row = row.as_primitive::<Float32Type>();
+            if *d.get_or_insert(row.len()) != row.len() || row.null_count() > 0 {
+                return Err(bad(format!(
+                    "class {v}: expected {} values, got {}",
+                    d.unwrap_or(0),
+                    row.len()
+                )));
+            }
+            flat.extend(row.values().iter().map(|&x| f64::from(x)));
+            v += 1;
+        }
+    }
+    match d {
+        Some(d) if v > 0 => Ok((flat, v, d)),
+        _ => Err(bad("no rows".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats_of(rows: &[(u32, [f64; 2])]) -> ClassStats {
+        let mut s = ClassStats::new(2);
+        for (c, x) in rows {
+            s.merge_one(*c, 1, x, 0.0);
+        }
+        s
+    }
+
+    #[test]
+    fn the_same_content_is_up_to_date_and_other_content_needs_force() {
+        let lake = Lake::open("memory://").unwrap();
+        let target = StatsTarget {
+            model: "ext",
+            dataset: None,
+            split: "train",
+            layer: 3,
+        };
+        let a = stats_of(&[(0, [1.0, 2.0]), (5, [3.0, 4.0])]);
+        let first = commit_class_stats_from(&lake, &target, &a, false).unwrap();
+        assert!(!first.up_to_date);
+        assert_eq!(first.manifest.rows, 2);
+        let again = commit_class_stats_from(&lake, &target, &a, false).unwrap();
+        assert!(again.up_to_date);
+        assert_eq!(again.manifest.content_hash, first.manifest.content_hash);
+        let b = stats_of(&[(0, [1.0, 2.5])]);
+        let refused = commit_class_stats_from(&lake, &target, &b, false).unwrap_err();
+        assert!(refused.to_string().contains("force=True"), "{refused}");
+        let replaced = commit_class_stats_from(&lake, &target, &b, true).unwrap();
+        assert_eq!(replaced.manifest.rows, 1);
+        let a = Artifact::new(
+            "class_stats",
+            &[("model", "ext"), ("split", "train"), ("layer", "3")],
+        )
+        .unwrap();
+        let back = ClassStats::from_batches(&lake.read_artifact(&a).unwrap()).unwrap();
+        assert_eq!(back.mean_of(0), &[1.0, 2.5]);
+    }
+
+    #[test]
+    fn classifier_rows_round_trip_and_bad_shapes_are_named() {
+        let lake = Lake::open("memory://").unwrap();
+        let rows: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+        commit_classifier(&lake, "ext", &rows, 4, 3, false).unwrap();
+        assert!(classifier_manifest(&lake, "ext").unwrap().is_some());
+        let (flat, v, d) = read_classifier(&lake, "ext").unwrap();
+        assert_eq!((v, d), (4, 3));
+        assert_eq!(flat, rows.iter().map(|&x| f64::from(x)).collect::<Vec<_>>());
+        assert!(classifier_manifest(&lake, "other").unwrap().is_none());
+        let e = commit_classifier(&lake, "ext", &rows, 5, 3, false).unwrap_err();
+        assert!(e.to_string().contains("[5, 3]"), "{e}");
+        let mut nan = rows.clone();
+        nan[7] = f32::NAN;
+        let e = commit_classifier(&lake, "ext", &nan, 4, 3, true).unwrap_err();
+        assert!(e.to_string().contains("row 2 column 1"), "{e}");
+    }
+}
