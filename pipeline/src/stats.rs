@@ -105,6 +105,42 @@ pub struct Partial {
     pub m2: Vec<f64>,
 }
 
+/// Chan's merge of a batch's (nb, mean mb, M2 m2b) into running
+/// (count, mean, M2); an empty running row takes the batch's as they are.
+fn chan_merge(mean: &mut [f64], m2: &mut f64, count: &mut u64, nb: u64, mb: &[f64], m2b: f64) {
+    let na = *count;
+    if na == 0 {
+        mean.copy_from_slice(mb);
+        *m2 = m2b;
+        *count = nb;
+        return;
+    }
+    let n = na + nb;
+    let (fa, fb) = (na as f64, nb as f64);
+    let w = fb / n as f64;
+    let mut dd = 0.0;
+    for (a, &b) in mean.iter_mut().zip(mb) {
+        let delta = b - *a;
+        dd += delta * delta;
+        *a += delta * w;
+    }
+    *m2 += m2b + dd * fa * fb / n as f64;
+    *count = n;
+}
+
+/// Every chosen row of a host batch lies within it, and has a label.
+fn check_host_rows<T>(h: &[T], d: usize, rows: &[u32], labels: &[u32]) -> Result<()> {
+    if rows.len() != labels.len() || rows.iter().any(|&r| (r as usize + 1) * d > h.len()) {
+        return Err(Error::invalid(format!(
+            "{} rows for {} labels, or a row past the {} values given",
+            rows.len(),
+            labels.len(),
+            h.len()
+        )));
+    }
+    Ok(())
+}
+
 impl ClassStats {
     pub fn new(d: usize) -> Self {
         ClassStats {
@@ -161,22 +197,91 @@ impl ClassStats {
                 self.mean.extend_from_slice(mb);
                 self.m2.push(m2b);
             }
-            Some(&r) => {
-                let na = self.count[r];
-                let n = na + nb;
-                let (fa, fb) = (na as f64, nb as f64);
-                let w = fb / n as f64;
-                let ma = &mut self.mean[r * d..(r + 1) * d];
-                let mut dd = 0.0;
-                for (a, &b) in ma.iter_mut().zip(mb) {
-                    let delta = b - *a;
-                    dd += delta * delta;
-                    *a += delta * w;
-                }
-                self.m2[r] += m2b + dd * fa * fb / n as f64;
-                self.count[r] = n;
-            }
+            Some(&r) => chan_merge(
+                &mut self.mean[r * d..(r + 1) * d],
+                &mut self.m2[r],
+                &mut self.count[r],
+                nb,
+                mb,
+                m2b,
+            ),
         }
+    }
+
+    /// Merge one batch held in host memory, as
+    /// `merge_partial(&host_partial(h, to_f64, d, rows, labels)?)` does and
+    /// with the same result bit for bit, in one pass on all cores: each class
+    /// of the batch is reduced (its mean, then the squared distances to it)
+    /// and merged straight into its row, so no per-class partial of the
+    /// batch is built, copied or merged on one thread.
+    pub fn merge_host_batch<T: Copy + Sync>(
+        &mut self,
+        h: &[T],
+        to_f64: impl Fn(T) -> f64 + Sync,
+        rows: &[u32],
+        labels: &[u32],
+    ) -> Result<()> {
+        use rayon::prelude::*;
+        let d = self.d;
+        check_host_rows(h, d, rows, labels)?;
+        let groups = LabelGroups::new(labels);
+        // Each statistics row's group in the batch; new classes get rows.
+        let mut group_of = vec![u32::MAX; self.len() + groups.classes.len()];
+        for (g, &c) in groups.classes.iter().enumerate() {
+            let r = match self.index.get(&c) {
+                Some(&r) => r,
+                None => {
+                    self.index.insert(c, self.classes.len());
+                    self.classes.push(c);
+                    self.count.push(0);
+                    self.m2.push(0.0);
+                    self.classes.len() - 1
+                }
+            };
+            group_of[r] = g as u32;
+        }
+        group_of.truncate(self.len());
+        // New rows' pages are first touched on every core.
+        let new_values = self.len() * d - self.mean.len();
+        self.mean.par_extend(rayon::iter::repeat_n(0.0, new_values));
+        let (order, starts) = (&groups.order, &groups.starts);
+        self.mean
+            .par_chunks_mut(d)
+            .zip(self.m2.par_iter_mut())
+            .zip(self.count.par_iter_mut())
+            .zip(group_of.par_iter())
+            .for_each_init(
+                || vec![0f64; 2 * d],
+                |buf, (((mean, m2), count), &g)| {
+                    if g == u32::MAX {
+                        return;
+                    }
+                    let members = &order[starts[g as usize] as usize..starts[g as usize + 1] as usize];
+                    let row = |i: u32| {
+                        let r = rows[i as usize] as usize;
+                        &h[r * d..(r + 1) * d]
+                    };
+                    let (mb, acc) = buf.split_at_mut(d);
+                    mb.fill(0.0);
+                    acc.fill(0.0);
+                    for &i in members {
+                        for (m, &x) in mb.iter_mut().zip(row(i)) {
+                            *m += to_f64(x);
+                        }
+                    }
+                    let nb = members.len() as f64;
+                    mb.iter_mut().for_each(|m| *m /= nb);
+                    for &i in members {
+                        for ((a, &m), &x) in acc.iter_mut().zip(mb.iter()).zip(row(i)) {
+                            let e = to_f64(x) - m;
+                            *a += e * e;
+                        }
+                    }
+                    let m2b: f64 = acc.iter().sum();
+                    chan_merge(mean, m2, count, members.len() as u64, mb, m2b);
+                },
+            );
+        Ok(())
     }
 
     pub fn merge_partial(&mut self, p: &Partial) {
@@ -529,14 +634,7 @@ pub fn host_partial<T: Copy + Sync>(
     rows: &[u32],
     labels: &[u32],
 ) -> Result<Partial> {
-    if rows.len() != labels.len() || rows.iter().any(|&r| (r as usize + 1) * d > h.len()) {
-        return Err(Error::invalid(format!(
-            "{} rows for {} labels, or a row past the {} values given",
-            rows.len(),
-            labels.len(),
-            h.len()
-        )));
-    }
+    check_host_rows(h, d, rows, labels)?;
     let LabelGroups {
         classes,
         count,
@@ -616,6 +714,59 @@ mod tests {
         let mean0: f64 = [0, 3, 4].iter().map(|&r| h[r * 3] as f64).sum::<f64>() / 3.0;
         assert_eq!(host.mean[0], mean0);
         assert!(host_partial(&h, |x| x as f64, 3, &[6], &[1]).is_err());
+    }
+
+    #[test]
+    fn fused_host_merges_equal_partials_merged_bit_for_bit() {
+        // Zipf-like labels over batches of uneven size, into statistics that
+        // already hold some classes: the fused pass and host_partial +
+        // merge_partial agree exactly, and both match the brute force.
+        let d = 5;
+        let n = 700;
+        let h: Vec<f32> = (0..n * d)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0 - 5.0)
+            .collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| (i * i) % 61 % (1 + i % 13)).collect();
+        let (mut fused, mut split) = (ClassStats::new(d), ClassStats::new(d));
+        let mut samples = Vec::new();
+        let mut start = 0usize;
+        for size in [1usize, 40, 3, 250, 6, 400] {
+            let end = (start + size).min(n);
+            // Every third row is skipped, as ignore_index rows are.
+            let rows: Vec<u32> = (start as u32..end as u32).filter(|r| r % 3 != 1).collect();
+            let ls: Vec<u32> = rows.iter().map(|&r| labels[r as usize]).collect();
+            fused.merge_host_batch(&h, |x| x as f64, &rows, &ls).unwrap();
+            split.merge_partial(&host_partial(&h, |x| x as f64, d, &rows, &ls).unwrap());
+            for (&r, &c) in rows.iter().zip(&ls) {
+                let x = h[r as usize * d..(r as usize + 1) * d]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                samples.push((c, x));
+            }
+            start = end;
+        }
+        assert_eq!(fused.classes, split.classes);
+        assert_eq!(fused.count, split.count);
+        assert_eq!(fused.mean, split.mean);
+        assert_eq!(fused.m2, split.m2);
+        for (c, (count, mu, m2)) in brute(&samples) {
+            let r = fused.classes.iter().position(|&x| x == c).unwrap();
+            assert_eq!(fused.count[r], count);
+            for (a, b) in fused.mean_of(r).iter().zip(&mu) {
+                assert!((a - b).abs() <= 1e-12 * (1.0 + b.abs()), "class {c}: {a} vs {b}");
+            }
+            assert!(
+                (fused.m2[r] - m2).abs() <= 1e-10 * (1.0 + m2),
+                "class {c}: {} vs {m2}",
+                fused.m2[r]
+            );
+        }
+        assert!(
+            fused
+                .merge_host_batch(&h, |x| x as f64, &[n as u32], &[0])
+                .is_err()
+        );
     }
 
     fn brute(samples: &[(u32, Vec<f64>)]) -> HashMap<u32, (u64, Vec<f64>, f64)> {
