@@ -132,6 +132,12 @@ pub fn commit_class_stats_from(
     })
 }
 
+/// Whether the lake holds `model`'s weights (analyze then reads its
+/// classifier rows from them).
+pub fn holds_weights(lake: &Lake, model: &str) -> bool {
+    ModelRef::resolve_one(lake, model).is_ok_and(|m| m.in_lake && m.weights_input().is_ok())
+}
+
 /// The `classifiers/model=ID` artifact.
 fn classifier_artifact(model: &str) -> Result<Artifact> {
     Artifact::new("classifiers", &[("model", model)])
@@ -165,10 +171,7 @@ pub fn commit_classifier(
             rows[i]
         )));
     }
-    if let Ok(m) = ModelRef::resolve_one(lake, model)
-        && m.in_lake
-        && m.weights_input().is_ok()
-    {
+    if holds_weights(lake, model) {
         return Err(Error::model(
             model,
             "its weights are in the lake, and analyze reads the classifier from them",

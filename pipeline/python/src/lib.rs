@@ -353,6 +353,11 @@ impl PyLake {
         Ok((report.checked, report.bytes, findings, text))
     }
 
+    /// Whether the lake holds `model`'s weights (NC3 then comes from them).
+    fn _holds_weights(&self, py: Python<'_>, model: &str) -> bool {
+        py.detach(|| pipeline::external::holds_weights(&self.lake, model))
+    }
+
     /// Run one stage with the command line's semantics; `params` are the
     /// `key=value` pairs as strings. Calls `progress(bars)` about ten times a
     /// second with the live bars' state (see `bar_states`). Returns the

@@ -11,7 +11,6 @@ here by rounding only: relative 1e-9 (absolute 1e-12 for values near zero)."""
 from __future__ import annotations
 
 import shutil
-from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ import torch
 import linguistic_collapse as lc
 
 from conftest import model_name
+from reference import expected_metrics
 
 C, D, N = 30, 12, 4000
 
@@ -35,47 +35,6 @@ def planted(seed=11):
     hidden = means[labels] + rng.normal(size=(N, D)) * spread[labels, None]
     classifier = means + rng.normal(size=(C, D))  # NC3: rows near the means
     return hidden, labels, classifier
-
-
-def expected_metrics(hidden, labels, classifier):
-    """DESIGN.md's model-level metrics, directly, in f64."""
-    classes = np.unique(labels)
-    mu = np.stack([hidden[labels == c].mean(axis=0) for c in classes])
-    var = np.array([((hidden[labels == c] - mu[i]) ** 2).sum(axis=1).mean() for i, c in enumerate(classes)])
-    m = mu - mu.mean(axis=0)
-    norms = np.linalg.norm(m, axis=1)
-    u = m / norms[:, None]
-    un = mu / np.linalg.norm(mu, axis=1)[:, None]
-    pairs = list(combinations(range(len(classes)), 2))
-    cdnv = np.array([(var[a] + var[b]) / (2 * np.linalg.norm(mu[a] - mu[b]) ** 4) for a, b in pairs])
-    interference = np.array([u[a] @ u[b] for a, b in pairs])
-    logk = np.array([np.log(1 / np.linalg.norm(u[a] - u[b])) for a, b in pairs])
-    logk_uncentred = np.array([np.log(1 / np.linalg.norm(un[a] - un[b])) for a, b in pairs])
-    lognorm = np.log(norms)
-    w = classifier[classes]
-    duality = np.sum(w * m, axis=1) / (np.linalg.norm(w, axis=1) * norms)
-    k = len(classes)
-    g = m @ m.T
-    etf = (k * np.eye(k) - np.ones((k, k))) / (k * np.sqrt(k - 1))
-    return {
-        "n_classes": k,
-        "n_pairs": len(pairs),
-        "nc1_cdnv": cdnv.mean(),
-        "nc2_equinorm_mean": lognorm.mean(),
-        "nc2_equinorm_std": lognorm.std(ddof=1),
-        "nc2_equinorm_cov": lognorm.std(ddof=1) / lognorm.mean(),
-        "nc2_interference_mean": interference.mean(),
-        "nc2_interference_std": interference.std(),
-        "nc2_equiangular_cov": interference.std() / interference.mean(),
-        "nc2_etf_error": np.linalg.norm(g / np.linalg.norm(g) - etf),
-        "gnc2_logkernel_mean": logk.mean(),
-        "gnc2_logkernel_std": logk.std(),
-        "gnc2_uniformity_cov": logk.std() / logk.mean(),
-        "gnc2_uncentred_logkernel_mean": logk_uncentred.mean(),
-        "nc3_duality_mean": duality.mean(),
-        "nc3_duality_std": duality.std(ddof=1),
-        "unc3_duality_cov": duality.std(ddof=1) / duality.mean(),
-    }
 
 
 def test_written_statistics_analyse_to_the_f64_metrics(tmp_path):

@@ -45,8 +45,31 @@ class _PlainBar:
         sys.stderr.write(f"{self.desc}: {self.n}{of} {self.unit}\n")
         sys.stderr.flush()
 
+    def update(self, k: int) -> None:
+        self.n += k
+        self.show()
+
     def close(self) -> None:
         self.show(force=True)
+
+
+class _NoBar:
+    def update(self, k: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def bar(desc: str, total: Optional[int], unit: str, quiet: bool = False) -> Any:
+    """One bar for work driven from Python (tqdm's, a plain line, or none
+    with ``quiet``): ``update(k)`` and ``close()``."""
+    if quiet:
+        return _NoBar()
+    tqdm = _tqdm_class()
+    if tqdm is None:
+        return _PlainBar(desc, total, unit)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
 
 
 class Bars:

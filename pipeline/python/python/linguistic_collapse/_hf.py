@@ -1,0 +1,164 @@
+"""Hugging Face causal LMs into the lake: ``collect`` runs a ``transformers``
+model over a dataset's packed chunks and writes what the CLI's ``collect``
+writes, through ``ClassStats``.
+
+Samples are the CLI's: for each chunk x_1..x_T (in chunk order), the hidden
+state at positions 1..T-1 is labelled by the next token. Layers count as
+the CLI counts them: 0 is the embedding output, i the output of block i,
+and L (``"last"``) the input of the output layer, after the final norm.
+torch and transformers are the caller's: this module imports neither until
+it runs (``pip install "linguistic-collapse[torch]"``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+
+from ._progress import bar
+from ._stats import ClassStats, _numpy, write_classifier
+
+if TYPE_CHECKING:
+    from ._lake import Lake
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - the tests have torch
+        raise ImportError(
+            'linguistic_collapse.collect needs torch and transformers: pip install "linguistic-collapse[torch]"'
+        ) from e
+    return torch
+
+
+def _lake(lake: Union["Lake", str]) -> "Lake":
+    from ._lake import Lake
+
+    if isinstance(lake, str):
+        return Lake(lake)
+    if not isinstance(lake, Lake):
+        raise TypeError(f"lake: expected a linguistic_collapse.Lake or its URL, got {type(lake).__name__}")
+    return lake
+
+
+def _chunks(lake: "Lake", dataset: str, split: str) -> Any:
+    """The split's chunks as a [S, T] int64 array, in chunk order."""
+    np = _numpy()
+    table = lake.table("chunks", dataset=dataset, split=split)
+    if table.num_rows == 0:
+        raise ValueError(
+            f"dataset, split: no chunks for dataset={dataset!r} split={split!r} in {lake.url} (run pack first)"
+        )
+    table = table.sort_by("chunk_id")
+    tokens = table.column("tokens").combine_chunks()
+    t = tokens.type.list_size
+    return np.asarray(tokens.flatten(), dtype=np.int64).reshape(table.num_rows, t)
+
+
+def _layers(layers: Union[str, int, Sequence[int]], num_layers: int) -> List[int]:
+    if layers == "last":
+        return [num_layers]
+    if layers == "all":
+        return list(range(num_layers + 1))
+    chosen = [layers] if isinstance(layers, int) else list(layers)
+    for layer in chosen:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
+            raise ValueError(
+                f"layers: expected 'last', 'all' or hidden-state indices in 0..{num_layers}, got {layers!r}"
+            )
+    return sorted(set(chosen))
+
+
+def _backbone(model: Any) -> Any:
+    """The model without its output layer (no logits are computed)."""
+    base = getattr(model, "base_model", None)
+    return model if base is None else base
+
+
+def collect(
+    model: Any,
+    lake: Union["Lake", str],
+    model_id: str,
+    dataset: str,
+    split: str = "train",
+    layers: Union[str, int, Sequence[int]] = "last",
+    batch: int = 8,
+    device: Optional[str] = None,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+) -> Dict[str, Any]:
+    """Per-class statistics of a ``transformers`` causal LM's hidden states
+    over ``dataset``'s packed ``split`` in the lake, written as
+    ``class_stats/model=MODEL_ID/split=SPLIT/layer=L`` for each chosen
+    layer, with the model's output-layer rows (for NC3) when the lake does
+    not hold its weights. Then ``lake.run("analyze", model=MODEL_ID,
+    layer=L)`` computes every metric, as for the lake's own models.
+
+    ``model``: a loaded causal LM whose forward returns ``hidden_states``.
+    ``layers``: ``"last"`` (the output layer's input), ``"all"``, or indices
+    (0 = embeddings). ``batch`` chunks run per forward, on ``device``
+    (default: where the model's parameters are); memory holds one batch's
+    hidden states at a time. Hidden states on a GPU are reduced there.
+
+    Nothing is written until every chunk has been seen, so an interrupted
+    call (KeyboardInterrupt) leaves no half artifact. Returns
+    ``{"tokens", "samples", "layers", "manifests"}``.
+    """
+    torch = _torch()
+    lake = _lake(lake)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
+    chunks = _chunks(lake, dataset, split)
+    n_chunks, t = chunks.shape
+    config = model.config
+    output = model.get_output_embeddings()
+    if output is None:
+        raise ValueError("model: expected a causal LM with an output layer (get_output_embeddings() is None)")
+    vocab, dim = output.weight.shape
+    top = int(chunks.max())
+    if top >= vocab:
+        raise ValueError(
+            f"model: its output layer scores {vocab} classes but {dataset!r} holds token id {top}: "
+            "the dataset was tokenized for another vocabulary"
+        )
+    num_layers = int(getattr(config, "num_hidden_layers"))
+    chosen = _layers(layers, num_layers)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    backbone = _backbone(model)
+
+    stats = {layer: ClassStats(vocab, dim) for layer in chosen}
+    progress = bar(f"collect {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_chunks, batch):
+                ids = torch.from_numpy(chunks[start : start + batch]).to(device)
+                out = backbone(input_ids=ids, output_hidden_states=True)
+                hidden = getattr(out, "hidden_states", None)
+                if hidden is None or len(hidden) != num_layers + 1:
+                    got = "none" if hidden is None else f"{len(hidden)}"
+                    raise ValueError(
+                        f"model: expected {num_layers + 1} hidden_states from its forward, got {got}"
+                    )
+                # h_t is labelled by x_{t+1}; the last position has no label.
+                labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+                # The backbone's last state is the output layer's input; a
+                # model without a backbone gives it as its last hidden state.
+                last = getattr(out, "last_hidden_state", None)
+                for layer in chosen:
+                    h = (hidden[layer] if last is None else last) if layer == num_layers else hidden[layer]
+                    stats[layer].update(h, labels)
+                progress.update(ids.shape[0] * (t - 1))
+    finally:
+        progress.close()
+
+    manifests = []
+    for layer in chosen:
+        manifests.append(stats[layer].write(lake, model_id, dataset, split, layer, force=force))
+    if not lake._native._holds_weights(model_id):
+        manifests.append(write_classifier(lake, model_id, output.weight, force=force))
+    samples = stats[chosen[0]].samples
+    return {"tokens": int(n_chunks * t), "samples": samples, "layers": chosen, "manifests": manifests}
+
+
+__all__ = ["collect"]

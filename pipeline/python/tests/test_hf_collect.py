@@ -1,0 +1,136 @@
+"""`lc.collect`: a `transformers` causal LM over the lake's chunks, written
+as the CLI's collect writes its statistics.
+
+- GPT-Neo, which the CLI runs with candle: the same checkpoint collected by
+  both gives the same class_stats and model_metrics. The two forwards are
+  f32 in different kernels (candle's and torch's), so hidden states differ
+  in their last bits; means agree within relative 1e-4 (absolute 1e-5 for
+  values near zero), M2 within 1e-4, metrics within 1e-3.
+- OPT, which the candle code does not implement: a tiny random model's
+  model_metrics equal DESIGN.md's metrics computed with numpy from its own
+  `output_hidden_states` (f64 on both sides over the same f32 values;
+  `reference.py`'s tolerance for the metrics, 1e-9)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoForCausalLM, OPTConfig, OPTForCausalLM
+
+import linguistic_collapse as lc
+
+from conftest import model_name
+from reference import expected_metrics
+
+COMPARED = [
+    "n_classes",
+    "n_pairs",
+    "nc1_cdnv",
+    "nc2_equinorm_cov",
+    "nc2_interference_mean",
+    "nc2_etf_error",
+    "gnc2_logkernel_mean",
+    "nc3_duality_mean",
+]
+
+
+@pytest.fixture()
+def lake_copy(py_lake, tmp_path):
+    lake, _ = py_lake
+    copy = tmp_path / "lake"
+    shutil.copytree(Path(lake.url.removeprefix("file://")), copy)
+    return lc.Lake(str(copy))
+
+
+def stats_table(lake, model, layer):
+    t = lake.table("class_stats", model=model, split="train", layer=layer).sort_by("class_id")
+    return (
+        t["class_id"].to_numpy(),
+        t["count"].to_numpy(),
+        np.stack(t["mean"].to_numpy(zero_copy_only=False)),
+        t["m2"].to_numpy(),
+    )
+
+
+def test_gpt_neo_by_transformers_equals_the_cli(lake_copy):
+    lake = lake_copy
+    cli_id = model_name(0)  # 01x0008_01d00@0: its first (only) checkpoint
+    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
+    checkpoint = sorted(weights.glob("checkpoint-*"))[0]
+    model = GPTNeoForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    result = lc.collect(model, lake, "hf-neo", "small", layers="last", batch=3, quiet=True)
+    assert result["layers"] == [1]
+    assert {m["table"] for m in result["manifests"]} == {"class_stats", "classifiers"}
+
+    mine, theirs = stats_table(lake, "hf-neo", 1), stats_table(lake, cli_id, 1)
+    np.testing.assert_array_equal(mine[0], theirs[0])
+    np.testing.assert_array_equal(mine[1], theirs[1])
+    np.testing.assert_allclose(mine[2], theirs[2], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(mine[3], theirs[3], rtol=1e-4, atol=1e-5)
+
+    lake.run("analyze", quiet=True, model="hf-neo", layer=1)
+    rows = {
+        r["model"]: r
+        for r in lake.sql(
+            f"SELECT * FROM model_metrics WHERE model IN ('hf-neo', '{cli_id}') AND layer = 1"
+        ).to_pylist()
+    }
+    for name in COMPARED:
+        assert rows["hf-neo"][name] == pytest.approx(rows[cli_id][name], rel=1e-3, abs=1e-6), name
+
+
+def tiny_opt(vocab=50257):
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        word_embed_proj_dim=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+def test_an_architecture_candle_lacks_analyses_to_the_numpy_metrics(lake_copy):
+    lake = lake_copy
+    model = tiny_opt()
+    result = lc.collect(model, lake, "tiny-opt", "small", layers="all", batch=4, quiet=True)
+    assert result["layers"] == [0, 1, 2]
+    lake.run("analyze", quiet=True, model="tiny-opt", layer=2)
+
+    chunks = lake.table("chunks", dataset="small", split="train").sort_by("chunk_id")
+    ids = torch.tensor(chunks["tokens"].to_pylist(), dtype=torch.int64)
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, output_hidden_states=True).last_hidden_state
+    h = hidden[:, :-1].reshape(-1, 16).double().numpy()
+    y = ids[:, 1:].reshape(-1).numpy()
+    classifier = model.get_output_embeddings().weight.detach().double().numpy()
+    want = expected_metrics(h, y, classifier)
+    row = lake.sql("SELECT * FROM model_metrics WHERE model = 'tiny-opt' AND layer = 2").to_pylist()[0]
+    for name, value in want.items():
+        assert row[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    # The embedding layer's statistics are the embedding rows themselves
+    # (OPT adds positions, so only the counts are exact here).
+    counts = stats_table(lake, "tiny-opt", 0)[1]
+    assert counts.sum() == len(y) and result["samples"] == len(y)
+
+
+def test_bad_calls_name_what_was_expected(lake_copy):
+    lake = lake_copy
+    with pytest.raises(ValueError, match="token id .* another vocabulary"):
+        lc.collect(tiny_opt(vocab=100), lake, "small-vocab", "small", quiet=True)
+    model = tiny_opt()
+    with pytest.raises(ValueError, match=r"layers: expected .* 0\.\.2"):
+        lc.collect(model, lake, "x", "small", layers=[3], quiet=True)
+    with pytest.raises(ValueError, match="no chunks for dataset='nope'"):
+        lc.collect(model, lake, "x", "nope", quiet=True)
+    with pytest.raises(ValueError, match="batch: expected a positive integer"):
+        lc.collect(model, lake, "x", "small", batch=0, quiet=True)
+    written = [set(p.split("/")) for p in lake.status().column("partition").to_pylist()]
+    assert not any({"model=x", "model=small-vocab"} & parts for parts in written)
