@@ -269,6 +269,7 @@ impl PyClassStats {
     /// Commit the statistics as `class_stats/model=.../split=.../layer=...`
     /// in `lake`, as collect commits its own; returns (up_to_date, manifest).
     #[pyo3(signature = (lake, model, dataset, split, layer, force=false))]
+    #[allow(clippy::too_many_arguments)] // the Python method's arguments
     fn _write(
         &self,
         py: Python<'_>,
@@ -353,15 +354,8 @@ impl PyClassStats {
 
     /// Exact state for pickle: class ids, counts, means and M2 as
     /// little-endian bytes, in the accumulator's own row order.
-    fn __getstate__<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
-        let s = &self.stats;
-        let bytes = |v: Vec<u8>| PyBytes::new(py, &v);
-        vec![
-            bytes(s.classes.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            bytes(s.count.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            bytes(s.mean.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            bytes(s.m2.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ]
+    fn __getstate__<'py>(&self, py: Python<'py>) -> StateBytes<'py> {
+        state_bytes(py, &self.stats)
     }
 
     fn __setstate__(&mut self, state: Vec<Vec<u8>>) -> PyResult<()> {
@@ -393,4 +387,75 @@ impl PyClassStats {
         self.stats = stats;
         Ok(())
     }
+}
+
+/// One layer's statistics as `__getstate__` gives them.
+type StateBytes<'py> = Vec<Bound<'py, PyBytes>>;
+/// A saved pass: its layers, each layer's state, its metadata.
+type SavedState<'py> = (
+    Vec<usize>,
+    Vec<StateBytes<'py>>,
+    std::collections::HashMap<String, String>,
+);
+
+/// Save several layers' running statistics and `meta` as one object at
+/// `key` in the lake (one atomic write: a reader sees this state or the
+/// previous one), for a long Python-driven pass to resume from.
+#[pyfunction]
+pub(crate) fn save_state(
+    py: Python<'_>,
+    lake: PyRef<'_, PyLake>,
+    key: &str,
+    layers: Vec<usize>,
+    stats: Vec<PyRef<'_, PyClassStats>>,
+    meta: std::collections::HashMap<String, String>,
+) -> PyResult<()> {
+    if layers.len() != stats.len() {
+        return Err(PyValueError::new_err("layers: one per statistics object"));
+    }
+    let state = pipeline::partials::StateObject {
+        layers,
+        stats: stats.iter().map(|s| s.stats.clone()).collect(),
+        meta,
+    };
+    let store = &lake.lake;
+    py.detach(|| state.save(store, key)).map_err(to_py)
+}
+
+/// The object [`save_state`] wrote at `key`: (layers, each layer's state as
+/// `__setstate__` takes it, meta), or None.
+#[pyfunction]
+pub(crate) fn load_state<'py>(
+    py: Python<'py>,
+    lake: PyRef<'_, PyLake>,
+    key: &str,
+) -> PyResult<Option<SavedState<'py>>> {
+    let store = &lake.lake;
+    let Some(state) = py
+        .detach(|| pipeline::partials::StateObject::load(store, key))
+        .map_err(to_py)?
+    else {
+        return Ok(None);
+    };
+    let states = state.stats.iter().map(|s| state_bytes(py, s)).collect();
+    Ok(Some((state.layers, states, state.meta)))
+}
+
+/// Remove the object at `key` (nothing when it is absent).
+#[pyfunction]
+pub(crate) fn delete_state(py: Python<'_>, lake: PyRef<'_, PyLake>, key: &str) -> PyResult<()> {
+    let store = &lake.lake;
+    py.detach(|| store.delete(key)).map_err(to_py)
+}
+
+/// Exact state: class ids, counts, means and M2 as little-endian bytes, in
+/// the accumulator's own row order.
+fn state_bytes<'py>(py: Python<'py>, s: &ClassStats) -> StateBytes<'py> {
+    let bytes = |v: Vec<u8>| PyBytes::new(py, &v);
+    vec![
+        bytes(s.classes.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        bytes(s.count.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        bytes(s.mean.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        bytes(s.m2.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    ]
 }

@@ -353,6 +353,19 @@ impl PyLake {
         Ok((report.checked, report.bytes, findings, text))
     }
 
+    /// The content hash of an artifact's manifest, or None when absent.
+    fn _content_hash(
+        &self,
+        py: Python<'_>,
+        table: &str,
+        partition: Vec<(String, String)>,
+    ) -> PyResult<Option<String>> {
+        let parts: Vec<(&str, &str)> = partition.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let artifact = pipeline::artifact::Artifact::new(table, &parts).map_err(to_py)?;
+        let found = py.detach(|| self.lake.manifest(&artifact)).map_err(to_py)?;
+        Ok(found.map(|m| m.content_hash))
+    }
+
     /// Whether the lake holds `model`'s weights (NC3 then comes from them).
     fn _holds_weights(&self, py: Python<'_>, model: &str) -> bool {
         py.detach(|| pipeline::external::holds_weights(&self.lake, model))
@@ -516,6 +529,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(write_classifier, m)?)?;
+    m.add_function(wrap_pyfunction!(class_stats::save_state, m)?)?;
+    m.add_function(wrap_pyfunction!(class_stats::load_state, m)?)?;
+    m.add_function(wrap_pyfunction!(class_stats::delete_state, m)?)?;
     m.add("PipelineError", py.get_type::<PipelineError>())?;
     m.add("DamagedArtifactError", py.get_type::<DamagedArtifactError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

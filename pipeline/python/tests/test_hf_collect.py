@@ -134,3 +134,38 @@ def test_bad_calls_name_what_was_expected(lake_copy):
         lc.collect(model, lake, "x", "small", batch=0, quiet=True)
     written = [set(p.split("/")) for p in lake.status().column("partition").to_pylist()]
     assert not any({"model=x", "model=small-vocab"} & parts for parts in written)
+
+
+def test_an_interrupted_collect_resumes_to_the_same_statistics(lake_copy):
+    lake = lake_copy
+    model = tiny_opt()
+    whole = lc.collect(model, lake, "opt-whole", "small", layers=[0, 2], batch=4, checkpoint_every=8, quiet=True)
+    assert whole["resumed_from"] == 0
+
+    # The backbone's third forward is interrupted, as Ctrl-C would: after
+    # the checkpoint at chunk 8, before anything is written.
+    forward, calls = model.model.forward, [0]
+
+    def interrupted(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    model.model.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        lc.collect(model, lake, "opt-resumed", "small", layers=[0, 2], batch=4, checkpoint_every=8, quiet=True)
+    written = [set(p.split("/")) for p in lake.status().column("partition").to_pylist()]
+    assert not any("model=opt-resumed" in parts for parts in written)
+    assert lake.verify().ok
+
+    model.model.forward = forward
+    resumed = lc.collect(model, lake, "opt-resumed", "small", layers=[0, 2], batch=4, checkpoint_every=8, quiet=True)
+    assert resumed["resumed_from"] == 8 and resumed["samples"] == whole["samples"]
+    for layer in (0, 2):
+        for got, want in zip(stats_table(lake, "opt-resumed", layer), stats_table(lake, "opt-whole", layer)):
+            np.testing.assert_array_equal(got, want)
+    # Finished: the checkpoint is gone, and a new call starts afresh.
+    again = lc.collect(model, lake, "opt-resumed", "small", layers=[0, 2], batch=4, checkpoint_every=8, quiet=True)
+    assert again["resumed_from"] == 0
+    assert all(m["up_to_date"] for m in again["manifests"])

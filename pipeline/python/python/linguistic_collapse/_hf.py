@@ -11,8 +11,10 @@ it runs (``pip install "linguistic-collapse[torch]"``)."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
+from . import _native
 from ._progress import bar
 from ._stats import ClassStats, _numpy, write_classifier
 
@@ -74,6 +76,24 @@ def _backbone(model: Any) -> Any:
     return model if base is None else base
 
 
+def _fingerprint(model: Any) -> str:
+    """A cheap identity of a model's weights, for resuming: its config, every
+    parameter's name, shape and dtype, and 64 rows of its output layer (a
+    full hash would read every weight on each call)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.config.to_json_string().encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    w = model.get_output_embeddings().weight
+    sample = w[:: max(1, w.shape[0] // 64)].detach().float().cpu().contiguous()
+    h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume_key(model_id: str, split: str) -> str:
+    return f"partials/collect-python/model={model_id}/split={split}.resume.safetensors"
+
+
 def collect(
     model: Any,
     lake: Union["Lake", str],
@@ -84,6 +104,7 @@ def collect(
     batch: int = 8,
     device: Optional[str] = None,
     *,
+    checkpoint_every: int = 256,
     force: bool = False,
     quiet: bool = False,
 ) -> Dict[str, Any]:
@@ -100,9 +121,14 @@ def collect(
     (default: where the model's parameters are); memory holds one batch's
     hidden states at a time. Hidden states on a GPU are reduced there.
 
-    Nothing is written until every chunk has been seen, so an interrupted
-    call (KeyboardInterrupt) leaves no half artifact. Returns
-    ``{"tokens", "samples", "layers", "manifests"}``.
+    Every ``checkpoint_every`` chunks the running statistics are saved to
+    the lake as one object (``partials/collect-python/...``); a call
+    interrupted (KeyboardInterrupt, a lost job) leaves no half artifact, and
+    the next call with the same model, data, layers and batch resumes from
+    the last checkpoint and ends with the same statistics, bit for bit, as
+    an uninterrupted call. ``force=True`` starts afresh and replaces
+    statistics written before. Returns ``{"tokens", "samples", "layers",
+    "resumed_from", "manifests"}``.
     """
     torch = _torch()
     lake = _lake(lake)
@@ -127,11 +153,35 @@ def collect(
     model.eval()
     backbone = _backbone(model)
 
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every: expected a positive number of chunks, got {checkpoint_every!r}")
+
+    # Resume only what the same model, data, layers and batching began.
+    chunks_hash = lake._native._content_hash("chunks", [("dataset", dataset), ("split", split)]) or ""
+    identity = "|".join([model_id, dataset, split, str(chosen), str(batch), chunks_hash, _fingerprint(model)])
+    state_id = hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
+    key = _resume_key(model_id, split)
     stats = {layer: ClassStats(vocab, dim) for layer in chosen}
+    first = 0
+    saved = None if force else _native.load_state(lake._native, key)
+    if saved is not None and saved[2].get("state_id") == state_id:
+        for layer, state in zip(saved[0], saved[1]):
+            stats[layer].__setstate__(state)
+        first = int(saved[2]["next_chunk"])
+
+    def checkpoint(next_chunk: int) -> None:
+        meta = {"state_id": state_id, "next_chunk": str(next_chunk), "model_id": model_id}
+        _native.save_state(lake._native, key, chosen, [stats[layer] for layer in chosen], meta)
+
+    # Checkpoints fall on batch boundaries, so resumed batches are the same.
+    every = max(1, checkpoint_every // batch) * batch
     progress = bar(f"collect {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
+    progress.update(first * (t - 1))
     try:
         with torch.inference_mode():
-            for start in range(0, n_chunks, batch):
+            for start in range(first, n_chunks, batch):
+                if start > first and start % every == 0:
+                    checkpoint(start)
                 ids = torch.from_numpy(chunks[start : start + batch]).to(device)
                 out = backbone(input_ids=ids, output_hidden_states=True)
                 hidden = getattr(out, "hidden_states", None)
@@ -157,8 +207,15 @@ def collect(
         manifests.append(stats[layer].write(lake, model_id, dataset, split, layer, force=force))
     if not lake._native._holds_weights(model_id):
         manifests.append(write_classifier(lake, model_id, output.weight, force=force))
+    _native.delete_state(lake._native, key)
     samples = stats[chosen[0]].samples
-    return {"tokens": int(n_chunks * t), "samples": samples, "layers": chosen, "manifests": manifests}
+    return {
+        "tokens": int(n_chunks * t),
+        "samples": samples,
+        "layers": chosen,
+        "resumed_from": first,
+        "manifests": manifests,
+    }
 
 
 __all__ = ["collect"]
