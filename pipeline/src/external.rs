@@ -132,6 +132,99 @@ pub fn commit_class_stats_from(
     })
 }
 
+/// Rows made outside the stages (e.g. the Python module's evaluation of a
+/// Hugging Face model) as `batches` of `table`, cast to the table's schema
+/// by column name, committed at `partition` with [`existing`]'s refusal of
+/// different content. `about` goes to the manifest's extra fields.
+pub fn commit_rows(
+    lake: &Lake,
+    table: &str,
+    partition: &[(&str, &str)],
+    batches: &[RecordBatch],
+    about: serde_json::Map<String, serde_json::Value>,
+    force: bool,
+) -> Result<Committed> {
+    let a = Artifact::new(table, partition)?;
+    let schema = file_schema(table)?;
+    let mut cast = Vec::with_capacity(batches.len());
+    for b in batches {
+        cast.push(to_schema(b, &schema).map_err(|e| Error::invalid(format!("{a}: {e}")))?);
+    }
+    if cast.iter().all(|b| b.num_rows() == 0) {
+        return Err(Error::invalid(format!("{a}: no rows to write")));
+    }
+    let mut digest = blake3::Hasher::new();
+    {
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(HashWriter(&mut digest), &schema)
+            .ctx("hashing rows")?;
+        for b in &cast {
+            w.write(b).ctx("hashing rows")?;
+        }
+        w.finish().ctx("hashing rows")?;
+    }
+    let mut prov = Provenance::new(STAGE).param("rows", digest.finalize().to_hex());
+    prov.extra = about;
+    if let Some(m) = existing(lake, &a, &prov, force)? {
+        return Ok(Committed {
+            manifest: m,
+            up_to_date: true,
+        });
+    }
+    Ok(Committed {
+        manifest: lake.write_artifact(&a, &cast, prov)?,
+        up_to_date: false,
+    })
+}
+
+/// Feeds bytes to a hash.
+struct HashWriter<'a>(&'a mut blake3::Hasher);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `batch` with the columns of `schema`, found by name and cast to its
+/// types; a missing nullable column is null, a missing required one or a
+/// column the schema lacks is an error naming it.
+fn to_schema(
+    batch: &RecordBatch,
+    schema: &arrow::datatypes::SchemaRef,
+) -> std::result::Result<RecordBatch, String> {
+    let given = batch.schema();
+    if let Some(extra) = given
+        .fields()
+        .iter()
+        .find(|f| schema.field_with_name(f.name()).is_err())
+    {
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        return Err(format!(
+            "no column {:?} in this table (its columns: {})",
+            extra.name(),
+            names.join(", ")
+        ));
+    }
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        let col = match batch.column_by_name(f.name()) {
+            Some(c) => arrow::compute::cast(c, f.data_type())
+                .map_err(|e| format!("column {:?}: expected {} ({e})", f.name(), f.data_type()))?,
+            None if f.is_nullable() => arrow::array::new_null_array(f.data_type(), batch.num_rows()),
+            None => return Err(format!("column {:?} ({}) is required", f.name(), f.data_type())),
+        };
+        if !f.is_nullable() && col.null_count() > 0 {
+            return Err(format!("column {:?} may not hold nulls", f.name()));
+        }
+        cols.push(col);
+    }
+    RecordBatch::try_new(schema.clone(), cols).map_err(|e| e.to_string())
+}
+
 /// Whether the lake holds `model`'s weights (analyze then reads its
 /// classifier rows from them).
 pub fn holds_weights(lake: &Lake, model: &str) -> bool {
@@ -297,6 +390,67 @@ mod tests {
         .unwrap();
         let back = ClassStats::from_batches(&lake.read_artifact(&a).unwrap()).unwrap();
         assert_eq!(back.mean_of(0), &[1.0, 2.5]);
+    }
+
+    #[test]
+    fn rows_are_cast_to_the_table_and_bad_columns_named() {
+        use arrow::array::{Int64Array, StringArray};
+        let lake = Lake::open("memory://").unwrap();
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            Field::new("class_id", DataType::Int64, false),
+            Field::new("samples", DataType::Int64, false),
+            Field::new("agree", DataType::Int64, false),
+            Field::new("linear_correct", DataType::Int64, false),
+            Field::new("ncc_correct", DataType::Int64, false),
+            Field::new("analysed", DataType::Boolean, false),
+        ]));
+        let ints = |v: &[i64]| Arc::new(Int64Array::from(v.to_vec())) as ArrayRef;
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                ints(&[3, 7]),
+                ints(&[10, 4]),
+                ints(&[9, 1]),
+                ints(&[8, 2]),
+                ints(&[9, 3]),
+                Arc::new(arrow::array::BooleanArray::from(vec![true, false])),
+            ],
+        )
+        .unwrap();
+        let parts = [("model", "ext"), ("split", "validation"), ("layer", "2")];
+        let first = commit_rows(
+            &lake,
+            "decisions",
+            &parts,
+            &[batch.clone()],
+            Default::default(),
+            false,
+        )
+        .unwrap();
+        assert!(!first.up_to_date && first.manifest.rows == 2);
+        assert!(
+            commit_rows(&lake, "decisions", &parts, &[batch], Default::default(), false)
+                .unwrap()
+                .up_to_date
+        );
+        let back = lake
+            .read_artifact(&Artifact::new("decisions", &parts).unwrap())
+            .unwrap();
+        assert_eq!(back[0].column(0).as_primitive::<UInt32Type>().values(), &[3, 7]);
+
+        let odd = RecordBatch::try_from_iter(vec![
+            ("class_id", ints(&[1])),
+            ("colour", Arc::new(StringArray::from(vec!["red"])) as ArrayRef),
+        ])
+        .unwrap();
+        let e = commit_rows(&lake, "decisions", &parts, &[odd], Default::default(), true).unwrap_err();
+        assert!(e.to_string().contains("no column \"colour\""), "{e}");
+        let short = RecordBatch::try_from_iter(vec![("class_id", ints(&[1]))]).unwrap();
+        let e = commit_rows(&lake, "decisions", &parts, &[short], Default::default(), true).unwrap_err();
+        assert!(
+            e.to_string().contains("column \"samples\" (UInt64) is required"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -422,6 +422,34 @@ pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::artifact::Manifest) -
     Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
 }
 
+/// Commit `data` (anything with `__arrow_c_stream__`, e.g. a pyarrow.Table)
+/// as the artifact of `table` at `partition`, its columns cast to the
+/// table's schema by name; `about` goes to the manifest. Returns
+/// (up_to_date, manifest).
+#[pyfunction]
+#[pyo3(signature = (lake, table, partition, data, about, force=false))]
+fn write_table(
+    py: Python<'_>,
+    lake: PyRef<'_, PyLake>,
+    table: &str,
+    partition: Vec<(String, String)>,
+    data: pyo3_arrow::PyTable,
+    about: BTreeMap<String, String>,
+    force: bool,
+) -> PyResult<(bool, Py<PyAny>)> {
+    let (batches, _) = data.into_inner();
+    let parts: Vec<(&str, &str)> = partition.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let about = about
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
+    let store = &lake.lake;
+    let committed = py
+        .detach(|| pipeline::external::commit_rows(store, table, &parts, &batches, about, force))
+        .map_err(to_py)?;
+    Ok((committed.up_to_date, manifest_to_py(py, &committed.manifest)?))
+}
+
 /// Commit a model's output-layer rows `weight` [num_classes, dim] (float32,
 /// C-contiguous) as `classifiers/model=...`, which analyze reads for NC3
 /// when the model's weights are not in the lake; returns (up_to_date,
@@ -529,6 +557,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cli_main, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(write_classifier, m)?)?;
+    m.add_function(wrap_pyfunction!(write_table, m)?)?;
     m.add_function(wrap_pyfunction!(class_stats::save_state, m)?)?;
     m.add_function(wrap_pyfunction!(class_stats::load_state, m)?)?;
     m.add_function(wrap_pyfunction!(class_stats::delete_state, m)?)?;

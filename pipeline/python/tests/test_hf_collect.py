@@ -169,3 +169,34 @@ def test_an_interrupted_collect_resumes_to_the_same_statistics(lake_copy):
     again = lc.collect(model, lake, "opt-resumed", "small", layers=[0, 2], batch=4, checkpoint_every=8, quiet=True)
     assert again["resumed_from"] == 0
     assert all(m["up_to_date"] for m in again["manifests"])
+
+
+def test_evaluate_equals_the_cli_and_transformers_own_loss(lake_copy):
+    lake = lake_copy
+    cli_id = model_name(0)
+    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
+    neo = GPTNeoForCausalLM.from_pretrained(sorted(weights.glob("checkpoint-*"))[0], torch_dtype=torch.float32)
+    mine = lc.evaluate(neo, lake, "hf-neo", "small", batch=5, quiet=True)["row"]
+    theirs = lake.table("models", model=cli_id).to_pylist()[0]
+    for key in ("val_samples", "depth", "width", "heads", "vocab_size", "n_params"):
+        assert mine[key] == theirs[key], key
+    # f32 logits from two implementations: the mean loss agrees to 1e-5; a
+    # top-1 decision can flip only on a near tie.
+    assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
+    assert mine["val_acc"] == pytest.approx(theirs["val_acc"], abs=2 / mine["val_samples"])
+
+    # A model outside the candle code: transformers' own loss over the same
+    # chunks (one call, labels = inputs) is the mean that evaluate writes.
+    opt = tiny_opt()
+    lc.collect(opt, lake, "tiny-opt", "small", quiet=True)
+    result = lc.evaluate(opt, lake, "tiny-opt", "small", batch=3, quiet=True)
+    chunks = lake.table("chunks", dataset="small", split="validation").sort_by("chunk_id")
+    ids = torch.tensor(chunks["tokens"].to_pylist(), dtype=torch.int64)
+    with torch.no_grad():
+        want = float(opt(input_ids=ids, labels=ids).loss)
+    assert result["row"]["val_loss"] == pytest.approx(want, rel=1e-5)
+    assert result["row"]["perplexity"] == pytest.approx(np.exp(want), rel=1e-5)
+    lake.run("analyze", quiet=True, model="tiny-opt", layer=2)
+    row = lake.sql("SELECT val_loss, depth, final_layer FROM model_metrics WHERE model = 'tiny-opt'").to_pylist()
+    assert row == [{"val_loss": result["row"]["val_loss"], "depth": 2, "final_layer": True}]
+    assert lc.evaluate(opt, lake, "tiny-opt", "small", batch=3, quiet=True)["manifest"]["up_to_date"]

@@ -18,6 +18,8 @@ from . import _native
 from ._progress import bar
 from ._stats import ClassStats, _numpy, write_classifier
 
+from ._lake import as_lake
+
 if TYPE_CHECKING:
     from ._lake import Lake
 
@@ -30,16 +32,6 @@ def _torch() -> Any:
             'linguistic_collapse.collect needs torch and transformers: pip install "linguistic-collapse[torch]"'
         ) from e
     return torch
-
-
-def _lake(lake: Union["Lake", str]) -> "Lake":
-    from ._lake import Lake
-
-    if isinstance(lake, str):
-        return Lake(lake)
-    if not isinstance(lake, Lake):
-        raise TypeError(f"lake: expected a linguistic_collapse.Lake or its URL, got {type(lake).__name__}")
-    return lake
 
 
 def _chunks(lake: "Lake", dataset: str, split: str) -> Any:
@@ -131,7 +123,7 @@ def collect(
     "resumed_from", "manifests"}``.
     """
     torch = _torch()
-    lake = _lake(lake)
+    lake = as_lake(lake)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch: expected a positive integer, got {batch!r}")
     chunks = _chunks(lake, dataset, split)
@@ -219,3 +211,101 @@ def collect(
 
 
 __all__ = ["collect"]
+
+
+def _n_params(model: Any) -> int:
+    """Parameters, each tensor once (a tied embedding counts once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def evaluate(
+    model: Any,
+    lake: Union["Lake", str],
+    model_id: str,
+    dataset: str,
+    split: str = "validation",
+    batch: int = 8,
+    device: Optional[str] = None,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+) -> Dict[str, Any]:
+    """Validation loss, accuracy and perplexity of a ``transformers`` causal
+    LM over ``dataset``'s packed ``split``, written as the ``models`` row of
+    ``MODEL_ID`` as the CLI's ``eval`` writes its own: the mean next-token
+    cross-entropy over every position with a next token (nats, full
+    vocabulary, summed in f64), top-1 accuracy, ``exp`` of the loss, and
+    the architecture (depth, width, heads, vocabulary, parameters with a
+    tied embedding counted once). ``model_metrics`` then joins them to the
+    neural-collapse metrics, and ``correlate`` and ``report`` take the model
+    like the lake's own. Returns the row (a dict) and its manifest.
+    """
+    torch = _torch()
+    np = _numpy()
+    lake = as_lake(lake)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
+    chunks = _chunks(lake, dataset, split)
+    n_chunks, t = chunks.shape
+    output = model.get_output_embeddings()
+    if output is None:
+        raise ValueError("model: expected a causal LM with an output layer (get_output_embeddings() is None)")
+    vocab = output.weight.shape[0]
+    top = int(chunks.max())
+    if top >= vocab:
+        raise ValueError(
+            f"model: its output layer scores {vocab} classes but {dataset!r} holds token id {top}: "
+            "the dataset was tokenized for another vocabulary"
+        )
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    loss_sum, correct, samples = 0.0, 0, 0
+    progress = bar(f"eval {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_chunks, batch):
+                ids = torch.from_numpy(chunks[start : start + batch]).to(device)
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                target = ids[:, 1:]
+                nll = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+                )
+                loss_sum += float(nll.double().sum())
+                correct += int((logits.argmax(dim=-1) == target).sum())
+                samples += target.numel()
+                progress.update(target.numel())
+    finally:
+        progress.close()
+
+    config = model.config
+    val_loss = loss_sum / samples
+    row = {
+        "name": model_id,
+        "depth": int(config.num_hidden_layers),
+        "width": int(config.hidden_size),
+        "heads": int(config.num_attention_heads),
+        "vocab_size": int(vocab),
+        "n_params": _n_params(model),
+        "dataset": dataset,
+        "val_samples": samples,
+        "val_loss": val_loss,
+        "val_acc": correct / samples,
+        "perplexity": float(np.exp(val_loss)),
+        "source": str(getattr(config, "_name_or_path", "") or type(model).__name__),
+    }
+    import pyarrow as pa
+
+    table = pa.table({k: [v] for k, v in row.items()})
+    up_to_date, manifest = _native.write_table(
+        lake._native, "models", [("model", model_id)], table, {"dataset": dataset, "split": split}, force
+    )
+    manifest["up_to_date"] = up_to_date
+    return {"row": row, "manifest": manifest}
+
+
+__all__.append("evaluate")

@@ -267,6 +267,15 @@ class Lake:
         return RunResult(stage, summary, _written(manifests), manifests)
 
 
+def as_lake(lake: Union["Lake", str, os.PathLike]) -> "Lake":
+    """A ``Lake``, or the lake at a URL or path."""
+    if isinstance(lake, Lake):
+        return lake
+    if isinstance(lake, (str, os.PathLike)):
+        return Lake(lake)
+    raise TypeError(f"lake: expected a linguistic_collapse.Lake or its URL, got {type(lake).__name__}")
+
+
 def _written(manifests: Sequence[Dict[str, Any]]) -> pa.Table:
     pa = _pa()
     def partition(m: Dict[str, Any]) -> str:

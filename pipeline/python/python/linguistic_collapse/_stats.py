@@ -8,18 +8,14 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Union
 
 from . import _native, _torch
 
+from ._lake import as_lake
+
 if TYPE_CHECKING:
     from ._lake import Lake
 
 
 def _native_lake(lake: Union["Lake", str]) -> Any:
-    from ._lake import Lake
-
-    if isinstance(lake, str):
-        lake = Lake(lake)
-    if not isinstance(lake, Lake):
-        raise TypeError(f"lake: expected a linguistic_collapse.Lake or its URL, got {type(lake).__name__}")
-    return lake._native
+    return as_lake(lake)._native
 
 
 def _numpy() -> Any:
