@@ -62,6 +62,22 @@ def _layers(layers: Union[str, int, Sequence[int]], num_layers: int) -> List[int
     return sorted(set(chosen))
 
 
+def _output_layer(model: Any, chunks: Any, dataset: str) -> Any:
+    """The model's output layer, once its rows are known to cover every
+    token id of the chunks (checked before the first batch)."""
+    output = model.get_output_embeddings()
+    if output is None:
+        raise ValueError("model: expected a causal LM with an output layer (get_output_embeddings() is None)")
+    vocab = output.weight.shape[0]
+    top = int(chunks.max())
+    if top >= vocab:
+        raise ValueError(
+            f"model: its output layer scores {vocab} classes but {dataset!r} holds token id {top}: "
+            "the dataset was tokenized for another vocabulary"
+        )
+    return output
+
+
 def _backbone(model: Any) -> Any:
     """The model without its output layer (no logits are computed)."""
     base = getattr(model, "base_model", None)
@@ -128,18 +144,9 @@ def collect(
         raise ValueError(f"batch: expected a positive integer, got {batch!r}")
     chunks = _chunks(lake, dataset, split)
     n_chunks, t = chunks.shape
-    config = model.config
-    output = model.get_output_embeddings()
-    if output is None:
-        raise ValueError("model: expected a causal LM with an output layer (get_output_embeddings() is None)")
+    output = _output_layer(model, chunks, dataset)
     vocab, dim = output.weight.shape
-    top = int(chunks.max())
-    if top >= vocab:
-        raise ValueError(
-            f"model: its output layer scores {vocab} classes but {dataset!r} holds token id {top}: "
-            "the dataset was tokenized for another vocabulary"
-        )
-    num_layers = int(getattr(config, "num_hidden_layers"))
+    num_layers = int(model.config.num_hidden_layers)
     chosen = _layers(layers, num_layers)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -188,7 +195,7 @@ def collect(
                 # model without a backbone gives it as its last hidden state.
                 last = getattr(out, "last_hidden_state", None)
                 for layer in chosen:
-                    h = (hidden[layer] if last is None else last) if layer == num_layers else hidden[layer]
+                    h = last if layer == num_layers and last is not None else hidden[layer]
                     stats[layer].update(h, labels)
                 progress.update(ids.shape[0] * (t - 1))
     finally:
@@ -252,16 +259,7 @@ def evaluate(
         raise ValueError(f"batch: expected a positive integer, got {batch!r}")
     chunks = _chunks(lake, dataset, split)
     n_chunks, t = chunks.shape
-    output = model.get_output_embeddings()
-    if output is None:
-        raise ValueError("model: expected a causal LM with an output layer (get_output_embeddings() is None)")
-    vocab = output.weight.shape[0]
-    top = int(chunks.max())
-    if top >= vocab:
-        raise ValueError(
-            f"model: its output layer scores {vocab} classes but {dataset!r} holds token id {top}: "
-            "the dataset was tokenized for another vocabulary"
-        )
+    vocab = _output_layer(model, chunks, dataset).weight.shape[0]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     loss_sum, correct, samples = 0.0, 0, 0
