@@ -132,6 +132,16 @@ pub fn commit_class_stats_from(
     })
 }
 
+/// What rows made outside the stages were made from, for their manifest:
+/// parameters and input artifacts as a stage records them (analyze checks
+/// decisions' `min_per_class` and inputs, for one), and free-form facts.
+#[derive(Debug, Clone, Default)]
+pub struct MadeFrom {
+    pub params: std::collections::BTreeMap<String, String>,
+    pub inputs: Vec<Artifact>,
+    pub about: serde_json::Map<String, serde_json::Value>,
+}
+
 /// Rows made outside the stages (e.g. the Python module's evaluation of a
 /// Hugging Face model) as `batches` of `table`, cast to the table's schema
 /// by column name, committed at `partition` with [`existing`]'s refusal of
@@ -141,7 +151,7 @@ pub fn commit_rows(
     table: &str,
     partition: &[(&str, &str)],
     batches: &[RecordBatch],
-    about: serde_json::Map<String, serde_json::Value>,
+    made_from: &MadeFrom,
     force: bool,
 ) -> Result<Committed> {
     let a = Artifact::new(table, partition)?;
@@ -163,7 +173,13 @@ pub fn commit_rows(
         w.finish().ctx("hashing rows")?;
     }
     let mut prov = Provenance::new(STAGE).param("rows", digest.finalize().to_hex());
-    prov.extra = about;
+    for (k, v) in &made_from.params {
+        prov = prov.param(k, v);
+    }
+    for input in &made_from.inputs {
+        prov = prov.input(&lake.require(input, "it is an input of these rows")?);
+    }
+    prov.extra = made_from.about.clone();
     if let Some(m) = existing(lake, &a, &prov, force)? {
         return Ok(Committed {
             manifest: m,
@@ -423,13 +439,13 @@ mod tests {
             "decisions",
             &parts,
             &[batch.clone()],
-            Default::default(),
+            &MadeFrom::default(),
             false,
         )
         .unwrap();
         assert!(!first.up_to_date && first.manifest.rows == 2);
         assert!(
-            commit_rows(&lake, "decisions", &parts, &[batch], Default::default(), false)
+            commit_rows(&lake, "decisions", &parts, &[batch], &MadeFrom::default(), false)
                 .unwrap()
                 .up_to_date
         );
@@ -443,10 +459,10 @@ mod tests {
             ("colour", Arc::new(StringArray::from(vec!["red"])) as ArrayRef),
         ])
         .unwrap();
-        let e = commit_rows(&lake, "decisions", &parts, &[odd], Default::default(), true).unwrap_err();
+        let e = commit_rows(&lake, "decisions", &parts, &[odd], &MadeFrom::default(), true).unwrap_err();
         assert!(e.to_string().contains("no column \"colour\""), "{e}");
         let short = RecordBatch::try_from_iter(vec![("class_id", ints(&[1]))]).unwrap();
-        let e = commit_rows(&lake, "decisions", &parts, &[short], Default::default(), true).unwrap_err();
+        let e = commit_rows(&lake, "decisions", &parts, &[short], &MadeFrom::default(), true).unwrap_err();
         assert!(
             e.to_string().contains("column \"samples\" (UInt64) is required"),
             "{e}"

@@ -422,30 +422,46 @@ pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::artifact::Manifest) -
     Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
 }
 
+/// An artifact named from Python: its table and partition pairs.
+type ArtifactSpec = (String, Vec<(String, String)>);
+
+fn artifact_of((table, partition): &ArtifactSpec) -> PyResult<pipeline::artifact::Artifact> {
+    let parts: Vec<(&str, &str)> = partition.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    pipeline::artifact::Artifact::new(table, &parts).map_err(to_py)
+}
+
 /// Commit `data` (anything with `__arrow_c_stream__`, e.g. a pyarrow.Table)
-/// as the artifact of `table` at `partition`, its columns cast to the
-/// table's schema by name; `about` goes to the manifest. Returns
+/// as the artifact `target`, its columns cast to the table's schema by
+/// name, with `params` and the manifests of `inputs` recorded as a stage
+/// records its own, and `about` among the manifest's extra fields. Returns
 /// (up_to_date, manifest).
 #[pyfunction]
-#[pyo3(signature = (lake, table, partition, data, about, force=false))]
+#[pyo3(signature = (lake, target, data, params, inputs, about, force=false))]
+#[allow(clippy::too_many_arguments)] // the Python function's arguments
 fn write_table(
     py: Python<'_>,
     lake: PyRef<'_, PyLake>,
-    table: &str,
-    partition: Vec<(String, String)>,
+    target: ArtifactSpec,
     data: pyo3_arrow::PyTable,
+    params: BTreeMap<String, String>,
+    inputs: Vec<ArtifactSpec>,
     about: BTreeMap<String, String>,
     force: bool,
 ) -> PyResult<(bool, Py<PyAny>)> {
     let (batches, _) = data.into_inner();
-    let parts: Vec<(&str, &str)> = partition.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let about = about
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
-        .collect();
+    let made_from = pipeline::external::MadeFrom {
+        params,
+        inputs: inputs.iter().map(artifact_of).collect::<PyResult<_>>()?,
+        about: about
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
+    };
+    let parts: Vec<(&str, &str)> = target.1.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let table = target.0.as_str();
     let store = &lake.lake;
     let committed = py
-        .detach(|| pipeline::external::commit_rows(store, table, &parts, &batches, about, force))
+        .detach(|| pipeline::external::commit_rows(store, table, &parts, &batches, &made_from, force))
         .map_err(to_py)?;
     Ok((committed.up_to_date, manifest_to_py(py, &committed.manifest)?))
 }

@@ -200,3 +200,35 @@ def test_evaluate_equals_the_cli_and_transformers_own_loss(lake_copy):
     row = lake.sql("SELECT val_loss, depth, final_layer FROM model_metrics WHERE model = 'tiny-opt'").to_pylist()
     assert row == [{"val_loss": result["row"]["val_loss"], "depth": 2, "final_layer": True}]
     assert lc.evaluate(opt, lake, "tiny-opt", "small", batch=3, quiet=True)["manifest"]["up_to_date"]
+
+
+def test_decide_equals_the_cli_and_completes_the_metrics(lake_copy):
+    lake = lake_copy
+    cli_id = model_name(0)
+    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
+    neo = GPTNeoForCausalLM.from_pretrained(sorted(weights.glob("checkpoint-*"))[0], torch_dtype=torch.float32)
+    lc.collect(neo, lake, "hf-neo", "small", quiet=True)
+    manifest = lc.decide(neo, lake, "hf-neo", "small", batch=3, quiet=True)
+    assert manifest["artifact"] == "decisions/model=hf-neo/split=validation/layer=1"
+    mine = lake.table("decisions", model="hf-neo").sort_by("class_id").drop_columns(["model", "split", "layer"])
+    theirs = lake.table("decisions", model=cli_id).sort_by("class_id").drop_columns(["model", "split", "layer"])
+    assert mine.column_names == theirs.column_names
+    for name in ("class_id", "samples", "analysed"):
+        assert mine[name].to_pylist() == theirs[name].to_pylist(), name
+    # Decisions from two f32 forwards can flip only at near ties: a sample
+    # or two of the whole split at most.
+    for name in ("agree", "linear_correct", "ncc_correct"):
+        diff = np.abs(mine[name].to_numpy().astype(np.int64) - theirs[name].to_numpy().astype(np.int64)).sum()
+        assert diff <= 2, (name, diff)
+
+    lake.run("analyze", quiet=True, model="hf-neo", layer=1)
+    rows = {
+        r["model"]: r
+        for r in lake.sql(
+            f"SELECT model, nc4_agreement, nc4_samples FROM model_metrics WHERE model IN ('hf-neo', '{cli_id}')"
+        ).to_pylist()
+    }
+    assert rows["hf-neo"]["nc4_samples"] == rows[cli_id]["nc4_samples"]
+    assert rows["hf-neo"]["nc4_agreement"] == pytest.approx(rows[cli_id]["nc4_agreement"], abs=2 / rows[cli_id]["nc4_samples"])
+    with pytest.raises(ValueError, match="no class_stats for 'nobody'"):
+        lc.decide(neo, lake, "nobody", "small", quiet=True)

@@ -23,11 +23,12 @@ writes them (``ClassStats.write``), with ``write_classifier`` for NC3.
 from ._native import DamagedArtifactError, PipelineError, __version__
 from ._lake import Lake, RunResult, Stage, VerifyReport, stages
 from ._stats import ClassStats, write_classifier
-from ._hf import collect, evaluate
+from ._hf import collect, decide, evaluate
 
 __all__ = [
     "ClassStats",
     "collect",
+    "decide",
     "evaluate",
     "Lake",
     "RunResult",

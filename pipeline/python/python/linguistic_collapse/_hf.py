@@ -217,9 +217,6 @@ def collect(
     }
 
 
-__all__ = ["collect"]
-
-
 def _n_params(model: Any) -> int:
     """Parameters, each tensor once (a tied embedding counts once)."""
     seen, total = set(), 0
@@ -300,10 +297,134 @@ def evaluate(
 
     table = pa.table({k: [v] for k, v in row.items()})
     up_to_date, manifest = _native.write_table(
-        lake._native, "models", [("model", model_id)], table, {"dataset": dataset, "split": split}, force
+        lake._native,
+        ("models", [("model", model_id)]),
+        table,
+        {},
+        [("chunks", [("dataset", dataset), ("split", split)])],
+        {"dataset": dataset, "split": split},
+        force,
     )
     manifest["up_to_date"] = up_to_date
     return {"row": row, "manifest": manifest}
 
 
-__all__.append("evaluate")
+
+def decide(
+    model: Any,
+    lake: Union["Lake", str],
+    model_id: str,
+    dataset: str,
+    split: str = "validation",
+    layer: Union[str, int] = "last",
+    stats_split: str = "train",
+    min_per_class: int = 1,
+    max_per_class: int = 0,
+    batch: int = 8,
+    device: Optional[str] = None,
+    *,
+    force: bool = False,
+    quiet: bool = False,
+) -> Dict[str, Any]:
+    """NC4 of a ``transformers`` causal LM, as the CLI's ``decide``: for every
+    sample of ``dataset``'s ``split`` (positions with a next token), the
+    linear decision argmax_c <w_c, h> and the nearest class centre
+    argmin_c ||h - mu_c||, both over V' (classes of ``class_stats`` of
+    ``stats_split`` at ``layer`` with ``min_per_class`` <= N_c, and <=
+    ``max_per_class`` unless 0; ascending ids, ties to the lowest), computed
+    in float64 as argmax_c (2 <h, mu_c> - ||mu_c||^2). Writes
+    ``decisions/model=MODEL_ID/split=SPLIT/layer=L`` per true class
+    (samples, agreements, each decision's hits, whether the class is in
+    V'), which analyze turns into ``nc4_agreement``. Run ``collect`` for
+    ``stats_split`` first. Returns the manifest.
+    """
+    torch = _torch()
+    np = _numpy()
+    lake = as_lake(lake)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
+    chunks = _chunks(lake, dataset, split)
+    n_chunks, t = chunks.shape
+    output = _output_layer(model, chunks, dataset)
+    num_layers = int(model.config.num_hidden_layers)
+    (chosen,) = _layers(layer if layer in ("last",) else [layer], num_layers)
+    stats = lake.table("class_stats", model=model_id, split=stats_split, layer=chosen)
+    if stats.num_rows == 0:
+        raise ValueError(
+            f"model_id: no class_stats for {model_id!r} on {stats_split!r} at layer {chosen} (run lc.collect first)"
+        )
+    stats = stats.sort_by("class_id")
+    classes = stats["class_id"].to_numpy().astype(np.int64)
+    counts = stats["count"].to_numpy()
+    analysed = (counts >= min_per_class) & ((max_per_class == 0) | (counts <= max_per_class))
+    if not analysed.any():
+        raise ValueError(
+            f"min_per_class, max_per_class: no class of {model_id!r} has between "
+            f"{min_per_class} and {max_per_class or 'any'} samples"
+        )
+    v_ids = classes[analysed]
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    means = np.stack(stats["mean"].to_numpy(zero_copy_only=False))[analysed]
+    mu = torch.from_numpy(means).to(device=device, dtype=torch.float64)
+    w = output.weight.detach()[torch.from_numpy(v_ids).to(output.weight.device)].to(device=device, dtype=torch.float64)
+    mu_sq = (mu * mu).sum(dim=1)
+    v_ids_dev = torch.from_numpy(v_ids).to(device)
+    vocab = output.weight.shape[0]
+    totals = {k: torch.zeros(vocab, dtype=torch.int64, device=device) for k in ("samples", "agree", "linear", "ncc")}
+    model.eval()
+    backbone = _backbone(model)
+    progress = bar(f"decide {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_chunks, batch):
+                ids = torch.from_numpy(chunks[start : start + batch]).to(device)
+                out = backbone(input_ids=ids, output_hidden_states=True)
+                last = getattr(out, "last_hidden_state", None)
+                h = last if chosen == num_layers and last is not None else out.hidden_states[chosen]
+                h = h[:, :-1].reshape(-1, h.shape[-1]).to(torch.float64)
+                y = ids[:, 1:].reshape(-1)
+                linear = v_ids_dev[(h @ w.T).argmax(dim=1)]
+                ncc = v_ids_dev[(2 * (h @ mu.T) - mu_sq).argmax(dim=1)]
+                for key, hits in (
+                    ("samples", torch.ones_like(y)),
+                    ("agree", (linear == ncc).long()),
+                    ("linear", (linear == y).long()),
+                    ("ncc", (ncc == y).long()),
+                ):
+                    totals[key].index_add_(0, y, hits)
+                progress.update(y.numel())
+    finally:
+        progress.close()
+
+    sums = {k: v.cpu().numpy() for k, v in totals.items()}
+    seen = np.flatnonzero(sums["samples"])
+    in_v = np.isin(seen, v_ids)
+    import pyarrow as pa
+
+    table = pa.table(
+        {
+            "class_id": seen,
+            "samples": sums["samples"][seen],
+            "agree": sums["agree"][seen],
+            "linear_correct": sums["linear"][seen],
+            "ncc_correct": sums["ncc"][seen],
+            "analysed": in_v,
+        }
+    )
+    up_to_date, manifest = _native.write_table(
+        lake._native,
+        ("decisions", [("model", model_id), ("split", split), ("layer", str(chosen))]),
+        table,
+        {"min_per_class": str(min_per_class), "max_per_class": str(max_per_class), "precision": "f64"},
+        [
+            ("class_stats", [("model", model_id), ("split", stats_split), ("layer", str(chosen))]),
+            ("chunks", [("dataset", dataset), ("split", split)]),
+        ],
+        {"dataset": dataset, "classes_analysed": str(len(v_ids))},
+        force,
+    )
+    manifest["up_to_date"] = up_to_date
+    return manifest
+
+
+__all__ = ["collect", "evaluate", "decide"]
