@@ -6,10 +6,11 @@ as the CLI's collect writes its statistics.
   f32 in different kernels (candle's and torch's), so hidden states differ
   in their last bits; means agree within relative 1e-4 (absolute 1e-5 for
   values near zero), M2 within 1e-4, metrics within 1e-3.
-- OPT, which the candle code does not implement: a tiny random model's
-  model_metrics equal DESIGN.md's metrics computed with numpy from its own
+- OPT, which the candle code does not implement: a tiny random model goes
+  through collect, decide, evaluate and analyze, and its model_metrics equal
+  DESIGN.md's metrics computed with numpy from its own
   `output_hidden_states` (f64 on both sides over the same f32 values;
-  `reference.py`'s tolerance for the metrics, 1e-9)."""
+  `reference.py`'s tolerance for the metrics, 1e-9; NC4 within 2 samples)."""
 
 from __future__ import annotations
 
@@ -115,10 +116,27 @@ def test_an_architecture_candle_lacks_analyses_to_the_numpy_metrics(lake_copy):
     row = lake.sql("SELECT * FROM model_metrics WHERE model = 'tiny-opt' AND layer = 2").to_pylist()[0]
     for name, value in want.items():
         assert row[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
-    # The embedding layer's statistics are the embedding rows themselves
-    # (OPT adds positions, so only the counts are exact here).
     counts = stats_table(lake, "tiny-opt", 0)[1]
     assert counts.sum() == len(y) and result["samples"] == len(y)
+
+    # NC4 by brute force on the validation split's own hidden states: the
+    # decisions over V' (every class of the train statistics), in f64.
+    lc.decide(model, lake, "tiny-opt", "small", layer=2, quiet=True)
+    lake.run("analyze", quiet=True, model="tiny-opt", layer=2, force=True)
+    val = lake.table("chunks", dataset="small", split="validation").sort_by("chunk_id")
+    val_ids = torch.tensor(val["tokens"].to_pylist(), dtype=torch.int64)
+    with torch.no_grad():
+        hv = model.model(input_ids=val_ids, output_hidden_states=True).last_hidden_state
+    hv = hv[:, :-1].reshape(-1, 16).double().numpy()
+    v_prime = np.unique(y)
+    mu = np.stack([h[y == c].mean(axis=0) for c in v_prime])
+    linear = v_prime[np.argmax(hv @ classifier[v_prime].T, axis=1)]
+    ncc = v_prime[np.argmin(((hv[:, None, :] - mu[None, :, :]) ** 2).sum(axis=2), axis=1)]
+    row = lake.sql("SELECT nc4_agreement, nc4_samples FROM model_metrics WHERE model = 'tiny-opt' AND layer = 2").to_pylist()[0]
+    assert row["nc4_samples"] == len(hv)
+    # One forward of every chunk here, batches of 8 there: f32 sums in
+    # another order may flip a near tie.
+    assert row["nc4_agreement"] == pytest.approx(np.mean(linear == ncc), abs=2 / len(hv))
 
 
 def test_bad_calls_name_what_was_expected(lake_copy):
