@@ -138,6 +138,13 @@ def test_an_architecture_candle_lacks_analyses_to_the_numpy_metrics(lake_copy):
     # another order may flip a near tie.
     assert row["nc4_agreement"] == pytest.approx(np.mean(linear == ncc), abs=2 / len(hv))
 
+    # Beside the lake's own models (three trained here): correlate and report.
+    lc.evaluate(model, lake, "tiny-opt", "small", quiet=True)
+    lake.run("correlate", quiet=True, permutations="200", bootstrap="50")
+    n = lake.sql("SELECT max(n_models) AS n FROM correlations WHERE metric = 'nc1_cdnv'").to_pylist()[0]["n"]
+    assert n == 4
+    assert "report of 4 model(s)" in lake.run("report", quiet=True).summary
+
 
 def test_bad_calls_name_what_was_expected(lake_copy):
     lake = lake_copy
