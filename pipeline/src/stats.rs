@@ -27,7 +27,7 @@ use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Tensor};
 
 use crate::artifact::file_schema;
-use crate::class_moments::class_moments;
+use crate::class_moments::{class_moments, one_class_moments};
 use crate::error::{Context, Error, Result};
 
 /// Statistics of the classes seen so far, rows in first-seen order.
@@ -208,12 +208,14 @@ impl ClassStats {
         }
     }
 
-    /// Merge one batch held in host memory, as
-    /// `merge_partial(&host_partial(h, to_f64, d, rows, labels)?)` does and
-    /// with the same result bit for bit, in one pass on all cores: each class
-    /// of the batch is reduced (its mean, then the squared distances to it)
-    /// and merged straight into its row, so no per-class partial of the
-    /// batch is built, copied or merged on one thread.
+    /// Merge one batch held in host memory: `h` holds rows of `d` values
+    /// (row-major, read in place, converted by `to_f64`), and `labels[i]` is
+    /// the class of row `rows[i]` (rows the caller skips are absent). The
+    /// result equals collect's path (`batch_partial` + `merge_partial`) bit
+    /// for bit, in one pass on all cores: each class of the batch is reduced
+    /// (`one_class_moments`) and Chan-merged straight into its row, so no
+    /// per-class partial of the batch is built, copied or merged on one
+    /// thread.
     pub fn merge_host_batch<T: Copy + Sync>(
         &mut self,
         h: &[T],
@@ -244,7 +246,9 @@ impl ClassStats {
         // New rows' pages are first touched on every core.
         let new_values = self.len() * d - self.mean.len();
         self.mean.par_extend(rayon::iter::repeat_n(0.0, new_values));
-        let (order, starts) = (&groups.order, &groups.starts);
+        // The batch's row ids, class by class.
+        let order: Vec<u32> = groups.order.iter().map(|&i| rows[i as usize]).collect();
+        let starts = &groups.starts;
         self.mean
             .par_chunks_mut(d)
             .zip(self.m2.par_iter_mut())
@@ -257,27 +261,8 @@ impl ClassStats {
                         return;
                     }
                     let members = &order[starts[g as usize] as usize..starts[g as usize + 1] as usize];
-                    let row = |i: u32| {
-                        let r = rows[i as usize] as usize;
-                        &h[r * d..(r + 1) * d]
-                    };
                     let (mb, acc) = buf.split_at_mut(d);
-                    mb.fill(0.0);
-                    acc.fill(0.0);
-                    for &i in members {
-                        for (m, &x) in mb.iter_mut().zip(row(i)) {
-                            *m += to_f64(x);
-                        }
-                    }
-                    let nb = members.len() as f64;
-                    mb.iter_mut().for_each(|m| *m /= nb);
-                    for &i in members {
-                        for ((a, &m), &x) in acc.iter_mut().zip(mb.iter()).zip(row(i)) {
-                            let e = to_f64(x) - m;
-                            *a += e * e;
-                        }
-                    }
-                    let m2b: f64 = acc.iter().sum();
+                    let m2b = one_class_moments(h, &to_f64, members, mb, acc);
                     chan_merge(mean, m2, count, members.len() as u64, mb, m2b);
                 },
             );
@@ -623,40 +608,6 @@ pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
     })
 }
 
-/// Reduce one batch held in host memory to per-class partials, on all
-/// cores, in f64: `h` holds rows of `d` values (row-major, read in place,
-/// converted by `to_f64`), and `labels[i]` is the class of row `rows[i]`
-/// (rows the caller skips are simply absent).
-pub fn host_partial<T: Copy + Sync>(
-    h: &[T],
-    to_f64: impl Fn(T) -> f64 + Sync,
-    d: usize,
-    rows: &[u32],
-    labels: &[u32],
-) -> Result<Partial> {
-    check_host_rows(h, d, rows, labels)?;
-    let LabelGroups {
-        classes,
-        count,
-        order,
-        starts,
-    } = LabelGroups::new(labels);
-    let order: Vec<u32> = order.iter().map(|&i| rows[i as usize]).collect();
-    let both = crate::class_moments::cpu_moments(h, to_f64, &order, &starts, d);
-    let mut mean = Vec::with_capacity(classes.len() * d);
-    let mut m2 = Vec::with_capacity(classes.len());
-    for row in both.chunks_exact(d + 1) {
-        mean.extend_from_slice(&row[..d]);
-        m2.push(row[d]);
-    }
-    Ok(Partial {
-        classes,
-        count,
-        mean,
-        m2,
-    })
-}
-
 /// Squared distances of a batch to fixed class means (second pass of the
 /// two-pass mode), summed per class. `means` holds the rows of `stats`.
 pub fn batch_m2_to(h: &Tensor, labels: &[u32], stats: &ClassStats, means: &Tensor) -> Result<Partial> {
@@ -693,19 +644,23 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    #[test]
-    fn host_partial_of_chosen_rows_equals_the_tensor_path() {
-        // Rows 0..6 of width 3; row 2 and 5 are skipped by the caller.
-        let h: Vec<f32> = (0..18).map(|i| (i * i % 7) as f32 - 2.5).collect();
-        let rows = [0u32, 1, 3, 4];
-        let labels = [4u32, 9, 4, 4];
-        let host = host_partial(&h, |x| x as f64, 3, &rows, &labels).unwrap();
+    /// The rows `rows` of `h` (width `d`) as an f32 tensor, gathered.
+    fn gathered(h: &[f32], d: usize, rows: &[u32]) -> Tensor {
         let kept: Vec<f32> = rows
             .iter()
-            .flat_map(|&r| h[r as usize * 3..r as usize * 3 + 3].to_vec())
+            .flat_map(|&r| h[r as usize * d..(r as usize + 1) * d].to_vec())
             .collect();
-        let t = Tensor::from_vec(kept, (4, 3), &Device::Cpu).unwrap();
-        let tensor = batch_partial(&t, &labels).unwrap();
+        Tensor::from_vec(kept, (rows.len(), d), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn host_batches_merge_as_the_tensor_path_bit_for_bit() {
+        // Rows 0..6 of width 3; rows 2 and 5 are skipped by the caller.
+        let h: Vec<f32> = (0..18).map(|i| (i * i % 7) as f32 - 2.5).collect();
+        let (rows, labels) = ([0u32, 1, 3, 4], [4u32, 9, 4, 4]);
+        let mut host = ClassStats::new(3);
+        host.merge_host_batch(&h, |x| x as f64, &rows, &labels).unwrap();
+        let tensor = batch_partial(&gathered(&h, 3, &rows), &labels).unwrap();
         assert_eq!(host.classes, tensor.classes);
         assert_eq!(host.count, tensor.count);
         assert_eq!(host.mean, tensor.mean);
@@ -713,14 +668,15 @@ mod tests {
         // Class 4 by hand: rows 0, 3, 4.
         let mean0: f64 = [0, 3, 4].iter().map(|&r| h[r * 3] as f64).sum::<f64>() / 3.0;
         assert_eq!(host.mean[0], mean0);
-        assert!(host_partial(&h, |x| x as f64, 3, &[6], &[1]).is_err());
+        assert!(host.merge_host_batch(&h, |x| x as f64, &[6], &[1]).is_err());
     }
 
     #[test]
     fn fused_host_merges_equal_partials_merged_bit_for_bit() {
         // Zipf-like labels over batches of uneven size, into statistics that
-        // already hold some classes: the fused pass and host_partial +
-        // merge_partial agree exactly, and both match the brute force.
+        // already hold some classes: the fused pass and collect's path
+        // (batch_partial + merge_partial) agree exactly, and both match the
+        // brute force.
         let d = 5;
         let n = 700;
         let h: Vec<f32> = (0..n * d)
@@ -736,7 +692,7 @@ mod tests {
             let rows: Vec<u32> = (start as u32..end as u32).filter(|r| r % 3 != 1).collect();
             let ls: Vec<u32> = rows.iter().map(|&r| labels[r as usize]).collect();
             fused.merge_host_batch(&h, |x| x as f64, &rows, &ls).unwrap();
-            split.merge_partial(&host_partial(&h, |x| x as f64, d, &rows, &ls).unwrap());
+            split.merge_partial(&batch_partial(&gathered(&h, d, &rows), &ls).unwrap());
             for (&r, &c) in rows.iter().zip(&ls) {
                 let x = h[r as usize * d..(r as usize + 1) * d]
                     .iter()
