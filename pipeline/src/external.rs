@@ -438,7 +438,7 @@ mod tests {
             &lake,
             "decisions",
             &parts,
-            &[batch.clone()],
+            std::slice::from_ref(&batch),
             &MadeFrom::default(),
             false,
         )

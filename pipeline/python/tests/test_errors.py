@@ -4,7 +4,6 @@ was wrong; none aborts the interpreter."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -47,6 +47,15 @@ def lake_copy(py_lake, tmp_path):
     return lc.Lake(str(copy))
 
 
+def cli_checkpoint(lake):
+    """The first model the CLI trained (01x0008_01d00@0: its first, only,
+    checkpoint), loaded by transformers."""
+    cli_id = model_name(0)
+    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
+    checkpoint = sorted(weights.glob("checkpoint-*"))[0]
+    return cli_id, GPTNeoForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+
+
 def stats_table(lake, model, layer):
     t = lake.table("class_stats", model=model, split="train", layer=layer).sort_by("class_id")
     return (
@@ -59,10 +68,7 @@ def stats_table(lake, model, layer):
 
 def test_gpt_neo_by_transformers_equals_the_cli(lake_copy):
     lake = lake_copy
-    cli_id = model_name(0)  # 01x0008_01d00@0: its first (only) checkpoint
-    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
-    checkpoint = sorted(weights.glob("checkpoint-*"))[0]
-    model = GPTNeoForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32)
+    cli_id, model = cli_checkpoint(lake)
     result = lc.collect(model, lake, "hf-neo", "small", layers="last", batch=3, quiet=True)
     assert result["layers"] == [1]
     assert {m["table"] for m in result["manifests"]} == {"class_stats", "classifiers"}
@@ -198,9 +204,7 @@ def test_an_interrupted_collect_resumes_to_the_same_statistics(lake_copy):
 
 def test_evaluate_equals_the_cli_and_transformers_own_loss(lake_copy):
     lake = lake_copy
-    cli_id = model_name(0)
-    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
-    neo = GPTNeoForCausalLM.from_pretrained(sorted(weights.glob("checkpoint-*"))[0], torch_dtype=torch.float32)
+    cli_id, neo = cli_checkpoint(lake)
     mine = lc.evaluate(neo, lake, "hf-neo", "small", batch=5, quiet=True)["row"]
     theirs = lake.table("models", model=cli_id).to_pylist()[0]
     for key in ("val_samples", "depth", "width", "heads", "vocab_size", "n_params"):
@@ -229,9 +233,7 @@ def test_evaluate_equals_the_cli_and_transformers_own_loss(lake_copy):
 
 def test_decide_equals_the_cli_and_completes_the_metrics(lake_copy):
     lake = lake_copy
-    cli_id = model_name(0)
-    weights = Path(lake.url.removeprefix("file://")) / "weights" / cli_id.split("@")[0]
-    neo = GPTNeoForCausalLM.from_pretrained(sorted(weights.glob("checkpoint-*"))[0], torch_dtype=torch.float32)
+    cli_id, neo = cli_checkpoint(lake)
     lc.collect(neo, lake, "hf-neo", "small", quiet=True)
     manifest = lc.decide(neo, lake, "hf-neo", "small", batch=3, quiet=True)
     assert manifest["artifact"] == "decisions/model=hf-neo/split=validation/layer=1"

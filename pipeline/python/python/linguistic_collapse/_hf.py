@@ -12,6 +12,7 @@ it runs (``pip install "linguistic-collapse[torch]"``)."""
 from __future__ import annotations
 
 import hashlib
+from contextlib import closing
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from . import _native
@@ -84,6 +85,69 @@ def _backbone(model: Any) -> Any:
     return model if base is None else base
 
 
+def _positive(name: str, value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive {what}, got {value!r}")
+
+
+class _Pass:
+    """What every pass of a model over a split's chunks needs, checked
+    before the first batch: the lake, the chunks [S, T], the model's output
+    layer (its rows cover every token id), the device."""
+
+    def __init__(self, model: Any, lake: Union["Lake", str], dataset: str, split: str, batch: int, device: Any):
+        self.torch = _torch()
+        self.lake = as_lake(lake)
+        _positive("batch", batch, "integer")
+        self.batch = batch
+        self.chunks = _chunks(self.lake, dataset, split)
+        self.output = _output_layer(model, self.chunks, dataset)
+        self.device = (
+            self.torch.device(device) if device is not None else next(model.parameters()).device
+        )
+        self.num_layers = int(model.config.num_hidden_layers)
+        model.eval()
+
+    def batches(self, forward: Any, desc: str, quiet: bool, first: int = 0, before: Any = None) -> Any:
+        """(token ids, forward(ids)) per batch of chunks from chunk `first`,
+        without gradients, with a progress bar in tokens; `before(start)`
+        runs before each batch's forward. Use it under
+        ``contextlib.closing``: the consumer's work runs inside its
+        inference mode, which must end when the consumer stops, even on an
+        error."""
+        torch = self.torch
+        n_chunks, t = self.chunks.shape
+        progress = bar(desc, n_chunks * (t - 1), "tok", quiet)
+        progress.update(first * (t - 1))
+        try:
+            with torch.inference_mode():
+                for start in range(first, n_chunks, self.batch):
+                    if before is not None:
+                        before(start)
+                    ids = torch.from_numpy(self.chunks[start : start + self.batch]).to(self.device)
+                    yield ids, forward(ids)
+                    progress.update(ids.shape[0] * (t - 1))
+        finally:
+            progress.close()
+
+    def state_at(self, out: Any, layer: int) -> Any:
+        """Hidden state `layer` of a backbone's output (checked): the last
+        is the backbone's last state, the output layer's input (a model
+        without a backbone gives it as its last hidden state)."""
+        hidden = getattr(out, "hidden_states", None)
+        if hidden is None or len(hidden) != self.num_layers + 1:
+            got = "none" if hidden is None else f"{len(hidden)}"
+            raise ValueError(f"model: expected {self.num_layers + 1} hidden_states from its forward, got {got}")
+        last = getattr(out, "last_hidden_state", None)
+        return last if layer == self.num_layers and last is not None else hidden[layer]
+
+
+def _hidden_states(model: Any) -> Any:
+    """The backbone's forward with every hidden state (no logits)."""
+    backbone = _backbone(model)
+    return lambda ids: backbone(input_ids=ids, output_hidden_states=True)
+
+
 def _fingerprint(model: Any) -> str:
     """A cheap identity of a model's weights, for resuming: its config, every
     parameter's name, shape and dtype, and 64 rows of its output layer (a
@@ -138,22 +202,11 @@ def collect(
     statistics written before. Returns ``{"tokens", "samples", "layers",
     "resumed_from", "manifests"}``.
     """
-    torch = _torch()
-    lake = as_lake(lake)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
-    chunks = _chunks(lake, dataset, split)
-    n_chunks, t = chunks.shape
-    output = _output_layer(model, chunks, dataset)
-    vocab, dim = output.weight.shape
-    num_layers = int(model.config.num_hidden_layers)
-    chosen = _layers(layers, num_layers)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
-    backbone = _backbone(model)
-
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every: expected a positive number of chunks, got {checkpoint_every!r}")
+    run = _Pass(model, lake, dataset, split, batch, device)
+    lake = run.lake
+    vocab, dim = run.output.weight.shape
+    chosen = _layers(layers, run.num_layers)
+    _positive("checkpoint_every", checkpoint_every, "number of chunks")
 
     # Resume only what the same model, data, layers and batching began.
     chunks_hash = lake._native._content_hash("chunks", [("dataset", dataset), ("split", split)]) or ""
@@ -168,48 +221,31 @@ def collect(
             stats[layer].__setstate__(state)
         first = int(saved[2]["next_chunk"])
 
-    def checkpoint(next_chunk: int) -> None:
-        meta = {"state_id": state_id, "next_chunk": str(next_chunk), "model_id": model_id}
-        _native.save_state(lake._native, key, chosen, [stats[layer] for layer in chosen], meta)
-
     # Checkpoints fall on batch boundaries, so resumed batches are the same.
     every = max(1, checkpoint_every // batch) * batch
-    progress = bar(f"collect {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
-    progress.update(first * (t - 1))
-    try:
-        with torch.inference_mode():
-            for start in range(first, n_chunks, batch):
-                if start > first and start % every == 0:
-                    checkpoint(start)
-                ids = torch.from_numpy(chunks[start : start + batch]).to(device)
-                out = backbone(input_ids=ids, output_hidden_states=True)
-                hidden = getattr(out, "hidden_states", None)
-                if hidden is None or len(hidden) != num_layers + 1:
-                    got = "none" if hidden is None else f"{len(hidden)}"
-                    raise ValueError(
-                        f"model: expected {num_layers + 1} hidden_states from its forward, got {got}"
-                    )
-                # h_t is labelled by x_{t+1}; the last position has no label.
-                labels = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
-                # The backbone's last state is the output layer's input; a
-                # model without a backbone gives it as its last hidden state.
-                last = getattr(out, "last_hidden_state", None)
-                for layer in chosen:
-                    h = last if layer == num_layers and last is not None else hidden[layer]
-                    stats[layer].update(h, labels)
-                progress.update(ids.shape[0] * (t - 1))
-    finally:
-        progress.close()
+
+    def checkpoint(start: int) -> None:
+        if start > first and start % every == 0:
+            meta = {"state_id": state_id, "next_chunk": str(start), "model_id": model_id}
+            _native.save_state(lake._native, key, chosen, [stats[layer] for layer in chosen], meta)
+
+    desc = f"collect {model_id} on {dataset}/{split}"
+    with closing(run.batches(_hidden_states(model), desc, quiet, first, before=checkpoint)) as batches:
+        for ids, out in batches:
+            # h_t is labelled by x_{t+1}; the last position has no label.
+            labels = run.torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
+            for layer in chosen:
+                stats[layer].update(run.state_at(out, layer), labels)
 
     manifests = []
     for layer in chosen:
         manifests.append(stats[layer].write(lake, model_id, dataset, split, layer, force=force))
     if not lake._native._holds_weights(model_id):
-        manifests.append(write_classifier(lake, model_id, output.weight, force=force))
+        manifests.append(write_classifier(lake, model_id, run.output.weight, force=force))
     _native.delete_state(lake._native, key)
     samples = stats[chosen[0]].samples
     return {
-        "tokens": int(n_chunks * t),
+        "tokens": int(run.chunks.size),
         "samples": samples,
         "layers": chosen,
         "resumed_from": first,
@@ -249,33 +285,21 @@ def evaluate(
     neural-collapse metrics, and ``correlate`` and ``report`` take the model
     like the lake's own. Returns the row (a dict) and its manifest.
     """
-    torch = _torch()
-    np = _numpy()
-    lake = as_lake(lake)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
-    chunks = _chunks(lake, dataset, split)
-    n_chunks, t = chunks.shape
-    vocab = _output_layer(model, chunks, dataset).weight.shape[0]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    model.eval()
+    run = _Pass(model, lake, dataset, split, batch, device)
+    lake, torch, np = run.lake, run.torch, _numpy()
+    vocab = run.output.weight.shape[0]
     loss_sum, correct, samples = 0.0, 0, 0
-    progress = bar(f"eval {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
-    try:
-        with torch.inference_mode():
-            for start in range(0, n_chunks, batch):
-                ids = torch.from_numpy(chunks[start : start + batch]).to(device)
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                target = ids[:, 1:]
-                nll = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
-                )
-                loss_sum += float(nll.double().sum())
-                correct += int((logits.argmax(dim=-1) == target).sum())
-                samples += target.numel()
-                progress.update(target.numel())
-    finally:
-        progress.close()
+    logits_of = lambda ids: model(input_ids=ids).logits  # noqa: E731
+    with closing(run.batches(logits_of, f"eval {model_id} on {dataset}/{split}", quiet)) as batches:
+        for ids, logits in batches:
+            logits = logits[:, :-1].float()
+            target = ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+            )
+            loss_sum += float(nll.double().sum())
+            correct += int((logits.argmax(dim=-1) == target).sum())
+            samples += target.numel()
 
     config = model.config
     val_loss = loss_sum / samples
@@ -338,16 +362,10 @@ def decide(
     V'), which analyze turns into ``nc4_agreement``. Run ``collect`` for
     ``stats_split`` first. Returns the manifest.
     """
-    torch = _torch()
-    np = _numpy()
-    lake = as_lake(lake)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch: expected a positive integer, got {batch!r}")
-    chunks = _chunks(lake, dataset, split)
-    n_chunks, t = chunks.shape
-    output = _output_layer(model, chunks, dataset)
-    num_layers = int(model.config.num_hidden_layers)
-    (chosen,) = _layers(layer if layer in ("last",) else [layer], num_layers)
+    run = _Pass(model, lake, dataset, split, batch, device)
+    lake, torch, np, device = run.lake, run.torch, _numpy(), run.device
+    output = run.output
+    (chosen,) = _layers(layer if layer in ("last",) else [layer], run.num_layers)
     stats = lake.table("class_stats", model=model_id, split=stats_split, layer=chosen)
     if stats.num_rows == 0:
         raise ValueError(
@@ -363,7 +381,6 @@ def decide(
             f"{min_per_class} and {max_per_class or 'any'} samples"
         )
     v_ids = classes[analysed]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     means = np.stack(stats["mean"].to_numpy(zero_copy_only=False))[analysed]
     mu = torch.from_numpy(means).to(device=device, dtype=torch.float64)
     w = output.weight.detach()[torch.from_numpy(v_ids).to(output.weight.device)].to(device=device, dtype=torch.float64)
@@ -371,30 +388,21 @@ def decide(
     v_ids_dev = torch.from_numpy(v_ids).to(device)
     vocab = output.weight.shape[0]
     totals = {k: torch.zeros(vocab, dtype=torch.int64, device=device) for k in ("samples", "agree", "linear", "ncc")}
-    model.eval()
-    backbone = _backbone(model)
-    progress = bar(f"decide {model_id} on {dataset}/{split}", n_chunks * (t - 1), "tok", quiet)
-    try:
-        with torch.inference_mode():
-            for start in range(0, n_chunks, batch):
-                ids = torch.from_numpy(chunks[start : start + batch]).to(device)
-                out = backbone(input_ids=ids, output_hidden_states=True)
-                last = getattr(out, "last_hidden_state", None)
-                h = last if chosen == num_layers and last is not None else out.hidden_states[chosen]
-                h = h[:, :-1].reshape(-1, h.shape[-1]).to(torch.float64)
-                y = ids[:, 1:].reshape(-1)
-                linear = v_ids_dev[(h @ w.T).argmax(dim=1)]
-                ncc = v_ids_dev[(2 * (h @ mu.T) - mu_sq).argmax(dim=1)]
-                for key, hits in (
-                    ("samples", torch.ones_like(y)),
-                    ("agree", (linear == ncc).long()),
-                    ("linear", (linear == y).long()),
-                    ("ncc", (ncc == y).long()),
-                ):
-                    totals[key].index_add_(0, y, hits)
-                progress.update(y.numel())
-    finally:
-        progress.close()
+    desc = f"decide {model_id} on {dataset}/{split}"
+    with closing(run.batches(_hidden_states(model), desc, quiet)) as batches:
+        for ids, out in batches:
+            h = run.state_at(out, chosen)
+            h = h[:, :-1].reshape(-1, h.shape[-1]).to(torch.float64)
+            y = ids[:, 1:].reshape(-1)
+            linear = v_ids_dev[(h @ w.T).argmax(dim=1)]
+            ncc = v_ids_dev[(2 * (h @ mu.T) - mu_sq).argmax(dim=1)]
+            for key, hits in (
+                ("samples", torch.ones_like(y)),
+                ("agree", (linear == ncc).long()),
+                ("linear", (linear == y).long()),
+                ("ncc", (ncc == y).long()),
+            ):
+                totals[key].index_add_(0, y, hits)
 
     sums = {k: v.cpu().numpy() for k, v in totals.items()}
     seen = np.flatnonzero(sums["samples"])
