@@ -347,7 +347,7 @@ pub fn analyze(c: usize, d: usize, tile: usize, precision: &str) -> Result<Strin
     }
     let pairs = (c * (c - 1) / 2) as f64;
     // The anchor, in this process on the same pool: the Gram products alone.
-    let floor = crate::tiles::gram_floor(c, d, tile, precision == "f32");
+    let floor = lc_metrics::tiles::gram_floor(c, d, tile, precision == "f32");
     let gflops = (c as f64) * (c as f64 + tile as f64) * d as f64 / floor / 1e9;
     Ok(format!(
         "analyze C = {c}, d = {d}, tile {tile}, {precision}: {:.2}x the GEMM floor\n  \

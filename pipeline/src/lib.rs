@@ -34,7 +34,6 @@ pub mod source;
 pub mod sql;
 pub mod stages;
 pub mod stats;
-pub mod tiles;
 pub mod tokenizer;
 pub mod verify;
 

@@ -31,7 +31,7 @@ use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 use crate::stats::ClassStats;
-use crate::tiles::{self, Classes, METRICS, Options, PairReport};
+use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
 pub struct Analyze;
 
