@@ -8,13 +8,13 @@ use std::io::Write;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use lc_metrics::ClassStats;
 
 use crate::artifact::{Artifact, Provenance};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
 use crate::model::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss};
 use crate::stages::{self, Ctx};
-use crate::stats::ClassStats;
 
 fn temp_ctx() -> Result<(tempfile::TempDir, Ctx)> {
     let dir = tempfile::tempdir().ctx("temporary directory")?;
@@ -319,7 +319,7 @@ pub fn synthetic_stats(lake: &Lake, model: &str, c: usize, d: usize) -> Result<(
         "class_stats",
         &[("model", model), ("split", "train"), ("layer", "1")],
     )?;
-    lake.write_artifact(&a, &[st.to_batch()?], Provenance::new("bench"))?;
+    lake.write_artifact(&a, &[crate::stats::to_batch(&st)?], Provenance::new("bench"))?;
     Ok(())
 }
 

@@ -13,7 +13,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
+use lc_metrics::class_stats::cpu_moments;
 
 struct ClassMoments;
 
@@ -64,59 +64,6 @@ fn check_groups(order: &[u32], starts: &[u32], n: usize) -> candle_core::Result<
         );
     }
     Ok(())
-}
-
-/// Per-class mean and M2 of rows of `h` ([n, d] row-major, read in place,
-/// converted by `f`): class `c` is rows `order[starts[c]..starts[c + 1]]`.
-/// One output row of d means, then M2, per class; classes in parallel.
-pub fn cpu_moments<T: Copy + Sync>(
-    h: &[T],
-    f: impl Fn(T) -> f64 + Sync,
-    order: &[u32],
-    starts: &[u32],
-    d: usize,
-) -> Vec<f64> {
-    let u = starts.len() - 1;
-    let mut out = vec![0f64; u * (d + 1)];
-    out.par_chunks_mut(d + 1).enumerate().for_each_init(
-        || vec![0f64; d],
-        |acc, (c, o)| {
-            let rows = &order[starts[c] as usize..starts[c + 1] as usize];
-            let (mean, m2) = o.split_at_mut(d);
-            m2[0] = one_class_moments(h, &f, rows, mean, acc);
-        },
-    );
-    out
-}
-
-/// The mean (into `mean`) and M2 (returned) of the rows `rows` of `h`, two
-/// passes in f64: sums, then squared distances to the mean, per coordinate
-/// in `acc`. `mean` and `acc` are `d` wide and overwritten.
-pub fn one_class_moments<T: Copy>(
-    h: &[T],
-    f: impl Fn(T) -> f64,
-    rows: &[u32],
-    mean: &mut [f64],
-    acc: &mut [f64],
-) -> f64 {
-    let d = mean.len();
-    let row = |r: u32| &h[r as usize * d..(r as usize + 1) * d];
-    mean.fill(0.0);
-    acc.fill(0.0);
-    for &r in rows {
-        for (m, &x) in mean.iter_mut().zip(row(r)) {
-            *m += f(x);
-        }
-    }
-    let n = rows.len() as f64;
-    mean.iter_mut().for_each(|m| *m /= n);
-    for &r in rows {
-        for ((a, &m), &x) in acc.iter_mut().zip(mean.iter()).zip(row(r)) {
-            let e = f(x) - m;
-            *a += e * e;
-        }
-    }
-    acc.iter().sum()
 }
 
 impl CustomOp3 for ClassMoments {

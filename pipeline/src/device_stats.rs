@@ -17,10 +17,10 @@
 //! the statistics of an uninterrupted one on the same device.
 
 use candle_core::{CpuStorage, Device, InplaceOp3, Layout, Tensor};
+use lc_metrics::{ClassStats, LabelGroups};
 
 use crate::class_moments::ClassRuns;
 use crate::error::{Context, Error, Result};
-use crate::stats::{ClassStats, LabelGroups};
 
 /// Per-class tables of several layers on one device.
 pub struct DeviceStats {

@@ -94,6 +94,16 @@ pub enum Error {
     WouldRun(String),
 }
 
+/// The math's complaints are the caller's mistake; the caller adds the file
+/// or table where it knows them.
+impl From<lc_metrics::Error> for Error {
+    fn from(e: lc_metrics::Error) -> Self {
+        match e {
+            lc_metrics::Error::Invalid(problem) => Error::Invalid(problem),
+        }
+    }
+}
+
 impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())

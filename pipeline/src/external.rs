@@ -20,13 +20,13 @@ use arrow::array::{Array, ArrayRef, AsArray, Float32Array, ListArray, UInt32Arra
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, UInt32Type};
 use arrow::record_batch::RecordBatch;
+use lc_metrics::ClassStats;
 
 use crate::artifact::{Artifact, Manifest, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
 use crate::model::checkpoint::ModelRef;
 use crate::partials::commit_class_stats;
-use crate::stats::ClassStats;
 
 /// The `stage` recorded in the manifests of results made outside the stages.
 pub const STAGE: &str = "python";
@@ -404,7 +404,7 @@ mod tests {
             &[("model", "ext"), ("split", "train"), ("layer", "3")],
         )
         .unwrap();
-        let back = ClassStats::from_batches(&lake.read_artifact(&a).unwrap()).unwrap();
+        let back = crate::stats::from_batches(&lake.read_artifact(&a).unwrap()).unwrap();
         assert_eq!(back.mean_of(0), &[1.0, 2.5]);
     }
 

@@ -15,11 +15,12 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use lc_metrics::ClassStats;
 
 use crate::artifact::{Artifact, InputRef, Manifest, Provenance};
 use crate::error::{Error, Result};
 use crate::lake::Lake;
-use crate::stats::{ClassStats, pack_safetensors};
+use crate::stats::pack_safetensors;
 
 pub fn shard_key(model: &str, split: &str, of: u64, shard: u64, resume: bool) -> String {
     format!(
@@ -81,7 +82,7 @@ impl StateObject {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut tensors = Vec::new();
         for (l, s) in self.layers.iter().zip(&self.stats) {
-            tensors.extend(s.to_tensors(&format!("layer{l}")));
+            tensors.extend(crate::stats::to_tensors(s, &format!("layer{l}")));
         }
         let mut meta = self.meta.clone();
         meta.insert(
@@ -129,7 +130,7 @@ impl StateObject {
         let stats = layers
             .iter()
             .map(|l| {
-                ClassStats::from_tensors(&st, &format!("layer{l}"), d).map_err(|e| corrupt(e.to_string()))
+                crate::stats::from_tensors(&st, &format!("layer{l}"), d).map_err(|e| corrupt(e.to_string()))
             })
             .collect::<Result<_>>()?;
         Ok(StateObject { layers, stats, meta })
@@ -182,7 +183,7 @@ pub fn commit_class_stats(
             .extra("classes", s.len() as u64)
             .extra("samples", s.samples())
             .extra("d", s.d as u64);
-        out.push(lake.write_artifact(&a, &[s.to_batch()?], p)?);
+        out.push(lake.write_artifact(&a, &[crate::stats::to_batch(s)?], p)?);
     }
     Ok(out)
 }

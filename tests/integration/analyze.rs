@@ -2,11 +2,11 @@
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type, UInt32Type, UInt64Type};
+use lc_metrics::ClassStats;
 use lc_metrics::tiles::{self, Classes, Options};
 use pipeline::artifact::{Artifact, Provenance};
 use pipeline::sql::Sql;
 use pipeline::stages::analyze::prepare;
-use pipeline::stats::ClassStats;
 
 use crate::common::{TestLake, rel, tiny};
 
@@ -233,7 +233,11 @@ fn write_stats(tl: &TestLake, model: &str, st: &ClassStats) {
     )
     .unwrap();
     tl.lake()
-        .write_artifact(&a, &[st.to_batch().unwrap()], Provenance::new("test"))
+        .write_artifact(
+            &a,
+            &[pipeline::stats::to_batch(st).unwrap()],
+            Provenance::new("test"),
+        )
         .unwrap();
 }
 
@@ -370,7 +374,7 @@ fn analyze_a_trained_model() {
         &[("model", "tiny@1"), ("split", "train"), ("layer", "2")],
     )
     .unwrap();
-    let st = ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
+    let st = pipeline::stats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
     let prep = prepare(&mut st.clone(), 1, 0);
     let m = pipeline::model::checkpoint::ModelRef::resolve_one(tl.lake(), "tiny").unwrap();
     let w: Vec<Vec<f32>> = m
@@ -449,7 +453,11 @@ fn both_gnc2_conventions_equal_brute_force_far_from_the_origin() {
     )
     .unwrap();
     tl.lake()
-        .write_artifact(&a, &[st.to_batch().unwrap()], Provenance::new("test"))
+        .write_artifact(
+            &a,
+            &[pipeline::stats::to_batch(&st).unwrap()],
+            Provenance::new("test"),
+        )
         .unwrap();
     tl.run("analyze", &[("model", "far"), ("layer", "1"), ("tile", "64")]);
 
@@ -522,8 +530,8 @@ fn wide_class_stats_read_in_parts_equal_the_whole() {
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|&r| r > 0 && r < st.len()), "{rows:?}");
     assert_eq!(rows.iter().sum::<usize>(), st.len());
-    let read = ClassStats::from_parts(parts.into_iter().zip(rows).collect()).unwrap();
-    let whole = ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
+    let read = pipeline::stats::from_parts(parts.into_iter().zip(rows).collect()).unwrap();
+    let whole = pipeline::stats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
     assert_eq!(read, whole);
     for i in [0, 1000, 1500, st.len() - 1] {
         let class = st.classes[i];

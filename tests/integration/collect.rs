@@ -7,10 +7,10 @@ use arrow::array::{ArrayRef, FixedSizeListArray, UInt64Array};
 use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
+use lc_metrics::ClassStats;
 use pipeline::artifact::{Artifact, Provenance};
 use pipeline::chunks::Chunks;
 use pipeline::model::checkpoint::ModelRef;
-use pipeline::stats::ClassStats;
 
 use crate::common::{TestLake, rel, tiny};
 
@@ -20,7 +20,7 @@ fn stats_of(tl: &TestLake, model: &str, split: &str, layer: usize) -> ClassStats
         &[("model", model), ("split", split), ("layer", &layer.to_string())],
     )
     .unwrap();
-    ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap()
+    pipeline::stats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap()
 }
 
 /// Per class: (count, mean, M2) computed directly in f64 from explicitly

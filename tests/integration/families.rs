@@ -13,7 +13,6 @@ use candle_core::{DType, Device, Tensor};
 use pipeline::artifact::{Artifact, Provenance};
 use pipeline::model::checkpoint::ModelRef;
 use pipeline::sql::Sql;
-use pipeline::stats::ClassStats;
 
 use crate::common::{TestLake, repo};
 
@@ -154,7 +153,7 @@ fn collect_equals_brute_force_on_transformers_hidden_states() {
                 &[("model", &id), ("split", "train"), ("layer", &layer.to_string())],
             )
             .unwrap();
-            let st = ClassStats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
+            let st = pipeline::stats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
             assert_eq!(st.len(), by.len(), "{family} layer {layer}");
             for (c, hs) in &by {
                 let r = st.row_of(*c).unwrap();

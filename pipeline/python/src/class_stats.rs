@@ -22,8 +22,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use lc_metrics::{ClassStats, Partial};
 use pipeline::external::{StatsTarget, commit_class_stats_from};
-use pipeline::stats::{ClassStats, Partial};
 
 use crate::{PyLake, manifest_to_py, to_py};
 

@@ -24,14 +24,14 @@ use arrow::array::AsArray;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
+use lc_metrics::ClassStats;
+use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
-use crate::stats::ClassStats;
-use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
 pub struct Analyze;
 
@@ -353,7 +353,7 @@ fn analyze_layer(
             Ok((s, rows))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut stats = ClassStats::from_parts(stats_parts).map_err(|e| match e {
+    let mut stats = crate::stats::from_parts(stats_parts).map_err(|e| match e {
         // The decoder's own complaints do not know the file.
         Error::Invalid(problem) => Error::artifact(stats_a.to_string(), problem),
         e => e,

@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use lc_metrics::{ClassStats, Partial};
 
 use crate::artifact::Provenance;
 use crate::chunks::Chunks;
@@ -45,7 +46,7 @@ use crate::partials::{
     StateObject, collect_inputs, commit_class_stats, parse_layers, parse_shard, shard_key,
 };
 use crate::stages::{Ctx, Stage};
-use crate::stats::{ClassStats, Partial, batch_m2_to, batch_partial};
+use crate::stats::{batch_m2_to, batch_partial};
 
 pub struct Collect;
 

@@ -30,7 +30,6 @@ use crate::error::{Context, Error, Result};
 use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
-use crate::stats::ClassStats;
 
 pub struct Decide;
 
@@ -149,7 +148,7 @@ impl Stage for Decide {
         let device = crate::model::device(p.str("device"))?;
         m.check_vocab(&config, &tok)?;
         let model = m.load(&device, DType::F32)?;
-        let stats = ClassStats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
+        let stats = crate::stats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
         let rows = stats.analysed(min, max);
         if rows.is_empty() {
             return Err(Error::invalid(format!(

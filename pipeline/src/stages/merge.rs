@@ -8,6 +8,8 @@
 //! chunks and layers; they are merged in shard order with Chan's formula,
 //! which is exact and order-independent up to float rounding.
 
+use lc_metrics::ClassStats;
+
 use crate::artifact::{Artifact, InputRef, Provenance};
 use crate::chunks::Chunks;
 use crate::error::{Error, Result};
@@ -15,7 +17,6 @@ use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::partials::{StateObject, collect_inputs, commit_class_stats, parse_layers, shard_key};
 use crate::stages::{Ctx, Stage};
-use crate::stats::ClassStats;
 
 pub struct Merge;
 
