@@ -1,6 +1,7 @@
 //! `lc-metrics`: the mathematics of neural collapse, with no I/O.
 
 pub mod class_stats;
+pub mod correlation;
 pub mod error;
 pub mod tiles;
 
