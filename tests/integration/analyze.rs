@@ -3,10 +3,10 @@
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type, UInt32Type, UInt64Type};
 use lc_metrics::ClassStats;
+use lc_metrics::selection::prepare;
 use lc_metrics::tiles::{self, Classes, Options};
 use pipeline::artifact::{Artifact, Provenance};
 use pipeline::sql::Sql;
-use pipeline::stages::analyze::prepare;
 
 use crate::common::{TestLake, rel, tiny};
 

@@ -25,6 +25,8 @@ use arrow::array::{ArrayRef, BooleanArray, Float64Array, StringArray, UInt32Arra
 use arrow::datatypes::{UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
 use lc_metrics::ClassStats;
+use lc_metrics::per_class;
+use lc_metrics::selection::{Prepared, prepare};
 use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
@@ -83,74 +85,11 @@ const PARAMS: &[ParamSpec] = &[
     param("force", "false", "recompute even when up to date"),
 ];
 
-/// The centred means of V' and everything derived from class statistics.
-pub struct Prepared {
-    /// Rows of V' in the class statistics, ascending class id.
-    pub rows: Vec<usize>,
-    pub centred: Vec<f64>,
-    pub var: Vec<f64>,
-    /// mu_bar, the unweighted mean of the class means of V'.
-    pub mean_bar: Vec<f64>,
-}
-
 /// Rows per decoded `class_stats` batch. A row group is about 8 MB, some
 /// 1,000 rows of 1,024 dimensions; decoding it whole grows an 8 MB values
 /// buffer by doubling, in fresh pages each time. An eighth of that fits the
 /// allocator's reused pages (full scale: reading 0.84-1.05 s -> 0.62-0.86 s).
 const STATS_BATCH_ROWS: usize = 128;
-
-/// Centre the means of V'. The means move out of `stats` (its `mean` is
-/// left empty) and are centred where they lie: at full scale they are a
-/// quarter of a gigabyte, and a second copy costs as much time in fresh
-/// pages as a third of the pair tiles' work. V' rows come in class-id order,
-/// which is the order the tables are written in, so the rows only move down
-/// (or not at all); any other order takes one copy.
-pub fn prepare(stats: &mut ClassStats, min: u64, max: u64) -> Prepared {
-    use rayon::prelude::*;
-    let rows = stats.analysed(min, max);
-    let d = stats.d;
-    let mut means = std::mem::take(&mut stats.mean);
-    let mut mean_bar = vec![0f64; d];
-    for &r in &rows {
-        for (a, x) in mean_bar.iter_mut().zip(&means[r * d..(r + 1) * d]) {
-            *a += x;
-        }
-    }
-    let c = rows.len().max(1) as f64;
-    mean_bar.iter_mut().for_each(|x| *x /= c);
-    let mut centred = if rows.windows(2).all(|w| w[0] < w[1]) {
-        for (k, &r) in rows.iter().enumerate() {
-            if k != r {
-                means.copy_within(r * d..(r + 1) * d, k * d);
-            }
-        }
-        means.truncate(rows.len() * d);
-        means
-    } else {
-        let mut out = Vec::with_capacity(rows.len() * d);
-        for &r in &rows {
-            out.extend_from_slice(&means[r * d..(r + 1) * d]);
-        }
-        out
-    };
-    centred.par_chunks_mut(d.max(1) * 64).for_each(|block| {
-        for row in block.chunks_mut(d.max(1)) {
-            for (x, m) in row.iter_mut().zip(&mean_bar) {
-                *x -= m;
-            }
-        }
-    });
-    let var = rows
-        .iter()
-        .map(|&r| stats.m2[r] / stats.count[r] as f64)
-        .collect();
-    Prepared {
-        rows,
-        centred,
-        var,
-        mean_bar,
-    }
-}
 
 fn parse_topk(s: &str) -> Result<usize> {
     if s.is_empty() {
@@ -537,30 +476,19 @@ fn class_metrics_batch(
             }
             Some(&i) => {
                 let m = &prep.centred[i * d..(i + 1) * d];
-                let nm = m.iter().map(|x| x * x).sum::<f64>().sqrt();
+                let nm = per_class::norm(m);
                 norm.push(Some(nm));
-                log_norm.push((nm > 0.0).then(|| nm.ln()));
-                match w {
-                    Some((wv, v)) if (class as usize) < *v => {
-                        let wc = &wv[class as usize * d..(class as usize + 1) * d];
-                        let nw = wc.iter().map(|x| x * x).sum::<f64>().sqrt();
-                        let dp: f64 = wc.iter().zip(m).map(|(a, b)| a * b).sum();
-                        dot.push(Some(dp));
-                        if nw > 0.0 && nm > 0.0 {
-                            cos.push(Some(dp / (nw * nm)));
-                            let dd: f64 = wc.iter().zip(m).map(|(a, b)| (a / nw - b / nm).powi(2)).sum();
-                            dist.push(Some(dd.sqrt()));
-                        } else {
-                            cos.push(None);
-                            dist.push(None);
-                        }
-                    }
-                    _ => {
-                        cos.push(None);
-                        dot.push(None);
-                        dist.push(None);
-                    }
-                }
+                log_norm.push(per_class::log_norm(nm));
+                let duality = match w {
+                    Some((wv, v)) if (class as usize) < *v => Some(per_class::self_duality(
+                        &wv[class as usize * d..(class as usize + 1) * d],
+                        m,
+                    )),
+                    _ => None,
+                };
+                dot.push(duality.map(|x| x.dot));
+                cos.push(duality.and_then(|x| x.cos));
+                dist.push(duality.and_then(|x| x.dist));
                 for (k, rm) in row_means.iter_mut().enumerate() {
                     rm.push(report.rows.mean(k, i));
                 }
