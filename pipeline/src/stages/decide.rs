@@ -17,12 +17,12 @@
 //! both products in f64, so decisions match an exact evaluation except at
 //! ties below f64 resolution; `f32` is faster (GPU).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, UInt32Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use candle_core::{D, DType, Tensor};
+use lc_metrics::nc4::{Centres, Nc4Tally, Tally};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::chunks::Chunks;
@@ -62,14 +62,6 @@ const PARAMS: &[ParamSpec] = &[
     param("device", "cpu", "cpu or cuda[:N]"),
     param("force", "false", "recompute even when up to date"),
 ];
-
-#[derive(Default, Clone, Copy)]
-struct Tally {
-    samples: u64,
-    agree: u64,
-    linear_correct: u64,
-    ncc_correct: u64,
-}
 
 impl Stage for Decide {
     fn name(&self) -> &'static str {
@@ -162,19 +154,11 @@ impl Stage for Decide {
             )));
         }
         let d = stats.d;
-        let ids: Vec<u32> = rows.iter().map(|&r| stats.classes[r]).collect();
-        let mut mu = Vec::with_capacity(rows.len() * d);
-        for &r in &rows {
-            mu.extend_from_slice(stats.mean_of(r));
-        }
-        let mu_sq: Vec<f64> = rows
-            .iter()
-            .map(|&r| stats.mean_of(r).iter().map(|x| x * x).sum())
-            .collect();
+        let centres = Centres::new(&stats, &rows);
         let setup = || -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-            let mu = Tensor::from_vec(mu.clone(), (rows.len(), d), &device)?.to_dtype(dt)?;
-            let mu_sq = Tensor::from_vec(mu_sq.clone(), rows.len(), &device)?.to_dtype(dt)?;
-            let idx = Tensor::from_vec(ids.clone(), ids.len(), &device)?;
+            let mu = Tensor::from_slice(&centres.mu, (rows.len(), d), &device)?.to_dtype(dt)?;
+            let mu_sq = Tensor::from_slice(&centres.mu_sq, rows.len(), &device)?.to_dtype(dt)?;
+            let idx = Tensor::from_slice(&centres.ids, rows.len(), &device)?;
             let w = model.classifier().index_select(&idx, 0)?.to_dtype(dt)?;
             Ok((mu.t()?.contiguous()?, mu_sq, w.t()?.contiguous()?))
         };
@@ -182,7 +166,7 @@ impl Stage for Decide {
         // Samples per product: a score block of at most 256 MiB.
         let block_rows = ((256usize << 20) / (8 * rows.len())).clamp(1, 1 << 16);
         let t = chunks.t;
-        let mut tally: BTreeMap<u32, Tally> = BTreeMap::new();
+        let mut tally = Nc4Tally::default();
         let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
         chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
@@ -210,41 +194,35 @@ impl Stage for Decide {
             let (lin, ncc) = decide().ctx("decisions")?;
             let labels = tokens.chunks_exact(t).flat_map(|r| r[1..].iter().copied());
             for ((y, l), n) in labels.zip(lin).zip(ncc) {
-                let (l, n) = (ids[l as usize], ids[n as usize]);
-                let e = tally.entry(y).or_default();
-                e.samples += 1;
-                e.agree += u64::from(l == n);
-                e.linear_correct += u64::from(l == y);
-                e.ncc_correct += u64::from(n == y);
+                tally.record(y, centres.ids[l as usize], centres.ids[n as usize]);
             }
             ctx.cancel.check()?;
             bar.inc((b * t) as u64);
             Ok(())
         })?;
         bar.finish_and_clear();
+        let by_class = &tally.by_class;
         let col = |f: fn(&Tally) -> u64| -> ArrayRef {
-            Arc::new(UInt64Array::from_iter_values(tally.values().map(f)))
+            Arc::new(UInt64Array::from_iter_values(by_class.values().map(f)))
         };
         let cols: Vec<ArrayRef> = vec![
-            Arc::new(UInt32Array::from_iter_values(tally.keys().copied())),
+            Arc::new(UInt32Array::from_iter_values(by_class.keys().copied())),
             col(|t| t.samples),
             col(|t| t.agree),
             col(|t| t.linear_correct),
             col(|t| t.ncc_correct),
-            // Whether the true label is itself in V' (ids is ascending).
+            // Whether the true label is itself in V'.
             Arc::new(BooleanArray::from_iter(
-                tally.keys().map(|y| Some(ids.binary_search(y).is_ok())),
+                by_class.keys().map(|&y| Some(centres.contains(y))),
             )),
         ];
         let batch = RecordBatch::try_new(file_schema("decisions")?, cols).ctx("building decisions")?;
-        let (samples, agree): (u64, u64) = tally
-            .values()
-            .fold((0, 0), |a, t| (a.0 + t.samples, a.1 + t.agree));
+        let (samples, _) = tally.total();
         ctx.lake
             .write_artifact(&out, &[batch], prov.extra("classes_analysed", rows.len() as u64))?;
         Ok(format!(
             "{out}: NC4 agreement {:.4} over {samples} samples, |V'| = {}",
-            agree as f64 / samples.max(1) as f64,
+            tally.agreement(),
             rows.len()
         ))
     }
