@@ -144,7 +144,7 @@ pub struct MadeFrom {
 
 /// Rows made outside the stages (e.g. the Python module's evaluation of a
 /// Hugging Face model) as `batches` of `table`, cast to the table's schema
-/// by column name, committed at `partition` with [`existing`]'s refusal of
+/// by column name, committed at `partition` with `existing`'s refusal of
 /// different content. `about` goes to the manifest's extra fields.
 pub fn commit_rows(
     lake: &Lake,

@@ -9,6 +9,7 @@ mod data;
 mod families;
 mod faults;
 mod foundation;
+mod layers;
 mod model;
 mod report;
 mod s3;

@@ -16,7 +16,7 @@ use crate::class_stats::ClassStats;
 /// The class centres of V' as the nearest-centre decision needs them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Centres {
-    /// The classes of V', ascending: column k of a decision is class ids[k].
+    /// The classes of V', ascending: column k of a decision is class `ids[k]`.
     pub ids: Vec<u32>,
     /// ids.len() x d, row-major: mu_c.
     pub mu: Vec<f64>,

@@ -3,10 +3,10 @@
 //! Glue only: every call goes to the `pipeline` library, exactly as the
 //! command line does. Three rules hold at this edge:
 //! - work runs on its own thread with the GIL released, while the calling
-//!   thread wakes every [`TICK`] to deliver Python's signals (Ctrl-C cancels
+//!   thread wakes every `TICK` to deliver Python's signals (Ctrl-C cancels
 //!   the work at its next checkpoint, see `pipeline::cancel`) and to hand the
 //!   progress bars' state to a Python callback;
-//! - library errors become Python exceptions by kind ([`to_py`]); a Rust panic
+//! - library errors become Python exceptions by kind (`to_py`); a Rust panic
 //!   becomes a `PipelineError` and never unwinds into the interpreter;
 //! - tables leave as Arrow through the PyCapsule stream interface
 //!   (`pyarrow.table` imports them without copying).

@@ -1,4 +1,4 @@
-//! `y + b` for a bias b [n] added to every row of y [.., n], in one pass
+//! `y + b` for a bias b \[n\] added to every row of y [.., n], in one pass
 //! over contiguous rows.
 //!
 //! candle's CUDA broadcast add finds each element's bias through the
@@ -106,7 +106,7 @@ pub fn bias_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     y.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &BiasAdd)
 }
 
-/// `gelu_tanh(y + b)` (GPT-2's `gelu_new`) for a bias b [n] on the rows of
+/// `gelu_tanh(y + b)` (GPT-2's `gelu_new`) for a bias b \[n\] on the rows of
 /// y [.., n]: one pass on a GPU, else `bias_add` then candle's GELU.
 pub fn bias_gelu(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     match fused_operands(y, b, None)? {
@@ -115,7 +115,7 @@ pub fn bias_gelu(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// `x + (y + b)` for a bias b [n] on the rows of y [.., n] and a residual x
+/// `x + (y + b)` for a bias b \[n\] on the rows of y [.., n] and a residual x
 /// of y's shape: one pass on a GPU, else `bias_add` then the add.
 pub fn bias_residual(x: &Tensor, y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     match fused_operands(y, b, Some(x))? {

@@ -202,7 +202,7 @@ impl CustomOp3 for FlashAttention {
 /// CUDA device of compute capability 8.0 or newer, without gradients, as
 /// [B, T, H * D]; scores scaled by `scale`, keys limited to the last
 /// `window` positions when given. `None` when the kernel cannot take these
-/// tensors (another device or dtype, see [`Launch::new`]): the caller
+/// tensors (another device or dtype, see `Launch::new`): the caller
 /// falls back to block attention.
 pub fn attend(
     q: &Tensor,
