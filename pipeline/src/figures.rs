@@ -6,8 +6,10 @@
 //! every machine and need no system fonts or fontconfig. A panel with
 //! nothing to draw says why in its middle instead of being left blank.
 
+use std::ops::Range;
 use std::sync::Once;
 
+use plotters::coord::ranged1d::{KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter};
 use plotters::prelude::*;
 
 use crate::error::{Error, Result};
@@ -77,6 +79,9 @@ pub struct Panel {
     pub y_label: String,
     /// Plot x on a log10 axis.
     pub log_x: bool,
+    /// Plot an axis on a log10 scale when its values are all positive and
+    /// span more than two decades ([`spans_decades`]).
+    pub auto_log: bool,
     pub series: Vec<Series>,
     /// A least-squares line y = slope * x + intercept to draw.
     pub fit: Option<(f64, f64)>,
@@ -92,6 +97,28 @@ impl Panel {
             .filter(|(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || *x > 0.0))
             .collect()
     }
+
+    /// Whether each axis is drawn on a log scale.
+    fn log_axes(&self, pts: &[(f64, f64)]) -> (bool, bool) {
+        (
+            self.log_x || (self.auto_log && spans_decades(pts.iter().map(|p| p.0))),
+            self.auto_log && spans_decades(pts.iter().map(|p| p.1)),
+        )
+    }
+}
+
+/// Values all positive whose largest is more than 100 times the smallest:
+/// a linear axis would crowd all but the largest into one corner.
+pub fn spans_decades(values: impl Iterator<Item = f64>) -> bool {
+    let (mut lo, mut hi) = (f64::INFINITY, 0f64);
+    for v in values {
+        if v <= 0.0 {
+            return false;
+        }
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    hi > 100.0 * lo
 }
 
 fn draw_err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> Error + '_ {
@@ -145,8 +172,10 @@ pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_
 }
 
 fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Panel) -> Result<()> {
-    let tx = |x: f64| if p.log_x { x.log10() } else { x };
     let pts = p.finite_points();
+    let (log_x, log_y) = p.log_axes(&pts);
+    let tx = |x: f64| if log_x { x.log10() } else { x };
+    let ty = |y: f64| if log_y { y.log10() } else { y };
     let what = p.title.as_str();
     if pts.is_empty() {
         // Nothing to plot: the title and why, no empty axes.
@@ -168,26 +197,55 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
         return Ok(());
     }
     let (x0, x1) = range(pts.iter().map(|(x, _)| tx(*x)));
-    let (y0, y1) = range(pts.iter().map(|(_, y)| *y));
+    let (y0, y1) = range(pts.iter().map(|(_, y)| ty(*y)));
+    let axis = |lo: f64, hi: f64, log: bool| -> (Vec<f64>, Vec<String>) {
+        if log {
+            // Ticks at round exponents, labelled with the values.
+            let (t, _) = ticks(lo, hi, 4);
+            let labels = t.iter().map(|e| short(10f64.powf(*e))).collect();
+            (t, labels)
+        } else {
+            let (t, step) = ticks(lo, hi, 6);
+            let labels = tick_labels(&t, step);
+            (t, labels)
+        }
+    };
+    let (x_ticks, x_labels) = axis(x0, x1, log_x);
+    let (y_ticks, y_labels) = axis(y0, y1, log_y);
+    let described = |label: &str, log: bool| {
+        if log && !label.contains("(log") {
+            format!("{label} (log scale)")
+        } else {
+            label.to_string()
+        }
+    };
+    let (x_desc, y_desc) = (described(&p.x_label, log_x), described(&p.y_label, log_y));
+    // Room for the longest label (about 6.5 px a character at 11 px).
+    let widest = y_labels.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u32;
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, (FONT_FAMILY, 14))
         .margin(8)
         .x_label_area_size(34)
-        .y_label_area_size(56)
-        .build_cartesian_2d(x0..x1, y0..y1)
+        .y_label_area_size((widest * 13 / 2 + 22).max(56))
+        .build_cartesian_2d(
+            TickedAxis {
+                range: x0..x1,
+                ticks: x_ticks,
+                labels: x_labels,
+            },
+            TickedAxis {
+                range: y0..y1,
+                ticks: y_ticks,
+                labels: y_labels,
+            },
+        )
         .map_err(draw_err(what))?;
-    let log_x = p.log_x;
-    let x_fmt = move |v: &f64| if log_x { short(10f64.powf(*v)) } else { short(*v) };
     chart
         .configure_mesh()
-        .x_desc(&p.x_label)
-        .y_desc(&p.y_label)
-        .x_label_formatter(&x_fmt)
-        .y_label_formatter(&|v| short(*v))
+        .x_desc(&x_desc)
+        .y_desc(&y_desc)
         .label_style((FONT_FAMILY, 11))
         .axis_desc_style((FONT_FAMILY, 12))
-        .x_labels(6)
-        .y_labels(6)
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(draw_err(what))?;
@@ -196,8 +254,8 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
             .points
             .iter()
             .copied()
-            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_x || *x > 0.0))
-            .map(|(x, y)| (tx(x), y))
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_x || *x > 0.0) && (!log_y || *y > 0.0))
+            .map(|(x, y)| (tx(x), ty(y)))
             .collect();
         if points.is_empty() {
             continue;
@@ -229,13 +287,37 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
             Marker::Cross => markers!(|at| Cross::new(at, 4, c.stroke_width(2))),
         }
     }
-    if let Some((slope, intercept)) = p.fit
-        && !log_x
-        && let Some(line) = clip_line(slope, intercept, (x0, x1), (y0, y1))
-    {
-        chart
-            .draw_series(LineSeries::new(line, BLACK.mix(0.6).stroke_width(1)))
-            .map_err(draw_err(what))?;
+    if let Some((slope, intercept)) = p.fit {
+        let line = if log_x || log_y {
+            // A straight line in the data is a curve on a log axis: drawn
+            // through 96 points, those inside the panel.
+            let curve: Vec<(f64, f64)> = (0..96)
+                .map(|i| {
+                    let u = x0 + (x1 - x0) * i as f64 / 95.0;
+                    let x = if log_x { 10f64.powf(u) } else { u };
+                    let y = slope * x + intercept;
+                    (
+                        u,
+                        if log_y && y > 0.0 {
+                            y.log10()
+                        } else if log_y {
+                            f64::NAN
+                        } else {
+                            y
+                        },
+                    )
+                })
+                .filter(|(_, v)| v.is_finite() && (y0..=y1).contains(v))
+                .collect();
+            (curve.len() > 1).then_some(curve)
+        } else {
+            clip_line(slope, intercept, (x0, x1), (y0, y1))
+        };
+        if let Some(line) = line {
+            chart
+                .draw_series(LineSeries::new(line, BLACK.mix(0.6).stroke_width(1)))
+                .map_err(draw_err(what))?;
+        }
     }
     if p.series.iter().any(|s| !s.label.is_empty()) && !pts.is_empty() {
         chart
@@ -280,7 +362,118 @@ fn clip_line(
     (a < b).then(|| vec![(a, slope * a + intercept), (b, slope * b + intercept)])
 }
 
-/// A number in at most ~7 characters for tick labels.
+/// A linear axis over `range` with ticks and labels of our choosing
+/// ([`ticks`], [`tick_labels`]) instead of plotters' own, whose labels
+/// carried float residue (-1.1e-19 for zero) and repeated neighbours.
+struct TickedAxis {
+    range: Range<f64>,
+    ticks: Vec<f64>,
+    labels: Vec<String>,
+}
+
+impl Ranged for TickedAxis {
+    type FormatOption = NoDefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let (lo, hi) = (self.range.start, self.range.end);
+        let along = if hi > lo { (v - lo) / (hi - lo) } else { 0.5 };
+        limit.0 + (f64::from(limit.1 - limit.0) * along).round() as i32
+    }
+
+    fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
+        // The light mesh lines fall on the ticks too.
+        if hint.max_num_points() == 0 {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> Range<f64> {
+        self.range.clone()
+    }
+}
+
+impl ValueFormatter<f64> for TickedAxis {
+    fn format_ext(&self, v: &f64) -> String {
+        self.ticks
+            .iter()
+            .position(|t| t == v)
+            .map_or_else(|| short(*v), |i| self.labels[i].clone())
+    }
+}
+
+/// Tick positions for an axis over [lo, hi]: about `target` multiples of a
+/// 1-2-5 step, each computed as an integer times the step, so a tick at
+/// zero is exactly 0 (never a residue such as -1.1e-19 that summing steps
+/// leaves). Returns the ticks and the step.
+fn ticks(lo: f64, hi: f64, target: usize) -> (Vec<f64>, f64) {
+    // Below f64's resolution at this magnitude no two ticks differ.
+    let floor = lo.abs().max(hi.abs()) * 1e-13;
+    let (lo, hi) = if hi - lo < floor {
+        let mid = 0.5 * (lo + hi);
+        (mid - floor, mid + floor)
+    } else {
+        (lo, hi)
+    };
+    let raw = (hi - lo) / target.max(1) as f64;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = magnitude
+        * match raw / magnitude {
+            r if r < 1.5 => 1.0,
+            r if r < 3.5 => 2.0,
+            r if r < 7.5 => 5.0,
+            _ => 10.0,
+        };
+    let (first, last) = ((lo / step).ceil() as i64, (hi / step).floor() as i64);
+    ((first..=last).map(|k| k as f64 * step).collect(), step)
+}
+
+/// Labels for `ticks` spaced `step` apart: as many decimals (or, beyond
+/// 1e-3..1e5, significant digits in scientific notation) as the step needs,
+/// more only where neighbours would still read the same, and no trailing
+/// zeros.
+fn tick_labels(ticks: &[f64], step: f64) -> Vec<String> {
+    let largest = ticks.iter().fold(0f64, |m, t| m.max(t.abs()));
+    let scientific = largest != 0.0 && !(1e-3..1e5).contains(&largest);
+    let step_digit = step.abs().log10().floor();
+    let base = if scientific {
+        (largest.log10().floor() - step_digit).max(0.0) as usize
+    } else {
+        (-step_digit).max(0.0) as usize
+    };
+    // Trailing zeros go (0.10 -> 0.1, 2.0e11 -> 2e11): no two values share
+    // a shortened form.
+    let trim = |m: &str| -> String {
+        if m.contains('.') {
+            m.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            m.to_string()
+        }
+    };
+    let write = |v: f64, digits: usize| {
+        if v == 0.0 {
+            "0".to_string()
+        } else if scientific {
+            let s = format!("{v:.digits$e}");
+            let (mantissa, exponent) = s.split_once('e').unwrap_or((&s, "0"));
+            format!("{}e{exponent}", trim(mantissa))
+        } else {
+            trim(&format!("{v:.digits$}"))
+        }
+    };
+    let mut digits = base;
+    loop {
+        let labels: Vec<String> = ticks.iter().map(|&t| write(t, digits)).collect();
+        if digits >= 17 || labels.windows(2).all(|w| w[0] != w[1]) {
+            return labels;
+        }
+        digits += 1;
+    }
+}
+
+/// A number in at most ~7 characters (the linear fit's, and log ticks).
 fn short(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-3..1e4).contains(&a) {
@@ -369,5 +562,98 @@ mod tests {
         assert_eq!(short(0.000123), "1.2e-4");
         assert_eq!(short(12.5), "12.5");
         assert_eq!(wrap("a bb ccc dddd", 6), vec!["a bb", "ccc", "dddd"]);
+    }
+
+    /// Tick labels carry no floating residue and never repeat a neighbour:
+    /// ranges through zero, 1e-12 wide, and 1e12 wide.
+    #[test]
+    fn tick_labels_are_clean_and_distinct() {
+        let labelled = |lo: f64, hi: f64| {
+            let (t, step) = ticks(lo, hi, 6);
+            assert!(t.len() >= 3 && t.len() <= 12, "{lo}..{hi}: {t:?}");
+            let slack = 1e-9 * step;
+            assert!(
+                t.iter().all(|v| (lo - slack..=hi + slack).contains(v)),
+                "{lo}..{hi}: {t:?}"
+            );
+            tick_labels(&t, step)
+        };
+        let distinct = |l: &[String]| l.windows(2).all(|w| w[0] != w[1]);
+        // Through zero: the zero tick is exactly "0", not -1.1e-19.
+        let l = labelled(-0.3, 0.7);
+        assert_eq!(l, ["-0.2", "0", "0.2", "0.4", "0.6"]);
+        let l = labelled(-1.1e-19 - 0.05, 1.0);
+        assert!(l.contains(&"0".to_string()) && distinct(&l), "{l:?}");
+        // A hair-thin range (the quickstart's ETF error): every label differs.
+        let l = labelled(1.399, 1.399 + 1e-12);
+        assert!(distinct(&l), "{l:?}");
+        assert!(l.iter().all(|s| s.starts_with("1.399")), "{l:?}");
+        // Huge and tiny magnitudes in scientific notation.
+        let l = labelled(0.0, 1e12);
+        assert_eq!(l, ["0", "2e11", "4e11", "6e11", "8e11", "1e12"]);
+        let l = labelled(3e12, 3e12 + 1e9);
+        assert!(distinct(&l) && l.iter().all(|s| s.contains('e')), "{l:?}");
+        let l = labelled(1e-9, 6e-9);
+        assert_eq!(l, ["1e-9", "2e-9", "3e-9", "4e-9", "5e-9", "6e-9"]);
+        let l = labelled(1e-9, 5e-9);
+        assert_eq!(l[..3], ["1e-9", "1.5e-9", "2e-9"]);
+        // No residue in ordinary decimals: 0.1 * 3 is "0.3".
+        let l = labelled(0.0, 0.5);
+        assert_eq!(l, ["0", "0.1", "0.2", "0.3", "0.4", "0.5"]);
+        for l in [
+            labelled(-7.3, 12.9),
+            labelled(-1e-12, 1e-12),
+            labelled(0.9999, 1.0001),
+        ] {
+            assert!(distinct(&l), "{l:?}");
+            assert!(
+                l.iter().all(|s| !s.contains("0000000") && !s.contains("9999999")),
+                "{l:?}"
+            );
+        }
+    }
+
+    /// An axis over more than two decades of positive values turns log by
+    /// itself (when the panel allows it), with its ticks at round values;
+    /// the fit is still drawn, as a curve.
+    #[test]
+    fn axes_spanning_decades_turn_log() {
+        assert!(spans_decades([0.5, 3.0, 51.0].into_iter()));
+        assert!(!spans_decades([0.5, 3.0, 50.0].into_iter()));
+        assert!(!spans_decades([0.0, 3.0, 1e6].into_iter()));
+        let panel = |auto_log| Panel {
+            title: "cdnv".into(),
+            x_label: "CDNV".into(),
+            y_label: "loss".into(),
+            auto_log,
+            series: vec![Series {
+                label: String::new(),
+                colour: 0,
+                marker: Marker::Circle,
+                points: vec![(1e-3, 4.0), (2e-2, 3.5), (0.7, 3.1), (9.0, 2.0)],
+                line: false,
+            }],
+            fit: Some((-0.2, 3.5)),
+            ..Default::default()
+        };
+        let log = grid_svg("", &[panel(true)], 1, 400, 300).unwrap();
+        assert!(log.contains("CDNV (log scale)") && !log.contains("loss (log scale)"));
+        let texts = |svg: &str| -> Vec<String> {
+            svg.split("<text")
+                .skip(1)
+                .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+                .collect()
+        };
+        let labels = texts(&log);
+        for tick in ["0.001", "0.01", "0.1", "1", "10", "2.5", "4"] {
+            assert!(labels.iter().any(|l| l == tick), "{tick} missing from {labels:?}");
+        }
+        let linear = texts(&grid_svg("", &[panel(false)], 1, 400, 300).unwrap());
+        assert!(linear.iter().all(|l| !l.contains("(log scale)")), "{linear:?}");
+        assert!(
+            linear.iter().any(|l| l == "0") && linear.iter().any(|l| l == "8"),
+            "{linear:?}"
+        );
+        assert_eq!(&svg_to_png(&log).unwrap()[1..4], b"PNG");
     }
 }

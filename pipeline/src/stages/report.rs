@@ -63,6 +63,11 @@ const PARAMS: &[ParamSpec] = &[
     param("bootstrap", "1000", "bootstrap resamples of that run"),
     param("seed", "0", "seed of that run"),
     param("top", "10", "rows of each token table"),
+    param(
+        "log",
+        "auto",
+        "auto: an axis whose values span more than two decades is drawn on a log scale; linear: only parameter counts are",
+    ),
 ];
 
 /// The properties plotted, in the paper's order, with short descriptions.
@@ -187,6 +192,8 @@ struct Output {
     store: Lake,
     prefix: String,
     files: Vec<String>,
+    /// The figures' panels choose log axes themselves (`log=auto`).
+    auto_log: bool,
 }
 
 impl Output {
@@ -237,6 +244,7 @@ impl Stage for Report {
         let n_boot = p.u64("bootstrap")?;
         let seed = p.u64("seed")?;
         let top = p.usize_in("top", 1, 1000)?;
+        let auto_log = p.choice("log", &["auto", "linear"])? == "auto";
         let sel_id = selection::correlations_id("model_metrics", predicate, n_perm, n_boot, seed);
 
         let (store, prefix) = match p.opt("out") {
@@ -312,6 +320,7 @@ impl Stage for Report {
             store,
             prefix,
             files: Vec::new(),
+            auto_log,
         };
         let mut figures = Vec::new();
         figures.push(metric_vs_loss(&points, &corr, &mut out)?);
@@ -418,6 +427,7 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
                 _ => None,
             },
             note: (!note.is_empty()).then(|| note.join("; ")),
+            auto_log: out.auto_log,
             ..Default::default()
         });
     }
@@ -508,6 +518,7 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
             log_x: true,
             series,
             note,
+            auto_log: out.auto_log,
             ..Default::default()
         });
     }
@@ -575,6 +586,7 @@ fn through_depth(layers: &Table, out: &mut Output) -> Result<Figure> {
             y_label: about.to_string(),
             series,
             note,
+            auto_log: out.auto_log,
             ..Default::default()
         });
     }
@@ -628,6 +640,7 @@ fn training_curves(training: &Table, out: &mut Output) -> Result<Figure> {
         y_label: "cross-entropy (train batches)".into(),
         series,
         note,
+        auto_log: out.auto_log,
         ..Default::default()
     };
     let title = "Training curves";
