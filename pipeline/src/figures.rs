@@ -202,7 +202,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
         if log {
             // Ticks at round exponents, labelled with the values.
             let (t, _) = ticks(lo, hi, 4);
-            let labels = t.iter().map(|e| short(10f64.powf(*e))).collect();
+            let labels = t.iter().map(|&e| log_label(e)).collect();
             (t, labels)
         } else {
             let (t, step) = ticks(lo, hi, 6);
@@ -319,13 +319,31 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
                 .map_err(draw_err(what))?;
         }
     }
-    if p.series.iter().any(|s| !s.label.is_empty()) && !pts.is_empty() {
+    let legend_rows = p.series.iter().filter(|s| !s.label.is_empty()).count();
+    if legend_rows > 0 && !pts.is_empty() {
+        let (w, h) = area.dim_in_pixel();
+        let plotted: Vec<(f64, f64)> = pts
+            .iter()
+            .map(|&(x, y)| ((tx(x) - x0) / (x1 - x0), (ty(y) - y0) / (y1 - y0)))
+            .collect();
+        // The legend box as a fraction of the plot (about 18 px a row and
+        // 6 px a character at 10 px, with its margins), generously.
+        let longest = p
+            .series
+            .iter()
+            .map(|s| s.label.chars().count())
+            .max()
+            .unwrap_or(0);
+        let plot_w = f64::from(w.saturating_sub(80).max(1));
+        let plot_h = f64::from(h.saturating_sub(80).max(1));
+        let wide = ((longest as f64 * 6.0 + 50.0) / plot_w).min(1.0);
+        let tall = ((legend_rows as f64 * 18.0 + 20.0) / plot_h).min(1.0);
         chart
             .configure_series_labels()
             .label_font((FONT_FAMILY, 10))
             .background_style(WHITE.mix(0.8))
             .border_style(RGBColor(200, 200, 200))
-            .position(SeriesLabelPosition::UpperRight)
+            .position(legend_corner(&plotted, wide, tall))
             .draw()
             .map_err(draw_err(what))?;
     }
@@ -339,6 +357,32 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
         }
     }
     Ok(())
+}
+
+/// The corner of the plot where a legend `wide` x `tall` (fractions of the
+/// plot) covers the fewest of the points (x, y in 0..1, y up); upper right
+/// when several cover none.
+fn legend_corner(points: &[(f64, f64)], wide: f64, tall: f64) -> SeriesLabelPosition {
+    let corners = [
+        (
+            SeriesLabelPosition::UpperRight,
+            1.0 - wide..=1.0,
+            1.0 - tall..=1.0,
+        ),
+        (SeriesLabelPosition::UpperLeft, 0.0..=wide, 1.0 - tall..=1.0),
+        (SeriesLabelPosition::LowerRight, 1.0 - wide..=1.0, 0.0..=tall),
+        (SeriesLabelPosition::LowerLeft, 0.0..=wide, 0.0..=tall),
+    ];
+    let covered = |xs: &std::ops::RangeInclusive<f64>, ys: &std::ops::RangeInclusive<f64>| {
+        points
+            .iter()
+            .filter(|(x, y)| xs.contains(x) && ys.contains(y))
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|(_, xs, ys)| covered(xs, ys))
+        .map_or(SeriesLabelPosition::UpperRight, |c| c.0)
 }
 
 /// The part of y = slope x + intercept inside the box, if any.
@@ -382,8 +426,8 @@ impl Ranged for TickedAxis {
     }
 
     fn key_points<Hint: KeyPointHint>(&self, hint: Hint) -> Vec<f64> {
-        // The light mesh lines fall on the ticks too.
-        if hint.max_num_points() == 0 {
+        // One grid line per tick: no light lines between them.
+        if hint.weight().allow_light_points() {
             Vec::new()
         } else {
             self.ticks.clone()
@@ -470,6 +514,20 @@ fn tick_labels(ticks: &[f64], step: f64) -> Vec<String> {
             return labels;
         }
         digits += 1;
+    }
+}
+
+/// The label of a tick at exponent `e` of a log axis: 10^e as a decimal
+/// from 0.001 to 10000, `1e-6` beyond; between whole exponents, three
+/// significant digits.
+fn log_label(e: f64) -> String {
+    let v = 10f64.powf(e);
+    if e.fract() != 0.0 {
+        return short(v);
+    }
+    match e as i32 {
+        k @ -3..=4 => format!("{v:.*}", (-k).max(0) as usize),
+        k => format!("1e{k}"),
     }
 }
 
@@ -655,5 +713,33 @@ mod tests {
             "{linear:?}"
         );
         assert_eq!(&svg_to_png(&log).unwrap()[1..4], b"PNG");
+    }
+
+    #[test]
+    fn log_ticks_and_legend_corners() {
+        let labels: Vec<String> = [-6.0, -3.0, -1.0, 0.0, 2.0, 4.0, 5.0, 0.5]
+            .map(log_label)
+            .to_vec();
+        assert_eq!(
+            labels,
+            ["1e-6", "0.001", "0.1", "1", "100", "10000", "1e5", "3.162"]
+        );
+        // Points along the rising diagonal leave the upper left and lower
+        // right free; the upper right is taken.
+        let diagonal: Vec<(f64, f64)> = (0..20).map(|i| (i as f64 / 19.0, i as f64 / 19.0)).collect();
+        let corner = legend_corner(&diagonal, 0.45, 0.3);
+        assert!(matches!(
+            corner,
+            SeriesLabelPosition::UpperLeft | SeriesLabelPosition::LowerRight
+        ));
+        assert!(matches!(
+            legend_corner(&[], 0.45, 0.3),
+            SeriesLabelPosition::UpperRight
+        ));
+        let high: Vec<(f64, f64)> = (0..10).map(|i| (i as f64 / 9.0, 0.95)).collect();
+        assert!(matches!(
+            legend_corner(&high, 0.45, 0.3),
+            SeriesLabelPosition::LowerRight
+        ));
     }
 }

@@ -74,6 +74,21 @@ fn read_csv(path: &std::path::Path) -> (Vec<String>, Vec<Vec<String>>) {
     (header, rows)
 }
 
+/// metric -> (model, value, val_loss) rows of one source of a
+/// metric_vs_loss.csv.
+type Figure1Rows = BTreeMap<String, Vec<(String, Option<f64>, Option<f64>)>>;
+
+fn figure1_rows(rows: &[Vec<String>], source: &str) -> Figure1Rows {
+    let mut by_metric = Figure1Rows::new();
+    for r in rows.iter().filter(|r| r[0] == source) {
+        by_metric
+            .entry(r[4].clone())
+            .or_default()
+            .push((r[1].clone(), parse_opt(&r[5]), parse_opt(&r[6])));
+    }
+    by_metric
+}
+
 /// Every value of a query as text keyed by its first column(s).
 fn query_f64(sql: &Sql, q: &str) -> Vec<(String, Vec<Option<f64>>)> {
     let mut out = Vec::new();
@@ -111,16 +126,11 @@ fn report_files_render_and_match_sql() {
 
     // Figure 1's data: every metric of every selected model, as SQL has it.
     let (header, rows) = read_csv(&out_dir.join("metric_vs_loss.csv"));
-    assert_eq!(header, ["model", "width", "depth", "metric", "value", "val_loss"]);
-    // metric -> (model, value, val_loss) rows.
-    type Rows = Vec<(String, Option<f64>, Option<f64>)>;
-    let mut by_metric: BTreeMap<String, Rows> = BTreeMap::new();
-    for r in &rows {
-        by_metric
-            .entry(r[3].clone())
-            .or_default()
-            .push((r[0].clone(), parse_opt(&r[4]), parse_opt(&r[5])));
-    }
+    assert_eq!(
+        header,
+        ["source", "model", "width", "depth", "metric", "value", "val_loss"]
+    );
+    let by_metric = figure1_rows(&rows, "model_metrics");
     assert_eq!(by_metric.len(), 8);
     for (metric, got) in &by_metric {
         let want = query_f64(
@@ -162,7 +172,7 @@ fn report_files_render_and_match_sql() {
     }
     // The correlation table is the correlations table of this selection.
     let (header, rows) = read_csv(&out_dir.join("correlations.csv"));
-    assert_eq!(header[0], "metric");
+    assert_eq!(header[..2], ["source", "metric"]);
     let r2_col = header.iter().position(|h| h == "r2").unwrap();
     let want = query_f64(
         &sql,
@@ -170,7 +180,7 @@ fn report_files_render_and_match_sql() {
     );
     assert_eq!(rows.len(), want.len());
     for (r, (m, v)) in rows.iter().zip(&want) {
-        assert_eq!((&r[0], parse_opt(&r[r2_col])), (m, v[0]));
+        assert_eq!((&r[1], parse_opt(&r[r2_col])), (m, v[0]));
     }
 
     // Every figure: SVG that parses and renders, PNG that decodes and is not blank.
@@ -208,6 +218,138 @@ fn report_files_render_and_match_sql() {
     assert!(md.contains("![") && md.contains("metric_vs_loss.png"));
     // Token tables name tokens.
     assert!(html.contains("most interfering pairs") && html.contains("smallest centred-mean norm"));
+
+    imported_models_beside_the_lakes(&tl);
+}
+
+/// A table in the layout of the paper's published CSV, imported with its
+/// columns mapped onto the report's metric names, drawn beside the lake's
+/// own models (source=all) and alone (source=imported:paper): every row of
+/// Figure 1's CSV equals SQL over the same selection, for both sources.
+fn imported_models_beside_the_lakes(tl: &TestLake) {
+    let mut csv = String::from(
+        "model,cdnv_mean,norms_log_mean,norms_log_std,interfere_mean,interfere_std,log_dist_mean,log_dist_std,sims_mean,sims_std,matches,misses,val_loss\n",
+    );
+    for (i, model) in [
+        "02x0064_01d@0",
+        "02x0128_01d@0",
+        "04x0128_01d@0",
+        "04x0256_01d@0",
+        "08x0256_01d@0",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let k = i as f64;
+        csv.push_str(&format!(
+            "{model},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            10f64.powf(-k),
+            2.0 + 0.1 * k,
+            0.3 - 0.02 * k,
+            0.05 + 0.01 * k,
+            0.4 - 0.03 * k,
+            -1.0 - 0.1 * k,
+            0.2,
+            0.1 + 0.05 * k,
+            0.05,
+            500.0 + 60.0 * k,
+            500.0 - 60.0 * k,
+            3.2 - 0.2 * k
+        ));
+    }
+    let f = tl.file("paper.csv", csv.as_bytes());
+    tl.run(
+        "import",
+        &[
+            ("input", &f),
+            ("name", "paper"),
+            (
+                "columns",
+                "nc1_cdnv=cdnv_mean, nc2_equinorm_cov=norms_log_std/norms_log_mean, nc2_equiangular_cov=interfere_std/interfere_mean, gnc2_uniformity_cov=log_dist_std/abs(log_dist_mean), nc3_duality_mean=sims_mean, unc3_duality_cov=sims_std/sims_mean, nc4_agreement=matches/(matches+misses)",
+            ),
+        ],
+    );
+    let sql = Sql::open(tl.lake()).unwrap();
+    let imported = |metric: &str| {
+        query_f64(
+            &sql,
+            &format!(
+                "SELECT model, value, val_loss FROM imported_metrics_long WHERE source = 'paper' AND metric = '{metric}' ORDER BY model"
+            ),
+        )
+    };
+    let both = tl.dir.path().join("report-all");
+    tl.run(
+        "report",
+        &[
+            ("out", both.to_str().unwrap()),
+            ("source", "all"),
+            ("permutations", "200"),
+        ],
+    );
+    let (_, rows) = read_csv(&both.join("metric_vs_loss.csv"));
+    let (own, theirs) = (
+        figure1_rows(&rows, "model_metrics"),
+        figure1_rows(&rows, "imported:paper"),
+    );
+    assert_eq!((own.len(), theirs.len()), (8, 8));
+    for (metric, got) in &theirs {
+        let want = imported(metric);
+        if metric == "nc2_etf_error" {
+            // The paper's table has no ETF error: its rows are empty.
+            assert!(want.is_empty() && got.iter().all(|r| r.1.is_none()), "{got:?}");
+            continue;
+        }
+        assert_eq!(got.len(), 5, "{metric}");
+        for ((m, v, l), (wm, wv)) in got.iter().zip(&want) {
+            assert_eq!((m, *v, *l), (wm, wv[0], wv[1]), "{metric}");
+        }
+        let ours = query_f64(
+            &sql,
+            &format!("SELECT model, {metric} FROM model_metrics WHERE final_layer ORDER BY model, layer"),
+        );
+        let own_rows = &own[metric];
+        assert_eq!(own_rows.len(), ours.len());
+        for ((m, v, _), (wm, wv)) in own_rows.iter().zip(&ours) {
+            assert_eq!((m, *v), (wm, wv[0]), "{metric}");
+        }
+    }
+    // The correlations of both sources, and the metric one source lacks
+    // explained.
+    let (header, rows) = read_csv(&both.join("correlations.csv"));
+    assert_eq!(header[0], "source");
+    for source in ["model_metrics", "imported:paper"] {
+        let want = query_f64(
+            &sql,
+            &format!(
+                "SELECT metric FROM correlations WHERE source = '{source}' AND selection = 'final_layer' AND n_permutations = 200"
+            ),
+        );
+        let got = rows.iter().filter(|r| r[0] == source).count();
+        assert_eq!(got, want.len(), "{source}");
+        assert!(got >= 7, "{source}: {got} correlations");
+    }
+    let md = std::fs::read_to_string(both.join("report.md")).unwrap();
+    assert!(md.contains("no model of paper has nc2_etf_error"), "{md}");
+    let png = std::fs::read(both.join("metric_vs_loss.png")).unwrap();
+    let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+    let first = img.pixels()[0];
+    assert!(img.pixels().iter().filter(|p| **p != first).count() > img.pixels().len() / 100);
+
+    // The paper's models alone.
+    let alone = tl.dir.path().join("report-paper");
+    tl.run(
+        "report",
+        &[
+            ("out", alone.to_str().unwrap()),
+            ("source", "imported:paper"),
+            ("permutations", "200"),
+        ],
+    );
+    let (_, rows) = read_csv(&alone.join("metric_vs_loss.csv"));
+    assert!(rows.iter().all(|r| r[0] == "imported:paper") && rows.len() == 5 * 8);
+    let err = tl.run_err("report", &[("source", "imported:nosuch")]);
+    assert!(err.contains("no imported table named nosuch"), "{err}");
 }
 
 /// One model with no decisions: the report is written, and says why the

@@ -69,6 +69,10 @@ pub const SQL_FILES: &[(&str, &str)] = &[
         include_str!("../../../sql/report_correlations.sql"),
     ),
     ("report_tokens", include_str!("../../../sql/report_tokens.sql")),
+    (
+        "report_points_imported",
+        include_str!("../../../sql/report_points_imported.sql"),
+    ),
 ];
 
 /// The text of a named SQL file.

@@ -3,14 +3,18 @@
 //! PNG, and the data behind every figure as CSV beside it.
 //!
 //! Reads: the `model_metrics` view (over pair_tiles, class_metrics,
-//! decisions, models), `correlations` of the selection (computed through the
-//! correlate stage when missing), `train_log`, `class_metrics` and
-//! `pair_extremes` (token tables). Writes: `out=` (a directory or `s3://`
+//! decisions, models) and, with `source=imported:NAME` or `all`, imported
+//! tables (`imported_metrics_long`, whose metrics map onto the report's by
+//! name: import with `columns=nc1_cdnv=...`); `correlations` of each
+//! source's selection (computed through the correlate stage when missing),
+//! `train_log`, `class_metrics` and `pair_extremes` (token tables, the lake's
+//! own models only). Writes: `out=` (a directory or `s3://`
 //! prefix), by default the lake's `reports/selection=ID/`:
 //!
 //! - `metric_vs_loss` (the paper's Figure 1): each property against
 //!   validation loss, colour = width, marker = depth, with the least-squares
-//!   line and R^2, p and n from the correlations table;
+//!   line and R^2, p and n from the correlations table; with several sources
+//!   the marker tells them apart and each has its R^2 in the title;
 //! - `correlations`: the correlation table (also in the page);
 //! - `scale_trends`: each property against parameter count (log axis), one
 //!   line per depth x epochs x weight decay (means over seeds);
@@ -45,6 +49,11 @@ use crate::stages::{Ctx, Stage};
 pub struct Report;
 
 const PARAMS: &[ParamSpec] = &[
+    param(
+        "source",
+        "model",
+        "model (the lake's own models), imported:NAME (a table brought in by import), or all (both, side by side)",
+    ),
     param(
         "where",
         "final_layer",
@@ -245,7 +254,15 @@ impl Stage for Report {
         let seed = p.u64("seed")?;
         let top = p.usize_in("top", 1, 1000)?;
         let auto_log = p.choice("log", &["auto", "linear"])? == "auto";
-        let sel_id = selection::correlations_id("model_metrics", predicate, n_perm, n_boot, seed);
+        let source = p.nonempty("source")?;
+        let sources = resolve_sources(&ctx.lake, source).map_err(|e| p.invalid("source", e.to_string()))?;
+        // The lake's own models keep the id they always had.
+        let id_source = if source == "model" {
+            "model_metrics"
+        } else {
+            source
+        };
+        let sel_id = selection::correlations_id(id_source, predicate, n_perm, n_boot, seed);
 
         let (store, prefix) = match p.opt("out") {
             Some(o) => (ctx.lake.open_sibling(o)?, String::new()),
@@ -258,7 +275,12 @@ impl Stage for Report {
             "bootstrap": n_boot,
             "seed": seed,
             "top": top,
-            "inputs": selection::inputs_fingerprint(&ctx.lake, "model_metrics")?,
+            "source": source,
+            "log": p.str("log"),
+            "inputs": sources
+                .iter()
+                .map(|s| selection::inputs_fingerprint(&ctx.lake, s))
+                .collect::<Result<Vec<_>>>()?,
             "tool_version": env!("CARGO_PKG_VERSION"),
         });
         let stamp_key = if prefix.is_empty() {
@@ -276,45 +298,55 @@ impl Stage for Report {
         }
         ctx.would_run(format!("report `{predicate}`"))?;
         let sql = Sql::open(&ctx.lake)?;
-        selection::register(&sql, "report_selection", "model_metrics", &[], predicate)?;
-        let vars = [("selection", "report_selection")];
-        let points = Table {
-            batches: sql.run_named("report_points", &vars)?,
-        };
-        if points.rows() == 0 {
-            return Err(Error::invalid(format!(
-                "the selection `{predicate}` matches no rows of model_metrics; check `pipeline sql \"SELECT model, split, layer, final_layer FROM model_metrics\"`"
-            )));
-        }
-        // The correlations of this selection, computed by correlate if missing.
-        let corr_artifact = crate::artifact::Artifact::new("correlations", &[("selection_id", &sel_id)])?;
-        let mut corr_note = None;
-        if ctx.lake.manifest(&corr_artifact)?.is_none() {
-            let mut pairs = BTreeMap::new();
-            pairs.insert("where".to_string(), predicate.to_string());
-            pairs.insert("permutations".to_string(), n_perm.to_string());
-            pairs.insert("bootstrap".to_string(), n_boot.to_string());
-            pairs.insert("seed".to_string(), seed.to_string());
-            if let Err(e) = crate::stages::run(ctx, "correlate", &pairs) {
-                corr_note = Some(format!("no correlations: {e}"));
+        let mut points = Table { batches: Vec::new() };
+        let mut corr = Table { batches: Vec::new() };
+        let mut corr_notes = Vec::new();
+        for s in &sources {
+            let drawn = source_points(&sql, s, predicate)?;
+            if drawn.rows() == 0 {
+                return Err(Error::invalid(format!(
+                    "the selection `{predicate}` matches no models of {s}; check `pipeline sql \"SELECT model, final_layer FROM {}\"`",
+                    if s == "model_metrics" {
+                        "model_metrics"
+                    } else {
+                        "imported_metrics_long"
+                    }
+                )));
             }
+            points.batches.extend(drawn.batches);
+            // The correlations of this selection, computed by correlate if missing.
+            let id = selection::correlations_id(s, predicate, n_perm, n_boot, seed);
+            let corr_artifact = crate::artifact::Artifact::new("correlations", &[("selection_id", &id)])?;
+            if ctx.lake.manifest(&corr_artifact)?.is_none() {
+                let mut pairs = BTreeMap::new();
+                pairs.insert("source".to_string(), s.clone());
+                pairs.insert("where".to_string(), predicate.to_string());
+                pairs.insert("permutations".to_string(), n_perm.to_string());
+                pairs.insert("bootstrap".to_string(), n_boot.to_string());
+                pairs.insert("seed".to_string(), seed.to_string());
+                if let Err(e) = crate::stages::run(ctx, "correlate", &pairs) {
+                    corr_notes.push(format!("no correlations of {s}: {e}"));
+                }
+            }
+            corr.batches
+                .extend(sql.run_named("report_correlations", &[("selection_id", &id)])?);
         }
-        let corr = Table {
-            batches: sql.run_named("report_correlations", &[("selection_id", &sel_id)])?,
+        let corr_note = (!corr_notes.is_empty()).then(|| corr_notes.join("; "));
+        // Layers, training and tokens exist for the lake's own models only.
+        let own = |name: &str, extra: &[(&str, &str)]| -> Result<Table> {
+            if !sources.iter().any(|s| s == "model_metrics") {
+                return Ok(Table { batches: Vec::new() });
+            }
+            let mut vars = vec![("selection", "report_selection")];
+            vars.extend_from_slice(extra);
+            Ok(Table {
+                batches: sql.run_named(name, &vars)?,
+            })
         };
-        let layers = Table {
-            batches: sql.run_named("report_layers", &vars)?,
-        };
-        let training = Table {
-            batches: sql.run_named("report_training", &vars)?,
-        };
+        let layers = own("report_layers", &[])?;
+        let training = own("report_training", &[])?;
         let top_s = top.to_string();
-        let tokens = Table {
-            batches: sql.run_named(
-                "report_tokens",
-                &[("selection", "report_selection"), ("top", top_s.as_str())],
-            )?,
-        };
+        let tokens = own("report_tokens", &[("top", top_s.as_str())])?;
 
         let mut out = Output {
             store,
@@ -352,56 +384,160 @@ impl Stage for Report {
     }
 }
 
-/// Figure 1: each property against validation loss.
+/// The sources `source=` names, as correlate names them: `model_metrics`
+/// for the lake's own models, `imported:NAME` for an imported table; `all`
+/// is both, every imported table in name order.
+fn resolve_sources(lake: &Lake, source: &str) -> Result<Vec<String>> {
+    let imported = || -> Result<Vec<String>> {
+        let mut names: Vec<String> = lake
+            .manifests("imported_metrics", "")?
+            .iter()
+            .filter_map(|m| m.artifact.split("source=").nth(1))
+            .map(|n| format!("imported:{}", n.trim_end_matches('/')))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    };
+    match source {
+        "model" => Ok(vec!["model_metrics".into()]),
+        "all" => Ok(std::iter::once("model_metrics".to_string())
+            .chain(imported()?)
+            .collect()),
+        s => match s.strip_prefix("imported:") {
+            Some(name) if imported()?.iter().any(|n| n == s) => Ok(vec![format!("imported:{name}")]),
+            Some(name) => Err(Error::invalid(format!(
+                "no imported table named {name}: run stage=import name={name} input=FILE first"
+            ))),
+            None => Err(Error::invalid(format!(
+                "'{s}' is not model, imported:NAME or all"
+            ))),
+        },
+    }
+}
+
+/// The selected models of one source with the columns of report_points.
+fn source_points(sql: &Sql, source: &str, predicate: &str) -> Result<Table> {
+    let batches = match source.strip_prefix("imported:") {
+        None => {
+            selection::register(sql, "report_selection", "model_metrics", &[], predicate)?;
+            sql.run_named("report_points", &[("selection", "report_selection")])?
+        }
+        Some(name) => {
+            selection::register(
+                sql,
+                "report_imported",
+                "imported_metrics_long",
+                &[("source", name)],
+                predicate,
+            )?;
+            sql.run_named("report_points_imported", &[("selection", "report_imported")])?
+        }
+    };
+    Ok(Table { batches })
+}
+
+/// Figure 1: each property against validation loss. With several sources
+/// (the lake's models and imported tables), each has its own marker and
+/// its own R^2 in the panel's title.
 fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figure> {
+    let sources: Vec<String> = distinct(points, "source");
+    let several = sources.len() > 1;
     let widths: Vec<String> = distinct(points, "width");
     let depths: Vec<String> = distinct(points, "depth");
-    let mut csv = String::from("model,width,depth,metric,value,val_loss\n");
+    let mut csv = String::from("source,model,width,depth,metric,value,val_loss\n");
     let mut panels = Vec::new();
     let mut notes = Vec::new();
     for (metric, about) in METRICS {
-        let mut groups: BTreeMap<(usize, usize), Vec<(f64, f64)>> = BTreeMap::new();
-        let mut missing = 0;
+        // (source, width, depth) -> points; the marker tells sources apart
+        // when there are several, depths otherwise.
+        let mut groups: BTreeMap<(usize, usize, usize), Vec<(f64, f64)>> = BTreeMap::new();
+        let mut missing = vec![0usize; sources.len()];
+        let mut present = vec![0usize; sources.len()];
         for i in 0..points.rows() {
             let (x, y) = (points.f64(metric, i), points.f64("val_loss", i));
-            let (w, d) = (points.str("width", i), points.str("depth", i));
+            let (src, w, d) = (
+                points.str("source", i),
+                points.str("width", i),
+                points.str("depth", i),
+            );
             let _ = writeln!(
                 csv,
-                "{},{w},{d},{metric},{},{}",
+                "{src},{},{w},{d},{metric},{},{}",
                 points.str("model", i),
                 x.map(|v| v.to_string()).unwrap_or_default(),
                 y.map(|v| v.to_string()).unwrap_or_default()
             );
+            let si = sources.iter().position(|v| *v == src).unwrap_or(0);
             match (x, y) {
                 (Some(x), Some(y)) => {
                     let wi = widths.iter().position(|v| *v == w).unwrap_or(0);
                     let di = depths.iter().position(|v| *v == d).unwrap_or(0);
-                    groups.entry((wi, di)).or_default().push((x, y));
+                    // Several sources: the marker is the source's, and
+                    // depths share it.
+                    let key = if several { (si, wi, 0) } else { (si, wi, di) };
+                    groups.entry(key).or_default().push((x, y));
+                    present[si] += 1;
                 }
-                _ => missing += 1,
+                _ => missing[si] += 1,
             }
         }
-        let row = (0..corr.rows()).find(|&i| corr.str("metric", i) == metric);
-        let stat = |c: &str| row.and_then(|r| corr.f64(c, r));
-        let n = row.map(|r| corr.str("n_models", r)).unwrap_or_else(|| "0".into());
-        let title = format!(
-            "{metric}  R² = {}, p = {}, n = {n}",
-            fmt(stat("r2"), 3),
-            fmt(stat("p_value"), 4)
-        );
+        let row_of = |src: &str| {
+            (0..corr.rows()).find(|&i| corr.str("metric", i) == metric && corr.str("source", i) == src)
+        };
+        let stat = |src: &str, c: &str| row_of(src).and_then(|r| corr.f64(c, r));
+        let n_of = |src: &str| {
+            row_of(src)
+                .map(|r| corr.str("n_models", r))
+                .unwrap_or_else(|| "0".into())
+        };
+        let title = if several {
+            let parts: Vec<String> = sources
+                .iter()
+                .map(|src| format!("{} {}", short_source(src), fmt(stat(src, "r2"), 2)))
+                .collect();
+            format!("{metric}  R²: {}", parts.join(", "))
+        } else {
+            let src = sources.first().map(String::as_str).unwrap_or("model_metrics");
+            format!(
+                "{metric}  R² = {}, p = {}, n = {}",
+                fmt(stat(src, "r2"), 3),
+                fmt(stat(src, "p_value"), 4),
+                n_of(src)
+            )
+        };
         let mut note = Vec::new();
         if groups.is_empty() {
             note.push(format!(
                 "no model in the selection has {metric} and val_loss ({})",
                 missing_hint(metric)
             ));
-        } else if missing > 0 {
-            note.push(format!("{missing} model(s) without a value left out"));
+        } else {
+            for (si, src) in sources.iter().enumerate() {
+                if missing[si] == 0 {
+                    continue;
+                }
+                let whose = if several {
+                    format!(" of {}", short_source(src))
+                } else {
+                    String::new()
+                };
+                if present[si] == 0 {
+                    note.push(format!("no model{whose} has {metric}: drawn for the others only"));
+                } else {
+                    note.push(format!(
+                        "{} model(s){whose} without a value left out",
+                        missing[si]
+                    ));
+                }
+            }
         }
-        if let Some(r) = row {
-            let cn = corr.str("note", r);
-            if !cn.is_empty() {
-                note.push(cn);
+        for src in &sources {
+            if let Some(r) = row_of(src) {
+                let cn = corr.str("note", r);
+                if !cn.is_empty() {
+                    note.push(cn);
+                }
             }
         }
         if !note.is_empty() {
@@ -409,29 +545,43 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         }
         let series = groups
             .into_iter()
-            .map(|((wi, di), pts)| Series {
-                label: format!("d={} L={}", widths[wi], depths[di]),
+            .map(|((si, wi, di), pts)| Series {
+                label: if several {
+                    format!("{} d={}", short_source(&sources[si]), widths[wi])
+                } else {
+                    format!("d={} L={}", widths[wi], depths[di])
+                },
                 colour: wi,
-                marker: Marker::nth(di),
+                marker: Marker::nth(if several { si } else { di }),
                 points: pts,
                 line: false,
             })
             .collect();
+        let fit = match sources.as_slice() {
+            [src] => match (stat(src, "slope"), stat(src, "intercept")) {
+                (Some(s), Some(b)) => Some((s, b)),
+                _ => None,
+            },
+            // One line per source would need a colour of its own; the
+            // titles carry each source's R^2.
+            _ => None,
+        };
         panels.push(Panel {
             title,
             x_label: about.to_string(),
             y_label: "validation loss".into(),
             series,
-            fit: match (stat("slope"), stat("intercept")) {
-                (Some(s), Some(b)) => Some((s, b)),
-                _ => None,
-            },
+            fit,
             note: (!note.is_empty()).then(|| note.join("; ")),
             auto_log: out.auto_log,
             ..Default::default()
         });
     }
-    let title = "Neural-collapse properties against validation loss (colour: width d, marker: depth L)";
+    let title = if several {
+        "Neural-collapse properties against validation loss (colour: width d, marker: source)"
+    } else {
+        "Neural-collapse properties against validation loss (colour: width d, marker: depth L)"
+    };
     out.figure(
         "metric_vs_loss",
         grid_svg(title, &panels, 4, 380, 300)?,
@@ -442,6 +592,15 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         title: title.into(),
         notes,
     })
+}
+
+/// A source as a legend names it: `lake` for the lake's own models, the
+/// imported table's name otherwise.
+fn short_source(source: &str) -> &str {
+    match source.strip_prefix("imported:") {
+        Some(name) => name,
+        None => "lake",
+    }
 }
 
 fn distinct(t: &Table, col: &str) -> Vec<String> {
