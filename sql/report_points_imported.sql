@@ -3,11 +3,11 @@
 -- model, its recipe (parsed from the id at import), validation loss and the
 -- report's eight properties, each taken from the imported metric of the same
 -- name (import with columns=nc1_cdnv=..., nc2_equinorm_cov=..., ...); a
--- property the table lacks is NULL. Imported tables have no layer and no
--- parameter count.
+-- property the table lacks is NULL. Imported tables have no layer; their
+-- parameter count is the metric n_params where one was imported.
 -- Placeholders: {{selection}}, a view of imported_metrics_long rows.
 SELECT 'imported:' || source AS source, model, layer, depth, width, epochs, weight_decay, init_seed,
-       CAST(NULL AS BIGINT) AS n_params,
+       MAX(CASE WHEN metric = 'n_params' THEN value END) AS n_params,
        MAX(val_loss) AS val_loss,
        MAX(CASE WHEN metric = 'nc1_cdnv' THEN value END) AS nc1_cdnv,
        MAX(CASE WHEN metric = 'nc2_equinorm_cov' THEN value END) AS nc2_equinorm_cov,

@@ -69,6 +69,59 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Join the points (in x order) with a line.
     pub line: bool,
+    /// One value per point, drawn in the colour the panel's
+    /// [`ColourScale`] gives it (empty: every point in the series' colour).
+    pub values: Vec<f64>,
+}
+
+/// A continuous, colour-blind-safe colour scale (viridis) over [lo, hi],
+/// logarithmic or linear, shown as a colour bar beside the figure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColourScale {
+    pub label: String,
+    pub lo: f64,
+    pub hi: f64,
+    pub log: bool,
+}
+
+impl ColourScale {
+    /// The scale's position of `v`, 0 at lo and 1 at hi (clamped).
+    fn position(&self, v: f64) -> f64 {
+        let t = |x: f64| if self.log { x.log10() } else { x };
+        let (a, b) = (t(self.lo), t(self.hi));
+        if b > a {
+            ((t(v) - a) / (b - a)).clamp(0.0, 1.0)
+        } else {
+            0.5
+        }
+    }
+
+    /// The colour of `v`.
+    pub fn colour(&self, v: f64) -> RGBColor {
+        viridis(self.position(v))
+    }
+}
+
+/// Viridis (van der Walt & Smith, matplotlib's default map) at t in [0, 1],
+/// interpolated between nine of its colours.
+pub fn viridis(t: f64) -> RGBColor {
+    const STOPS: [(u8, u8, u8); 9] = [
+        (68, 1, 84),
+        (72, 36, 117),
+        (59, 82, 139),
+        (44, 114, 142),
+        (33, 145, 140),
+        (39, 173, 129),
+        (92, 200, 99),
+        (170, 220, 50),
+        (253, 231, 37),
+    ];
+    let x = t.clamp(0.0, 1.0) * (STOPS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(STOPS.len() - 2);
+    let f = x - i as f64;
+    let mix = |a: u8, b: u8| (f64::from(a) + (f64::from(b) - f64::from(a)) * f).round() as u8;
+    let (a, b) = (STOPS[i], STOPS[i + 1]);
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
 }
 
 /// One chart of a figure.
@@ -87,6 +140,8 @@ pub struct Panel {
     pub fit: Option<(f64, f64)>,
     /// Why the panel is empty or partial, shown on it.
     pub note: Option<String>,
+    /// The scale of the series' per-point values; the figure shows its bar.
+    pub colour_scale: Option<ColourScale>,
 }
 
 impl Panel {
@@ -143,6 +198,60 @@ fn range(v: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// Pixels beside the panels for a figure's colour bar.
+const COLOUR_BAR_WIDTH: u32 = 110;
+
+/// The colour bar of `scale`: the gradient, high values at the top, with
+/// its ends (and, on a log scale, the whole decades between) labelled.
+fn draw_colour_bar(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    scale: &ColourScale,
+) -> Result<()> {
+    let (_, h) = area.dim_in_pixel();
+    let (top, bottom) = (40i32, (h as i32 - 40).max(60));
+    let (left, right) = (14i32, 34i32);
+    let what = "colour bar";
+    let style = TextStyle::from((FONT_FAMILY, 11).into_font()).color(&BLACK);
+    area.draw_text(&scale.label, &style, (8, top - 24))
+        .map_err(draw_err(what))?;
+    let steps = 64;
+    for k in 0..steps {
+        let (y0, y1) = (
+            bottom - (bottom - top) * (k + 1) / steps,
+            bottom - (bottom - top) * k / steps,
+        );
+        let c = viridis((f64::from(k) + 0.5) / f64::from(steps));
+        area.draw(&Rectangle::new([(left, y0), (right, y1)], c.filled()))
+            .map_err(draw_err(what))?;
+    }
+    area.draw(&Rectangle::new(
+        [(left, top), (right, bottom)],
+        BLACK.stroke_width(1),
+    ))
+    .map_err(draw_err(what))?;
+    let mut marks = vec![scale.lo, scale.hi];
+    if scale.log && scale.lo > 0.0 {
+        let (a, b) = (scale.lo.log10().ceil() as i32, scale.hi.log10().floor() as i32);
+        marks.extend((a..=b).map(|e| 10f64.powi(e)));
+    }
+    marks.sort_by(f64::total_cmp);
+    marks.dedup_by(|a, b| (*a - *b).abs() <= 1e-9 * b.abs());
+    for v in marks {
+        let y = bottom - ((bottom - top) as f64 * scale.position(v)).round() as i32;
+        area.draw(&PathElement::new(vec![(right, y), (right + 4, y)], BLACK))
+            .map_err(draw_err(what))?;
+        let e = v.log10();
+        let text = if scale.log && (e - e.round()).abs() < 1e-9 {
+            log_label(e.round())
+        } else {
+            short(v)
+        };
+        area.draw_text(&text, &style, (right + 7, y - 6))
+            .map_err(draw_err(what))?;
+    }
+    Ok(())
+}
+
 /// A figure of `panels` in a grid of `cols` columns, each panel
 /// `panel_w` x `panel_h` pixels, as SVG text.
 pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_h: u32) -> Result<String> {
@@ -150,7 +259,9 @@ pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_
     let cols = cols.max(1).min(panels.len().max(1));
     let rows = panels.len().div_ceil(cols).max(1);
     let header = if title.is_empty() { 0 } else { 40 };
-    let size = (panel_w * cols as u32, panel_h * rows as u32 + header);
+    let scale = panels.iter().find_map(|p| p.colour_scale.as_ref());
+    let bar = if scale.is_some() { COLOUR_BAR_WIDTH } else { 0 };
+    let size = (panel_w * cols as u32 + bar, panel_h * rows as u32 + header);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
@@ -161,6 +272,14 @@ pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_
             body
         } else {
             root.clone()
+        };
+        let body = match scale {
+            Some(scale) => {
+                let (panels_area, bar_area) = body.split_horizontally(panel_w * cols as u32);
+                draw_colour_bar(&bar_area, scale)?;
+                panels_area
+            }
+            None => body,
         };
         let areas = body.split_evenly((rows, cols));
         for (panel, area) in panels.iter().zip(areas.iter()) {
@@ -250,41 +369,59 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
         .draw()
         .map_err(draw_err(what))?;
     for s in &p.series {
-        let mut points: Vec<(f64, f64)> = s
+        let c = colour(s.colour);
+        // Each point with its colour: the series', or its value's on the scale.
+        let mut points: Vec<((f64, f64), RGBColor)> = s
             .points
             .iter()
-            .copied()
-            .filter(|(x, y)| x.is_finite() && y.is_finite() && (!log_x || *x > 0.0) && (!log_y || *y > 0.0))
-            .map(|(x, y)| (tx(x), ty(y)))
+            .enumerate()
+            .filter(|(_, (x, y))| {
+                x.is_finite() && y.is_finite() && (!log_x || *x > 0.0) && (!log_y || *y > 0.0)
+            })
+            .map(|(i, &(x, y))| {
+                let pc = match (&p.colour_scale, s.values.get(i)) {
+                    (Some(scale), Some(&v)) if v.is_finite() => scale.colour(v),
+                    _ => c,
+                };
+                ((tx(x), ty(y)), pc)
+            })
             .collect();
         if points.is_empty() {
             continue;
         }
-        let c = colour(s.colour);
         if s.line {
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            points.sort_by(|a, b| a.0.0.total_cmp(&b.0.0));
             chart
-                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+                .draw_series(LineSeries::new(points.iter().map(|p| p.0), c.stroke_width(2)))
                 .map_err(draw_err(what))?;
         }
         let label = (!s.label.is_empty()).then(|| s.label.clone());
+        // Coloured by value, the legend shows the shape in grey.
+        let key = if s.values.is_empty() || p.colour_scale.is_none() {
+            c
+        } else {
+            RGBColor(110, 110, 110)
+        };
         // One arm per marker shape: the element types differ.
         macro_rules! markers {
             ($make:expr) => {{
                 let drawn = chart
-                    .draw_series(points.iter().map(|&at| $make(at)))
+                    .draw_series(points.iter().map(|&(at, pc)| $make(at, pc)))
                     .map_err(draw_err(what))?;
                 if let Some(l) = label {
-                    drawn.label(l).legend(move |(x, y)| $make((x, y)));
+                    drawn.label(l).legend(move |(x, y)| $make((x, y), key));
                 }
             }};
         }
-        let style = c.filled();
         match s.marker {
-            Marker::Circle => markers!(|at| Circle::new(at, 4, style)),
-            Marker::Triangle => markers!(|at| TriangleMarker::new(at, 5, style)),
-            Marker::Square => markers!(|at| EmptyElement::at(at) + Rectangle::new([(-4, -4), (4, 4)], style)),
-            Marker::Cross => markers!(|at| Cross::new(at, 4, c.stroke_width(2))),
+            Marker::Circle => markers!(|at, pc: RGBColor| Circle::new(at, 4, pc.filled())),
+            Marker::Triangle => markers!(|at, pc: RGBColor| TriangleMarker::new(at, 5, pc.filled())),
+            Marker::Square => {
+                markers!(
+                    |at, pc: RGBColor| EmptyElement::at(at) + Rectangle::new([(-4, -4), (4, 4)], pc.filled())
+                )
+            }
+            Marker::Cross => markers!(|at, pc: RGBColor| Cross::new(at, 4, pc.stroke_width(2))),
         }
     }
     if let Some((slope, intercept)) = p.fit {
@@ -604,6 +741,7 @@ mod tests {
                 marker: Marker::Triangle,
                 points: vec![(1.0, 2.0), (2.0, 3.0), (3.0, 5.0)],
                 line: true,
+                values: Vec::new(),
             }],
             fit: Some((1.5, 0.3)),
             ..Default::default()
@@ -690,6 +828,7 @@ mod tests {
                 marker: Marker::Circle,
                 points: vec![(1e-3, 4.0), (2e-2, 3.5), (0.7, 3.1), (9.0, 2.0)],
                 line: false,
+                values: Vec::new(),
             }],
             fit: Some((-0.2, 3.5)),
             ..Default::default()
@@ -741,5 +880,42 @@ mod tests {
             legend_corner(&high, 0.45, 0.3),
             SeriesLabelPosition::LowerRight
         ));
+    }
+
+    /// Points coloured by value on a viridis scale, with the colour bar
+    /// beside the panels; without a scale, neither.
+    #[test]
+    fn a_colour_scale_colours_points_and_draws_its_bar() {
+        assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
+        assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
+        assert_eq!(viridis(0.5), RGBColor(33, 145, 140));
+        let scale = ColourScale {
+            label: "parameters".into(),
+            lo: 1e6,
+            hi: 1e8,
+            log: true,
+        };
+        assert_eq!(scale.position(1e7), 0.5);
+        let panel = |colour_scale: Option<ColourScale>| Panel {
+            title: "t".into(),
+            series: vec![Series {
+                label: "L=2".into(),
+                colour: 0,
+                marker: Marker::Circle,
+                points: vec![(1.0, 1.0), (2.0, 3.0), (3.0, 2.0)],
+                line: false,
+                values: vec![1e6, 1e7, 1e8],
+            }],
+            colour_scale,
+            ..Default::default()
+        };
+        let with = grid_svg("f", &[panel(Some(scale))], 1, 300, 240).unwrap();
+        let without = grid_svg("f", &[panel(None)], 1, 300, 240).unwrap();
+        assert!(with.contains("parameters") && !without.contains("parameters"));
+        // The largest value's point is the top of the map; the bar's decades.
+        assert!(with.contains("#FDE725") && !without.contains("#FDE725"));
+        assert!(with.contains("1e7"), "the bar labels its decades");
+        assert!(with.starts_with("<svg width=\"410\""));
+        assert_eq!(&svg_to_png(&with).unwrap()[1..4], b"PNG");
     }
 }

@@ -128,7 +128,9 @@ fn report_files_render_and_match_sql() {
     let (header, rows) = read_csv(&out_dir.join("metric_vs_loss.csv"));
     assert_eq!(
         header,
-        ["source", "model", "width", "depth", "metric", "value", "val_loss"]
+        [
+            "source", "model", "width", "depth", "metric", "value", "val_loss", "n_params"
+        ]
     );
     let by_metric = figure1_rows(&rows, "model_metrics");
     assert_eq!(by_metric.len(), 8);
@@ -228,7 +230,7 @@ fn report_files_render_and_match_sql() {
 /// Figure 1's CSV equals SQL over the same selection, for both sources.
 fn imported_models_beside_the_lakes(tl: &TestLake) {
     let mut csv = String::from(
-        "model,cdnv_mean,norms_log_mean,norms_log_std,interfere_mean,interfere_std,log_dist_mean,log_dist_std,sims_mean,sims_std,matches,misses,val_loss\n",
+        "model,cdnv_mean,norms_log_mean,norms_log_std,interfere_mean,interfere_std,log_dist_mean,log_dist_std,sims_mean,sims_std,matches,misses,val_loss,params\n",
     );
     for (i, model) in [
         "02x0064_01d@0",
@@ -242,7 +244,7 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
     {
         let k = i as f64;
         csv.push_str(&format!(
-            "{model},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{model},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             10f64.powf(-k),
             2.0 + 0.1 * k,
             0.3 - 0.02 * k,
@@ -254,7 +256,8 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
             0.05,
             500.0 + 60.0 * k,
             500.0 - 60.0 * k,
-            3.2 - 0.2 * k
+            3.2 - 0.2 * k,
+            1e6 * 4f64.powf(k)
         ));
     }
     let f = tl.file("paper.csv", csv.as_bytes());
@@ -265,7 +268,7 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
             ("name", "paper"),
             (
                 "columns",
-                "nc1_cdnv=cdnv_mean, nc2_equinorm_cov=norms_log_std/norms_log_mean, nc2_equiangular_cov=interfere_std/interfere_mean, gnc2_uniformity_cov=log_dist_std/abs(log_dist_mean), nc3_duality_mean=sims_mean, unc3_duality_cov=sims_std/sims_mean, nc4_agreement=matches/(matches+misses)",
+                "nc1_cdnv=cdnv_mean, nc2_equinorm_cov=norms_log_std/norms_log_mean, nc2_equiangular_cov=interfere_std/interfere_mean, gnc2_uniformity_cov=log_dist_std/abs(log_dist_mean), nc3_duality_mean=sims_mean, unc3_duality_cov=sims_std/sims_mean, nc4_agreement=matches/(matches+misses), n_params=params",
             ),
         ],
     );
@@ -331,6 +334,24 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
     }
     let md = std::fs::read_to_string(both.join("report.md")).unwrap();
     assert!(md.contains("no model of paper has nc2_etf_error"), "{md}");
+    // Every model has a size: points coloured by it, with the colour bar,
+    // and the CSV's sizes are SQL's.
+    let svg = std::fs::read_to_string(both.join("metric_vs_loss.svg")).unwrap();
+    assert!(svg.contains("colour: parameters") && svg.contains(">\nparameters\n<"));
+    let (_, figure1) = read_csv(&both.join("metric_vs_loss.csv"));
+    let sizes: BTreeMap<String, Option<f64>> = figure1
+        .iter()
+        .filter(|r| r[4] == "nc1_cdnv")
+        .map(|r| (r[1].clone(), parse_opt(&r[7])))
+        .collect();
+    let want = query_f64(
+        &sql,
+        "SELECT model, n_params FROM model_metrics WHERE final_layer UNION ALL SELECT model, value FROM imported_metrics_long WHERE source = 'paper' AND metric = 'n_params'",
+    );
+    assert_eq!(sizes.len(), want.len());
+    for (m, v) in &want {
+        assert_eq!(sizes[m], v[0], "{m}");
+    }
     let png = std::fs::read(both.join("metric_vs_loss.png")).unwrap();
     let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
     let first = img.pixels()[0];

@@ -12,9 +12,11 @@
 //! prefix), by default the lake's `reports/selection=ID/`:
 //!
 //! - `metric_vs_loss` (the paper's Figure 1): each property against
-//!   validation loss, colour = width, marker = depth, with the least-squares
-//!   line and R^2, p and n from the correlations table; with several sources
-//!   the marker tells them apart and each has its R^2 in the title;
+//!   validation loss, colour = parameter count (viridis, with a colour bar)
+//!   when every model has one, else width; marker = depth; with the
+//!   least-squares line and R^2, p and n from the correlations table; with
+//!   several sources the marker tells them apart and each has its R^2 in
+//!   the title;
 //! - `correlations`: the correlation table (also in the page);
 //! - `scale_trends`: each property against parameter count (log axis), one
 //!   line per depth x epochs x weight decay (means over seeds);
@@ -39,7 +41,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 
 use crate::error::{Context, Error, Result};
-use crate::figures::{Marker, Panel, Series, grid_svg, svg_to_png};
+use crate::figures::{ColourScale, Marker, Panel, Series, grid_svg, svg_to_png};
 use crate::lake::Lake;
 use crate::params::{ParamSpec, Params, param};
 use crate::sql::Sql;
@@ -445,13 +447,15 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
     let several = sources.len() > 1;
     let widths: Vec<String> = distinct(points, "width");
     let depths: Vec<String> = distinct(points, "depth");
-    let mut csv = String::from("source,model,width,depth,metric,value,val_loss\n");
+    let scale = size_scale(points);
+    let mut csv = String::from("source,model,width,depth,metric,value,val_loss,n_params\n");
     let mut panels = Vec::new();
     let mut notes = Vec::new();
     for (metric, about) in METRICS {
-        // (source, width, depth) -> points; the marker tells sources apart
-        // when there are several, depths otherwise.
-        let mut groups: BTreeMap<(usize, usize, usize), Vec<(f64, f64)>> = BTreeMap::new();
+        // (source, width, depth) -> points and their parameter counts; the
+        // marker tells sources apart when there are several, depths
+        // otherwise; the colour is the width's, or the size's on a scale.
+        let mut groups: BTreeMap<(usize, usize, usize), PointGroup> = BTreeMap::new();
         let mut missing = vec![0usize; sources.len()];
         let mut present = vec![0usize; sources.len()];
         for i in 0..points.rows() {
@@ -461,12 +465,14 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
                 points.str("width", i),
                 points.str("depth", i),
             );
+            let size = points.f64("n_params", i);
             let _ = writeln!(
                 csv,
-                "{src},{},{w},{d},{metric},{},{}",
+                "{src},{},{w},{d},{metric},{},{},{}",
                 points.str("model", i),
                 x.map(|v| v.to_string()).unwrap_or_default(),
-                y.map(|v| v.to_string()).unwrap_or_default()
+                y.map(|v| v.to_string()).unwrap_or_default(),
+                size.map(|v| v.to_string()).unwrap_or_default()
             );
             let si = sources.iter().position(|v| *v == src).unwrap_or(0);
             match (x, y) {
@@ -474,9 +480,12 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
                     let wi = widths.iter().position(|v| *v == w).unwrap_or(0);
                     let di = depths.iter().position(|v| *v == d).unwrap_or(0);
                     // Several sources: the marker is the source's, and
-                    // depths share it.
+                    // depths share it; sizes on a scale: widths share a group.
+                    let wi = if scale.is_some() { 0 } else { wi };
                     let key = if several { (si, wi, 0) } else { (si, wi, di) };
-                    groups.entry(key).or_default().push((x, y));
+                    let group = groups.entry(key).or_default();
+                    group.0.push((x, y));
+                    group.1.push(size.unwrap_or(f64::NAN));
                     present[si] += 1;
                 }
                 _ => missing[si] += 1,
@@ -545,16 +554,26 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         }
         let series = groups
             .into_iter()
-            .map(|((si, wi, di), pts)| Series {
-                label: if several {
-                    format!("{} d={}", short_source(&sources[si]), widths[wi])
+            .map(|((si, wi, di), (pts, sizes))| {
+                let who = if several {
+                    format!("{} ", short_source(&sources[si]))
                 } else {
-                    format!("d={} L={}", widths[wi], depths[di])
-                },
-                colour: wi,
-                marker: Marker::nth(if several { si } else { di }),
-                points: pts,
-                line: false,
+                    String::new()
+                };
+                let label = match (&scale, several) {
+                    (Some(_), true) => short_source(&sources[si]).to_string(),
+                    (Some(_), false) => format!("L={}", depths[di]),
+                    (None, _) if several => format!("{who}d={}", widths[wi]),
+                    (None, _) => format!("d={} L={}", widths[wi], depths[di]),
+                };
+                Series {
+                    label,
+                    colour: wi,
+                    marker: Marker::nth(if several { si } else { di }),
+                    points: pts,
+                    line: false,
+                    values: if scale.is_some() { sizes } else { Vec::new() },
+                }
             })
             .collect();
         let fit = match sources.as_slice() {
@@ -574,13 +593,23 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
             fit,
             note: (!note.is_empty()).then(|| note.join("; ")),
             auto_log: out.auto_log,
+            colour_scale: scale.clone(),
             ..Default::default()
         });
     }
-    let title = if several {
-        "Neural-collapse properties against validation loss (colour: width d, marker: source)"
-    } else {
-        "Neural-collapse properties against validation loss (colour: width d, marker: depth L)"
+    let title = match (&scale, several) {
+        (Some(_), true) => {
+            "Neural-collapse properties against validation loss (colour: parameters, marker: source)"
+        }
+        (Some(_), false) => {
+            "Neural-collapse properties against validation loss (colour: parameters, marker: depth L)"
+        }
+        (None, true) => {
+            "Neural-collapse properties against validation loss (colour: width d, marker: source)"
+        }
+        (None, false) => {
+            "Neural-collapse properties against validation loss (colour: width d, marker: depth L)"
+        }
     };
     out.figure(
         "metric_vs_loss",
@@ -591,6 +620,26 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         name: "metric_vs_loss".into(),
         title: title.into(),
         notes,
+    })
+}
+
+/// Points of one legend entry and, beside each, its model's parameter count.
+type PointGroup = (Vec<(f64, f64)>, Vec<f64>);
+
+/// Models coloured by size, as the paper colours them: a scale over the
+/// parameter counts when every selected model has one and they are not all
+/// equal (logarithmic beyond one decade); otherwise colour is the width's.
+fn size_scale(points: &Table) -> Option<ColourScale> {
+    let sizes: Vec<f64> = (0..points.rows())
+        .map(|i| points.f64("n_params", i).filter(|v| *v > 0.0))
+        .collect::<Option<_>>()?;
+    let lo = sizes.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = sizes.iter().copied().fold(0.0, f64::max);
+    (hi > lo).then(|| ColourScale {
+        label: "parameters".into(),
+        lo,
+        hi,
+        log: hi > 10.0 * lo,
     })
 }
 
@@ -654,6 +703,7 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
                 marker: Marker::nth(fi),
                 points: pts,
                 line: true,
+                values: Vec::new(),
             });
         }
         let sizes: BTreeSet<u64> = acc.values().flat_map(|m| m.keys().copied()).collect();
@@ -730,6 +780,7 @@ fn through_depth(layers: &Table, out: &mut Output) -> Result<Figure> {
                 marker: Marker::nth(mi),
                 points: pts,
                 line: true,
+                values: Vec::new(),
             });
         }
         let note = if layered.is_empty() {
@@ -791,6 +842,7 @@ fn training_curves(training: &Table, out: &mut Output) -> Result<Figure> {
             marker: Marker::nth(i),
             points: pts,
             line: true,
+            values: Vec::new(),
         })
         .collect();
     let panel = Panel {
