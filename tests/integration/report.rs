@@ -352,6 +352,25 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
     for (m, v) in &want {
         assert_eq!(sizes[m], v[0], "{m}");
     }
+    // Scale trends, source by source: the paper's models have distinct
+    // sizes, so each mean is one model's value.
+    let (header, trends) = read_csv(&both.join("scale_trends.csv"));
+    assert_eq!(header[..3], ["source", "family", "n_params"]);
+    let mut got: Vec<(String, Option<f64>)> = trends
+        .iter()
+        .filter(|r| r[0] == "imported:paper" && r[3] == "nc1_cdnv")
+        .map(|r| (r[2].clone(), parse_opt(&r[4])))
+        .collect();
+    got.sort_by(|a, b| a.0.parse::<f64>().unwrap().total_cmp(&b.0.parse().unwrap()));
+    let want = query_f64(
+        &sql,
+        "SELECT CAST(CAST(s.value AS BIGINT) AS VARCHAR) AS n_params, c.value AS cdnv FROM imported_metrics_long s JOIN imported_metrics_long c ON s.model = c.model WHERE s.source = 'paper' AND c.source = 'paper' AND s.metric = 'n_params' AND c.metric = 'nc1_cdnv' ORDER BY s.value",
+    );
+    assert_eq!(got.len(), 5);
+    for ((n, v), (wn, wv)) in got.iter().zip(&want) {
+        assert_eq!((n, *v), (wn, wv[0]));
+    }
+    assert!(trends.iter().any(|r| r[0] == "model_metrics"));
     let png = std::fs::read(both.join("metric_vs_loss.png")).unwrap();
     let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
     let first = img.pixels()[0];

@@ -664,25 +664,30 @@ fn distinct(t: &Table, col: &str) -> Vec<String> {
 
 /// Each property against parameter count, one line per recipe family.
 fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
-    let mut csv = String::from("family,n_params,metric,mean,n_models\n");
+    let mut csv = String::from("source,family,n_params,metric,mean,n_models\n");
     let mut panels = Vec::new();
     let mut notes = Vec::new();
+    let several = distinct(points, "source").len() > 1;
+    // (source, family) of a row; the legend names the source when several.
     let family = |i: usize| {
-        format!(
-            "L={} E={} wd={}",
-            points.str("depth", i),
-            points.str("epochs", i),
-            points.str("weight_decay", i)
+        (
+            points.str("source", i),
+            format!(
+                "L={} E={} wd={}",
+                points.str("depth", i),
+                points.str("epochs", i),
+                points.str("weight_decay", i)
+            ),
         )
     };
-    let families: Vec<String> = (0..points.rows())
+    let families: Vec<(String, String)> = (0..points.rows())
         .map(family)
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
     for (metric, about) in METRICS {
-        // family -> n_params -> (sum, n)
-        let mut acc: BTreeMap<String, BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
+        // (source, family) -> n_params -> (sum, n)
+        let mut acc: BTreeMap<(String, String), BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
         for i in 0..points.rows() {
             if let (Some(x), Some(v)) = (points.f64("n_params", i), points.f64(metric, i)) {
                 let e = acc.entry(family(i)).or_default().entry(x as u64).or_default();
@@ -691,14 +696,19 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
             }
         }
         let mut series = Vec::new();
-        for (f, by) in &acc {
-            let fi = families.iter().position(|x| x == f).unwrap_or(0);
+        for (key, by) in &acc {
+            let fi = families.iter().position(|x| x == key).unwrap_or(0);
+            let (src, f) = key;
             let pts: Vec<(f64, f64)> = by.iter().map(|(x, (s, n))| (*x as f64, s / *n as f64)).collect();
             for (x, (s, n)) in by {
-                let _ = writeln!(csv, "{f},{x},{metric},{},{n}", s / *n as f64);
+                let _ = writeln!(csv, "{src},{f},{x},{metric},{},{n}", s / *n as f64);
             }
             series.push(Series {
-                label: f.clone(),
+                label: if several {
+                    format!("{} {f}", short_source(src))
+                } else {
+                    f.clone()
+                },
                 colour: fi,
                 marker: Marker::nth(fi),
                 points: pts,
