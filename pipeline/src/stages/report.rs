@@ -300,41 +300,9 @@ impl Stage for Report {
         }
         ctx.would_run(format!("report `{predicate}`"))?;
         let sql = Sql::open(&ctx.lake)?;
-        let mut points = Table { batches: Vec::new() };
-        let mut corr = Table { batches: Vec::new() };
-        let mut corr_notes = Vec::new();
-        for s in &sources {
-            let drawn = source_points(&sql, s, predicate)?;
-            if drawn.rows() == 0 {
-                return Err(Error::invalid(format!(
-                    "the selection `{predicate}` matches no models of {s}; check `pipeline sql \"SELECT model, final_layer FROM {}\"`",
-                    if s == "model_metrics" {
-                        "model_metrics"
-                    } else {
-                        "imported_metrics_long"
-                    }
-                )));
-            }
-            points.batches.extend(drawn.batches);
-            // The correlations of this selection, computed by correlate if missing.
-            let id = selection::correlations_id(s, predicate, n_perm, n_boot, seed);
-            let corr_artifact = crate::artifact::Artifact::new("correlations", &[("selection_id", &id)])?;
-            if ctx.lake.manifest(&corr_artifact)?.is_none() {
-                let mut pairs = BTreeMap::new();
-                pairs.insert("source".to_string(), s.clone());
-                pairs.insert("where".to_string(), predicate.to_string());
-                pairs.insert("permutations".to_string(), n_perm.to_string());
-                pairs.insert("bootstrap".to_string(), n_boot.to_string());
-                pairs.insert("seed".to_string(), seed.to_string());
-                if let Err(e) = crate::stages::run(ctx, "correlate", &pairs) {
-                    corr_notes.push(format!("no correlations of {s}: {e}"));
-                }
-            }
-            corr.batches
-                .extend(sql.run_named("report_correlations", &[("selection_id", &id)])?);
-        }
-        let corr_note = (!corr_notes.is_empty()).then(|| corr_notes.join("; "));
-        // Layers, training and tokens exist for the lake's own models only.
+        let (points, corr, corr_note) = gather(ctx, &sql, &sources, predicate, (n_perm, n_boot, seed))?;
+        // Layers, training and tokens exist for the lake's own models only,
+        // over the selection gather registered as report_selection.
         let own = |name: &str, extra: &[(&str, &str)]| -> Result<Table> {
             if !sources.iter().any(|s| s == "model_metrics") {
                 return Ok(Table { batches: Vec::new() });
@@ -384,6 +352,54 @@ impl Stage for Report {
             out.location().trim_end_matches('/')
         ))
     }
+}
+
+/// Every source's selected models (one Table, a `source` column telling
+/// them apart) and their correlations, running correlate for a source whose
+/// correlations are missing; a failed correlate becomes a note. Registers
+/// the lake's own selection as `report_selection`.
+fn gather(
+    ctx: &Ctx,
+    sql: &Sql,
+    sources: &[String],
+    predicate: &str,
+    (n_perm, n_boot, seed): (u64, u64, u64),
+) -> Result<(Table, Table, Option<String>)> {
+    let mut points = Table { batches: Vec::new() };
+    let mut corr = Table { batches: Vec::new() };
+    let mut corr_notes = Vec::new();
+    for s in sources {
+        let drawn = source_points(sql, s, predicate)?;
+        if drawn.rows() == 0 {
+            return Err(Error::invalid(format!(
+                "the selection `{predicate}` matches no models of {s}; check `pipeline sql \"SELECT model, final_layer FROM {}\"`",
+                if s == "model_metrics" {
+                    "model_metrics"
+                } else {
+                    "imported_metrics_long"
+                }
+            )));
+        }
+        points.batches.extend(drawn.batches);
+        // The correlations of this selection, computed by correlate if missing.
+        let id = selection::correlations_id(s, predicate, n_perm, n_boot, seed);
+        let corr_artifact = crate::artifact::Artifact::new("correlations", &[("selection_id", &id)])?;
+        if ctx.lake.manifest(&corr_artifact)?.is_none() {
+            let mut pairs = BTreeMap::new();
+            pairs.insert("source".to_string(), s.clone());
+            pairs.insert("where".to_string(), predicate.to_string());
+            pairs.insert("permutations".to_string(), n_perm.to_string());
+            pairs.insert("bootstrap".to_string(), n_boot.to_string());
+            pairs.insert("seed".to_string(), seed.to_string());
+            if let Err(e) = crate::stages::run(ctx, "correlate", &pairs) {
+                corr_notes.push(format!("no correlations of {s}: {e}"));
+            }
+        }
+        corr.batches
+            .extend(sql.run_named("report_correlations", &[("selection_id", &id)])?);
+    }
+    let corr_note = (!corr_notes.is_empty()).then(|| corr_notes.join("; "));
+    Ok((points, corr, corr_note))
 }
 
 /// The sources `source=` names, as correlate names them: `model_metrics`
