@@ -89,6 +89,20 @@ fn figure1_rows(rows: &[Vec<String>], source: &str) -> Figure1Rows {
     by_metric
 }
 
+/// The PNG decodes and is not blank: over 1 % of its pixels differ from
+/// the first.
+fn assert_png_drawn(path: &std::path::Path) {
+    let png = std::fs::read(path).unwrap();
+    let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+    let first = img.pixels()[0];
+    let differing = img.pixels().iter().filter(|p| **p != first).count();
+    assert!(
+        differing > img.pixels().len() / 100,
+        "{} is blank",
+        path.display()
+    );
+}
+
 /// Every value of a query as text keyed by its first column(s).
 fn query_f64(sql: &Sql, q: &str) -> Vec<(String, Vec<Option<f64>>)> {
     let mut out = Vec::new();
@@ -194,11 +208,7 @@ fn report_files_render_and_match_sql() {
     ] {
         let svg = std::fs::read_to_string(out_dir.join(format!("{name}.svg"))).unwrap();
         pipeline::figures::svg_to_png(&svg).unwrap_or_else(|e| panic!("{name}.svg: {e}"));
-        let png = std::fs::read(out_dir.join(format!("{name}.png"))).unwrap();
-        let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
-        let first = img.pixels()[0];
-        let differing = img.pixels().iter().filter(|p| **p != first).count();
-        assert!(differing > img.pixels().len() / 100, "{name}.png is blank");
+        assert_png_drawn(&out_dir.join(format!("{name}.png")));
     }
     // The page references only files that exist, and nothing online.
     let html = std::fs::read_to_string(out_dir.join("index.html")).unwrap();
@@ -371,10 +381,7 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
         assert_eq!((n, *v), (wn, wv[0]));
     }
     assert!(trends.iter().any(|r| r[0] == "model_metrics"));
-    let png = std::fs::read(both.join("metric_vs_loss.png")).unwrap();
-    let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
-    let first = img.pixels()[0];
-    assert!(img.pixels().iter().filter(|p| **p != first).count() > img.pixels().len() / 100);
+    assert_png_drawn(&both.join("metric_vs_loss.png"));
 
     // The paper's models alone.
     let alone = tl.dir.path().join("report-paper");

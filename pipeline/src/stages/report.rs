@@ -571,16 +571,11 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         let series = groups
             .into_iter()
             .map(|((si, wi, di), (pts, sizes))| {
-                let who = if several {
-                    format!("{} ", short_source(&sources[si]))
-                } else {
-                    String::new()
-                };
                 let label = match (&scale, several) {
                     (Some(_), true) => short_source(&sources[si]).to_string(),
                     (Some(_), false) => format!("L={}", depths[di]),
-                    (None, _) if several => format!("{who}d={}", widths[wi]),
-                    (None, _) => format!("d={} L={}", widths[wi], depths[di]),
+                    (None, true) => format!("{} d={}", short_source(&sources[si]), widths[wi]),
+                    (None, false) => format!("d={} L={}", widths[wi], depths[di]),
                 };
                 Series {
                     label,
