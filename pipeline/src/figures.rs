@@ -27,19 +27,52 @@ fn register_font() {
     });
 }
 
-/// Point markers, cycled through by group.
+/// Point markers, cycled through by group: six shapes, so the paper's five
+/// depths (1, 2, 4, 8, 12) each get their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Marker {
     Circle,
     Triangle,
     Square,
     Cross,
+    Diamond,
+    Ring,
 }
 
 impl Marker {
+    const ALL: [Marker; 6] = [
+        Marker::Circle,
+        Marker::Triangle,
+        Marker::Square,
+        Marker::Cross,
+        Marker::Diamond,
+        Marker::Ring,
+    ];
+
     pub fn nth(i: usize) -> Marker {
-        [Marker::Circle, Marker::Triangle, Marker::Square, Marker::Cross][i % 4]
+        Self::ALL[i % Self::ALL.len()]
     }
+}
+
+/// Expand `$apply!(make)` with `make` a closure `|at, colour| element`
+/// drawing `$marker`: the shapes' element types differ, so each arm pastes
+/// its own closure into the caller's macro.
+macro_rules! each_marker {
+    ($marker:expr, $apply:ident) => {
+        match $marker {
+            Marker::Circle => $apply!(|at, c: RGBColor| Circle::new(at, 4, c.filled())),
+            Marker::Triangle => $apply!(|at, c: RGBColor| TriangleMarker::new(at, 5, c.filled())),
+            Marker::Square => {
+                $apply!(
+                    |at, c: RGBColor| EmptyElement::at(at) + Rectangle::new([(-4, -4), (4, 4)], c.filled())
+                )
+            }
+            Marker::Cross => $apply!(|at, c: RGBColor| Cross::new(at, 4, c.stroke_width(2))),
+            Marker::Diamond => $apply!(|at, c: RGBColor| EmptyElement::at(at)
+                + Polygon::new(vec![(0, -6), (5, 0), (0, 6), (-5, 0)], c.filled())),
+            Marker::Ring => $apply!(|at, c: RGBColor| Circle::new(at, 4, c.stroke_width(2))),
+        }
+    };
 }
 
 /// A qualitative palette (Tableau 10), cycled through by group.
@@ -252,8 +285,98 @@ fn draw_colour_bar(
     Ok(())
 }
 
+/// Legend entries one panel shows before the figure shows one legend
+/// beside all panels instead: a longer legend would hide the data.
+const PANEL_LEGEND_ROWS: usize = 6;
+
+/// One entry of a figure-wide legend.
+#[derive(Debug, Clone, PartialEq)]
+struct LegendKey {
+    label: String,
+    colour: RGBColor,
+    marker: Marker,
+    line: bool,
+}
+
+/// The distinct legend entries of `panels`, in order of appearance.
+fn legend_keys(panels: &[Panel]) -> Vec<LegendKey> {
+    let mut keys: Vec<LegendKey> = Vec::new();
+    for p in panels {
+        for s in p.series.iter().filter(|s| !s.label.is_empty()) {
+            if keys.iter().any(|k| k.label == s.label) {
+                continue;
+            }
+            keys.push(LegendKey {
+                label: s.label.clone(),
+                colour: series_key_colour(p, s),
+                marker: s.marker,
+                line: s.line,
+            });
+        }
+    }
+    keys
+}
+
+/// The colour a series shows in a legend: its own, or grey when its points
+/// are coloured by value on the panel's scale.
+fn series_key_colour(p: &Panel, s: &Series) -> RGBColor {
+    if s.values.is_empty() || p.colour_scale.is_none() {
+        colour(s.colour)
+    } else {
+        RGBColor(110, 110, 110)
+    }
+}
+
+/// Pixels between the rows of a figure-wide legend.
+const KEY_ROW: u32 = 16;
+
+/// Columns and the width in pixels of a figure-wide legend of `keys` in
+/// `height` pixels.
+fn side_legend_size(keys: &[LegendKey], height: u32) -> (usize, u32) {
+    let per_column = (height.saturating_sub(40) / KEY_ROW).max(1) as usize;
+    let columns = keys.len().div_ceil(per_column).max(1);
+    let longest = keys.iter().map(|k| k.label.chars().count()).max().unwrap_or(0) as u32;
+    (columns, columns as u32 * (longest * 13 / 2 + 40))
+}
+
+/// The figure-wide legend: `keys` in `columns` columns from the top.
+fn draw_side_legend(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    keys: &[LegendKey],
+    columns: usize,
+) -> Result<()> {
+    let what = "legend";
+    let (w, _) = area.dim_in_pixel();
+    let per_column = keys.len().div_ceil(columns.max(1)).max(1);
+    let column_w = (w / columns.max(1) as u32) as i32;
+    let style = TextStyle::from((FONT_FAMILY, 11).into_font()).color(&BLACK);
+    for (i, key) in keys.iter().enumerate() {
+        let x = 10 + column_w * (i / per_column) as i32;
+        let y = 40 + (KEY_ROW as usize * (i % per_column)) as i32;
+        if key.line {
+            area.draw(&PathElement::new(
+                vec![(x - 6, y), (x + 14, y)],
+                key.colour.stroke_width(2),
+            ))
+            .map_err(draw_err(what))?;
+        }
+        macro_rules! key_marker {
+            ($make:expr) => {
+                area.draw(&$make((x + 4, y), key.colour))
+                    .map_err(draw_err(what))?
+            };
+        }
+        each_marker!(key.marker, key_marker);
+        area.draw_text(&key.label, &style, (x + 20, y - 6))
+            .map_err(draw_err(what))?;
+    }
+    Ok(())
+}
+
 /// A figure of `panels` in a grid of `cols` columns, each panel
-/// `panel_w` x `panel_h` pixels, as SVG text.
+/// `panel_w` x `panel_h` pixels, as SVG text. Beside the panels: the colour
+/// bar of their scale, if any, and, when the panels' legends would have more
+/// than [`PANEL_LEGEND_ROWS`] entries, one legend for all of them.
 pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_h: u32) -> Result<String> {
     register_font();
     let cols = cols.max(1).min(panels.len().max(1));
@@ -261,7 +384,17 @@ pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_
     let header = if title.is_empty() { 0 } else { 40 };
     let scale = panels.iter().find_map(|p| p.colour_scale.as_ref());
     let bar = if scale.is_some() { COLOUR_BAR_WIDTH } else { 0 };
-    let size = (panel_w * cols as u32 + bar, panel_h * rows as u32 + header);
+    let keys = legend_keys(panels);
+    let side = panels
+        .iter()
+        .any(|p| p.series.iter().filter(|s| !s.label.is_empty()).count() > PANEL_LEGEND_ROWS);
+    let (key_columns, key_w) = if side {
+        side_legend_size(&keys, panel_h * rows as u32)
+    } else {
+        (0, 0)
+    };
+    let grid_w = panel_w * cols as u32;
+    let size = (grid_w + bar + key_w, panel_h * rows as u32 + header);
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
@@ -273,24 +406,30 @@ pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_
         } else {
             root.clone()
         };
-        let body = match scale {
-            Some(scale) => {
-                let (panels_area, bar_area) = body.split_horizontally(panel_w * cols as u32);
-                draw_colour_bar(&bar_area, scale)?;
-                panels_area
-            }
-            None => body,
-        };
+        let (body, beside) = body.split_horizontally(grid_w);
+        let (bar_area, key_area) = beside.split_horizontally(bar);
+        if let Some(scale) = scale {
+            draw_colour_bar(&bar_area, scale)?;
+        }
+        if side {
+            draw_side_legend(&key_area, &keys, key_columns)?;
+        }
         let areas = body.split_evenly((rows, cols));
         for (panel, area) in panels.iter().zip(areas.iter()) {
-            draw_panel(area, panel)?;
+            draw_panel(area, panel, !side)?;
         }
         root.present().map_err(draw_err(title))?;
     }
     Ok(svg)
 }
 
-fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Panel) -> Result<()> {
+/// Draw panel `p` on `area`, with its legend inside unless the figure
+/// shows one legend beside all panels.
+fn draw_panel(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    p: &Panel,
+    legend_inside: bool,
+) -> Result<()> {
     let pts = p.finite_points();
     let (log_x, log_y) = p.log_axes(&pts);
     let tx = |x: f64| if log_x { x.log10() } else { x };
@@ -316,7 +455,22 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
         return Ok(());
     }
     let (x0, x1) = range(pts.iter().map(|(x, _)| tx(*x)));
-    let (y0, y1) = range(pts.iter().map(|(_, y)| ty(*y)));
+    let (y0, mut y1) = range(pts.iter().map(|(_, y)| ty(*y)));
+    let legend = if legend_inside {
+        let plotted: Vec<(f64, f64)> = pts
+            .iter()
+            .map(|&(x, y)| ((tx(x) - x0) / (x1 - x0), (ty(y) - y0) / (y1 - y0)))
+            .collect();
+        let (w, h) = area.dim_in_pixel();
+        legend_place(p, &plotted, (w, h))
+    } else {
+        None
+    };
+    if let Some((_, headroom)) = legend {
+        // Every corner covers a point: the y axis grows so that the legend
+        // sits above the data.
+        y1 = y0 + (y1 - y0) / (1.0 - headroom);
+    }
     let axis = |lo: f64, hi: f64, log: bool| -> (Vec<f64>, Vec<String>) {
         if log {
             // Ticks at round exponents, labelled with the values.
@@ -396,13 +550,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
                 .map_err(draw_err(what))?;
         }
         let label = (!s.label.is_empty()).then(|| s.label.clone());
-        // Coloured by value, the legend shows the shape in grey.
-        let key = if s.values.is_empty() || p.colour_scale.is_none() {
-            c
-        } else {
-            RGBColor(110, 110, 110)
-        };
-        // One arm per marker shape: the element types differ.
+        let key = series_key_colour(p, s);
         macro_rules! markers {
             ($make:expr) => {{
                 let drawn = chart
@@ -413,16 +561,7 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
                 }
             }};
         }
-        match s.marker {
-            Marker::Circle => markers!(|at, pc: RGBColor| Circle::new(at, 4, pc.filled())),
-            Marker::Triangle => markers!(|at, pc: RGBColor| TriangleMarker::new(at, 5, pc.filled())),
-            Marker::Square => {
-                markers!(
-                    |at, pc: RGBColor| EmptyElement::at(at) + Rectangle::new([(-4, -4), (4, 4)], pc.filled())
-                )
-            }
-            Marker::Cross => markers!(|at, pc: RGBColor| Cross::new(at, 4, pc.stroke_width(2))),
-        }
+        each_marker!(s.marker, markers);
     }
     if let Some((slope, intercept)) = p.fit {
         let line = if log_x || log_y {
@@ -456,31 +595,13 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
                 .map_err(draw_err(what))?;
         }
     }
-    let legend_rows = p.series.iter().filter(|s| !s.label.is_empty()).count();
-    if legend_rows > 0 && !pts.is_empty() {
-        let (w, h) = area.dim_in_pixel();
-        let plotted: Vec<(f64, f64)> = pts
-            .iter()
-            .map(|&(x, y)| ((tx(x) - x0) / (x1 - x0), (ty(y) - y0) / (y1 - y0)))
-            .collect();
-        // The legend box as a fraction of the plot (about 18 px a row and
-        // 6 px a character at 10 px, with its margins), generously.
-        let longest = p
-            .series
-            .iter()
-            .map(|s| s.label.chars().count())
-            .max()
-            .unwrap_or(0);
-        let plot_w = f64::from(w.saturating_sub(80).max(1));
-        let plot_h = f64::from(h.saturating_sub(80).max(1));
-        let wide = ((longest as f64 * 6.0 + 50.0) / plot_w).min(1.0);
-        let tall = ((legend_rows as f64 * 18.0 + 20.0) / plot_h).min(1.0);
+    if let Some((corner, _)) = legend {
         chart
             .configure_series_labels()
             .label_font((FONT_FAMILY, 10))
             .background_style(WHITE.mix(0.8))
             .border_style(RGBColor(200, 200, 200))
-            .position(legend_corner(&plotted, wide, tall))
+            .position(corner)
             .draw()
             .map_err(draw_err(what))?;
     }
@@ -496,10 +617,34 @@ fn draw_panel(area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, p: &Pa
     Ok(())
 }
 
+/// Where a panel's legend goes, if it has one: the corner where it covers
+/// no point, and 0 headroom; when every corner covers some, the upper
+/// right with the fraction of the plot's height the y axis must grow by
+/// above the data to hold it (or, for a legend too tall for that, the
+/// corner covering the fewest points and no headroom). `plotted` are the
+/// points as fractions of the plot (y up) in an area of `size` pixels.
+fn legend_place(p: &Panel, plotted: &[(f64, f64)], size: (u32, u32)) -> Option<(SeriesLabelPosition, f64)> {
+    let labelled = p.series.iter().filter(|s| !s.label.is_empty());
+    let rows = labelled.clone().count();
+    let longest = labelled.map(|s| s.label.chars().count()).max()?;
+    // The legend box as a fraction of the plot (about 18 px a row and
+    // 6 px a character at 10 px, with its margins), generously.
+    let plot_w = f64::from(size.0.saturating_sub(80).max(1));
+    let plot_h = f64::from(size.1.saturating_sub(80).max(1));
+    let wide = ((longest as f64 * 6.0 + 50.0) / plot_w).min(1.0);
+    let tall = ((rows as f64 * 18.0 + 20.0) / plot_h).min(1.0);
+    let (corner, covered) = legend_corner(plotted, wide, tall);
+    Some(if covered == 0 || tall > 0.45 {
+        (corner, 0.0)
+    } else {
+        (SeriesLabelPosition::UpperRight, tall)
+    })
+}
+
 /// The corner of the plot where a legend `wide` x `tall` (fractions of the
-/// plot) covers the fewest of the points (x, y in 0..1, y up); upper right
-/// when several cover none.
-fn legend_corner(points: &[(f64, f64)], wide: f64, tall: f64) -> SeriesLabelPosition {
+/// plot) covers the fewest of the points (x, y in 0..1, y up), and how many
+/// it covers; upper right when several cover none.
+fn legend_corner(points: &[(f64, f64)], wide: f64, tall: f64) -> (SeriesLabelPosition, usize) {
     let corners = [
         (
             SeriesLabelPosition::UpperRight,
@@ -518,8 +663,9 @@ fn legend_corner(points: &[(f64, f64)], wide: f64, tall: f64) -> SeriesLabelPosi
     };
     corners
         .into_iter()
-        .min_by_key(|(_, xs, ys)| covered(xs, ys))
-        .map_or(SeriesLabelPosition::UpperRight, |c| c.0)
+        .map(|(corner, xs, ys)| (corner, covered(&xs, &ys)))
+        .min_by_key(|c| c.1)
+        .unwrap_or((SeriesLabelPosition::UpperRight, 0))
 }
 
 /// The part of y = slope x + intercept inside the box, if any.
@@ -672,7 +818,8 @@ fn log_label(e: f64) -> String {
 fn short(v: f64) -> String {
     let a = v.abs();
     if a != 0.0 && !(1e-3..1e4).contains(&a) {
-        format!("{v:.1e}")
+        // 2e8 rather than 2.0e8.
+        format!("{v:.1e}").replace(".0e", "e")
     } else if a >= 100.0 {
         format!("{v:.0}")
     } else {
@@ -756,6 +903,10 @@ mod tests {
         let png = svg_to_png(&svg).unwrap();
         assert_eq!(&png[1..4], b"PNG");
         assert_eq!(short(0.000123), "1.2e-4");
+        assert_eq!(
+            (short(2e8), short(3.4e6), short(-1e-5)),
+            ("2e8".into(), "3.4e6".into(), "-1e-5".into())
+        );
         assert_eq!(short(12.5), "12.5");
         assert_eq!(wrap("a bb ccc dddd", 6), vec!["a bb", "ccc", "dddd"]);
     }
@@ -835,12 +986,7 @@ mod tests {
         };
         let log = grid_svg("", &[panel(true)], 1, 400, 300).unwrap();
         assert!(log.contains("CDNV (log scale)") && !log.contains("loss (log scale)"));
-        let texts = |svg: &str| -> Vec<String> {
-            svg.split("<text")
-                .skip(1)
-                .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
-                .collect()
-        };
+        let texts = svg_texts;
         let labels = texts(&log);
         for tick in ["0.001", "0.01", "0.1", "1", "10", "2.5", "4"] {
             assert!(labels.iter().any(|l| l == tick), "{tick} missing from {labels:?}");
@@ -866,20 +1012,109 @@ mod tests {
         // Points along the rising diagonal leave the upper left and lower
         // right free; the upper right is taken.
         let diagonal: Vec<(f64, f64)> = (0..20).map(|i| (i as f64 / 19.0, i as f64 / 19.0)).collect();
-        let corner = legend_corner(&diagonal, 0.45, 0.3);
+        let (corner, covered) = legend_corner(&diagonal, 0.45, 0.3);
         assert!(matches!(
             corner,
             SeriesLabelPosition::UpperLeft | SeriesLabelPosition::LowerRight
         ));
+        assert_eq!(covered, 0);
         assert!(matches!(
             legend_corner(&[], 0.45, 0.3),
-            SeriesLabelPosition::UpperRight
+            (SeriesLabelPosition::UpperRight, 0)
         ));
         let high: Vec<(f64, f64)> = (0..10).map(|i| (i as f64 / 9.0, 0.95)).collect();
         assert!(matches!(
             legend_corner(&high, 0.45, 0.3),
-            SeriesLabelPosition::LowerRight
+            (SeriesLabelPosition::LowerRight, 0)
         ));
+    }
+
+    /// The texts of an SVG's `<text>` elements.
+    fn svg_texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+            .collect()
+    }
+
+    fn labelled(label: &str, marker: Marker, points: Vec<(f64, f64)>) -> Series {
+        Series {
+            label: label.into(),
+            colour: 0,
+            marker,
+            points,
+            line: false,
+            values: Vec::new(),
+        }
+    }
+
+    /// A legend that would cover points in every corner gets room above
+    /// the data instead: the y axis grows by the legend's height, so no
+    /// point lies under it.
+    #[test]
+    fn a_legend_never_covers_a_point() {
+        // A 5 x 5 lattice filling the plot, corners included.
+        let lattice: Vec<(f64, f64)> = (0..25)
+            .map(|i| ((i % 5) as f64 / 4.0, (i / 5) as f64 / 4.0))
+            .collect();
+        let panel = Panel {
+            series: vec![
+                labelled("L=1", Marker::Circle, lattice.clone()),
+                labelled("L=12", Marker::Diamond, vec![(0.5, 0.5)]),
+            ],
+            ..Default::default()
+        };
+        let (corner, headroom) = legend_place(&panel, &lattice, (380, 300)).unwrap();
+        assert!(matches!(corner, SeriesLabelPosition::UpperRight));
+        // Two rows: (2 x 18 + 20) px of a 220 px plot.
+        assert!((headroom - 56.0 / 220.0).abs() < 1e-12, "{headroom}");
+        // A free corner needs no room.
+        let diagonal: Vec<(f64, f64)> = (0..20).map(|i| (i as f64 / 19.0, i as f64 / 19.0)).collect();
+        assert_eq!(legend_place(&panel, &diagonal, (380, 300)).unwrap().1, 0.0);
+        // No labels, no legend.
+        let bare = Panel {
+            series: vec![labelled("", Marker::Circle, lattice.clone())],
+            ..Default::default()
+        };
+        assert!(legend_place(&bare, &lattice, (380, 300)).is_none());
+    }
+
+    /// Panels with more legend entries than fit beside their data share one
+    /// legend outside them, each entry once; six marker shapes are distinct.
+    #[test]
+    fn dense_legends_go_beside_the_figure() {
+        let shapes: Vec<Marker> = (0..6).map(Marker::nth).collect();
+        for (i, a) in shapes.iter().enumerate() {
+            assert!(shapes[i + 1..].iter().all(|b| b != a), "{shapes:?}");
+        }
+        let panel = |entries: usize| Panel {
+            title: "p".into(),
+            series: (0..entries)
+                .map(|i| {
+                    labelled(
+                        &format!("family {i}"),
+                        Marker::nth(i),
+                        vec![(i as f64, 1.0 + i as f64)],
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let few = grid_svg("f", &[panel(3), panel(3)], 2, 300, 240).unwrap();
+        let many = grid_svg("f", &[panel(40), panel(40)], 2, 300, 240).unwrap();
+        let count = |svg: &str, text: &str| svg_texts(svg).iter().filter(|t| *t == text).count();
+        // Few: each panel its own legend, the figure as wide as its panels.
+        assert_eq!(count(&few, "family 2"), 2);
+        assert!(few.starts_with("<svg width=\"600\""));
+        // Many: one legend beside both panels, in columns that fit the height.
+        assert_eq!(count(&many, "family 39"), 1);
+        assert_eq!(count(&many, "family 0"), 1);
+        let keys = legend_keys(&[panel(40)]);
+        assert_eq!(keys.len(), 40);
+        let (columns, width) = side_legend_size(&keys, 240);
+        assert_eq!(columns, 4, "12 rows of 16 px a column in 240 - 40 px");
+        assert!(many.starts_with(&format!("<svg width=\"{}\"", 600 + width)));
+        assert_eq!(&svg_to_png(&many).unwrap()[1..4], b"PNG");
     }
 
     /// Points coloured by value on a viridis scale, with the colour bar

@@ -234,53 +234,68 @@ fn report_files_render_and_match_sql() {
     imported_models_beside_the_lakes(&tl);
 }
 
+/// The columns of the paper's published per-model table
+/// (`artifacts/lc-2024_10_24.csv` of rhubarbwu/linguistic-collapse).
+const PAPER_COLUMNS: &str = "model,n_params,val_acc,val_loss,perplex,cdnv,norms_mean,norms_var,etf_error,interfere_mean,interfere_var,log_kern_mean,log_kern_var,dual_error,simdot_mean,simdot_var,simcos_mean,simcos_var,dists_mean,dists_var,hits,misses,norms_log_mean,norms_log_var";
+
+/// The README's mapping of those columns onto the report's metrics.
+const PAPER_MAPPING: &str = "nc1_cdnv=cdnv, nc2_equinorm_cov=sqrt(norms_log_var)/norms_log_mean, nc2_etf_error=etf_error, nc3_duality_mean=simcos_mean, unc3_duality_cov=sqrt(simcos_var)/simcos_mean, nc4_agreement=hits/(hits+misses), n_params=n_params";
+
+/// R² and the least-squares line of (x, y) pairs, by their definitions in
+/// f64: Sxy² / (Sxx Syy), slope Sxy / Sxx.
+fn brute_fit(pairs: &[(f64, f64)]) -> (f64, f64, f64) {
+    let n = pairs.len() as f64;
+    let mx = pairs.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pairs.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = pairs.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let syy: f64 = pairs.iter().map(|p| (p.1 - my).powi(2)).sum();
+    let sxy: f64 = pairs.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    (sxy * sxy / (sxx * syy), sxy / sxx, my - sxy / sxx * mx)
+}
+
 /// A table in the layout of the paper's published CSV, imported with its
-/// columns mapped onto the report's metric names, drawn beside the lake's
-/// own models (source=all) and alone (source=imported:paper): every row of
-/// Figure 1's CSV equals SQL over the same selection, for both sources.
+/// columns mapped onto the report's metric names as the README maps them,
+/// drawn beside the lake's own models (source=all) and alone
+/// (source=imported:paper): every row of Figure 1's CSV equals SQL over the
+/// same selection, for both sources, and the pooled R² and line equal an
+/// f64 brute force over both.
 fn imported_models_beside_the_lakes(tl: &TestLake) {
-    let mut csv = String::from(
-        "model,cdnv_mean,norms_log_mean,norms_log_std,interfere_mean,interfere_std,log_dist_mean,log_dist_std,sims_mean,sims_std,matches,misses,val_loss,params\n",
-    );
+    let mut csv = format!("{PAPER_COLUMNS}\n");
     for (i, model) in [
         "02x0064_01d@0",
         "02x0128_01d@0",
-        "04x0128_01d@0",
-        "04x0256_01d@0",
-        "08x0256_01d@0",
+        "04x0128_01L@0",
+        "04x0256_10d@5",
+        "08x0256_10L@9",
     ]
     .iter()
     .enumerate()
     {
         let k = i as f64;
-        csv.push_str(&format!(
-            "{model},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-            10f64.powf(-k),
-            2.0 + 0.1 * k,
-            0.3 - 0.02 * k,
-            0.05 + 0.01 * k,
-            0.4 - 0.03 * k,
-            -1.0 - 0.1 * k,
-            0.2,
-            0.1 + 0.05 * k,
-            0.05,
-            500.0 + 60.0 * k,
-            500.0 - 60.0 * k,
-            3.2 - 0.2 * k,
-            1e6 * 4f64.powf(k)
-        ));
+        let mut row = vec![model.to_string()];
+        for column in PAPER_COLUMNS.split(',').skip(1) {
+            let v = match column {
+                "n_params" => 1e6 * 4f64.powf(k),
+                "val_loss" => 3.2 - 0.2 * k + 0.03 * (k * k),
+                "cdnv" => 10f64.powf(-k),
+                "etf_error" => 1.41 - 0.002 * k,
+                "simcos_mean" => 0.1 + 0.05 * k,
+                "simcos_var" => 0.01 + 0.001 * k,
+                "hits" => 500.0 + 60.0 * k,
+                "misses" => 500.0 - 60.0 * k,
+                "norms_log_mean" => 2.0 + 0.1 * k,
+                "norms_log_var" => 0.09 - 0.01 * k,
+                _ => 0.5 + k,
+            };
+            row.push(v.to_string());
+        }
+        csv.push_str(&row.join(","));
+        csv.push('\n');
     }
     let f = tl.file("paper.csv", csv.as_bytes());
     tl.run(
         "import",
-        &[
-            ("input", &f),
-            ("name", "paper"),
-            (
-                "columns",
-                "nc1_cdnv=cdnv_mean, nc2_equinorm_cov=norms_log_std/norms_log_mean, nc2_equiangular_cov=interfere_std/interfere_mean, gnc2_uniformity_cov=log_dist_std/abs(log_dist_mean), nc3_duality_mean=sims_mean, unc3_duality_cov=sims_std/sims_mean, nc4_agreement=matches/(matches+misses), n_params=params",
-            ),
-        ],
+        &[("input", &f), ("name", "paper"), ("columns", PAPER_MAPPING)],
     );
     let sql = Sql::open(tl.lake()).unwrap();
     let imported = |metric: &str| {
@@ -306,10 +321,12 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
         figure1_rows(&rows, "imported:paper"),
     );
     assert_eq!((own.len(), theirs.len()), (8, 8));
+    // The paper's table maps no column onto these two.
+    let unmapped = ["nc2_equiangular_cov", "gnc2_uniformity_cov"];
+    let mut pooled_want = BTreeMap::new();
     for (metric, got) in &theirs {
         let want = imported(metric);
-        if metric == "nc2_etf_error" {
-            // The paper's table has no ETF error: its rows are empty.
+        if unmapped.contains(&metric.as_str()) {
             assert!(want.is_empty() && got.iter().all(|r| r.1.is_none()), "{got:?}");
             continue;
         }
@@ -319,14 +336,52 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
         }
         let ours = query_f64(
             &sql,
-            &format!("SELECT model, {metric} FROM model_metrics WHERE final_layer ORDER BY model, layer"),
+            &format!(
+                "SELECT model, {metric}, val_loss FROM model_metrics WHERE final_layer ORDER BY model, layer"
+            ),
         );
         let own_rows = &own[metric];
         assert_eq!(own_rows.len(), ours.len());
         for ((m, v, _), (wm, wv)) in own_rows.iter().zip(&ours) {
             assert_eq!((m, *v), (wm, wv[0]), "{metric}");
         }
+        // Both sources' points, from SQL, for the pooled fit.
+        let pairs = |rows: &[(String, Vec<Option<f64>>)]| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter_map(|(_, v)| Some((v[0]?, v[1]?)))
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect()
+        };
+        let (a, b) = (pairs(&ours), pairs(&want));
+        if a.len() >= 3 && b.len() >= 3 {
+            pooled_want.insert(metric.clone(), brute_fit(&[a, b].concat()));
+        }
     }
+    // The pooled R² and line where both sources have three points; the
+    // agreement to 1e-9 (relative) allows for summation order.
+    let (header, pooled) = read_csv(&both.join("pooled_correlations.csv"));
+    assert_eq!(header, ["metric", "n_models", "r2", "slope", "intercept"]);
+    assert_eq!(pooled.len(), pooled_want.len(), "{pooled:?}");
+    assert!(pooled.len() >= 5, "{pooled:?}");
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1e-12);
+    for r in &pooled {
+        let (r2, slope, intercept) = pooled_want[&r[0]];
+        let got: Vec<f64> = r[2..5].iter().map(|v| v.parse().unwrap()).collect();
+        assert!(
+            close(got[0], r2) && close(got[1], slope) && close(got[2], intercept),
+            "{r:?} vs {:?}",
+            (r2, slope, intercept)
+        );
+    }
+    let svg = std::fs::read_to_string(both.join("metric_vs_loss.svg")).unwrap();
+    let cdnv_r2 = pooled
+        .iter()
+        .find(|r| r[0] == "nc1_cdnv")
+        .map(|r| r[2].parse::<f64>().unwrap());
+    assert!(
+        svg.contains(&format!("pooled {:.2}", cdnv_r2.unwrap())),
+        "the pooled R² is in the title"
+    );
     // The correlations of both sources, and the metric one source lacks
     // explained.
     let (header, rows) = read_csv(&both.join("correlations.csv"));
@@ -343,7 +398,9 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
         assert!(got >= 7, "{source}: {got} correlations");
     }
     let md = std::fs::read_to_string(both.join("report.md")).unwrap();
-    assert!(md.contains("no model of paper has nc2_etf_error"), "{md}");
+    for metric in unmapped {
+        assert!(md.contains(&format!("no model of paper has {metric}")), "{md}");
+    }
     // Every model has a size: points coloured by it, with the colour bar,
     // and the CSV's sizes are SQL's.
     let svg = std::fs::read_to_string(both.join("metric_vs_loss.svg")).unwrap();
@@ -395,6 +452,20 @@ fn imported_models_beside_the_lakes(tl: &TestLake) {
     );
     let (_, rows) = read_csv(&alone.join("metric_vs_loss.csv"));
     assert!(rows.iter().all(|r| r[0] == "imported:paper") && rows.len() == 5 * 8);
+    // The columns the table lacks are left out of the figure (the page says
+    // why), and so are the sections only the lake's own models have.
+    let svg = std::fs::read_to_string(alone.join("metric_vs_loss.svg")).unwrap();
+    assert!(svg.contains("nc1_cdnv") && !svg.contains("nc2_equiangular_cov"));
+    let md = std::fs::read_to_string(alone.join("report.md")).unwrap();
+    assert!(
+        md.contains("nc2_equiangular_cov: no model in the selection has nc2_equiangular_cov")
+            && md.contains("map a column onto it at import"),
+        "{md}"
+    );
+    assert!(md.contains("Imported tables carry one number per model") && !md.contains("Token tables"));
+    assert!(!alone.join("through_depth.png").exists() && !alone.join("tokens.csv").exists());
+    assert!(!alone.join("pooled_correlations.csv").exists());
+    assert_png_drawn(&alone.join("metric_vs_loss.png"));
     let err = tl.run_err("report", &[("source", "imported:nosuch")]);
     assert!(err.contains("no imported table named nosuch"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! Statistics that relate one metric to another across models:
 //!
 //! - [`r2`]: R^2 = corr(x, y)^2;
+//! - [`least_squares`]: the line y = slope x + intercept of least squares;
 //! - [`perm_pvalue`]: permutation test of R^2. p = (1 + #{R^2_perm >=
 //!   R^2_obs}) / (1 + n) over `n` seeded permutations of y against x;
 //! - [`spearman`]: Spearman's rank correlation (average ranks for ties);
@@ -95,6 +96,23 @@ pub fn r2(xs: &[f64], ys: &[f64]) -> Option<f64> {
     Some(r2_std(&standardise(&x)?, &standardise(&y)?))
 }
 
+/// The least-squares line through the pairs, `(slope, intercept)`; `None`
+/// for fewer than 3 pairs or a constant x. Centred sums, in f64.
+pub fn least_squares(xs: &[f64], ys: &[f64]) -> Option<(f64, f64)> {
+    let (x, y) = canonical(xs, ys);
+    if x.len() < 3 {
+        return None;
+    }
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let sxx: f64 = x.iter().map(|a| (a - mx) * (a - mx)).sum();
+    let sxy: f64 = x.iter().zip(&y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    (sxx > 0.0).then(|| {
+        let slope = sxy / sxx;
+        (slope, my - slope * mx)
+    })
+}
+
 /// The permutation test's p-value (see the module documentation). Ties
 /// with the observed R^2 count as reaching it (relative tolerance 1e-12).
 pub fn perm_pvalue(xs: &[f64], ys: &[f64], n: u64, seed: u64) -> Option<f64> {
@@ -183,6 +201,19 @@ pub fn r2_bootstrap(xs: &[f64], ys: &[f64], n: u64, seed: u64, q: f64) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hand-worked: (0, 1), (1, 2), (2, 2), (3, 4): x̄ = 1.5, ȳ = 2.25,
+    /// Sxx = 5, Sxy = 4.5, so slope 0.9 and intercept 2.25 - 1.35 = 0.9;
+    /// R² = Sxy² / (Sxx Syy) = 20.25 / (5 * 4.75).
+    #[test]
+    fn least_squares_by_hand() {
+        let (xs, ys) = ([0.0, 1.0, 2.0, 3.0], [1.0, 2.0, 2.0, 4.0]);
+        let (slope, intercept) = least_squares(&xs, &ys).unwrap();
+        assert!((slope - 0.9).abs() < 1e-15 && (intercept - 0.9).abs() < 1e-15);
+        assert!((r2(&xs, &ys).unwrap() - 20.25 / 23.75).abs() < 1e-15);
+        assert_eq!(least_squares(&[1.0, 1.0, 1.0], &[1.0, 2.0, 3.0]), None);
+        assert_eq!(least_squares(&[1.0, f64::NAN, 2.0], &[1.0, 2.0, 3.0]), None);
+    }
 
     #[test]
     fn a_perfect_correlation_beats_every_permutation() {

@@ -14,8 +14,8 @@
 //! source column keeps its name, `src:dst` renames it, and `name=EXPR`
 //! computes a metric from the source columns with an SQL expression that
 //! DataFusion parses as one expression and evaluates (e.g.
-//! `equinorm=norms_log_std/norms_log_mean`, the CoV the paper correlates,
-//! from the means and standard deviations its tables publish). A value that
+//! `equinorm=sqrt(norms_log_var)/norms_log_mean`, the CoV the paper
+//! correlates, from the means and variances its table publishes). A value that
 //! comes out NaN or infinite (a division by zero) is stored as NULL and
 //! counted in the summary. Empty `columns` means every numeric column but the
 //! model and loss columns.

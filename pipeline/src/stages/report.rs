@@ -15,8 +15,9 @@
 //!   validation loss, colour = parameter count (viridis, with a colour bar)
 //!   when every model has one, else width; marker = depth; with the
 //!   least-squares line and R^2, p and n from the correlations table; with
-//!   several sources the marker tells them apart and each has its R^2 in
-//!   the title;
+//!   several sources the marker tells them apart, each has its R^2 in the
+//!   title, and where two or more have three points the pooled R^2 joins
+//!   them and the pooled line is drawn (`pooled_correlations.csv`);
 //! - `correlations`: the correlation table (also in the page);
 //! - `scale_trends`: each property against parameter count (log axis), one
 //!   line per depth x epochs x weight decay (means over seeds);
@@ -26,6 +27,9 @@
 //! - `tokens`: per model, the classes at both ends of the centred-mean norm,
 //!   the self-duality and the within-class variance, and the most and least
 //!   interfering pairs, with their token text.
+//!
+//! The last three exist for the lake's own models only: a report of
+//! imported tables alone leaves them out and says so.
 //!
 //! All data comes from named SQL (`sql/report_*.sql`) over the selection, so
 //! each CSV holds exactly what `pipeline sql` returns for it. A panel that
@@ -93,12 +97,22 @@ pub const METRICS: [(&str, &str); 8] = [
     ("nc4_agreement", "NC4 classifier agreement"),
 ];
 
-/// Why a metric can be missing for every model.
-fn missing_hint(metric: &str) -> &'static str {
-    match metric {
+/// Why a metric can be missing for every model of `sources`: the lake's
+/// own lack a stage, an imported table lacks a mapped column.
+fn missing_hint(metric: &str, sources: &[String]) -> String {
+    let own = match metric {
         "nc4_agreement" => "NC4 needs decisions: run decide for these models",
         "nc3_duality_mean" | "unc3_duality_cov" => "NC3 needs the models' weights at analyze time",
         _ => "run analyze for these models",
+    };
+    let imported = format!("map a column onto it at import: columns={metric}=EXPR");
+    match (
+        sources.iter().any(|s| s == "model_metrics"),
+        sources.iter().any(|s| s != "model_metrics"),
+    ) {
+        (true, true) => format!("{own}; for an imported table, {imported}"),
+        (false, true) => format!("the imported table has none: {imported}"),
+        _ => own.to_string(),
     }
 }
 
@@ -328,9 +342,12 @@ impl Stage for Report {
         figures.push(metric_vs_loss(&points, &corr, &mut out)?);
         out.put("correlations.csv", corr.csv()?)?;
         figures.push(scale_trends(&points, &mut out)?);
-        figures.push(through_depth(&layers, &mut out)?);
-        figures.push(training_curves(&training, &mut out)?);
-        out.put("tokens.csv", tokens.csv()?)?;
+        let own_models = sources.iter().any(|s| s == "model_metrics");
+        if own_models {
+            figures.push(through_depth(&layers, &mut out)?);
+            figures.push(training_curves(&training, &mut out)?);
+            out.put("tokens.csv", tokens.csv()?)?;
+        }
 
         let models: BTreeSet<String> = (0..points.rows()).map(|i| points.str("model", i)).collect();
         let page = Page {
@@ -340,7 +357,7 @@ impl Stage for Report {
             corr: &corr,
             corr_note: corr_note.as_deref(),
             figures: &figures,
-            tokens: &tokens,
+            tokens: own_models.then_some(&tokens),
         };
         out.put("report.md", page.markdown().into_bytes())?;
         out.put("index.html", page.html().into_bytes())?;
@@ -464,7 +481,9 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
     let widths: Vec<String> = distinct(points, "width");
     let depths: Vec<String> = distinct(points, "depth");
     let scale = size_scale(points);
+    let imported_only = imported_only(&sources);
     let mut csv = String::from("source,model,width,depth,metric,value,val_loss,n_params\n");
+    let mut pooled_csv = String::from("metric,n_models,r2,slope,intercept\n");
     let mut panels = Vec::new();
     let mut notes = Vec::new();
     for (metric, about) in METRICS {
@@ -516,11 +535,33 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
                 .map(|r| corr.str("n_models", r))
                 .unwrap_or_else(|| "0".into())
         };
+        // Pooled over the sources: meaningful where at least two of them
+        // have three points or more (the metrics share their definitions
+        // through import's columns=); otherwise one source is the pool.
+        let pooled = if several && present.iter().filter(|&&n| n >= 3).count() >= 2 {
+            let (xs, ys): (Vec<f64>, Vec<f64>) = groups.values().flat_map(|g| g.0.iter().copied()).unzip();
+            let fit = lc_metrics::correlation::least_squares(&xs, &ys);
+            let r2 = lc_metrics::correlation::r2(&xs, &ys);
+            let _ = writeln!(
+                pooled_csv,
+                "{metric},{},{},{},{}",
+                xs.len(),
+                r2.map(|v| v.to_string()).unwrap_or_default(),
+                fit.map(|f| f.0.to_string()).unwrap_or_default(),
+                fit.map(|f| f.1.to_string()).unwrap_or_default()
+            );
+            Some((r2, fit))
+        } else {
+            None
+        };
         let title = if several {
-            let parts: Vec<String> = sources
+            let mut parts: Vec<String> = sources
                 .iter()
                 .map(|src| format!("{} {}", short_source(src), fmt(stat(src, "r2"), 2)))
                 .collect();
+            if let Some((r2, _)) = pooled {
+                parts.push(format!("pooled {}", fmt(r2, 2)));
+            }
             format!("{metric}  R²: {}", parts.join(", "))
         } else {
             let src = sources.first().map(String::as_str).unwrap_or("model_metrics");
@@ -535,7 +576,7 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         if groups.is_empty() {
             note.push(format!(
                 "no model in the selection has {metric} and val_loss ({})",
-                missing_hint(metric)
+                missing_hint(metric, &sources)
             ));
         } else {
             for (si, src) in sources.iter().enumerate() {
@@ -568,6 +609,11 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
         if !note.is_empty() {
             notes.push(format!("{metric}: {}", note.join("; ")));
         }
+        if groups.is_empty() && imported_only {
+            // A column the tables do not have: the page says so, and the
+            // figure keeps the panels that have data.
+            continue;
+        }
         let series = groups
             .into_iter()
             .map(|((si, wi, di), (pts, sizes))| {
@@ -587,14 +633,14 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
                 }
             })
             .collect();
+        // One source: its line as correlate fitted it; several: the pooled
+        // line (each source's R^2 is in the title).
         let fit = match sources.as_slice() {
             [src] => match (stat(src, "slope"), stat(src, "intercept")) {
                 (Some(s), Some(b)) => Some((s, b)),
                 _ => None,
             },
-            // One line per source would need a colour of its own; the
-            // titles carry each source's R^2.
-            _ => None,
+            _ => pooled.and_then(|p| p.1),
         };
         panels.push(Panel {
             title,
@@ -610,13 +656,13 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
     }
     let title = match (&scale, several) {
         (Some(_), true) => {
-            "Neural-collapse properties against validation loss (colour: parameters, marker: source)"
+            "Neural-collapse properties against validation loss (colour: parameters, marker: source, line: pooled fit)"
         }
         (Some(_), false) => {
             "Neural-collapse properties against validation loss (colour: parameters, marker: depth L)"
         }
         (None, true) => {
-            "Neural-collapse properties against validation loss (colour: width d, marker: source)"
+            "Neural-collapse properties against validation loss (colour: width d, marker: source, line: pooled fit)"
         }
         (None, false) => {
             "Neural-collapse properties against validation loss (colour: width d, marker: depth L)"
@@ -624,9 +670,12 @@ fn metric_vs_loss(points: &Table, corr: &Table, out: &mut Output) -> Result<Figu
     };
     out.figure(
         "metric_vs_loss",
-        grid_svg(title, &panels, 4, 380, 300)?,
+        grid_svg(title, &panels, grid_cols(panels.len()), 380, 300)?,
         csv.as_bytes(),
     )?;
+    if several {
+        out.put("pooled_correlations.csv", pooled_csv.into_bytes())?;
+    }
     Ok(Figure {
         name: "metric_vs_loss".into(),
         title: title.into(),
@@ -654,6 +703,17 @@ fn size_scale(points: &Table) -> Option<ColourScale> {
     })
 }
 
+/// Whether every source is an imported table: a metric none of them has
+/// is a column they lack, not a stage to run, so its panel is left out.
+fn imported_only(sources: &[String]) -> bool {
+    sources.iter().all(|s| s != "model_metrics")
+}
+
+/// Columns of a grid of `n` panels: 4, or 3 for six or fewer.
+fn grid_cols(n: usize) -> usize {
+    if n <= 6 { 3 } else { 4 }
+}
+
 /// A source as a legend names it: `lake` for the lake's own models, the
 /// imported table's name otherwise.
 fn short_source(source: &str) -> &str {
@@ -678,7 +738,8 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
     let mut csv = String::from("source,family,n_params,metric,mean,n_models\n");
     let mut panels = Vec::new();
     let mut notes = Vec::new();
-    let several = distinct(points, "source").len() > 1;
+    let sources = distinct(points, "source");
+    let several = sources.len() > 1;
     // (source, family) of a row; the legend names the source when several.
     let family = |i: usize| {
         (
@@ -691,25 +752,41 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
             ),
         )
     };
-    let families: Vec<(String, String)> = (0..points.rows())
+    // Families in numeric order (L=2 before L=12), by source first.
+    let mut families: Vec<(String, String)> = (0..points.rows())
         .map(family)
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let recipe = |f: &(String, String)| {
+        let i = (0..points.rows()).find(|&i| family(i) == *f).unwrap_or(0);
+        let num = |c: &str| points.f64(c, i).unwrap_or(f64::NAN);
+        (f.0.clone(), [num("depth"), num("epochs"), num("weight_decay")])
+    };
+    families.sort_by(|a, b| {
+        let (a, b) = (recipe(a), recipe(b));
+        a.0.cmp(&b.0).then_with(|| {
+            a.1.iter()
+                .zip(&b.1)
+                .map(|(x, y)| x.total_cmp(y))
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        })
+    });
     for (metric, about) in METRICS {
-        // (source, family) -> n_params -> (sum, n)
-        let mut acc: BTreeMap<(String, String), BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
+        // family index -> n_params -> (sum, n)
+        let mut acc: BTreeMap<usize, BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
         for i in 0..points.rows() {
             if let (Some(x), Some(v)) = (points.f64("n_params", i), points.f64(metric, i)) {
-                let e = acc.entry(family(i)).or_default().entry(x as u64).or_default();
+                let fi = families.iter().position(|f| *f == family(i)).unwrap_or(0);
+                let e = acc.entry(fi).or_default().entry(x as u64).or_default();
                 e.0 += v;
                 e.1 += 1;
             }
         }
         let mut series = Vec::new();
-        for (key, by) in &acc {
-            let fi = families.iter().position(|x| x == key).unwrap_or(0);
-            let (src, f) = key;
+        for (&fi, by) in &acc {
+            let (src, f) = &families[fi];
             let pts: Vec<(f64, f64)> = by.iter().map(|(x, (s, n))| (*x as f64, s / *n as f64)).collect();
             for (x, (s, n)) in by {
                 let _ = writeln!(csv, "{src},{f},{x},{metric},{},{n}", s / *n as f64);
@@ -731,7 +808,7 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
         let note = if acc.is_empty() {
             Some(format!(
                 "no model has {metric} and a parameter count ({})",
-                missing_hint(metric)
+                missing_hint(metric, &sources)
             ))
         } else if sizes.len() < 2 {
             Some("every selected model has the same size: no trend to show".to_string())
@@ -740,6 +817,9 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
         };
         if let Some(n) = &note {
             notes.push(format!("{metric}: {n}"));
+        }
+        if acc.is_empty() && imported_only(&sources) {
+            continue;
         }
         panels.push(Panel {
             title: metric.to_string(),
@@ -755,7 +835,7 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
     let title = "Scale trends: each property against parameter count (mean over seeds)";
     out.figure(
         "scale_trends",
-        grid_svg(title, &panels, 4, 380, 300)?,
+        grid_svg(title, &panels, grid_cols(panels.len()), 380, 300)?,
         csv.as_bytes(),
     )?;
     Ok(Figure {
@@ -807,7 +887,10 @@ fn through_depth(layers: &Table, out: &mut Output) -> Result<Figure> {
         let note = if layered.is_empty() {
             Some("one layer per model: run collect and analyze with layers=all".to_string())
         } else if series.iter().all(|s| s.points.is_empty()) {
-            Some(format!("no layer has {metric} ({})", missing_hint(metric)))
+            Some(format!(
+                "no layer has {metric} ({})",
+                missing_hint(metric, &["model_metrics".to_string()])
+            ))
         } else {
             None
         };
@@ -896,8 +979,14 @@ struct Page<'a> {
     corr: &'a Table,
     corr_note: Option<&'a str>,
     figures: &'a [Figure],
-    tokens: &'a Table,
+    /// The token tables; `None` when only imported tables are reported,
+    /// which carry one number per model (no layers, training or tokens).
+    tokens: Option<&'a Table>,
 }
+
+/// Why an imported-only report has fewer sections.
+const IMPORTED_ONLY: &str = "Imported tables carry one number per model: metrics through depth, \
+     training curves and token tables are drawn for the lake's own models (source=model or source=all).";
 
 const CORR_COLUMNS: [(&str, &str); 7] = [
     ("n_models", "n"),
@@ -923,7 +1012,9 @@ impl Page<'_> {
     /// Token tables grouped by (model, layer, list).
     fn token_lists(&self) -> TokenLists {
         let mut out = TokenLists::new();
-        let t = self.tokens;
+        let Some(t) = self.tokens else {
+            return out;
+        };
         for i in 0..t.rows() {
             let text = match t.str("token_b", i) {
                 b if b.is_empty() => show_token(&t.str("token", i)),
@@ -952,6 +1043,9 @@ impl Page<'_> {
             html_escape(self.predicate),
             html_escape(self.lake)
         );
+        if self.tokens.is_none() {
+            let _ = writeln!(h, "<p class=\"note\">{}</p>", html_escape(IMPORTED_ONLY));
+        }
         h.push_str("<h2>Correlation with validation loss</h2>\n");
         if let Some(n) = self.corr_note {
             let _ = writeln!(h, "<p class=\"note\">{}</p>", html_escape(n));
@@ -985,6 +1079,10 @@ impl Page<'_> {
             for note in &f.notes {
                 let _ = writeln!(h, "<p class=\"note\">{}</p>", html_escape(note));
             }
+        }
+        if self.tokens.is_none() {
+            h.push_str("</body></html>\n");
+            return h;
         }
         h.push_str("<h2>Token tables</h2>\n<p><a href=\"tokens.csv\">tokens.csv</a></p>\n");
         let lists = self.token_lists();
@@ -1026,6 +1124,12 @@ impl Page<'_> {
             self.predicate,
             self.lake
         );
+        if self.tokens.is_none() {
+            m = m.replace(
+                "\n\n## Correlation",
+                &format!("\n\n> {IMPORTED_ONLY}\n\n## Correlation"),
+            );
+        }
         if let Some(n) = self.corr_note {
             let _ = writeln!(m, "> {n}\n");
         }
@@ -1056,6 +1160,9 @@ impl Page<'_> {
             for note in &f.notes {
                 let _ = writeln!(m, "\n> {}", note);
             }
+        }
+        if self.tokens.is_none() {
+            return m;
         }
         m.push_str("\n## Token tables\n\n[tokens.csv](tokens.csv)\n");
         for ((model, layer), by_list) in self.token_lists() {
