@@ -1,6 +1,6 @@
 //! Benchmarks of the stages that touch every token or every class pair,
 //! run through the real stages on real or full-scale synthetic inputs
-//! (`pipeline bench data|model|collect|analyze`). Figures are printed as
+//! (`pipeline bench data|model|collect|eval|decide|analyze`). Figures are printed as
 //! text; the README's performance section quotes them.
 
 use std::collections::BTreeMap;
@@ -98,10 +98,20 @@ pub fn data(source: &str, tokenizer: &str, mb: usize) -> Result<String> {
 /// The anchor for model throughput, measured in this process: the best of
 /// a few f32 GEMMs (1024 x 1024 x 1024) on every rayon thread, GFLOP/s.
 pub fn peak_gemm_gflops() -> f64 {
+    peak_gemm::<f32>()
+}
+
+/// [`peak_gemm_gflops`] in f64: the anchor of f64 work (decide's default
+/// precision).
+pub fn peak_gemm_gflops_f64() -> f64 {
+    peak_gemm::<f64>()
+}
+
+fn peak_gemm<T: Copy + 'static + From<u8>>() -> f64 {
     let n = 1024;
-    let a: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.01).collect();
-    let b: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 * 0.01).collect();
-    let mut c = vec![0f32; n * n];
+    let a: Vec<T> = (0..n * n).map(|i| T::from((i % 17) as u8)).collect();
+    let b: Vec<T> = (0..n * n).map(|i| T::from((i % 13) as u8)).collect();
+    let mut c = vec![T::from(0); n * n];
     let threads = rayon::current_num_threads();
     let mut best = f64::INFINITY;
     for _ in 0..5 {
@@ -122,8 +132,8 @@ pub fn peak_gemm_gflops() -> f64 {
                 b.as_ptr(),
                 1,
                 n as isize,
-                0.0,
-                1.0,
+                T::from(0),
+                T::from(1),
                 false,
                 false,
                 false,
@@ -294,6 +304,165 @@ pub fn collect(
         100.0 * gf / peak,
         100.0 * share
     ))
+}
+
+/// A lake with the shipped sample ingested, tokenized and packed at the
+/// quickstart's T = 128, and a randomly initialised one-layer model of
+/// `width` saved in it as `bench`.
+fn sample_lake(width: usize) -> Result<(tempfile::TempDir, Ctx, GptNeoConfig)> {
+    let (dir, ctx) = temp_ctx()?;
+    stages::run_pairs(
+        &ctx,
+        "ingest",
+        &[
+            ("dataset", "b"),
+            ("train", "data/tinystories_train_sample.txt"),
+            ("validation", "data/tinystories_val_sample.txt"),
+        ],
+    )?;
+    stages::run_pairs(&ctx, "tokenize", &[("dataset", "b"), ("tokenizer", "gpt2")])?;
+    stages::run_pairs(
+        &ctx,
+        "pack",
+        &[("dataset", "b"), ("T", "128"), ("mode", "concat")],
+    )?;
+    let config = GptNeoConfig::grid(1, width, 16, 50257, 2048);
+    let w = init_weights(&config, 0, &Device::Cpu)?;
+    let state = serde_json::json!({"global_step": 0});
+    crate::model::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
+    Ok((dir, ctx, config))
+}
+
+/// Hidden states of `rows` samples: the real model's on the first
+/// validation batch would do as well; seeded normal values of the model's
+/// scale time the output layer the same.
+fn bench_hidden(rows: usize, width: usize) -> Result<Tensor> {
+    Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).ctx("hidden states")
+}
+
+/// `eval` on the shipped validation sample (T = 128): the stage's
+/// tokens/s, and its output layer alone (one batch of rows, `reps` times)
+/// as a share of the in-process f32 GEMM peak.
+pub fn eval(width: usize, batch: usize, reps: usize) -> Result<String> {
+    let (_dir, ctx, config) = sample_lake(width)?;
+    let b = batch.to_string();
+    let (out, secs) = timed(|| {
+        stages::run_pairs(
+            &ctx,
+            "eval",
+            &[("model", "bench"), ("dataset", "b"), ("batch", &b)],
+        )
+    })?;
+    let samples = sample_count(&out)?;
+    let rows = batch * 127;
+    let h = bench_hidden(rows, width)?;
+    let w = init_weights(&config, 0, &Device::Cpu)?
+        .remove("transformer.wte.weight")
+        .ok_or_else(|| Error::invalid("the bench model has no embedding"))?;
+    let labels: Vec<u32> = (0..rows).map(|r| (r * 7919 % 50257) as u32).collect();
+    crate::model::output_layer::loss_and_argmax(&h, &w, &labels)?;
+    let (_, t) = timed(|| {
+        for _ in 0..reps {
+            crate::model::output_layer::loss_and_argmax(&h, &w, &labels)?;
+        }
+        Ok(())
+    })?;
+    let peak = peak_gemm_gflops();
+    let flops = 2.0 * (rows * width * 50257) as f64 * reps as f64;
+    let gf = flops / t / 1e9;
+    let layer_share = (2.0 * (width * 50257) as f64 * samples as f64 / 1e9 / gf) / secs;
+    Ok(format!(
+        "eval 1x{width} on the validation sample (T = 128, batch {batch}, V = 50257): \
+         {:.0} tokens/s, {secs:.2} s for {samples} samples ({:.0}% of it the output layer);\n  \
+         output layer (loss + argmax, {rows} rows): {:.1}% of the in-process f32 GEMM peak \
+         ({gf:.1} of {peak:.0} GFLOP/s)",
+        samples as f64 / secs,
+        100.0 * layer_share,
+        100.0 * gf / peak
+    ))
+}
+
+/// `decide` on the shipped validation sample (T = 128) after collecting
+/// the class means on its train split: the stage's tokens/s, and its two
+/// decisions alone (one batch of rows, `reps` times) as a share of the
+/// in-process GEMM peak of the precision (f64 by default).
+pub fn decide(width: usize, batch: usize, precision: &str, reps: usize) -> Result<String> {
+    let (_dir, ctx, config) = sample_lake(width)?;
+    stages::run_pairs(
+        &ctx,
+        "collect",
+        &[("model", "bench"), ("dataset", "b"), ("batch", "8")],
+    )?;
+    let b = batch.to_string();
+    let (out, secs) = timed(|| {
+        stages::run_pairs(
+            &ctx,
+            "decide",
+            &[
+                ("model", "bench"),
+                ("dataset", "b"),
+                ("batch", &b),
+                ("precision", precision),
+            ],
+        )
+    })?;
+    let samples = sample_count(&out)?;
+    let classes: usize = out
+        .split("|V'| = ")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::invalid(format!("decide said: {out}")))?;
+    let dt = match precision {
+        "f32" => candle_core::DType::F32,
+        _ => candle_core::DType::F64,
+    };
+    let rows = batch * 127;
+    let h = bench_hidden(rows, width)?.to_dtype(dt).ctx("hidden states")?;
+    let w = init_weights(&config, 0, &Device::Cpu)?
+        .remove("transformer.wte.weight")
+        .ok_or_else(|| Error::invalid("the bench model has no embedding"))?
+        .narrow(0, 0, classes)
+        .and_then(|w| w.to_dtype(dt))
+        .ctx("class rows")?;
+    let offset = w.sqr().and_then(|s| s.sum(1)).ctx("offsets")?;
+    let both = || -> Result<()> {
+        crate::model::output_layer::affine_argmax(&h, &w, 1.0, None)?;
+        crate::model::output_layer::affine_argmax(&h, &w, 2.0, Some(&offset))?;
+        Ok(())
+    };
+    both()?;
+    let (_, t) = timed(|| {
+        for _ in 0..reps {
+            both()?;
+        }
+        Ok(())
+    })?;
+    let peak = if precision == "f32" {
+        peak_gemm_gflops()
+    } else {
+        peak_gemm_gflops_f64()
+    };
+    let flops = 2.0 * 2.0 * (rows * width * classes) as f64 * reps as f64;
+    let gf = flops / t / 1e9;
+    let layer_share = (4.0 * (width * classes) as f64 * samples as f64 / 1e9 / gf) / secs;
+    Ok(format!(
+        "decide 1x{width} on the validation sample (T = 128, batch {batch}, |V'| = {classes}, {precision}): \
+         {:.0} tokens/s, {secs:.2} s for {samples} samples ({:.0}% of it the two decisions);\n  \
+         both decisions ({rows} rows): {:.1}% of the in-process {precision} GEMM peak ({gf:.1} of {peak:.0} GFLOP/s)",
+        samples as f64 / secs,
+        100.0 * layer_share,
+        100.0 * gf / peak
+    ))
+}
+
+/// The sample count a stage's summary states (`over N samples`).
+fn sample_count(summary: &str) -> Result<u64> {
+    summary
+        .split(" over ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::invalid(format!("no sample count in: {summary}")))
 }
 
 /// Synthetic class statistics of `c` classes in `d` dimensions with
@@ -599,6 +768,13 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
             &get("tokenizer", "gpt2"),
             num("batch", 2)?,
         ),
+        "eval" => eval(num("width", 32)?, num("batch", 4)?, num("reps", 20)?),
+        "decide" => decide(
+            num("width", 32)?,
+            num("batch", 8)?,
+            &get("precision", "f64"),
+            num("reps", 10)?,
+        ),
         "analyze" => analyze(
             num("classes", 29233)?,
             num("dim", 1024)?,
@@ -627,7 +803,7 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
             num("reps", 20)?,
         ),
         other => Err(Error::invalid(format!(
-            "unknown benchmark '{other}'; benchmarks: data, model, collect, analyze, correlate, attention, epilogues"
+            "unknown benchmark '{other}'; benchmarks: data, model, collect, eval, decide, analyze, correlate, attention, epilogues"
         ))),
     }
 }

@@ -106,7 +106,7 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
-    /// Benchmark a stage: data | model | collect | analyze | correlate | attention | epilogues [key=value ...]
+    /// Benchmark a stage: data | model | collect | eval | decide | analyze | correlate | attention | epilogues [key=value ...]
     Bench {
         what: String,
         #[arg(value_name = "key=value")]
@@ -159,6 +159,21 @@ const MI_OPTION_PURGE_DELAY: i32 = 15;
 pub fn keep_freed_memory() {
     // SAFETY: sets a process-wide allocator option; no allocation is in flight.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
+/// candle's CPU worker pool spins 25,000 rounds after each elementwise op
+/// before parking; with rayon's threads busy in our kernels on the same
+/// cores, the spinning takes their time (12-16 % of a small model's training
+/// step on two cores, `pipeline bench model width=32 T=128 batch=4`). Its
+/// workers park at once unless the user set `CANDLE_BARRIER_POOL_SPIN_LIMIT`.
+/// candle reads only the environment, so this sets it: call it first thing
+/// in `main`, before any other thread exists.
+pub fn park_idle_candle_workers() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: called before any other thread starts (see above), so no
+        // concurrent reader of the environment exists.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0") };
+    }
 }
 
 /// On SIGINT or SIGTERM (Ctrl-C, `scancel`, a scheduler's preemption),

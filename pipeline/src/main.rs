@@ -9,6 +9,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    pipeline::cli::park_idle_candle_workers();
     pipeline::cli::keep_freed_memory();
     std::process::exit(pipeline::cli::main(std::env::args_os()));
 }

@@ -294,6 +294,122 @@ fn training_learns_and_eval_reports_it() {
     assert!(again.contains(&format!("{val_loss:.4}")), "{again} vs {val_loss}");
 }
 
+/// eval (the fused output layer, which never forms the logits) against
+/// the logits formed through candle on the same validation chunks, each row's
+/// cross-entropy from them (`loss::row_losses`) and candle's argmax: the
+/// loss agrees to 1e-6 relative (f32 products summed in another order) and
+/// the accuracy exactly (the trained model has no tie within f32 rounding
+/// at its top logit on these samples: checked).
+#[test]
+fn eval_equals_the_formed_logits() {
+    let guard = tiny();
+    let tl = &*guard;
+    tl.run("eval", &[("model", "tiny@1"), ("force", "true")]);
+    let sql = pipeline::sql::Sql::open(tl.lake()).unwrap();
+    let b = &sql
+        .query(
+            "SELECT val_loss, val_acc FROM models WHERE model = 'tiny@1'",
+            false,
+        )
+        .unwrap()[0];
+    let (val_loss, val_acc) = (
+        b.column(0).as_primitive::<Float64Type>().value(0),
+        b.column(1).as_primitive::<Float64Type>().value(0),
+    );
+    let m = ModelRef::resolve(tl.lake(), "tiny@1").unwrap();
+    let model = m.load(&Device::Cpu, DType::F32).unwrap();
+    let chunks = pipeline::chunks::Chunks::open(tl.lake(), "small", "validation").unwrap();
+    let (t, d, depth) = (chunks.t, model.shape().hidden_size, model.shape().num_layers);
+    let (mut loss_sum, mut correct, mut samples, mut close_calls) = (0f64, 0u64, 0u64, 0u64);
+    chunks
+        .for_each_batch(tl.lake(), 0..chunks.count, 3, |_, ids, b| {
+            let labels: Vec<u32> = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
+            let x = Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap();
+            let h = model.hidden_states(&x, &[depth]).unwrap().remove(0);
+            let h = h.narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), d)).unwrap();
+            let logits = model.logits(&h).unwrap();
+            let losses: Vec<f32> = loss::row_losses(&logits, &labels).unwrap().to_vec1().unwrap();
+            loss_sum += losses.iter().map(|&l| l as f64).sum::<f64>();
+            let rows: Vec<Vec<f32>> = logits.to_vec2().unwrap();
+            let argmax: Vec<u32> = logits.argmax(candle_core::D::Minus1).unwrap().to_vec1().unwrap();
+            for ((row, &a), &y) in rows.iter().zip(&argmax).zip(&labels) {
+                correct += u64::from(a == y);
+                let mut top = row.clone();
+                top.sort_by(|p, q| q.total_cmp(p));
+                close_calls += u64::from(top[0] - top[1] <= 1e-5 * top[0].abs().max(1.0));
+            }
+            samples += labels.len() as u64;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        close_calls, 0,
+        "a near-tie would make the accuracy comparison loose"
+    );
+    let want_loss = loss_sum / samples as f64;
+    assert!(
+        (val_loss - want_loss).abs() <= 1e-6 * want_loss,
+        "{val_loss} vs {want_loss}"
+    );
+    assert_eq!(val_acc, correct as f64 / samples as f64);
+}
+
+/// eval of a model with Qwen's 152,064-token vocabulary stays in bounded
+/// memory: its peak RSS exceeds that of the same model with GPT-2's 50,257
+/// tokens by less than 100 MB (the weights differ by 26 MB; forming the
+/// logits in 256 MiB row blocks, as eval did before, cost 222 MB more).
+/// Each eval is its own process, measured by wait4.
+#[test]
+fn eval_memory_is_bounded_for_a_large_vocabulary() {
+    let guard = tiny();
+    let tl = &*guard;
+    let peak_kb = |vocab: &str| -> i64 {
+        let dir = tl.dir.path().join(format!("model-{vocab}"));
+        let dir = dir.to_str().unwrap();
+        let made = std::process::Command::new(crate::common::bin())
+            .args([
+                "-q",
+                "make-model",
+                "--depth",
+                "1",
+                "--width",
+                "64",
+                "--vocab",
+                vocab,
+                "--out",
+                dir,
+            ])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let child = std::process::Command::new(crate::common::bin())
+            .args(["--lake", &tl.url(), "-q", "run", "stage=eval"])
+            .arg(format!("model={dir}"))
+            // 16 x 31 = 496 samples a batch: the old row blocks held 441.
+            .args(["dataset=small", "batch=16", "force=true"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // wait4 reaps the child (std's wait would not report its rusage).
+        #[allow(clippy::zombie_processes)]
+        let child = child;
+        let (mut status, mut usage) = (0i32, unsafe { std::mem::zeroed::<libc::rusage>() });
+        // SAFETY: waits for our own child and fills the two out-parameters.
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+        assert_eq!(pid, child.id() as i32);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "eval of a {vocab}-token model failed"
+        );
+        usage.ru_maxrss
+    };
+    let (small, large) = (peak_kb("50257"), peak_kb("152064"));
+    assert!(
+        large - small < 100_000,
+        "peak RSS {small} KB with 50,257 tokens, {large} KB with 152,064"
+    );
+}
+
 /// A run interrupted (stop_after) and resumed ends with the same weights as
 /// an uninterrupted one.
 #[test]

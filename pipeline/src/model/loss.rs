@@ -164,6 +164,76 @@ fn lse_lanes<const L: usize>(z: &[f32]) -> f64 {
     mx as f64 + total.ln()
 }
 
+/// logsumexp, maximum and the index of its first occurrence of a row of
+/// f32 logits, in one pass for the maximum and one for the sum: the
+/// output layer's epilogue in eval (see `output_layer`).
+pub(super) fn lse_argmax(z: &[f32]) -> (f64, f32, u32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { lse_argmax_avx512(z) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { lse_argmax_avx2(z) };
+        }
+    }
+    lse_argmax_lanes::<8>(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lse_argmax_avx512(z: &[f32]) -> (f64, f32, u32) {
+    lse_argmax_lanes::<16>(z)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lse_argmax_avx2(z: &[f32]) -> (f64, f32, u32) {
+    lse_argmax_lanes::<8>(z)
+}
+
+/// [`lse_lanes`] that also keeps, per lane, the block where its maximum
+/// first appeared; the row's argmax is the lowest index holding the
+/// maximum (a NaN never replaces a maximum).
+#[inline(always)]
+fn lse_argmax_lanes<const L: usize>(z: &[f32]) -> (f64, f32, u32) {
+    let mut m = [f32::NEG_INFINITY; L];
+    let mut at = [0u32; L];
+    let chunks = z.chunks_exact(L);
+    let tail = chunks.remainder();
+    for (j, c) in chunks.enumerate() {
+        for i in 0..L {
+            let more = c[i] > m[i];
+            m[i] = if more { c[i] } else { m[i] };
+            at[i] = if more { j as u32 } else { at[i] };
+        }
+    }
+    let (mut mx, mut arg) = (f32::NEG_INFINITY, 0u32);
+    for i in 0..L {
+        let idx = at[i] * L as u32 + i as u32;
+        if m[i] > mx || (m[i] == mx && idx < arg) {
+            (mx, arg) = (m[i], idx);
+        }
+    }
+    let full = (z.len() - tail.len()) as u32;
+    for (k, &x) in tail.iter().enumerate() {
+        if x > mx {
+            (mx, arg) = (x, full + k as u32);
+        }
+    }
+    let mut s = [0f32; L];
+    for c in z.chunks_exact(L) {
+        for i in 0..L {
+            s[i] += exp_f32(c[i] - mx);
+        }
+    }
+    let total: f64 =
+        s.iter().map(|&x| x as f64).sum::<f64>() + tail.iter().map(|&x| exp_f32(x - mx) as f64).sum::<f64>();
+    (mx as f64 + total.ln(), mx, arg)
+}
+
 #[inline(always)]
 fn scaled_softmax_f32(z: &[f32], lse: f64, g: f64, out: &mut [f32]) {
     let (lse, g) = (lse as f32, g as f32);
@@ -371,7 +441,7 @@ fn linear_cross_entropy_chunked(
             labels: Arc::new(labels.to_vec()),
             // 2^17 logits (512 KiB) per chunk: inside L2 beside its operands.
             chunk: chunk
-                .unwrap_or_else(|| ((1 << 17) / n.max(1)).clamp(16, 4096))
+                .unwrap_or_else(|| ((1 << 18) / n.max(1)).clamp(16, 4096))
                 .max(1),
         },
     )
@@ -387,17 +457,46 @@ struct LinearLoss {
 
 /// C[m, n] (+)= A[m, k] B[k, n] for row-major C and operands given by their
 /// element strides (row stride, column stride), on the calling thread.
-#[allow(clippy::too_many_arguments)]
-fn gemm_f32(
-    (m, n, k): (usize, usize, usize),
+pub(super) fn gemm_f32(
+    dims: (usize, usize, usize),
     c: &mut [f32],
     accumulate: bool,
     a: &[f32],
-    (a_rs, a_cs): (usize, usize),
+    a_strides: (usize, usize),
     b: &[f32],
-    (b_rs, b_cs): (usize, usize),
+    b_strides: (usize, usize),
 ) {
-    assert!(c.len() >= m * n);
+    let c_factor = if accumulate { 1.0 } else { 0.0 };
+    let c_strides = (dims.1, 1);
+    gemm_into(
+        dims,
+        (c, c_strides),
+        accumulate,
+        a,
+        a_strides,
+        b,
+        b_strides,
+        (c_factor, 1.0),
+    );
+}
+
+/// C[m, n] = c_factor C + product_factor A B for f32 or f64, every matrix
+/// given by its element strides (row stride, column stride), on the
+/// calling thread. The gemm crate's microkernel runs along the destination's
+/// unit-stride dimension, so a narrow output (a few dozen columns) is best
+/// written column-major (strides (1, m)).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_into<T: Copy + 'static>(
+    (m, n, k): (usize, usize, usize),
+    (c, (c_rs, c_cs)): (&mut [T], (usize, usize)),
+    accumulate: bool,
+    a: &[T],
+    (a_rs, a_cs): (usize, usize),
+    b: &[T],
+    (b_rs, b_cs): (usize, usize),
+    (c_factor, product_factor): (T, T),
+) {
+    assert!(m == 0 || n == 0 || c.len() > (m - 1) * c_rs + (n - 1) * c_cs);
     assert!(m == 0 || k == 0 || a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(k == 0 || n == 0 || b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
     // SAFETY: the asserts above bound every index the strides reach.
@@ -407,8 +506,8 @@ fn gemm_f32(
             n,
             k,
             c.as_mut_ptr(),
-            1,
-            n as isize,
+            c_cs as isize,
+            c_rs as isize,
             accumulate,
             a.as_ptr(),
             a_cs as isize,
@@ -416,8 +515,8 @@ fn gemm_f32(
             b.as_ptr(),
             b_cs as isize,
             b_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
+            c_factor,
+            product_factor,
             false,
             false,
             false,
@@ -453,7 +552,7 @@ fn chunk_logits(h: &[f32], w: &[f32], (n, d): (usize, usize), v0: usize, len: us
 }
 
 /// The logit of each row's label, in f64 from the f32 operands.
-fn label_logits(h: &[f32], w: &[f32], labels: &[u32], d: usize) -> Vec<f64> {
+pub(super) fn label_logits(h: &[f32], w: &[f32], labels: &[u32], d: usize) -> Vec<f64> {
     h.chunks_exact(d)
         .zip(labels)
         .map(|(hr, &y)| {
@@ -464,7 +563,7 @@ fn label_logits(h: &[f32], w: &[f32], labels: &[u32], d: usize) -> Vec<f64> {
 }
 
 /// log(e^a + e^b) without overflow (a or b may be -inf).
-fn lse_merge(a: f64, b: f64) -> f64 {
+pub(super) fn lse_merge(a: f64, b: f64) -> f64 {
     let m = a.max(b);
     if m == f64::NEG_INFINITY {
         return m;
@@ -472,7 +571,7 @@ fn lse_merge(a: f64, b: f64) -> f64 {
     m + ((a - m).exp() + (b - m).exp()).ln()
 }
 
-fn cpu_f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(super) fn cpu_f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let (o1, o2) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("linear cross-entropy input must be contiguous".into()))?;
@@ -622,6 +721,48 @@ impl CustomOp2 for LinearLoss {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The one-pass logsumexp and first argmax against a plain f64 loop,
+    /// for lengths around the lane widths and rows with ties (the lowest
+    /// index wins) and -inf entries; logsumexp to 1e-6 relative.
+    #[test]
+    fn lse_argmax_matches_a_plain_loop() {
+        let mut rng = lc_metrics::correlation::Rng::new(7);
+        for len in [1usize, 7, 8, 9, 16, 17, 33, 100, 1000] {
+            for case in 0..4 {
+                let mut z: Vec<f32> = (0..len)
+                    .map(|_| (rng.below(2000) as f32 - 1000.0) / 97.0)
+                    .collect();
+                if case == 1 {
+                    // Ties: the maximum twice, the later in another lane.
+                    let top = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max) + 1.0;
+                    let (a, b) = (rng.below(len as u64) as usize, rng.below(len as u64) as usize);
+                    z[a] = top;
+                    z[b] = top;
+                }
+                if case == 2 && len > 1 {
+                    z[rng.below(len as u64) as usize] = f32::NEG_INFINITY;
+                }
+                if case == 3 {
+                    z.iter_mut().for_each(|x| *x = 0.25);
+                }
+                let mx = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let first = z.iter().position(|&x| x == mx).unwrap() as u32;
+                let lse = mx as f64 + z.iter().map(|&x| (x as f64 - mx as f64).exp()).sum::<f64>().ln();
+                for (got_lse, got_max, got_arg) in [
+                    lse_argmax(&z),
+                    lse_argmax_lanes::<8>(&z),
+                    lse_argmax_lanes::<16>(&z),
+                ] {
+                    assert_eq!((got_max, got_arg), (mx, first), "len {len} case {case}");
+                    assert!(
+                        (got_lse - lse).abs() <= 1e-6 * lse.abs().max(1.0),
+                        "{got_lse} vs {lse}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The fast f32 exp against std's, over the range softmax uses.
     #[test]

@@ -32,6 +32,7 @@ pub mod llama;
 pub mod loss;
 pub mod naming;
 pub mod optim;
+pub mod output_layer;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -8,8 +8,10 @@
 //! For every sample h, over the analysed classes V' (N_c within
 //! [min_per_class, max_per_class] in the class statistics, ascending id):
 //! the linear decision argmax_c <w_c, h> and the nearest-class-centre decision
-//! argmin_c ||h - mu_c||, computed as argmax_c (2<h, mu_c> - ||mu_c||^2) with a
-//! matrix product (||h||^2 is the same for every c). Ties resolve to the
+//! argmin_c ||h - mu_c||, computed as argmax_c (2<h, mu_c> - ||mu_c||^2)
+//! (||h||^2 is the same for every c). Both walk V' in cache-sized chunks of
+//! class rows, one GEMM each, with a running maximum per sample
+//! (`model::output_layer`): the samples x |V'| scores are never formed. Ties resolve to the
 //! lowest class id (the first maximum). Every sample is counted; each row
 //! says whether its true label is in V', so NC4 can be reported over all
 //! samples and over those with analysed labels (the authors' denominator).
@@ -21,13 +23,14 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, UInt32Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 use lc_metrics::nc4::{Centres, Nc4Tally, Tally};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
 use crate::model::checkpoint::ModelRef;
+use crate::model::output_layer;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 
@@ -160,38 +163,28 @@ impl Stage for Decide {
             let mu_sq = Tensor::from_slice(&centres.mu_sq, rows.len(), &device)?.to_dtype(dt)?;
             let idx = Tensor::from_slice(&centres.ids, rows.len(), &device)?;
             let w = model.classifier().index_select(&idx, 0)?.to_dtype(dt)?;
-            Ok((mu.t()?.contiguous()?, mu_sq, w.t()?.contiguous()?))
+            Ok((mu.contiguous()?, mu_sq, w.contiguous()?))
         };
-        let (mu_t, mu_sq_t, w_t) = setup().ctx("classifier and means")?;
-        // Samples per product: a score block of at most 256 MiB.
-        let block_rows = ((256usize << 20) / (8 * rows.len())).clamp(1, 1 << 16);
+        let (mu, mu_sq, w) = setup().ctx("classifier and means")?;
         let t = chunks.t;
         let mut tally = Nc4Tally::default();
         let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
         chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
             let h = model.hidden_states(&x, &[layer])?.remove(0);
-            // Row blocks bound the samples x |V'| score matrices (large
-            // vocabularies: 152k classes).
-            let decide = || -> candle_core::Result<(Vec<u32>, Vec<u32>)> {
-                let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), d))?.to_dtype(dt)?;
-                let rows = b * (t - 1);
-                let (mut lin, mut ncc) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-                let mut r0 = 0;
-                while r0 < rows {
-                    let n = block_rows.min(rows - r0);
-                    let hb = h.narrow(0, r0, n)?;
-                    lin.extend(hb.matmul(&w_t)?.argmax(D::Minus1)?.to_vec1::<u32>()?);
-                    ncc.extend(
-                        ((hb.matmul(&mu_t)? * 2.0)?.broadcast_sub(&mu_sq_t)?)
-                            .argmax(D::Minus1)?
-                            .to_vec1::<u32>()?,
-                    );
-                    r0 += n;
-                }
+            let h = h
+                .narrow(1, 0, t - 1)
+                .and_then(|h| h.reshape((b * (t - 1), d)))
+                .and_then(|h| h.to_dtype(dt))
+                .ctx("positions")?;
+            // Both decisions walk V' in cache-sized chunks, never forming
+            // the samples x |V'| scores (model::output_layer).
+            let decide = || -> Result<(Vec<u32>, Vec<u32>)> {
+                let lin = output_layer::affine_argmax(&h, &w, 1.0, None)?;
+                let ncc = output_layer::affine_argmax(&h, &mu, 2.0, Some(&mu_sq))?;
                 Ok((lin, ncc))
             };
-            let (lin, ncc) = decide().ctx("decisions")?;
+            let (lin, ncc) = decide()?;
             let labels = tokens.chunks_exact(t).flat_map(|r| r[1..].iter().copied());
             for ((y, l), n) in labels.zip(lin).zip(ncc) {
                 tally.record(y, centres.ids[l as usize], centres.ids[n as usize]);

@@ -7,7 +7,10 @@
 //! The loss is the mean over all validation samples (every chunk position
 //! with a next token, B x (T-1) per batch) of the full-vocabulary cross
 //! entropy, accumulated in f64; accuracy counts argmax == next token (ties to
-//! the lowest id); perplexity = exp(loss). For a model trained here,
+//! the lowest id); perplexity = exp(loss). Both come from one walk through
+//! the output layer (`model::output_layer`), which never forms the
+//! [samples, V] logits; every family's output layer is h Wᵀ (no bias, no
+//! scaling), which is what it computes. For a model trained here,
 //! `model=NAME` evaluates each of its epoch checkpoints (`NAME@0`, ...);
 //! `model=all` every model in the lake.
 
@@ -15,14 +18,14 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Array, Int32Array, StringArray, UInt32Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
-use candle_core::{D, DType, Tensor};
+use candle_core::{DType, Tensor};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
 use crate::model::checkpoint::{ModelRef, list_checkpoints};
-use crate::model::{CausalLm, loss, naming};
+use crate::model::{CausalLm, naming, output_layer};
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 
@@ -120,21 +123,12 @@ fn evaluate(ctx: &Ctx, model: &dyn CausalLm, chunks: &Chunks, batch: usize) -> R
             .narrow(1, 0, t - 1)
             .and_then(|h| h.reshape((b * (t - 1), d)))
             .ctx("positions")?;
-        // Row blocks bound the vocabulary-sized logits in memory (256 MiB).
+        // The output layer walked in cache-sized vocabulary chunks: no
+        // [rows, V] logits (model::output_layer).
         let rows = b * (t - 1);
-        let block = ((256usize << 20) / (4 * model.shape().vocab_size)).clamp(1, 1024);
-        let mut r0 = 0;
-        while r0 < rows {
-            let n = block.min(rows - r0);
-            let hb = h.narrow(0, r0, n).ctx("rows")?;
-            let logits = model.logits(&hb)?.to_dtype(DType::F32).ctx("logits")?;
-            let ls = loss::row_losses(&logits, &labels[r0..r0 + n])?;
-            let ls: Vec<f32> = ls.to_vec1().ctx("losses")?;
-            tot.loss += ls.iter().map(|&x| x as f64).sum::<f64>();
-            let am: Vec<u32> = logits.argmax(D::Minus1).and_then(|a| a.to_vec1()).ctx("argmax")?;
-            tot.correct += am.iter().zip(&labels[r0..r0 + n]).filter(|(a, y)| a == y).count() as u64;
-            r0 += n;
-        }
+        let (losses, argmax) = output_layer::loss_and_argmax(&h, model.classifier(), &labels)?;
+        tot.loss += losses.iter().sum::<f64>();
+        tot.correct += argmax.iter().zip(&labels).filter(|(a, y)| a == y).count() as u64;
         tot.samples += rows as u64;
         ctx.cancel.check()?;
         bar.inc((b * t) as u64);
