@@ -441,7 +441,7 @@ fn linear_cross_entropy_chunked(
             labels: Arc::new(labels.to_vec()),
             // 2^17 logits (512 KiB) per chunk: inside L2 beside its operands.
             chunk: chunk
-                .unwrap_or_else(|| ((1 << 18) / n.max(1)).clamp(16, 4096))
+                .unwrap_or_else(|| ((1 << 17) / n.max(1)).clamp(16, 4096))
                 .max(1),
         },
     )
