@@ -64,7 +64,10 @@ pub trait CausalLm: Send + Sync {
     fn hidden_states(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>>;
     /// Classifier rows W (vocab x d): the output layer.
     fn classifier(&self) -> &Tensor;
-    /// Logits [.., vocab] of final hidden states [.., d].
+    /// Logits [.., vocab] of final hidden states [.., d]: h Wᵀ for every
+    /// family. eval and decide walk `classifier()` without forming them
+    /// ([`output_layer`]); a family whose output layer were more than h Wᵀ
+    /// (a bias, a soft cap) would need that path to know.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         layers::linear(hidden, self.classifier(), None).ctx("output layer")
     }

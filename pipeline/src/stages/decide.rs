@@ -11,8 +11,8 @@
 //! argmin_c ||h - mu_c||, computed as argmax_c (2<h, mu_c> - ||mu_c||^2)
 //! (||h||^2 is the same for every c). Both walk V' in cache-sized chunks of
 //! class rows, one GEMM each, with a running maximum per sample
-//! (`model::output_layer`): the samples x |V'| scores are never formed. Ties resolve to the
-//! lowest class id (the first maximum). Every sample is counted; each row
+//! (`model::output_layer`): the samples x |V'| scores are never formed.
+//! Ties resolve to the lowest class id (the first maximum). Every sample is counted; each row
 //! says whether its true label is in V', so NC4 can be reported over all
 //! samples and over those with analysed labels (the authors' denominator).
 //! `precision=f64` (default) computes
