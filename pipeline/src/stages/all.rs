@@ -1,8 +1,9 @@
 //! `all`: the whole study from text to correlations, driven by an
 //! experiment file (see [`crate::experiment`]).
 //!
-//! ingest -> tokenize -> pack -> vocab -> train (every model of the grid)
-//! -> per model: eval -> collect -> decide -> analyze -> correlate -> report.
+//! ingest -> tokenize -> pack -> vocab -> train (every model of the grid,
+//! `train_workers` at a time) -> per model: eval -> collect -> decide ->
+//! analyze -> correlate -> report.
 //!
 //! Every step goes through the stage registry exactly as on the command
 //! line, and every stage skips work that is up to date, so re-running after
@@ -10,8 +11,10 @@
 //! missing. Prints the correlation table, where the report is, and where
 //! the lake is.
 
-use crate::error::Result;
-use crate::experiment::{Experiment, Step};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::error::{Error, Result};
+use crate::experiment::{Experiment, ModelSteps, Step};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{self, Ctx, Stage};
 
@@ -32,6 +35,11 @@ const PARAMS: &[ParamSpec] = &[
         "executor",
         "local",
         "local (in this process) or slurm (submit the study as SLURM jobs)",
+    ),
+    param(
+        "train_workers",
+        "auto",
+        "local: grid models trained at once, each on an equal share of the cores (the same weights as one at a time); auto: one per core when every model is at most 256 wide, else 1",
     ),
     param(
         "collect_shards",
@@ -115,9 +123,14 @@ impl Stage for All {
         for s in &steps.data {
             step(s)?;
         }
-        for m in &steps.models {
-            step(&m.train)?;
-        }
+        let workers =
+            match p.str("train_workers") {
+                "auto" => auto_train_workers(&steps.models),
+                n => n.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    p.invalid("train_workers", format!("'{n}' is not auto or a number >= 1"))
+                })?,
+            };
+        train_grid(&steps.models, workers, &step)?;
         for m in &steps.models {
             for s in [&m.eval, &m.collect, &m.decide, &m.analyze] {
                 step(s)?;
@@ -131,4 +144,70 @@ impl Stage for All {
             ctx.lake.url()
         ))
     }
+}
+
+/// Cores of this machine (rayon's count, which honours RAYON_NUM_THREADS).
+fn cores() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Small models cannot keep many cores busy each (a step at width 32 is a
+/// chain of small GEMMs; two cores ran it 1.4x faster than one), so the
+/// grid trains one per core; wider models use the cores themselves and
+/// would multiply memory, so they train one at a time.
+fn auto_train_workers(models: &[ModelSteps]) -> usize {
+    let small = models.iter().all(|m| {
+        m.train
+            .params
+            .get("width")
+            .and_then(|w| w.parse::<usize>().ok())
+            .is_some_and(|w| w <= 256)
+    });
+    if small { models.len().clamp(1, cores()) } else { 1 }
+}
+
+/// Train every model, `workers` at a time, each worker in its own rayon
+/// pool of an equal share of the cores. The models' results do not depend on
+/// it: the loss's vocabulary runs are fixed in number and candle partitions
+/// its products by the configured thread count, not the pool's (checked:
+/// train_log identical to the last bit at one and two threads). The first
+/// error is returned once every worker has stopped.
+fn train_grid(
+    models: &[ModelSteps],
+    workers: usize,
+    step: &(dyn Fn(&Step) -> Result<String> + Sync),
+) -> Result<()> {
+    let workers = workers.clamp(1, models.len().max(1));
+    if workers == 1 {
+        for m in models {
+            step(&m.train)?;
+        }
+        return Ok(());
+    }
+    let threads = (cores() / workers).max(1);
+    let next = AtomicUsize::new(0);
+    let results: Vec<Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<()> {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .map_err(|e| Error::invalid(format!("starting a training worker: {e}")))?;
+                    while let Some(m) = models.get(next.fetch_add(1, Ordering::SeqCst)) {
+                        pool.install(|| step(&m.train))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::invalid("a training worker panicked")))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
 }
