@@ -271,7 +271,8 @@ permutations = 200
         )
         .as_bytes(),
     );
-    let out = tl.run("all", &[("experiment", &exp)]);
+    // Two training workers (the grid's four models two at a time).
+    let out = tl.run("all", &[("experiment", &exp), ("train_workers", "2")]);
     for m in [
         "nc1_cdnv",
         "nc2_equinorm_cov",
@@ -295,6 +296,27 @@ permutations = 200
         .unwrap();
     let n: usize = corr.iter().map(|b| b.num_rows()).sum();
     assert_eq!(n, 13);
+    // One worker trains the same weights: every logged loss and every
+    // validation loss equal to the last bit in a second lake.
+    let one = TestLake::new();
+    one.run("all", &[("experiment", &exp), ("train_workers", "1")]);
+    let rows = |lake: &pipeline::lake::Lake, q: &str| -> Vec<String> {
+        let batches = Sql::open(lake).unwrap().query(q, false).unwrap();
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    for q in [
+        "SELECT model, step, loss FROM train_log ORDER BY model, step",
+        "SELECT model, val_loss, val_acc FROM models ORDER BY model",
+    ] {
+        let (two, single) = (rows(tl.lake(), q), rows(one.lake(), q));
+        assert!(two.len() >= 8, "{two:?}");
+        assert_eq!(two, single, "{q}");
+    }
     // A second run finds everything done: nothing is trained or collected again.
     let manifest_of = |t: &str, part: &[(&str, &str)]| {
         tl.lake()
