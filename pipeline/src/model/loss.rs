@@ -194,35 +194,45 @@ unsafe fn lse_argmax_avx2(z: &[f32]) -> (f64, f32, u32) {
     lse_argmax_lanes::<8>(z)
 }
 
-/// [`lse_lanes`] that also keeps, per lane, the block where its maximum
-/// first appeared; the row's argmax is the lowest index holding the
-/// maximum (a NaN never replaces a maximum).
+/// The first maximum of a row and its index, with `L` independent lanes
+/// (vectorised) that each keep the block where their maximum first
+/// appeared: the lowest index holding the maximum wins, a NaN never
+/// replaces a maximum, and a row of NaN or `lowest` gives (`lowest`, 0).
+/// The max pass of [`lse_argmax`] and decide's argmax (`output_layer`).
 #[inline(always)]
-fn lse_argmax_lanes<const L: usize>(z: &[f32]) -> (f64, f32, u32) {
-    let mut m = [f32::NEG_INFINITY; L];
+pub(super) fn first_max_lanes<T: Copy + PartialOrd, const L: usize>(z: &[T], lowest: T) -> (T, u32) {
+    let mut m = [lowest; L];
     let mut at = [0u32; L];
-    let chunks = z.chunks_exact(L);
-    let tail = chunks.remainder();
-    for (j, c) in chunks.enumerate() {
+    let blocks = z.chunks_exact(L);
+    let tail = blocks.remainder();
+    for (j, c) in blocks.enumerate() {
         for i in 0..L {
             let more = c[i] > m[i];
             m[i] = if more { c[i] } else { m[i] };
             at[i] = if more { j as u32 } else { at[i] };
         }
     }
-    let (mut mx, mut arg) = (f32::NEG_INFINITY, 0u32);
+    let (mut best, mut arg) = (lowest, 0u32);
     for i in 0..L {
         let idx = at[i] * L as u32 + i as u32;
-        if m[i] > mx || (m[i] == mx && idx < arg) {
-            (mx, arg) = (m[i], idx);
+        if m[i] > best || (m[i] == best && idx < arg) {
+            (best, arg) = (m[i], idx);
         }
     }
     let full = (z.len() - tail.len()) as u32;
     for (k, &x) in tail.iter().enumerate() {
-        if x > mx {
-            (mx, arg) = (x, full + k as u32);
+        if x > best {
+            (best, arg) = (x, full + k as u32);
         }
     }
+    (best, arg)
+}
+
+/// [`lse_lanes`] whose max pass also finds the argmax ([`first_max_lanes`]).
+#[inline(always)]
+fn lse_argmax_lanes<const L: usize>(z: &[f32]) -> (f64, f32, u32) {
+    let (mx, arg) = first_max_lanes::<f32, L>(z, f32::NEG_INFINITY);
+    let tail = z.chunks_exact(L).remainder();
     let mut s = [0f32; L];
     for c in z.chunks_exact(L) {
         for i in 0..L {

@@ -23,7 +23,7 @@
 use candle_core::{CpuStorage, D, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::loss::{gemm_into, label_logits, lse_argmax, lse_merge, row_losses};
+use super::loss::{first_max_lanes, gemm_into, label_logits, lse_argmax, lse_merge, row_losses};
 use crate::error::{Context, Error, Result};
 
 /// Scores per chunk: 2^20 (4 MiB in f32). Larger chunks amortise the
@@ -104,35 +104,9 @@ impl Running {
 }
 
 /// The first maximum of a row and its index; (-inf, 0) for a row of NaN.
-/// Eight independent lanes (vectorised), each keeping the block where its
-/// maximum first appeared; the lowest index holding the maximum wins.
 fn first_max<T: Element>(z: &[T]) -> (f64, u32) {
-    const L: usize = 8;
-    let mut m = [T::from_f64(f64::NEG_INFINITY); L];
-    let mut at = [0u32; L];
-    let blocks = z.chunks_exact(L);
-    let tail = blocks.remainder();
-    for (j, c) in blocks.enumerate() {
-        for i in 0..L {
-            let more = c[i] > m[i];
-            m[i] = if more { c[i] } else { m[i] };
-            at[i] = if more { j as u32 } else { at[i] };
-        }
-    }
-    let (mut best, mut arg) = (f64::NEG_INFINITY, 0u32);
-    for i in 0..L {
-        let (v, idx) = (m[i].to_f64(), at[i] * L as u32 + i as u32);
-        if v > best || (v == best && v > f64::NEG_INFINITY && idx < arg) {
-            (best, arg) = (v, idx);
-        }
-    }
-    let full = (z.len() - tail.len()) as u32;
-    for (k, &x) in tail.iter().enumerate() {
-        if x.to_f64() > best {
-            (best, arg) = (x.to_f64(), full + k as u32);
-        }
-    }
-    (best, arg)
+    let (best, arg) = first_max_lanes::<T, 8>(z, T::from_f64(f64::NEG_INFINITY));
+    (best.to_f64(), arg)
 }
 
 /// Per row of h [n, d]: the running state over all K class rows of c
