@@ -308,8 +308,8 @@ pub fn collect(
 
 /// A lake with the shipped sample ingested, tokenized and packed at the
 /// quickstart's T = 128, and a randomly initialised one-layer model of
-/// `width` saved in it as `bench`.
-fn sample_lake(width: usize) -> Result<(tempfile::TempDir, Ctx, GptNeoConfig)> {
+/// `width` saved in it as `bench`; returns its classifier rows [V, width].
+fn sample_lake(width: usize) -> Result<(tempfile::TempDir, Ctx, Tensor)> {
     let (dir, ctx) = temp_ctx()?;
     stages::run_pairs(
         &ctx,
@@ -330,12 +330,16 @@ fn sample_lake(width: usize) -> Result<(tempfile::TempDir, Ctx, GptNeoConfig)> {
     let w = init_weights(&config, 0, &Device::Cpu)?;
     let state = serde_json::json!({"global_step": 0});
     crate::model::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
-    Ok((dir, ctx, config))
+    let classifier = w
+        .get("transformer.wte.weight")
+        .cloned()
+        .ok_or_else(|| Error::invalid("the bench model has no embedding"))?;
+    Ok((dir, ctx, classifier))
 }
 
-/// Hidden states of `rows` samples: the real model's on the first
-/// validation batch would do as well; seeded normal values of the model's
-/// scale time the output layer the same.
+/// Hidden states of `rows` samples: standard normal values (the output
+/// layer's time does not depend on them; the stage's own run above uses
+/// the real ones).
 fn bench_hidden(rows: usize, width: usize) -> Result<Tensor> {
     Tensor::randn(0f32, 1.0, (rows, width), &Device::Cpu).ctx("hidden states")
 }
@@ -344,7 +348,7 @@ fn bench_hidden(rows: usize, width: usize) -> Result<Tensor> {
 /// tokens/s, and its output layer alone (one batch of rows, `reps` times)
 /// as a share of the in-process f32 GEMM peak.
 pub fn eval(width: usize, batch: usize, reps: usize) -> Result<String> {
-    let (_dir, ctx, config) = sample_lake(width)?;
+    let (_dir, ctx, classifier) = sample_lake(width)?;
     let b = batch.to_string();
     let (out, secs) = timed(|| {
         stages::run_pairs(
@@ -356,9 +360,7 @@ pub fn eval(width: usize, batch: usize, reps: usize) -> Result<String> {
     let samples = sample_count(&out)?;
     let rows = batch * 127;
     let h = bench_hidden(rows, width)?;
-    let w = init_weights(&config, 0, &Device::Cpu)?
-        .remove("transformer.wte.weight")
-        .ok_or_else(|| Error::invalid("the bench model has no embedding"))?;
+    let w = classifier;
     let labels: Vec<u32> = (0..rows).map(|r| (r * 7919 % 50257) as u32).collect();
     crate::model::output_layer::loss_and_argmax(&h, &w, &labels)?;
     let (_, t) = timed(|| {
@@ -387,7 +389,7 @@ pub fn eval(width: usize, batch: usize, reps: usize) -> Result<String> {
 /// decisions alone (one batch of rows, `reps` times) as a share of the
 /// in-process GEMM peak of the precision (f64 by default).
 pub fn decide(width: usize, batch: usize, precision: &str, reps: usize) -> Result<String> {
-    let (_dir, ctx, config) = sample_lake(width)?;
+    let (_dir, ctx, classifier) = sample_lake(width)?;
     stages::run_pairs(
         &ctx,
         "collect",
@@ -418,9 +420,7 @@ pub fn decide(width: usize, batch: usize, precision: &str, reps: usize) -> Resul
     };
     let rows = batch * 127;
     let h = bench_hidden(rows, width)?.to_dtype(dt).ctx("hidden states")?;
-    let w = init_weights(&config, 0, &Device::Cpu)?
-        .remove("transformer.wte.weight")
-        .ok_or_else(|| Error::invalid("the bench model has no embedding"))?
+    let w = classifier
         .narrow(0, 0, classes)
         .and_then(|w| w.to_dtype(dt))
         .ctx("class rows")?;

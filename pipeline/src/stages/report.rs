@@ -740,45 +740,48 @@ fn scale_trends(points: &Table, out: &mut Output) -> Result<Figure> {
     let mut notes = Vec::new();
     let sources = distinct(points, "source");
     let several = sources.len() > 1;
-    // (source, family) of a row; the legend names the source when several.
-    let family = |i: usize| {
-        (
-            points.str("source", i),
-            format!(
-                "L={} E={} wd={}",
-                points.str("depth", i),
-                points.str("epochs", i),
-                points.str("weight_decay", i)
-            ),
-        )
-    };
-    // Families in numeric order (L=2 before L=12), by source first.
-    let mut families: Vec<(String, String)> = (0..points.rows())
-        .map(family)
-        .collect::<BTreeSet<_>>()
-        .into_iter()
+    // (source, family) of each row; the legend names the source when several.
+    let row_family: Vec<(String, String)> = (0..points.rows())
+        .map(|i| {
+            (
+                points.str("source", i),
+                format!(
+                    "L={} E={} wd={}",
+                    points.str("depth", i),
+                    points.str("epochs", i),
+                    points.str("weight_decay", i)
+                ),
+            )
+        })
         .collect();
-    let recipe = |f: &(String, String)| {
-        let i = (0..points.rows()).find(|&i| family(i) == *f).unwrap_or(0);
-        let num = |c: &str| points.f64(c, i).unwrap_or(f64::NAN);
-        (f.0.clone(), [num("depth"), num("epochs"), num("weight_decay")])
-    };
-    families.sort_by(|a, b| {
-        let (a, b) = (recipe(a), recipe(b));
-        a.0.cmp(&b.0).then_with(|| {
-            a.1.iter()
-                .zip(&b.1)
+    // Families in numeric order (L=2 before L=12), by source first: each
+    // keyed by the recipe of its first row.
+    let mut recipes: BTreeMap<&(String, String), [f64; 3]> = BTreeMap::new();
+    for (i, f) in row_family.iter().enumerate() {
+        recipes.entry(f).or_insert_with(|| {
+            ["depth", "epochs", "weight_decay"].map(|c| points.f64(c, i).unwrap_or(f64::NAN))
+        });
+    }
+    let mut order: Vec<(&(String, String), [f64; 3])> = recipes.into_iter().collect();
+    order.sort_by(|(fa, ka), (fb, kb)| {
+        fa.0.cmp(&fb.0).then_with(|| {
+            ka.iter()
+                .zip(kb)
                 .map(|(x, y)| x.total_cmp(y))
                 .find(|o| o.is_ne())
                 .unwrap_or(std::cmp::Ordering::Equal)
         })
     });
+    let families: Vec<(String, String)> = order.into_iter().map(|(f, _)| f.clone()).collect();
+    let row_index: Vec<usize> = row_family
+        .iter()
+        .map(|f| families.iter().position(|g| g == f).unwrap_or(0))
+        .collect();
     for (metric, about) in METRICS {
         // family index -> n_params -> (sum, n)
         let mut acc: BTreeMap<usize, BTreeMap<u64, (f64, u64)>> = BTreeMap::new();
-        for i in 0..points.rows() {
+        for (i, &fi) in row_index.iter().enumerate() {
             if let (Some(x), Some(v)) = (points.f64("n_params", i), points.f64(metric, i)) {
-                let fi = families.iter().position(|f| *f == family(i)).unwrap_or(0);
                 let e = acc.entry(fi).or_default().entry(x as u64).or_default();
                 e.0 += v;
                 e.1 += 1;
