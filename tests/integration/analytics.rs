@@ -296,8 +296,10 @@ permutations = 200
         .unwrap();
     let n: usize = corr.iter().map(|b| b.num_rows()).sum();
     assert_eq!(n, 13);
-    // One worker trains the same weights: every logged loss and every
-    // validation loss equal to the last bit in a second lake.
+    // One worker gives the same results: every logged loss, validation
+    // loss, class statistic and decision equal to the last bit in a second
+    // lake (each worker takes its models through train, eval, collect and
+    // decide).
     let one = TestLake::new();
     one.run("all", &[("experiment", &exp), ("train_workers", "1")]);
     let rows = |lake: &pipeline::lake::Lake, q: &str| -> Vec<String> {
@@ -312,6 +314,9 @@ permutations = 200
     for q in [
         "SELECT model, step, loss FROM train_log ORDER BY model, step",
         "SELECT model, val_loss, val_acc FROM models ORDER BY model",
+        "SELECT model, layer, class_id, count, mean, m2 FROM class_stats ORDER BY model, layer, class_id",
+        "SELECT model, layer, class_id, samples, agree, linear_correct, ncc_correct FROM decisions \
+         ORDER BY model, layer, class_id",
     ] {
         let (two, single) = (rows(tl.lake(), q), rows(one.lake(), q));
         assert!(two.len() >= 8, "{two:?}");

@@ -1,9 +1,9 @@
 //! `all`: the whole study from text to correlations, driven by an
 //! experiment file (see [`crate::experiment`]).
 //!
-//! ingest -> tokenize -> pack -> vocab -> train (every model of the grid,
-//! `train_workers` at a time) -> per model: eval -> collect -> decide ->
-//! analyze -> correlate -> report.
+//! ingest -> tokenize -> pack -> vocab -> per model of the grid: train ->
+//! eval -> collect -> decide (`train_workers` models at a time) -> per
+//! model: analyze -> correlate -> report.
 //!
 //! Every step goes through the stage registry exactly as on the command
 //! line, and every stage skips work that is up to date, so re-running after
@@ -39,7 +39,7 @@ const PARAMS: &[ParamSpec] = &[
     param(
         "train_workers",
         "auto",
-        "local: grid models trained at once, each on an equal share of the cores (the same weights as one at a time); auto: one per core when every model is at most 256 wide, else 1",
+        "local: grid models trained and evaluated at once, each on an equal share of the cores (the same results as one at a time); auto: one per core when every model is at most 256 wide, else 1",
     ),
     param(
         "collect_shards",
@@ -130,11 +130,10 @@ impl Stage for All {
                     p.invalid("train_workers", format!("'{n}' is not auto or a number >= 1"))
                 })?,
             };
-        train_grid(&steps.models, workers, &step)?;
+        model_grid(&steps.models, workers, &step)?;
+        // On all the cores: its per-class row means are summed per thread.
         for m in &steps.models {
-            for s in [&m.eval, &m.collect, &m.decide, &m.analyze] {
-                step(s)?;
-            }
+            step(&m.analyze)?;
         }
         // The correlation table is this stage's own result: printed once, by the caller.
         let table = stages::run(ctx, "correlate", &steps.correlate.params)?;
@@ -166,23 +165,31 @@ fn auto_train_workers(models: &[ModelSteps]) -> usize {
     if small { models.len().clamp(1, cores()) } else { 1 }
 }
 
-/// Train every model, `workers` at a time, each worker in its own rayon
-/// pool of an equal share of the cores. The models' results do not depend on
-/// it: the loss's vocabulary runs are fixed in number and candle partitions
-/// its products by the configured thread count, not the pool's (checked:
-/// train_log identical to the last bit at one and two threads). The first
-/// error is returned once every worker has stopped.
-fn train_grid(
+/// Take every model through train, eval, collect and decide, `workers`
+/// models at a time, each worker in its own rayon pool
+/// of an equal share of the cores: a worker that runs out of models to train
+/// no longer idles while the last ones train, since each model's evaluation
+/// follows its training on the same worker. The results do not depend on
+/// it: the loss's vocabulary runs are fixed in number, candle partitions its
+/// products by the configured thread count, not the pool's, and eval,
+/// collect and decide reduce in orders fixed by their data (checked: every
+/// table of the quickstart identical at one and two workers; analyze, whose
+/// row means are summed per thread, runs after the grid on every core). The first error is
+/// returned once every worker has stopped.
+fn model_grid(
     models: &[ModelSteps],
     workers: usize,
     step: &(dyn Fn(&Step) -> Result<String> + Sync),
 ) -> Result<()> {
     let workers = workers.clamp(1, models.len().max(1));
-    if workers == 1 {
-        for m in models {
-            step(&m.train)?;
+    let one_model = |m: &ModelSteps| -> Result<()> {
+        for s in [&m.train, &m.eval, &m.collect, &m.decide] {
+            step(s)?;
         }
-        return Ok(());
+        Ok(())
+    };
+    if workers == 1 {
+        return models.iter().try_for_each(one_model);
     }
     let threads = (cores() / workers).max(1);
     let next = AtomicUsize::new(0);
@@ -193,9 +200,9 @@ fn train_grid(
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)
                         .build()
-                        .map_err(|e| Error::invalid(format!("starting a training worker: {e}")))?;
+                        .map_err(|e| Error::invalid(format!("starting a grid worker: {e}")))?;
                     while let Some(m) = models.get(next.fetch_add(1, Ordering::SeqCst)) {
-                        pool.install(|| step(&m.train))?;
+                        pool.install(|| one_model(m))?;
                     }
                     Ok(())
                 })
@@ -205,7 +212,7 @@ fn train_grid(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(Error::invalid("a training worker panicked")))
+                    .unwrap_or_else(|_| Err(Error::invalid("a grid worker panicked")))
             })
             .collect()
     });
