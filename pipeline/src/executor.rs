@@ -357,6 +357,72 @@ fn quote(s: &str) -> String {
     }
 }
 
+/// A string as one argument of an `#SBATCH` line, which sbatch reads, not
+/// the shell: double quotes group characters and a backslash escapes the
+/// next one, quotes and backslashes included.
+fn sbatch_quote(s: &str) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for c in s.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push('"');
+    q
+}
+
+/// Refuses what no job script line can carry: every value is quoted as data
+/// ([`quote`], [`sbatch_quote`]), but a control character (a newline ends
+/// an `#SBATCH` line or splits a quoted word across the script's case arms)
+/// cannot be, nor a `%` or a backslash in the log directory: SLURM expands
+/// `%` in log file names, and a backslash turns that off and is dropped (the
+/// job then fails to launch, its log directory missing).
+fn check_script_values(opts: &SlurmOptions, dag: &Dag) -> Result<()> {
+    let check = |what: &dyn Fn() -> String, v: &str| -> Result<()> {
+        match v.chars().find(|c| c.is_control()) {
+            Some(c) => Err(Error::invalid(format!(
+                "executor=slurm: {} = {v:?} holds the control character {c:?}, which a job script cannot carry; remove it",
+                what()
+            ))),
+            None => Ok(()),
+        }
+    };
+    check(&|| "the lake".into(), &opts.lake)?;
+    check(&|| "binary".into(), &opts.binary)?;
+    check(&|| "the experiment's file name".into(), &opts.experiment)?;
+    let log_dir = opts.log_dir.to_str().ok_or_else(|| {
+        Error::invalid(format!(
+            "executor=slurm: log_dir {} is not UTF-8, which a job script cannot name",
+            opts.log_dir.display()
+        ))
+    })?;
+    check(&|| "log_dir".into(), log_dir)?;
+    if let Some(c) = log_dir.chars().find(|c| matches!(c, '%' | '\\')) {
+        return Err(Error::invalid(format!(
+            "executor=slurm: log_dir = {log_dir:?} holds a {c:?}, which SLURM reads in log file names as a pattern or its escape; choose another directory"
+        )));
+    }
+    for word in opts.args.split_whitespace() {
+        check(&|| "slurm_args".into(), word)?;
+    }
+    for (kind, args) in &opts.per_step {
+        for word in args.split_whitespace() {
+            check(&|| format!("[slurm] {kind}"), word)?;
+        }
+    }
+    for job in &dag.jobs {
+        for step in job.tasks.values().flatten() {
+            for (k, v) in &step.params {
+                check(&|| format!("{}'s parameter name", step.stage), k)?;
+                check(&|| format!("{}'s {k}", step.stage), v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Slurm {
     fn job_name(&self, job: &Job) -> String {
         format!("nc-{}-{}", self.opts.experiment, job.name)
@@ -374,11 +440,11 @@ impl Slurm {
     /// The batch script of a job.
     pub fn script(&self, job: &Job) -> String {
         let mut s = String::from("#!/bin/bash\n");
-        let _ = writeln!(s, "#SBATCH --job-name={}", quote(&self.job_name(job)));
+        let _ = writeln!(s, "#SBATCH --job-name={}", sbatch_quote(&self.job_name(job)));
         let _ = writeln!(
             s,
             "#SBATCH --output={}",
-            quote(&self.log_pattern(job).to_string_lossy())
+            sbatch_quote(&self.log_pattern(job).to_string_lossy())
         );
         s.push_str("#SBATCH --open-mode=append\n#SBATCH --requeue\n#SBATCH --kill-on-invalid-dep=yes\n");
         if job.array {
@@ -608,6 +674,7 @@ pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
     opts.lake = ctx.lake.url().to_string();
     let exec = Slurm { opts: opts.clone() };
     let dag = plan_dag(ctx, steps, opts.shards)?;
+    check_script_values(&opts, &dag)?;
     let mut text = String::new();
     for s in &dag.skipped {
         let _ = writeln!(text, "{s}");
@@ -685,4 +752,175 @@ pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
         let _ = writeln!(text, "every job finished");
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Values a shared experiment file or a careless path may hold.
+    const HOSTILE: &[&str] = &[
+        "two words",
+        "it's",
+        "\"double\"",
+        "$(touch canary)",
+        "`touch canary`",
+        "x; touch canary",
+        "a|b&c>d<e",
+        "#not a comment",
+        "back\\slash",
+        "*",
+        "~",
+        "!!",
+        "${HOME}",
+        "-n",
+        "",
+    ];
+
+    fn options(dir: &Path, binary: &Path) -> SlurmOptions {
+        SlurmOptions {
+            lake: "/lake $(touch canary) 'q' `touch canary`".into(),
+            binary: binary.to_string_lossy().into_owned(),
+            log_dir: dir.join("logs \"x\" 'y' $(touch canary)"),
+            experiment: "exp $(touch canary) 'q'".into(),
+            shards: 1,
+            args: String::new(),
+            per_step: BTreeMap::new(),
+            dry_run: false,
+            wait: false,
+        }
+    }
+
+    fn train_job(params: BTreeMap<String, String>) -> Job {
+        let step = Step {
+            stage: "train",
+            params,
+        };
+        Job {
+            name: "train".into(),
+            kind: "train",
+            tasks: BTreeMap::from([(0, vec![step.clone()]), (1, vec![step])]),
+            array: true,
+            deps: Vec::new(),
+        }
+    }
+
+    fn files_named(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                found.extend(files_named(&p, name));
+            } else if e.file_name() == name {
+                found.push(p);
+            }
+        }
+        found
+    }
+
+    /// Every hostile value reaches the pipeline binary as one argument, byte
+    /// for byte, and nothing in it runs. bash executes the job script itself
+    /// (each array task), with a stand-in for the binary that records its
+    /// arguments: what the shell does with the script needs no SLURM; the
+    /// `#SBATCH` lines go through a real sbatch in the SLURM tests.
+    #[test]
+    fn hostile_values_reach_the_binary_as_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin_dir = dir.path().join("bin 'dir' $(touch canary)");
+        std::fs::create_dir_all(&bin_dir).unwrap();
+        let bin = bin_dir.join("fake pipeline");
+        std::fs::write(
+            &bin,
+            "#!/bin/sh\nfor a in \"$@\" \"$PIPELINE_LAKE\"; do printf '%s\\0' \"$a\"; done >> \"$ARGS_OUT\"\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let params: BTreeMap<String, String> = HOSTILE
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("k{i:02}"), v.to_string()))
+            .collect();
+        let job = train_job(params.clone());
+        let opts = options(dir.path(), &bin);
+        let dag = Dag {
+            jobs: vec![train_job(params.clone())],
+            ..Default::default()
+        };
+        check_script_values(&opts, &dag).unwrap();
+        let slurm = Slurm { opts: opts.clone() };
+        let script = dir.path().join("job.sbatch");
+        std::fs::write(&script, slurm.script(&job)).unwrap();
+        let mut expected = vec!["run".to_string(), "stage=train".into()];
+        expected.extend(params.iter().map(|(k, v)| format!("{k}={v}")));
+        expected.push(opts.lake.clone());
+        for task in ["0", "1"] {
+            let args_out = dir.path().join(format!("args-{task}"));
+            let out = Command::new("bash")
+                .arg(&script)
+                .current_dir(dir.path())
+                .env("SLURM_ARRAY_TASK_ID", task)
+                .env("ARGS_OUT", &args_out)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let got = std::fs::read_to_string(&args_out).unwrap();
+            let got: Vec<&str> = got.strip_suffix('\0').unwrap().split('\0').collect();
+            assert_eq!(got, expected, "task {task}");
+        }
+        assert_eq!(
+            files_named(dir.path(), "canary"),
+            Vec::<std::path::PathBuf>::new()
+        );
+        // sbatch reads these lines: double quotes, backslash escapes.
+        let text = slurm.script(&job);
+        assert!(
+            text.contains("#SBATCH --job-name=\"nc-exp $(touch canary) 'q'-train\"\n"),
+            "{text}"
+        );
+        let log = opts
+            .log_dir
+            .join("train-%A_%a.out")
+            .to_string_lossy()
+            .replace('"', "\\\"");
+        assert!(text.contains(&format!("#SBATCH --output=\"{log}\"\n")), "{text}");
+    }
+
+    /// What no script line can carry is refused, naming where it came from.
+    #[test]
+    fn values_no_script_can_carry_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("pipeline");
+        let refused = |opts: &SlurmOptions, params: &[(&str, &str)]| -> String {
+            let params = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let dag = Dag {
+                jobs: vec![train_job(params)],
+                ..Default::default()
+            };
+            check_script_values(opts, &dag).unwrap_err().to_string()
+        };
+        let opts = options(dir.path(), &bin);
+        let e = refused(&opts, &[("dataset", "a\nrm -rf ~")]);
+        assert!(e.contains("train's dataset") && e.contains("'\\n'"), "{e}");
+        let e = refused(&opts, &[("dataset\r", "a")]);
+        assert!(e.contains("train's parameter name"), "{e}");
+        let mut o = opts.clone();
+        o.log_dir = dir.path().join("logs-%j");
+        assert!(refused(&o, &[]).contains("log_dir"));
+        o.log_dir = dir.path().join("logs\\x");
+        assert!(refused(&o, &[]).contains("log_dir"));
+        let mut o = opts.clone();
+        o.args = "--time=1:00 --comment=a\u{1b}b".into();
+        assert!(refused(&o, &[]).contains("slurm_args"));
+        let mut o = opts.clone();
+        o.per_step.insert("collect".into(), "--mem=1G\u{0}".into());
+        assert!(refused(&o, &[]).contains("[slurm] collect"));
+        let mut o = opts;
+        o.experiment = "a\nb".into();
+        assert!(refused(&o, &[]).contains("experiment"));
+    }
 }

@@ -529,3 +529,102 @@ fn concurrent_collects_do_the_work_once() {
         "{waited:?}"
     );
 }
+
+/// Names from many hands reach the jobs as data: an experiment file, its
+/// corpora, the lake and the log directory all named with spaces, quotes,
+/// `$(...)`, backticks and semicolons go through a dry run and a real
+/// sbatch, the study finishes, its logs land where asked, and nothing in
+/// the names ran (no `canary` file anywhere).
+#[test]
+fn hostile_names_travel_through_sbatch_as_data() {
+    let Some(guard) = cluster() else { return };
+    let c = guard.as_ref().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let hostile = work.path().join("it's a $(touch canary) `touch canary`; x");
+    std::fs::create_dir_all(&hostile).unwrap();
+    let plain = experiment(&hostile);
+    let exp = hostile.join("tiny 'q' $(touch canary).toml");
+    std::fs::rename(&plain, &exp).unwrap();
+    let lake = hostile.join("lake $(touch canary)");
+    let logs = c.log_dir("logs \"q\" 'r' $(touch canary)");
+    let run = |extra: &str| {
+        let mut cmd = Command::new(bin());
+        c.env(&mut cmd);
+        cmd.current_dir(work.path())
+            .arg("--lake")
+            .arg(&lake)
+            .args(["-q", "run", "stage=all", "executor=slurm", extra])
+            .arg(format!("experiment={}", exp.display()))
+            .arg(format!("log_dir={}", logs.display()))
+            .output()
+            .unwrap()
+    };
+    // SLURM reads a backslash in a log path as an escape and drops it, so
+    // the job could not open its log: refused before anything is submitted.
+    let mut bad = Command::new(bin());
+    c.env(&mut bad);
+    let o = bad
+        .current_dir(work.path())
+        .arg("--lake")
+        .arg(&lake)
+        .args(["-q", "run", "stage=all", "executor=slurm", "dry_run=true"])
+        .arg(format!("experiment={}", exp.display()))
+        .arg(format!("log_dir={}", c.log_dir("back\\slash").display()))
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && text(&o).contains("log_dir"),
+        "{}",
+        text(&o)
+    );
+    let dry = run("dry_run=true");
+    let t = text(&dry);
+    assert!(dry.status.success(), "{t}");
+    assert!(
+        t.contains("#SBATCH --job-name=\"nc-tiny 'q' $(touch canary)-data\""),
+        "{t}"
+    );
+    let out = run("wait=true");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("every job finished"), "{}", text(&out));
+    let logs_written = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".out"))
+        .count();
+    assert!(logs_written >= 5, "{logs_written} job logs in {}", logs.display());
+    let mut q = Command::new(bin());
+    let rows = q
+        .arg("--lake")
+        .arg(&lake)
+        .args([
+            "-q",
+            "sql",
+            "SELECT count(*) AS n FROM model_metrics WHERE final_layer",
+            "--format",
+            "csv",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&rows.stdout).trim(),
+        "n\n2",
+        "{}",
+        text(&rows)
+    );
+    fn canaries(dir: &Path) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                found.extend(canaries(&p));
+            } else if e.file_name() == "canary" {
+                found.push(p);
+            }
+        }
+        found
+    }
+    let mut found = canaries(work.path());
+    found.extend(canaries(c.dir.path()));
+    assert!(found.is_empty(), "{found:?}");
+}
