@@ -5,6 +5,7 @@ mod analytics;
 mod analyze;
 mod collect;
 mod common;
+mod concurrency;
 mod data;
 mod families;
 mod faults;

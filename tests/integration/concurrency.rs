@@ -1,0 +1,129 @@
+//! Many workers on one lake: eight `pipeline run stage=all` processes
+//! started at once on the same grid (executor=local) compute every partition
+//! exactly once, between them, and leave the results one worker leaves.
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+
+use pipeline::sql::Sql;
+
+use crate::common::{TestLake, bin, data, first_stories};
+
+const WORKERS: usize = 8;
+
+/// The (stage, target) of each stage result line (`[stage] target: ...`)
+/// of a run that computed something rather than finding it up to date.
+fn computed(stderr: &str) -> Vec<(String, String)> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            let (stage, rest) = l.strip_prefix('[')?.split_once("] ")?;
+            let (target, said) = rest.split_once(": ")?;
+            (!said.contains("up to date")).then(|| (stage.to_string(), target.to_string()))
+        })
+        .collect()
+}
+
+fn table(lake: &pipeline::lake::Lake, q: &str) -> Vec<String> {
+    let batches = Sql::open(lake).unwrap().query(q, false).unwrap();
+    arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn eight_workers_compute_each_partition_once() {
+    let tl = TestLake::new();
+    let train = tl.file(
+        "tr.txt",
+        first_stories(&data("tinystories_train_sample.txt"), 60).as_bytes(),
+    );
+    let val = tl.file(
+        "va.txt",
+        first_stories(&data("tinystories_val_sample.txt"), 20).as_bytes(),
+    );
+    let exp = tl.file(
+        "exp.toml",
+        format!(
+            "[data]\ndataset = \"micro\"\ntrain = \"{train}\"\nvalidation = \"{val}\"\ntokenizer = \"{}\"\nT = 32\n\
+             [train]\nheads = 2\ncontext = 64\nlr = 0.01\nbatch = 8\n\
+             [grid]\ndepths = [1]\nwidths = [4, 8]\nepochs = [1]\nweight_decays = [0.0005]\nseeds = [0, 1]\n\
+             [collect]\nbatch = 8\n[correlate]\npermutations = 200\n",
+            data("tokenizer.json")
+        )
+        .as_bytes(),
+    );
+    let experiment = format!("experiment={exp}");
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            Command::new(bin())
+                .args([
+                    "--lake",
+                    &tl.url(),
+                    "-q",
+                    "run",
+                    "stage=all",
+                    &experiment,
+                    "train_workers=1",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut times: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for w in workers {
+        let out = w.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "a worker failed:\n{err}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("nc1_cdnv"), "{err}");
+        for key in computed(&err) {
+            *times.entry(key).or_default() += 1;
+        }
+    }
+    // ingest, tokenize, pack, vocab, report, and train, eval, collect,
+    // decide and analyze of each of the four models.
+    assert_eq!(times.len(), 5 + 5 * 4, "{times:#?}");
+    for (key, n) in &times {
+        assert_eq!(*n, 1, "{key:?} computed {n} times");
+    }
+    // One worker, in a second lake: the same results, to the last bit where
+    // the computation is deterministic (analyze's per-class row means are
+    // summed per thread, so its model metrics agree to rounding).
+    let one = TestLake::new();
+    one.run("all", &[("experiment", &exp)]);
+    for q in [
+        "SELECT model, step, loss, grad_norm FROM train_log ORDER BY model, step",
+        "SELECT model, val_loss, val_acc FROM models ORDER BY model",
+        "SELECT model, layer, class_id, count, mean, m2 FROM class_stats ORDER BY model, layer, class_id",
+        "SELECT model, layer, class_id, samples, agree, linear_correct, ncc_correct FROM decisions \
+         ORDER BY model, layer, class_id",
+    ] {
+        let (many, single) = (table(tl.lake(), q), table(one.lake(), q));
+        assert!(many.len() > 4, "{many:?}");
+        assert_eq!(many, single, "{q}");
+    }
+    let metrics = |lake: &pipeline::lake::Lake| -> Vec<f64> {
+        let q = "SELECT nc1_cdnv, nc2_equinorm_cov, nc3_duality_mean, nc4_agreement, val_loss \
+                 FROM model_metrics WHERE final_layer ORDER BY model";
+        let batches = Sql::open(lake).unwrap().query(q, false).unwrap();
+        let mut v = Vec::new();
+        for b in &batches {
+            for c in b.columns() {
+                let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Float64).unwrap();
+                let c = c.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap();
+                v.extend(c.iter().map(|x| x.unwrap_or(f64::NAN)));
+            }
+        }
+        v
+    };
+    let (many, single) = (metrics(tl.lake()), metrics(one.lake()));
+    assert_eq!(many.len(), 4 * 5);
+    for (a, b) in many.iter().zip(&single) {
+        assert!((a - b).abs() <= 1e-12 * b.abs().max(1e-300), "{a} vs {b}");
+    }
+}
