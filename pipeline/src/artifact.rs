@@ -289,11 +289,7 @@ impl TableWriter {
     pub fn with_arrow_schema(table: &str, arrow: SchemaRef, row_group_rows: usize) -> Result<Self> {
         let schema = schemas::table(table)?;
         schema.check(&arrow, false)?;
-        let tmp = tempfile::Builder::new()
-            .prefix("pipeline-staging-")
-            .suffix(".parquet")
-            .tempfile()
-            .ctx("creating a staging file")?;
+        let tmp = crate::staging::file(".parquet")?;
         let (file, path) = tmp.into_parts();
         let sink = HashingFile {
             file: std::io::BufWriter::with_capacity(1 << 20, file),

@@ -347,7 +347,7 @@ fn real_main(cli: Cli) -> Result<i32> {
             let sql = Sql::open_with(&lake, limits)?;
             let mut printer = Printer::new(format);
             let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
-            let staging = tempfile::NamedTempFile::new().context("creating a staging file for --out")?;
+            let staging = crate::staging::file(".parquet")?;
             let schema = sql.query_each(&text, allow_write, |b| {
                 printer.batch(&b)?;
                 if target.is_some() {

@@ -586,7 +586,7 @@ impl Lake {
             if *size as usize <= part_bytes() {
                 dest.put(key, self.get(key)?)?;
             } else {
-                let mut staged = tempfile::NamedTempFile::new().ctx("creating a staging file")?;
+                let mut staged = crate::staging::file("")?;
                 let src = crate::source::Source::open_key(self, key)?;
                 let mut reader = src.reader()?;
                 std::io::copy(&mut reader, staged.as_file_mut())

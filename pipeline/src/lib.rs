@@ -33,6 +33,7 @@ pub mod schemas;
 pub mod source;
 pub mod sql;
 pub mod stages;
+pub mod staging;
 pub mod stats;
 pub mod tokenizer;
 pub mod verify;

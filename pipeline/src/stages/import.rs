@@ -168,10 +168,7 @@ fn evaluate(
             casted.with_column(f).map_err(polars_err(source))?;
         }
     }
-    let staged = tempfile::Builder::new()
-        .suffix(".parquet")
-        .tempfile()
-        .ctx("staging the imported table")?;
+    let staged = crate::staging::file(".parquet")?;
     ParquetWriter::new(staged.reopen().ctx("staging the imported table")?)
         .finish(&mut casted)
         .map_err(polars_err(source))?;
