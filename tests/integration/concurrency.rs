@@ -1,6 +1,7 @@
 //! Many workers on one lake: eight `pipeline run stage=all` processes
 //! started at once on the same grid (executor=local) compute every partition
 //! exactly once, between them, and leave the results one worker leaves.
+//! `all` holds no lease of its own, so they meet at every stage's lease.
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};

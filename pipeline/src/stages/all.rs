@@ -89,6 +89,9 @@ impl Stage for All {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn leased(&self) -> bool {
+        false
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
         let path = p.nonempty("experiment")?;

@@ -99,6 +99,13 @@ pub trait Stage: Sync {
     fn params(&self) -> &'static [ParamSpec];
     /// Run with resolved parameters; returns a short human summary.
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String>;
+    /// Whether a run holds a lease on its stage and parameters (one worker
+    /// at a time). A stage made of other stages' runs leaves the leasing to
+    /// them, so workers given the same study share its partitions instead
+    /// of queueing behind the first one's whole run.
+    fn leased(&self) -> bool {
+        true
+    }
 }
 
 /// Every stage, in pipeline order.
@@ -153,7 +160,11 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
     // One worker at a time per stage and parameters (see crate::lease); a
     // second one waits, then usually finds the work done.
     let key = lease_name(name, &params);
-    let _lease = crate::lease::acquire(&ctx.lake, &key)?;
+    let _lease = if stage.leased() {
+        Some(crate::lease::acquire(&ctx.lake, &key)?)
+    } else {
+        None
+    };
     // One line a person reads: the stage and what was asked of it; every
     // resolved parameter goes to the debug log.
     let asked: Vec<String> = explicit.iter().map(|(k, v)| format!("{k}={v}")).collect();
