@@ -169,16 +169,17 @@ fn auto_train_workers(models: &[ModelSteps]) -> usize {
 }
 
 /// Take every model through train, eval, collect and decide, `workers`
-/// models at a time, each worker in its own rayon pool
-/// of an equal share of the cores: a worker that runs out of models to train
-/// no longer idles while the last ones train, since each model's evaluation
-/// follows its training on the same worker. The results do not depend on
-/// it: the loss's vocabulary runs are fixed in number, candle partitions its
-/// products by the configured thread count, not the pool's, and eval,
-/// collect and decide reduce in orders fixed by their data (checked: every
-/// table of the quickstart identical at one and two workers; analyze, whose
-/// row means are summed per thread, runs after the grid on every core). The first error is
-/// returned once every worker has stopped.
+/// models at a time, each worker in its own rayon pool of an equal share of
+/// the cores: each model's evaluation follows its training on the same
+/// worker, so a worker that runs out of models to train does not idle while
+/// the last ones train. The results do not depend on it: the loss's
+/// vocabulary runs are fixed in number, candle partitions its products by
+/// the configured thread count, not the pool's, and eval, collect and decide
+/// reduce in orders fixed by their data (checked: train_log, models,
+/// class_stats and decisions of the quickstart identical at one and two
+/// workers; analyze, whose row means are summed per thread, runs after the
+/// grid on every core). The first error is returned once every worker has
+/// stopped.
 fn model_grid(
     models: &[ModelSteps],
     workers: usize,
