@@ -420,6 +420,7 @@ impl Lake {
         // The manifest version this commit replaces: if another writer
         // commits in between, ours is refused rather than interleaved.
         let before = self.head_opt(&artifact.manifest_key())?.map(|m| m.e_tag);
+        self.check_lease(&self.display(&artifact.dir()))?;
         self.put_file(&artifact.data_key(), &staged.path)?;
         let manifest = Manifest {
             artifact: artifact.dir(),

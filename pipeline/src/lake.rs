@@ -75,6 +75,9 @@ pub struct Lake {
     /// Where [`Lake::commit`] records what it committed, for a caller that
     /// asked ([`Lake::with_journal`]); shared by clones.
     journal: Option<Journal>,
+    /// The lease a stage run holds while it writes through this handle:
+    /// commits are refused once it has lapsed ([`Lake::under_lease`]).
+    lease: Option<crate::lease::LeaseGuard>,
 }
 
 /// The manifests committed through a journaled lake handle, in order.
@@ -126,6 +129,7 @@ impl Lake {
                 store_url: Url::parse("memory://").expect("static URL"),
                 rt,
                 journal: None,
+                lease: None,
             });
         }
         if url.starts_with("s3://") || url.starts_with("s3a://") {
@@ -154,6 +158,7 @@ impl Lake {
                     .map_err(|e| bad(&format!("bucket name: {e}")))?,
                 rt,
                 journal: None,
+                lease: None,
             });
         }
         if url.contains("://") && !url.starts_with("file://") {
@@ -185,6 +190,7 @@ impl Lake {
             store_url: Url::parse("file:///").expect("static URL"),
             rt,
             journal: None,
+            lease: None,
         })
     }
 
@@ -194,6 +200,27 @@ impl Lake {
         Lake {
             journal: Some(journal),
             ..self.clone()
+        }
+    }
+
+    /// The same lake, for a stage run holding `lease`: its commits are
+    /// refused once the lease has lapsed (the process was stopped past its
+    /// expiry, or could not renew it), so a worker that another has since
+    /// replaced writes nothing over that worker's results.
+    pub fn under_lease(&self, lease: crate::lease::LeaseGuard) -> Lake {
+        Lake {
+            lease: Some(lease),
+            ..self.clone()
+        }
+    }
+
+    /// Err if this handle's lease has lapsed.
+    pub(crate) fn check_lease(&self, what: &str) -> Result<()> {
+        match &self.lease {
+            Some(l) if !l.held() => Err(Error::Stale(format!(
+                "{what}: this worker's lease lapsed before it could commit (stopped past its expiry, or unable to renew it), so another worker may own the partition now; nothing was written (run the stage again to check it)"
+            ))),
+            _ => Ok(()),
         }
     }
 

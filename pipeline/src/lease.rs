@@ -18,7 +18,7 @@
 //! `PIPELINE_LEASE_WAIT_SECS` (default a day).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -108,6 +108,27 @@ pub struct Lease {
     key: String,
     stop: Arc<AtomicBool>,
     renewer: Option<std::thread::JoinHandle<()>>,
+    guard: LeaseGuard,
+}
+
+impl Lease {
+    /// What a writer checks before it commits ([`Lake::under_lease`]).
+    pub fn guard(&self) -> LeaseGuard {
+        self.guard.clone()
+    }
+}
+
+/// Whether a lease is still held: the expiry its last successful renewal
+/// wrote. A process stopped past it (SIGSTOP, a frozen node) or unable to
+/// renew finds it lapsed, and its renewer stops rather than bring the claim
+/// back.
+#[derive(Clone, Debug)]
+pub struct LeaseGuard(Arc<AtomicI64>);
+
+impl LeaseGuard {
+    pub fn held(&self) -> bool {
+        now_ms() < self.0.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Lease {
@@ -215,7 +236,8 @@ pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
 
 fn start(lake: &Lake, key: String, mut claim: Claim, ttl: Duration) -> Lease {
     let stop = Arc::new(AtomicBool::new(false));
-    let (l, k, s) = (lake.clone(), key.clone(), stop.clone());
+    let guard = LeaseGuard(Arc::new(AtomicI64::new(claim.expires_ms)));
+    let (l, k, s, g) = (lake.clone(), key.clone(), stop.clone(), guard.clone());
     let renewer = std::thread::spawn(move || {
         let every = ttl / 3;
         let mut last = Instant::now();
@@ -225,10 +247,17 @@ fn start(lake: &Lake, key: String, mut claim: Claim, ttl: Duration) -> Lease {
                 continue;
             }
             last = Instant::now();
+            if !g.held() {
+                tracing::warn!(
+                    "lease {k} lapsed (this process was stopped or could not renew it); its work will not be committed"
+                );
+                return;
+            }
             claim.expires_ms = now_ms() + ttl.as_millis() as i64;
             let body = Bytes::from(serde_json::to_vec(&claim).expect("json"));
-            if let Err(e) = l.put(&k, body) {
-                tracing::warn!(error = %e, "renewing a lease");
+            match l.put(&k, body) {
+                Ok(()) => g.0.store(claim.expires_ms, Ordering::SeqCst),
+                Err(e) => tracing::warn!(error = %e, "renewing a lease"),
             }
         }
     });
@@ -237,5 +266,67 @@ fn start(lake: &Lake, key: String, mut claim: Claim, ttl: Duration) -> Lease {
         key,
         stop,
         renewer: Some(renewer),
+        guard,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::{Artifact, Provenance};
+    use arrow::array::{StringArray, UInt32Array, UInt64Array};
+    use arrow::record_batch::RecordBatch;
+
+    fn vocab_batch(count: u64) -> RecordBatch {
+        let schema = crate::schemas::table("vocab").unwrap().file_schema();
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(UInt32Array::from(vec![7])),
+                Arc::new(UInt64Array::from(vec![count])),
+                Arc::new(StringArray::from(vec!["x"])),
+            ],
+        )
+        .unwrap()
+    }
+
+    /// A worker whose lease lapsed (here: its expiry set in the past, as
+    /// after a SIGSTOP longer than the lease) commits nothing: the other
+    /// worker's data file and manifest stay as they were, byte for byte.
+    #[test]
+    fn a_lapsed_lease_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let artifact = Artifact::new("vocab", &[("dataset", "d"), ("split", "train")]).unwrap();
+        lake.write_artifact(&artifact, &[vocab_batch(1)], Provenance::new("vocab"))
+            .unwrap();
+        let (data, manifest) = (
+            lake.get(&artifact.data_key()).unwrap(),
+            lake.get(&artifact.manifest_key()).unwrap(),
+        );
+        let lease = acquire(&lake, "vocab/test").unwrap();
+        let held = lake.under_lease(lease.guard());
+        held.write_artifact(&artifact, &[vocab_batch(2)], Provenance::new("vocab"))
+            .unwrap();
+        assert_ne!(
+            lake.get(&artifact.data_key()).unwrap(),
+            data,
+            "a held lease commits"
+        );
+        let (data, manifest_now) = (
+            lake.get(&artifact.data_key()).unwrap(),
+            lake.get(&artifact.manifest_key()).unwrap(),
+        );
+        assert_ne!(manifest_now, manifest);
+        lease.guard.0.store(now_ms() - 1, Ordering::SeqCst);
+        let err = held
+            .write_artifact(&artifact, &[vocab_batch(3)], Provenance::new("vocab"))
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Stale(_)) && err.to_string().contains("lease lapsed"),
+            "{err}"
+        );
+        assert_eq!(lake.get(&artifact.data_key()).unwrap(), data);
+        assert_eq!(lake.get(&artifact.manifest_key()).unwrap(), manifest_now);
     }
 }

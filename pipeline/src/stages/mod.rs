@@ -160,10 +160,24 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
     // One worker at a time per stage and parameters (see crate::lease); a
     // second one waits, then usually finds the work done.
     let key = lease_name(name, &params);
-    let _lease = if stage.leased() {
+    let lease = if stage.leased() {
         Some(crate::lease::acquire(&ctx.lake, &key)?)
     } else {
         None
+    };
+    // Its commits go through a handle that refuses them once the lease lapses.
+    let leased_ctx;
+    let ctx = match &lease {
+        Some(l) => {
+            leased_ctx = Ctx {
+                lake: ctx.lake.under_lease(l.guard()),
+                config: ctx.config.clone(),
+                plan_only: ctx.plan_only,
+                cancel: ctx.cancel.clone(),
+            };
+            &leased_ctx
+        }
+        None => ctx,
     };
     // One line a person reads: the stage and what was asked of it; every
     // resolved parameter goes to the debug log.
