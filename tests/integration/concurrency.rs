@@ -128,3 +128,105 @@ fn eight_workers_compute_each_partition_once() {
         assert!((a - b).abs() <= 1e-12 * b.abs().max(1e-300), "{a} vs {b}");
     }
 }
+
+/// A lease holder frozen past its lease (SIGSTOP) and then resumed commits
+/// nothing over the worker that took the partition over meanwhile: the
+/// second worker's train_log stays byte for byte, the first fails naming
+/// its lapsed lease (or finds the model trained), and `verify` finds the
+/// lake whole.
+#[test]
+fn a_worker_frozen_past_its_lease_commits_nothing() {
+    let tl = crate::common::small_dataset(60, 20, 32);
+    let lake_dir = tl.dir.path().join("lake");
+    let train = |cmd: &mut Command| {
+        cmd.args(["--lake", &tl.url(), "-q", "run", "stage=train", "dataset=small"])
+            .args([
+                "width=32",
+                "depth=1",
+                "heads=2",
+                "context=64",
+                "epochs=4",
+                "batch=8",
+                "seed=5",
+            ])
+            .env("PIPELINE_LEASE_SECS", "1");
+    };
+    let mut first = Command::new(bin());
+    train(&mut first);
+    let first = first
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Frozen once it holds the lease, a moment into its training.
+    let leases = lake_dir.join("_leases").join("train");
+    let started = std::time::Instant::now();
+    while !std::fs::read_dir(&leases).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| std::fs::read_dir(e.path()).is_ok_and(|c| c.count() > 0))
+    }) {
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "the first worker never took its lease"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &first.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    std::thread::sleep(std::time::Duration::from_millis(1600));
+    let mut second = Command::new(bin());
+    train(&mut second);
+    let second = second.output().unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let log_dir = std::fs::read_dir(lake_dir.join("train_log"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let snapshot = || -> Vec<Vec<u8>> {
+        ["_manifest.json", "part-0.parquet"]
+            .iter()
+            .map(|f| std::fs::read(log_dir.join(f)).unwrap())
+            .collect()
+    };
+    let committed = snapshot();
+    signal("-CONT");
+    let first = first.wait_with_output().unwrap();
+    let (err, out) = (
+        String::from_utf8_lossy(&first.stderr),
+        String::from_utf8_lossy(&first.stdout),
+    );
+    assert!(
+        snapshot() == committed,
+        "the frozen worker wrote over the train_log:\n{err}\n{out}"
+    );
+    // Usually it reaches its commit and is refused; resumed at another
+    // moment it may instead find the model trained and stop.
+    assert!(
+        (!first.status.success() && err.contains("this worker's lease lapsed"))
+            || (first.status.success() && out.contains("up to date")),
+        "{:?}\n{err}\n{out}",
+        first.status
+    );
+    let verify = Command::new(bin())
+        .args(["--lake", &tl.url(), "-q", "verify"])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
