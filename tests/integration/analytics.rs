@@ -6,7 +6,7 @@ use arrow::datatypes::Float64Type;
 use pipeline::sql::Sql;
 use pipeline::stages::correlate::{Correlation, correlations};
 
-use crate::common::{TestLake, data, first_stories, rel};
+use crate::common::{BIT_EXACT_RESULTS, TestLake, micro_experiment, rel, table_lines};
 
 /// Imported metrics for n grid models: `lin` is exactly linear in val_loss,
 /// `noise` is pseudo-random, `flat` is constant; one model lacks val_loss.
@@ -234,43 +234,7 @@ fn permutation_test_matches_exact_enumeration() {
 #[test]
 fn the_whole_study_runs_and_resumes() {
     let tl = TestLake::new();
-    let train = tl.file(
-        "tr.txt",
-        first_stories(&data("tinystories_train_sample.txt"), 60).as_bytes(),
-    );
-    let val = tl.file(
-        "va.txt",
-        first_stories(&data("tinystories_val_sample.txt"), 20).as_bytes(),
-    );
-    let exp = tl.file(
-        "exp.toml",
-        format!(
-            r#"[data]
-dataset = "micro"
-train = "{train}"
-validation = "{val}"
-tokenizer = "{}"
-T = 32
-[train]
-heads = 2
-context = 64
-lr = 0.01
-batch = 8
-[grid]
-depths = [1]
-widths = [4, 8]
-epochs = [1]
-weight_decays = [0.0005]
-seeds = [0, 1]
-[collect]
-batch = 8
-[correlate]
-permutations = 200
-"#,
-            data("tokenizer.json")
-        )
-        .as_bytes(),
-    );
+    let exp = micro_experiment(&tl);
     // Two training workers (the grid's four models two at a time).
     let out = tl.run("all", &[("experiment", &exp), ("train_workers", "2")]);
     for m in [
@@ -302,23 +266,8 @@ permutations = 200
     // decide).
     let one = TestLake::new();
     one.run("all", &[("experiment", &exp), ("train_workers", "1")]);
-    let rows = |lake: &pipeline::lake::Lake, q: &str| -> Vec<String> {
-        let batches = Sql::open(lake).unwrap().query(q, false).unwrap();
-        arrow::util::pretty::pretty_format_batches(&batches)
-            .unwrap()
-            .to_string()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    };
-    for q in [
-        "SELECT model, step, loss FROM train_log ORDER BY model, step",
-        "SELECT model, val_loss, val_acc FROM models ORDER BY model",
-        "SELECT model, layer, class_id, count, mean, m2 FROM class_stats ORDER BY model, layer, class_id",
-        "SELECT model, layer, class_id, samples, agree, linear_correct, ncc_correct FROM decisions \
-         ORDER BY model, layer, class_id",
-    ] {
-        let (two, single) = (rows(tl.lake(), q), rows(one.lake(), q));
+    for q in BIT_EXACT_RESULTS {
+        let (two, single) = (table_lines(tl.lake(), q), table_lines(one.lake(), q));
         assert!(two.len() >= 8, "{two:?}");
         assert_eq!(two, single, "{q}");
     }

@@ -143,3 +143,69 @@ pub fn tiny() -> MutexGuard<'static, TestLake> {
 pub fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-300)
 }
+
+/// The micro study of the whole-study tests: four tiny models (widths 4 and
+/// 8, seeds 0 and 1, one epoch) on 60 training and 20 validation stories;
+/// the experiment file's path.
+pub fn micro_experiment(tl: &TestLake) -> String {
+    let train = tl.file(
+        "tr.txt",
+        first_stories(&data("tinystories_train_sample.txt"), 60).as_bytes(),
+    );
+    let val = tl.file(
+        "va.txt",
+        first_stories(&data("tinystories_val_sample.txt"), 20).as_bytes(),
+    );
+    tl.file(
+        "exp.toml",
+        format!(
+            r#"[data]
+dataset = "micro"
+train = "{train}"
+validation = "{val}"
+tokenizer = "{}"
+T = 32
+[train]
+heads = 2
+context = 64
+lr = 0.01
+batch = 8
+[grid]
+depths = [1]
+widths = [4, 8]
+epochs = [1]
+weight_decays = [0.0005]
+seeds = [0, 1]
+[collect]
+batch = 8
+[correlate]
+permutations = 200
+"#,
+            data("tokenizer.json")
+        )
+        .as_bytes(),
+    )
+}
+
+/// The queries whose results a study must reproduce to the last bit however
+/// its work was spread over workers: training logs, validation, class
+/// statistics and decisions (analyze's row means are summed per thread).
+pub const BIT_EXACT_RESULTS: [&str; 4] = [
+    "SELECT model, step, loss, grad_norm FROM train_log ORDER BY model, step",
+    "SELECT model, val_loss, val_acc FROM models ORDER BY model",
+    "SELECT model, layer, class_id, count, mean, m2 FROM class_stats ORDER BY model, layer, class_id",
+    "SELECT model, layer, class_id, samples, agree, linear_correct, ncc_correct FROM decisions \
+     ORDER BY model, layer, class_id",
+];
+
+/// A query's result as the lines of its printed table (every float in full,
+/// so equal lines are equal values).
+pub fn table_lines(lake: &Lake, q: &str) -> Vec<String> {
+    let batches = pipeline::sql::Sql::open(lake).unwrap().query(q, false).unwrap();
+    arrow::util::pretty::pretty_format_batches(&batches)
+        .unwrap()
+        .to_string()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 use pipeline::sql::Sql;
 
-use crate::common::{TestLake, bin, data, first_stories};
+use crate::common::{BIT_EXACT_RESULTS, TestLake, bin, micro_experiment, table_lines};
 
 const WORKERS: usize = 8;
 
@@ -25,38 +25,10 @@ fn computed(stderr: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn table(lake: &pipeline::lake::Lake, q: &str) -> Vec<String> {
-    let batches = Sql::open(lake).unwrap().query(q, false).unwrap();
-    arrow::util::pretty::pretty_format_batches(&batches)
-        .unwrap()
-        .to_string()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 #[test]
 fn eight_workers_compute_each_partition_once() {
     let tl = TestLake::new();
-    let train = tl.file(
-        "tr.txt",
-        first_stories(&data("tinystories_train_sample.txt"), 60).as_bytes(),
-    );
-    let val = tl.file(
-        "va.txt",
-        first_stories(&data("tinystories_val_sample.txt"), 20).as_bytes(),
-    );
-    let exp = tl.file(
-        "exp.toml",
-        format!(
-            "[data]\ndataset = \"micro\"\ntrain = \"{train}\"\nvalidation = \"{val}\"\ntokenizer = \"{}\"\nT = 32\n\
-             [train]\nheads = 2\ncontext = 64\nlr = 0.01\nbatch = 8\n\
-             [grid]\ndepths = [1]\nwidths = [4, 8]\nepochs = [1]\nweight_decays = [0.0005]\nseeds = [0, 1]\n\
-             [collect]\nbatch = 8\n[correlate]\npermutations = 200\n",
-            data("tokenizer.json")
-        )
-        .as_bytes(),
-    );
+    let exp = micro_experiment(&tl);
     let experiment = format!("experiment={exp}");
     let workers: Vec<_> = (0..WORKERS)
         .map(|_| {
@@ -97,14 +69,8 @@ fn eight_workers_compute_each_partition_once() {
     // summed per thread, so its model metrics agree to rounding).
     let one = TestLake::new();
     one.run("all", &[("experiment", &exp)]);
-    for q in [
-        "SELECT model, step, loss, grad_norm FROM train_log ORDER BY model, step",
-        "SELECT model, val_loss, val_acc FROM models ORDER BY model",
-        "SELECT model, layer, class_id, count, mean, m2 FROM class_stats ORDER BY model, layer, class_id",
-        "SELECT model, layer, class_id, samples, agree, linear_correct, ncc_correct FROM decisions \
-         ORDER BY model, layer, class_id",
-    ] {
-        let (many, single) = (table(tl.lake(), q), table(one.lake(), q));
+    for q in BIT_EXACT_RESULTS {
+        let (many, single) = (table_lines(tl.lake(), q), table_lines(one.lake(), q));
         assert!(many.len() > 4, "{many:?}");
         assert_eq!(many, single, "{q}");
     }
