@@ -380,43 +380,42 @@ fn sbatch_quote(s: &str) -> String {
 /// `%` in log file names, and a backslash turns that off and is dropped (the
 /// job then fails to launch, its log directory missing).
 fn check_script_values(opts: &SlurmOptions, dag: &Dag) -> Result<()> {
-    let check = |what: &dyn Fn() -> String, v: &str| -> Result<()> {
+    let check = |what: &str, v: &str| -> Result<()> {
         match v.chars().find(|c| c.is_control()) {
             Some(c) => Err(Error::invalid(format!(
-                "executor=slurm: {} = {v:?} holds the control character {c:?}, which a job script cannot carry; remove it",
-                what()
+                "executor=slurm: {what} = {v:?} holds the control character {c:?}, which a job script cannot carry; remove it"
             ))),
             None => Ok(()),
         }
     };
-    check(&|| "the lake".into(), &opts.lake)?;
-    check(&|| "binary".into(), &opts.binary)?;
-    check(&|| "the experiment's file name".into(), &opts.experiment)?;
+    check("the lake", &opts.lake)?;
+    check("binary", &opts.binary)?;
+    check("the experiment's file name", &opts.experiment)?;
     let log_dir = opts.log_dir.to_str().ok_or_else(|| {
         Error::invalid(format!(
             "executor=slurm: log_dir {} is not UTF-8, which a job script cannot name",
             opts.log_dir.display()
         ))
     })?;
-    check(&|| "log_dir".into(), log_dir)?;
+    check("log_dir", log_dir)?;
     if let Some(c) = log_dir.chars().find(|c| matches!(c, '%' | '\\')) {
         return Err(Error::invalid(format!(
             "executor=slurm: log_dir = {log_dir:?} holds a {c:?}, which SLURM reads in log file names as a pattern or its escape; choose another directory"
         )));
     }
     for word in opts.args.split_whitespace() {
-        check(&|| "slurm_args".into(), word)?;
+        check("slurm_args", word)?;
     }
     for (kind, args) in &opts.per_step {
         for word in args.split_whitespace() {
-            check(&|| format!("[slurm] {kind}"), word)?;
+            check(&format!("[slurm] {kind}"), word)?;
         }
     }
     for job in &dag.jobs {
         for step in job.tasks.values().flatten() {
             for (k, v) in &step.params {
-                check(&|| format!("{}'s parameter name", step.stage), k)?;
-                check(&|| format!("{}'s {k}", step.stage), v)?;
+                check(&format!("{}'s parameter name", step.stage), k)?;
+                check(&format!("{}'s {k}", step.stage), v)?;
             }
         }
     }

@@ -29,6 +29,7 @@ pub mod train;
 pub mod vocab;
 
 /// What every stage gets to run with.
+#[derive(Clone)]
 pub struct Ctx {
     pub lake: Lake,
     pub config: Config,
@@ -67,10 +68,8 @@ impl Ctx {
 /// still an error.
 pub fn plan(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result<PlanStatus> {
     let planning = Ctx {
-        lake: ctx.lake.clone(),
-        config: ctx.config.clone(),
         plan_only: true,
-        cancel: ctx.cancel.clone(),
+        ..ctx.clone()
     };
     match run(&planning, name, explicit) {
         Ok(_) => Ok(PlanStatus::Done),
@@ -171,9 +170,7 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
         Some(l) => {
             leased_ctx = Ctx {
                 lake: ctx.lake.under_lease(l.guard()),
-                config: ctx.config.clone(),
-                plan_only: ctx.plan_only,
-                cancel: ctx.cancel.clone(),
+                ..ctx.clone()
             };
             &leased_ctx
         }
