@@ -671,6 +671,10 @@ pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
     }
     let mut opts = opts.clone();
     opts.lake = ctx.lake.url().to_string();
+    // Claims that killed jobs of earlier submissions left behind go first.
+    if !opts.dry_run && !ctx.plan_only {
+        crate::lease::sweep(&ctx.lake)?;
+    }
     let exec = Slurm { opts: opts.clone() };
     let dag = plan_dag(ctx, steps, opts.shards)?;
     check_script_values(&opts, &dag)?;

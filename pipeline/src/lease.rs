@@ -12,7 +12,10 @@
 //! claim whose owner died (kill -9, a lost node) expires after the lease time,
 //! or at once when its owner was a process on this host that no longer runs.
 //! A task that the scheduler requeues recognises its own job's claim and
-//! takes it over at once.
+//! takes it over at once. A claim is never deleted once void (the numbering
+//! must not restart under a worker claiming over it): the next claim of the
+//! name removes it, and [`sweep`] (run by every `stage=all` submission)
+//! claims and releases the names whose workers are gone.
 //!
 //! Lease time: `PIPELINE_LEASE_SECS` (default 120 s); longest wait:
 //! `PIPELINE_LEASE_WAIT_SECS` (default a day).
@@ -137,6 +140,13 @@ impl Drop for Lease {
         if let Some(h) = self.renewer.take() {
             let _ = h.join();
         }
+        // A lapsed claim is left alone: another worker may be claiming the
+        // next number over it right now, and a deleted top claim would let
+        // a third one start the numbering again at 0 beside it. The next
+        // claim of the name, or a sweep, removes it.
+        if !self.guard.held() {
+            return;
+        }
         if let Err(e) = self.lake.delete(&self.key) {
             tracing::warn!(error = %e, "releasing a lease");
         }
@@ -174,6 +184,36 @@ pub fn holder(lake: &Lake, name: &str) -> Result<Option<Claim>> {
 
 /// Take the lease `name`, waiting while another worker holds it.
 pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
+    claim(lake, name, true)?.ok_or_else(|| Error::invalid(format!("{name}: a patient claim came back empty")))
+}
+
+/// Clears the claims that workers which are gone left behind (killed after
+/// their commit, or unable to reach the lake to release): each lease name
+/// whose latest claim is void is claimed through the usual protocol and
+/// released at once, so a sweep is as safe beside running workers as any
+/// other claimer. The number of names cleared.
+pub fn sweep(lake: &Lake) -> Result<usize> {
+    let prefix = format!("{LEASES}/");
+    let names: std::collections::BTreeSet<String> = lake
+        .list(LEASES)?
+        .into_iter()
+        .filter_map(|(key, _)| Some(key.strip_prefix(&prefix)?.rsplit_once('/')?.0.to_string()))
+        .collect();
+    let mut cleared = 0;
+    for name in names {
+        if holder(lake, &name)?.is_none() && claim(lake, &name, false)?.is_some() {
+            cleared += 1;
+        }
+    }
+    if cleared > 0 {
+        tracing::info!(cleared, "cleared the leases of workers that are gone");
+    }
+    Ok(cleared)
+}
+
+/// Claim `name`; a live claim of another worker is waited out when
+/// `patient`, else the answer is None.
+fn claim(lake: &Lake, name: &str, patient: bool) -> Result<Option<Lease>> {
     let ttl = env_secs("PIPELINE_LEASE_SECS", 120.0);
     let max_wait = env_secs("PIPELINE_LEASE_WAIT_SECS", 86_400.0);
     let dir = format!("{LEASES}/{name}");
@@ -195,6 +235,9 @@ pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
         let mine_again = |c: &Claim| job.is_some() && c.job == job;
         let next = match &top {
             Some((n, key, Some(c))) if c.expires_ms > now_ms() && !mine_again(c) && !c.owner_gone() => {
+                if !patient {
+                    return Ok(None);
+                }
                 if started.elapsed() > max_wait {
                     return Err(Error::invalid(format!(
                         "{name} is being worked on by {} (lease {}); gave up after waiting {:.0} s",
@@ -217,7 +260,7 @@ pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
             Some((n, key, Some(c))) if mine_again(c) => {
                 lake.put(key, body)?;
                 tracing::info!("{name}: taking over this job's earlier lease #{n}");
-                return Ok(start(lake, key.clone(), claim, ttl));
+                return Ok(Some(start(lake, key.clone(), claim, ttl)));
             }
             Some((n, _, _)) => n + 1,
             None => 0,
@@ -228,7 +271,7 @@ pub fn acquire(lake: &Lake, name: &str) -> Result<Lease> {
             for (_, k, _) in all {
                 let _ = lake.delete(&k);
             }
-            return Ok(start(lake, key, claim, ttl));
+            return Ok(Some(start(lake, key, claim, ttl)));
         }
         // Another worker claimed that number first: look again.
     }
@@ -328,5 +371,78 @@ mod tests {
         );
         assert_eq!(lake.get(&artifact.data_key()).unwrap(), data);
         assert_eq!(lake.get(&artifact.manifest_key()).unwrap(), manifest_now);
+    }
+
+    /// The claim keys under a lease name.
+    fn claim_keys(lake: &Lake, name: &str) -> Vec<String> {
+        lake.list(&format!("{LEASES}/{name}"))
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// Rewrites the claim at `key` as expired, as it reads once its owner
+    /// stopped renewing it for the lease time.
+    fn expire(lake: &Lake, key: &str) {
+        let mut c: Claim = serde_json::from_slice(&lake.get(key).unwrap()).unwrap();
+        c.expires_ms = now_ms() - 1;
+        lake.put(key, Bytes::from(serde_json::to_vec(&c).unwrap()))
+            .unwrap();
+    }
+
+    /// A lapsed holder leaves its claim (the numbering must not restart
+    /// under a worker claiming over it); the next claimer takes the next
+    /// number and removes it; a sweep clears names whose latest claim is
+    /// void and leaves a live holder's claim, which still commits.
+    #[test]
+    fn lapsed_claims_stay_until_claimed_over_or_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
+        let lapsed = acquire(&lake, "train/a").unwrap();
+        lapsed.guard.0.store(now_ms() - 1, Ordering::SeqCst);
+        drop(lapsed);
+        let first = format!("{LEASES}/train/a/{:020}.json", 0);
+        assert_eq!(claim_keys(&lake, "train/a"), std::slice::from_ref(&first));
+        expire(&lake, &first);
+        let next = acquire(&lake, "train/a").unwrap();
+        assert_eq!(
+            claim_keys(&lake, "train/a"),
+            [format!("{LEASES}/train/a/{:020}.json", 1)]
+        );
+        drop(next);
+        assert!(claim_keys(&lake, "train/a").is_empty());
+
+        // A claim left by a worker that is gone (expired), one of a live
+        // holder, and a lapsed one.
+        let gone = Claim {
+            owner: "a worker killed after its commit".into(),
+            job: None,
+            expires_ms: now_ms() - 1,
+            host: None,
+            pid: None,
+        };
+        lake.put(
+            &format!("{LEASES}/collect/b/{:020}.json", 7),
+            Bytes::from(serde_json::to_vec(&gone).unwrap()),
+        )
+        .unwrap();
+        let live = acquire(&lake, "decide/c").unwrap();
+        let lapsed = acquire(&lake, "eval/d").unwrap();
+        lapsed.guard.0.store(now_ms() - 1, Ordering::SeqCst);
+        drop(lapsed);
+        let live_keys = claim_keys(&lake, "decide/c");
+        // The lapsed claim's object has not expired yet: only the gone
+        // worker's is cleared.
+        assert_eq!(sweep(&lake).unwrap(), 1);
+        assert!(claim_keys(&lake, "collect/b").is_empty());
+        assert_eq!(claim_keys(&lake, "eval/d").len(), 1);
+        expire(&lake, &format!("{LEASES}/eval/d/{:020}.json", 0));
+        assert_eq!(sweep(&lake).unwrap(), 1);
+        assert!(claim_keys(&lake, "eval/d").is_empty());
+        assert_eq!(claim_keys(&lake, "decide/c"), live_keys);
+        assert!(live.guard().held());
+        drop(live);
+        assert!(lake.list(LEASES).unwrap().is_empty());
     }
 }

@@ -3,6 +3,7 @@
 
 mod analytics;
 mod analyze;
+mod campaign;
 mod collect;
 mod common;
 mod concurrency;

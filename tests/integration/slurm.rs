@@ -134,23 +134,23 @@ impl Cluster {
         Some(c)
     }
 
-    fn env(&self, cmd: &mut Command) {
+    pub fn env(&self, cmd: &mut Command) {
         cmd.env("SLURM_CONF", &self.conf);
     }
 
-    fn tool(&self, tool: &str, args: &[&str]) -> Output {
+    pub fn tool(&self, tool: &str, args: &[&str]) -> Output {
         let mut cmd = Command::new(tool);
         self.env(&mut cmd);
         cmd.args(args).output().unwrap()
     }
 
-    fn log_dir(&self, name: &str) -> PathBuf {
+    pub fn log_dir(&self, name: &str) -> PathBuf {
         self.dir.path().join("jobs").join(name)
     }
 }
 
 /// The cluster, started once for every test that needs it; they take turns.
-fn cluster() -> Option<MutexGuard<'static, Option<Cluster>>> {
+pub fn cluster() -> Option<MutexGuard<'static, Option<Cluster>>> {
     static C: OnceLock<Mutex<Option<Cluster>>> = OnceLock::new();
     let g = C
         .get_or_init(|| Mutex::new(Cluster::start()))
@@ -182,7 +182,7 @@ fn experiment(dir: &Path) -> String {
     exp.to_string_lossy().to_string()
 }
 
-fn s3_env(cmd: &mut Command, server: &Server) {
+pub fn s3_env(cmd: &mut Command, server: &Server) {
     cmd.env("AWS_ACCESS_KEY_ID", KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET)
         .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", server.port))
@@ -196,7 +196,7 @@ fn pipeline_slurm(c: &Cluster, server: &Server, lake: &str, args: &[&str]) -> Ou
     cmd.args(["--lake", lake, "-q"]).args(args).output().unwrap()
 }
 
-fn text(o: &Output) -> String {
+pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -217,7 +217,7 @@ fn metrics(o: &Output) -> Vec<(String, Vec<f64>)> {
         .collect()
 }
 
-const METRICS_SQL: &str = "SELECT model, nc1_cdnv, nc2_equinorm_cov, nc2_equiangular_cov, gnc2_uniformity_cov, \
+pub const METRICS_SQL: &str = "SELECT model, nc1_cdnv, nc2_equinorm_cov, nc2_equiangular_cov, gnc2_uniformity_cov, \
      nc3_duality_mean, nc4_agreement, val_loss FROM model_metrics WHERE final_layer ORDER BY model";
 
 /// The experiment through SLURM into an S3 lake, with collection in two
