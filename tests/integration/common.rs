@@ -26,8 +26,13 @@ pub fn fixture(name: &str) -> PathBuf {
     p
 }
 
+/// The binary under test: this build's, or `PIPELINE_TEST_BIN` (a long
+/// campaign runs a copy while the tree is rebuilt).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pipeline")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("PIPELINE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pipeline").to_string())
+    })
 }
 
 pub struct TestLake {
