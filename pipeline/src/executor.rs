@@ -726,7 +726,9 @@ pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
             serde_json::json!({
                 "name": j.name,
                 "id": id,
+                "array": j.array,
                 "tasks": j.tasks.iter().map(|(k, s)| (k.to_string(), s.iter().map(|st| st.stage).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
+                "steps": j.tasks.iter().map(|(k, s)| (k.to_string(), s.iter().map(Step::label).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
             })
         })
         .collect();

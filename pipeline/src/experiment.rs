@@ -71,6 +71,15 @@ impl Step {
     fn new(stage: &'static str, params: BTreeMap<String, String>) -> Self {
         Step { stage, params }
     }
+
+    /// The stage and the model it works on (`train` names it `name`), as a
+    /// submission records it for `pipeline status`.
+    pub fn label(&self) -> String {
+        match self.params.get("model").or_else(|| self.params.get("name")) {
+            Some(m) => format!("{} {m}", self.stage),
+            None => self.stage.to_string(),
+        }
+    }
 }
 
 /// The steps of one model of the grid.
