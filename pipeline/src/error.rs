@@ -69,6 +69,10 @@ pub enum Error {
     /// A stage's inputs changed since existing outputs were made.
     #[error("{0}")]
     Stale(String),
+    /// A commit refused because this worker's lease lapsed: the partition
+    /// may be another worker's now.
+    #[error("{0}")]
+    LeaseLapsed(String),
     /// A model checkpoint is unsupported or inconsistent with the data.
     #[error("model {model}: {problem}")]
     Model { model: String, problem: String },

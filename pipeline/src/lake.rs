@@ -217,7 +217,7 @@ impl Lake {
     /// Err if this handle's lease has lapsed.
     pub(crate) fn check_lease(&self, what: &str) -> Result<()> {
         match &self.lease {
-            Some(l) if !l.held() => Err(Error::Stale(format!(
+            Some(l) if !l.held() => Err(Error::LeaseLapsed(format!(
                 "{what}: this worker's lease lapsed before it could commit (stopped past its expiry, or unable to renew it), so another worker may own the partition now; nothing was written (run the stage again to check it)"
             ))),
             _ => Ok(()),

@@ -366,7 +366,7 @@ mod tests {
             .write_artifact(&artifact, &[vocab_batch(3)], Provenance::new("vocab"))
             .unwrap_err();
         assert!(
-            matches!(err, Error::Stale(_)) && err.to_string().contains("lease lapsed"),
+            matches!(err, Error::LeaseLapsed(_)) && err.to_string().contains("lease lapsed"),
             "{err}"
         );
         assert_eq!(lake.get(&artifact.data_key()).unwrap(), data);

@@ -537,10 +537,20 @@ fn run_seed(
 
     let Results { exact, metrics } = grid.results();
     for (got, want) in exact.iter().zip(&clean.exact) {
+        let differ: Vec<String> = got
+            .iter()
+            .zip(want)
+            .filter(|(g, w)| g != w)
+            .take(6)
+            .map(|(g, w)| format!("  got  {g}\n  want {w}"))
+            .collect();
         assert!(
             got == want,
-            "seed {seed}: {} differs from the clean run",
-            want[1..].join("\n")
+            "seed {seed}: {} differs from the clean run ({} against {} lines):\n{}",
+            want.get(1).map_or("", |s| s.as_str()),
+            got.len(),
+            want.len(),
+            differ.join("\n")
         );
     }
     assert_eq!(metrics.len(), clean.metrics.len(), "seed {seed}");
@@ -557,6 +567,11 @@ fn run_seed(
     assert!(verify.status.success(), "seed {seed}: {}", text(&verify));
     let leases = grid.objects("l/_leases/");
     assert!(leases.is_empty(), "seed {seed}: leases left: {leases:?}");
+    let records = grid.objects("l/_status/failed/");
+    assert!(
+        records.is_empty(),
+        "seed {seed}: failure records of done stages: {records:?}"
+    );
     let uploads = grid.uploads();
     assert!(uploads.is_empty(), "seed {seed}: uploads left: {uploads:?}");
     if let Some(s) = staging {

@@ -193,6 +193,10 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
         }
         // Stopped on request: nothing failed, and nothing half-done is left.
         Err(Error::Interrupted) => Err(Error::Interrupted),
+        // Refused because its lease lapsed: the work is another worker's
+        // now, and a record written after that worker succeeded would name
+        // a done stage as failed.
+        Err(e @ Error::LeaseLapsed(_)) => Err(e),
         Err(e) => {
             // Recorded for `pipeline status`; a later success removes it.
             let record = serde_json::json!({
