@@ -55,8 +55,8 @@ fn output(ctx: &Ctx, s: &Step) -> Option<crate::artifact::Manifest> {
     }
 }
 
-/// The state of one step.
-/// A step's cell; `ended` asks SLURM, only where the lake does not tell.
+/// The state of one step; `ended` asks SLURM, only where the lake does not
+/// tell.
 pub fn cell(ctx: &Ctx, s: &Step, queued: bool, ended: impl FnOnce() -> Option<Cell>) -> Result<Cell> {
     let stage = stages::find(s.stage)?;
     let params = Params::resolve(s.stage, stage.params(), &ctx.config, &s.params)?;
