@@ -31,8 +31,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::common::{BIT_EXACT_RESULTS, TestLake, bin, micro_experiment};
+use crate::faults::upload_leftovers;
 use crate::s3::{Server, spawn, start};
-use crate::slurm::{Cluster, METRICS_SQL, cluster, s3_env, text};
+use crate::slurm::{Cluster, METRICS_SQL, cluster, metrics, s3_env, text};
 
 /// Lease time of the campaign's workers: short, so that a frozen worker
 /// lapses within seconds.
@@ -368,20 +369,20 @@ impl<'a> Grid<'a> {
 
     /// Multipart uploads the server still holds.
     fn uploads(&self) -> Vec<String> {
-        std::fs::read_dir(self.server.lock().unwrap().0.root.path())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().to_string())
-            .filter(|n| n.starts_with(".upload"))
-            .collect()
+        upload_leftovers(self.server.lock().unwrap().0.root.path())
+    }
+
+    /// A query's output; it must succeed.
+    fn sql_output(&self, q: &str, format: &str) -> Output {
+        let o = self.pipeline(&["sql", q, "--format", format]);
+        assert!(o.status.success(), "{q}: {}", text(&o));
+        o
     }
 
     /// A query's printed result, as lines (floats in full: equal lines are
     /// equal values).
     fn sql(&self, q: &str, format: &str) -> Vec<String> {
-        let o = self.pipeline(&["sql", q, "--format", format]);
-        assert!(o.status.success(), "{q}: {}", text(&o));
-        String::from_utf8_lossy(&o.stdout)
+        String::from_utf8_lossy(&self.sql_output(q, format).stdout)
             .lines()
             .map(str::to_string)
             .collect()
@@ -393,16 +394,7 @@ impl<'a> Grid<'a> {
             .map(|t| self.sql(&format!("SELECT '{t}' AS t, count(*) AS n FROM {t}"), "csv"))
             .collect();
         exact.extend(BIT_EXACT_RESULTS.iter().map(|q| self.sql(q, "table")));
-        let metrics = self
-            .sql(METRICS_SQL, "csv")
-            .iter()
-            .skip(1)
-            .map(|l| {
-                let mut f = l.split(',');
-                let m = f.next().unwrap().to_string();
-                (m, f.map(|x| x.parse::<f64>().unwrap_or(f64::NAN)).collect())
-            })
-            .collect();
+        let metrics = metrics(&self.sql_output(METRICS_SQL, "csv"));
         Results { exact, metrics }
     }
 }

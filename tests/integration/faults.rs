@@ -488,7 +488,7 @@ fn a_stage_survives_an_s3_outage() {
 }
 
 /// Server-side leftovers of a multipart upload (s3s-fs keeps them in its root).
-fn upload_leftovers(root: &Path) -> Vec<String> {
+pub fn upload_leftovers(root: &Path) -> Vec<String> {
     std::fs::read_dir(root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

@@ -205,7 +205,7 @@ pub fn text(o: &Output) -> String {
 }
 
 /// model_metrics numbers of a lake, by (model, column).
-fn metrics(o: &Output) -> Vec<(String, Vec<f64>)> {
+pub fn metrics(o: &Output) -> Vec<(String, Vec<f64>)> {
     let s = String::from_utf8_lossy(&o.stdout);
     s.lines()
         .skip(1)
