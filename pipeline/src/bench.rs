@@ -13,8 +13,8 @@ use lc_metrics::ClassStats;
 use crate::artifact::{Artifact, Provenance};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss};
 use crate::stages::{self, Ctx};
+use lc_models::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss};
 
 fn temp_ctx() -> Result<(tempfile::TempDir, Ctx)> {
     let dir = tempfile::tempdir().ctx("temporary directory")?;
@@ -183,9 +183,9 @@ pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -
     let dev = Device::Cpu;
     let config = GptNeoConfig::grid(depth, width, 16, 50257, t.max(2048));
     let (net, vars) = GptNeo::trainable(config.clone(), 0, &dev, "bench")?;
-    let mut opt = crate::model::optim::AdamW::new(
+    let mut opt = lc_models::optim::AdamW::new(
         vars,
-        crate::model::optim::AdamWConfig {
+        lc_models::optim::AdamWConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
@@ -209,7 +209,7 @@ pub fn model(depth: usize, width: usize, t: usize, batch: usize, steps: usize) -
             .narrow(1, 0, t - 1)
             .and_then(|h| h.reshape((batch * (t - 1), width)))
             .ctx("positions")?;
-        net.logits(&h)
+        Ok(net.logits(&h)?)
     };
     forward(false)?;
     let (_, tf) = timed(|| {
@@ -268,7 +268,7 @@ pub fn collect(
     let config = GptNeoConfig::grid(depth, width, 16, 50257, 2048);
     let w = init_weights(&config, 0, &Device::Cpu)?;
     let state = serde_json::json!({"global_step": 0});
-    crate::model::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
+    crate::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
     let b = batch.to_string();
     let out = stages::run_pairs(
         &ctx,
@@ -329,7 +329,7 @@ fn sample_lake(width: usize) -> Result<(tempfile::TempDir, Ctx, Tensor)> {
     let config = GptNeoConfig::grid(1, width, 16, 50257, 2048);
     let w = init_weights(&config, 0, &Device::Cpu)?;
     let state = serde_json::json!({"global_step": 0});
-    crate::model::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
+    crate::checkpoint::save_dir(&ctx.lake, "weights/bench", &config, &w, &[], &state)?;
     let classifier = w
         .get("transformer.wte.weight")
         .cloned()
@@ -362,10 +362,10 @@ pub fn eval(width: usize, batch: usize, reps: usize) -> Result<String> {
     let h = bench_hidden(rows, width)?;
     let w = classifier;
     let labels: Vec<u32> = (0..rows).map(|r| (r * 7919 % 50257) as u32).collect();
-    crate::model::output_layer::loss_and_argmax(&h, &w, &labels)?;
+    lc_models::output_layer::loss_and_argmax(&h, &w, &labels)?;
     let (_, t) = timed(|| {
         for _ in 0..reps {
-            crate::model::output_layer::loss_and_argmax(&h, &w, &labels)?;
+            lc_models::output_layer::loss_and_argmax(&h, &w, &labels)?;
         }
         Ok(())
     })?;
@@ -426,8 +426,8 @@ pub fn decide(width: usize, batch: usize, precision: &str, reps: usize) -> Resul
         .ctx("class rows")?;
     let offset = w.sqr().and_then(|s| s.sum(1)).ctx("offsets")?;
     let both = || -> Result<()> {
-        crate::model::output_layer::affine_argmax(&h, &w, 1.0, None)?;
-        crate::model::output_layer::affine_argmax(&h, &w, 2.0, Some(&offset))?;
+        lc_models::output_layer::affine_argmax(&h, &w, 1.0, None)?;
+        lc_models::output_layer::affine_argmax(&h, &w, 2.0, Some(&offset))?;
         Ok(())
     };
     both()?;
@@ -614,9 +614,9 @@ pub fn attention(
     device: &str,
     reps: usize,
 ) -> Result<String> {
-    use crate::model::flash_attention;
-    use crate::model::layers::{self, AttentionKernel, use_attention};
-    let dev = crate::model::device(device)?;
+    use lc_kernels::flash_attention;
+    use lc_models::layers::{self, AttentionKernel};
+    let dev = lc_models::device(device)?;
     if dev.is_cpu() {
         return Err(Error::invalid(
             "bench attention compares the two CUDA attention paths: give device=cuda[:N] (a CUDA build on a GPU machine)",
@@ -636,8 +636,8 @@ pub fn attention(
         // Block attention as the models call it (casts, head copies and the
         // output's transpose included), and the kernel alone, which must
         // take these heads rather than fall back.
-        let _blocks = use_attention(AttentionKernel::Blocks);
-        let (blocks, t_blocks) = time(&|| layers::attend(&q, &k, &v, Some(scale), window))?;
+        let (blocks, t_blocks) =
+            time(&|| layers::attend(&q, &k, &v, Some(scale), window, AttentionKernel::Blocks))?;
         let (fused, t_fused) = time(&|| {
             flash_attention::attend(&q, &k, &v, scale, window)?.ok_or_else(|| {
                 candle_core::Error::Msg("the fused kernel cannot take these heads (see the log)".into())
@@ -675,14 +675,14 @@ pub fn attention(
 /// beside one rounding of the dtype (the unfused paths round y + b once
 /// more).
 pub fn epilogues(rows: usize, width: usize, dtype: &str, device: &str, reps: usize) -> Result<String> {
-    use crate::model::bias_add::{bias_add, bias_gelu, bias_residual};
-    let dev = crate::model::device(device)?;
+    use lc_kernels::bias_add::{bias_add, bias_gelu, bias_residual};
+    let dev = lc_models::device(device)?;
     if dev.is_cpu() {
         return Err(Error::invalid(
             "bench epilogues compares the CUDA bias epilogues: give device=cuda[:N] (a CUDA build on a GPU machine)",
         ));
     }
-    let dt = crate::model::dtype(dtype)?;
+    let dt = lc_models::dtype(dtype)?;
     let measure = || -> candle_core::Result<String> {
         let rand = |shape: &[usize], seed: u64| -> candle_core::Result<Tensor> {
             dev.set_seed(seed)?;

@@ -420,17 +420,17 @@ fn real_main(cli: Cli) -> Result<i32> {
             bias_std,
             out,
         } => {
-            let config = crate::model::GptNeoConfig::grid(depth, width, heads, vocab, context);
+            let config = lc_models::GptNeoConfig::grid(depth, width, heads, vocab, context);
             config.validate("make-model")?;
-            let mut w = crate::model::init_weights(&config, seed, &candle_core::Device::Cpu)?;
+            let mut w = lc_models::init_weights(&config, seed, &candle_core::Device::Cpu)?;
             if bias_std != 0.0 {
-                crate::model::gpt_neo::randomize_biases(&mut w, bias_std, seed ^ 0xb1a5)?;
+                lc_models::gpt_neo::randomize_biases(&mut w, bias_std, seed ^ 0xb1a5)?;
             }
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let store = Lake::open(&out.to_string_lossy())?;
             let state = serde_json::json!({"global_step": 0, "complete": true});
             let tok = bytes::Bytes::from_static(crate::tokenizer::GPT2_TOKENIZER_JSON);
-            crate::model::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
+            crate::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
             eprintln!(
                 "wrote {} ({depth}x{width}, random weights, seed {seed}, bias std {bias_std})",
                 out.display()

@@ -108,6 +108,27 @@ impl From<lc_metrics::Error> for Error {
     }
 }
 
+/// A kernel's complaint keeps its words; the caller adds the model or stage.
+impl From<lc_kernels::Error> for Error {
+    fn from(e: lc_kernels::Error) -> Self {
+        match e {
+            lc_kernels::Error::Invalid(problem) => Error::Invalid(problem),
+            lc_kernels::Error::Candle { what, source } => Error::Candle { what, source },
+        }
+    }
+}
+
+/// A model's complaint names the model; the caller adds the stage or key.
+impl From<lc_models::Error> for Error {
+    fn from(e: lc_models::Error) -> Self {
+        match e {
+            lc_models::Error::Model { model, problem } => Error::Model { model, problem },
+            lc_models::Error::Invalid(problem) => Error::Invalid(problem),
+            lc_models::Error::Candle { what, source } => Error::Candle { what, source },
+        }
+    }
+}
+
 impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())

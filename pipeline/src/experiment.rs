@@ -187,7 +187,7 @@ impl Experiment {
                 Some(n) => n.clone(),
                 None => {
                     let num = |k: &str| run.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                    crate::model::naming::format(
+                    lc_models::naming::format(
                         num("depth") as usize,
                         num("width") as usize,
                         num("epochs") as usize,

@@ -23,9 +23,9 @@ use arrow::record_batch::RecordBatch;
 use lc_metrics::ClassStats;
 
 use crate::artifact::{Artifact, Manifest, Provenance, file_schema};
+use crate::checkpoint::ModelRef;
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::checkpoint::ModelRef;
 use crate::partials::commit_class_stats;
 
 /// The `stage` recorded in the manifests of results made outside the stages.

@@ -376,7 +376,7 @@ fn draw_side_legend(
 /// A figure of `panels` in a grid of `cols` columns, each panel
 /// `panel_w` x `panel_h` pixels, as SVG text. Beside the panels: the colour
 /// bar of their scale, if any, and, when a panel's legend would have more
-/// than [`PANEL_LEGEND_ROWS`] entries, one legend for all of them.
+/// than `PANEL_LEGEND_ROWS` entries, one legend for all of them.
 pub fn grid_svg(title: &str, panels: &[Panel], cols: usize, panel_w: u32, panel_h: u32) -> Result<String> {
     register_font();
     let cols = cols.max(1).min(panels.len().max(1));

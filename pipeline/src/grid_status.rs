@@ -38,7 +38,7 @@ fn output(ctx: &Ctx, s: &Step) -> Option<crate::artifact::Manifest> {
     };
     let resolved = || {
         model.and_then(|m| {
-            crate::model::checkpoint::ModelRef::resolve_one(&ctx.lake, m)
+            crate::checkpoint::ModelRef::resolve_one(&ctx.lake, m)
                 .ok()
                 .map(|r| r.id)
         })

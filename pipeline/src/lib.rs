@@ -7,12 +7,9 @@
 pub mod artifact;
 pub mod bench;
 pub mod cancel;
+pub mod checkpoint;
 pub mod chunks;
-pub mod class_moments;
 pub mod cli;
-pub mod device_stats;
-#[cfg(test)]
-mod emulator;
 pub mod error;
 pub mod executor;
 pub mod experiment;
@@ -22,9 +19,6 @@ pub mod grid_status;
 pub mod integrity;
 pub mod lake;
 pub mod lease;
-pub mod model;
-#[cfg(feature = "cuda")]
-mod nvrtc;
 pub mod params;
 pub mod parquet_io;
 pub mod partials;

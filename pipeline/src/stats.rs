@@ -2,7 +2,7 @@
 //! f64, merged with Chan's formula) where they meet storage and devices:
 //! `class_stats` record batches and parts of them, safetensors objects for
 //! shard partials and checkpoints, and a batch's partial computed by one op
-//! on the device that ran the model ([`crate::class_moments`]), so the data
+//! on the device that ran the model ([`lc_kernels::class_moments`]), so the data
 //! never leaves the GPU until it is reduced to one row per class.
 
 use std::collections::HashMap;
@@ -12,12 +12,11 @@ use arrow::array::{ArrayRef, AsArray, Float64Array, ListArray, UInt32Array, UInt
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float64Type, UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
-use candle_core::{DType, Tensor};
-use lc_metrics::{ClassStats, LabelGroups, Partial};
+
+use lc_metrics::ClassStats;
 use rayon::prelude::*;
 
 use crate::artifact::file_schema;
-use crate::class_moments::class_moments;
 use crate::error::{Context, Error, Result};
 
 /// The classes, counts and M2 of one part of a `class_stats` table; its
@@ -283,73 +282,11 @@ pub fn check_safetensors_hash(
     Ok(true)
 }
 
-/// Reduce one batch of samples `h` [N, d] with labels to per-class partials,
-/// on the device holding `h` (f64 arithmetic).
-pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
-    let (n, d) = h.dims2().ctx("batch embeddings")?;
-    if n != labels.len() {
-        return Err(Error::invalid(format!(
-            "{n} embeddings for {} labels",
-            labels.len()
-        )));
-    }
-    let LabelGroups {
-        classes,
-        count,
-        order,
-        starts,
-    } = LabelGroups::new(labels);
-    let run = || -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
-        // Split on the device: the host receives each part in place.
-        let both = class_moments(h, &order, &starts)?;
-        let mean = both.narrow(1, 0, d)?.flatten_all()?.to_vec1::<f64>()?;
-        let m2 = both.narrow(1, d, 1)?.flatten_all()?.to_vec1::<f64>()?;
-        Ok((mean, m2))
-    };
-    let (mean, m2) = run().ctx("per-class reduction")?;
-    Ok(Partial {
-        classes,
-        count,
-        mean,
-        m2,
-    })
-}
-
-/// Squared distances of a batch to fixed class means (second pass of the
-/// two-pass mode), summed per class. `means` holds the rows of `stats`.
-pub fn batch_m2_to(h: &Tensor, labels: &[u32], stats: &ClassStats, means: &Tensor) -> Result<Partial> {
-    let (n, _) = h.dims2().ctx("batch embeddings")?;
-    let mut rows = Vec::with_capacity(n);
-    for &y in labels {
-        rows.push(
-            stats
-                .row_of(y)
-                .ok_or_else(|| Error::invalid(format!("class {y} was not seen in the first pass")))?
-                as u32,
-        );
-    }
-    let dev = h.device();
-    let run = || -> candle_core::Result<Vec<f64>> {
-        let idx = Tensor::from_vec(rows.clone(), n, dev)?;
-        let h64 = h.to_dtype(DType::F64)?;
-        let sq = (h64 - means.index_select(&idx, 0)?)?.sqr()?.sum(1)?;
-        Tensor::zeros(stats.len(), DType::F64, dev)?
-            .index_add(&idx, &sq, 0)?
-            .to_vec1()
-    };
-    let per_row = run().ctx("second-pass distances")?;
-    Ok(Partial {
-        classes: stats.classes.clone(),
-        count: vec![0; stats.len()],
-        mean: Vec::new(),
-        m2: per_row,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
+    use lc_kernels::class_moments::batch_partial;
 
     /// The rows `rows` of `h` (width `d`) as an f32 tensor, gathered.
     fn gathered(h: &[f32], d: usize, rows: &[u32]) -> Tensor {

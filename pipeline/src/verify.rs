@@ -17,7 +17,7 @@ use crate::artifact::{DATA_FILE, MANIFEST_FILE, Manifest};
 use crate::error::Result;
 use crate::integrity::hash_hex;
 use crate::lake::Lake;
-use crate::model::checkpoint::{CHECKSUMS_FILE, Checksums};
+use lc_models::checkpoint::{CHECKSUMS_FILE, Checksums};
 
 /// What was found wrong with one object.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -376,7 +376,7 @@ fn analyze_a_trained_model() {
     .unwrap();
     let st = pipeline::stats::from_batches(&tl.lake().read_artifact(&a).unwrap()).unwrap();
     let prep = prepare(&mut st.clone(), 1, 0);
-    let m = pipeline::model::checkpoint::ModelRef::resolve_one(tl.lake(), "tiny").unwrap();
+    let m = pipeline::checkpoint::ModelRef::resolve_one(tl.lake(), "tiny").unwrap();
     let w: Vec<Vec<f32>> = m
         .load(&candle_core::Device::Cpu, candle_core::DType::F32)
         .unwrap()

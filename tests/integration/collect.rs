@@ -8,9 +8,10 @@ use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
 use lc_metrics::ClassStats;
+use lc_models::AttentionKernel::Blocks;
 use pipeline::artifact::{Artifact, Provenance};
+use pipeline::checkpoint::ModelRef;
 use pipeline::chunks::Chunks;
-use pipeline::model::checkpoint::ModelRef;
 
 use crate::common::{TestLake, rel, tiny};
 
@@ -42,7 +43,7 @@ fn brute_force(
     chunks
         .for_each_batch(tl.lake(), 0..chunks.count, batch, |_, ids, b| {
             let x = Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap();
-            let h = net.hidden_states(&x, &[layer]).unwrap().remove(0);
+            let h = net.hidden_states(&x, &[layer], Blocks).unwrap().remove(0);
             let h: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
             for (r, row) in ids.chunks(t).enumerate() {
                 for pos in 0..t - 1 {
@@ -317,6 +318,7 @@ fn labels_are_the_next_tokens() {
         .hidden_states(
             &Tensor::from_vec(seq.clone(), (1, t), &Device::Cpu).unwrap(),
             &[2],
+            Blocks,
         )
         .unwrap()[0]
         .squeeze(0)
@@ -415,7 +417,11 @@ fn decisions_equal_a_direct_evaluation() {
     chunks
         .for_each_batch(tl.lake(), 0..chunks.count, 2, |_, ids, b| {
             let h: Vec<Vec<Vec<f32>>> = net
-                .hidden_states(&Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap(), &[2])
+                .hidden_states(
+                    &Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap(),
+                    &[2],
+                    Blocks,
+                )
                 .unwrap()[0]
                 .to_vec3()
                 .unwrap();

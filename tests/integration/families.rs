@@ -10,8 +10,9 @@ use arrow::array::{ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
+use lc_models::AttentionKernel::Blocks;
 use pipeline::artifact::{Artifact, Provenance};
-use pipeline::model::checkpoint::ModelRef;
+use pipeline::checkpoint::ModelRef;
 use pipeline::sql::Sql;
 
 use crate::common::{TestLake, repo};
@@ -55,7 +56,7 @@ fn every_family_matches_transformers_layer_by_layer() {
         let ids = want["input_ids"].to_dtype(DType::U32).unwrap();
         let depth = model.shape().num_layers;
         let layers: Vec<usize> = (0..=depth).collect();
-        let hs = model.hidden_states(&ids, &layers).unwrap();
+        let hs = model.hidden_states(&ids, &layers, Blocks).unwrap();
         for (l, h) in hs.iter().enumerate() {
             let diff = max_abs_diff(h, &want[&format!("hidden_{l}")]);
             assert!(diff < 1e-4, "{family}: hidden state {l}: max |diff| {diff}");

@@ -34,23 +34,49 @@ fn dependencies(package: &str) -> Vec<String> {
     names
 }
 
+/// The crates of `package`'s dependencies whose names start with one of
+/// `above`.
+fn reached(package: &str, above: &[&str]) -> Vec<String> {
+    dependencies(package)
+        .into_iter()
+        .filter(|d| above.iter().any(|a| d.starts_with(a)))
+        .collect()
+}
+
+/// What no layer below the binary may reach: storage, SQL, async.
+const STORAGE_SQL_ASYNC: [&str; 6] = [
+    "object_store",
+    "datafusion",
+    "parquet",
+    "arrow",
+    "polars",
+    "tokio",
+];
+
 #[test]
 fn the_metrics_know_no_storage_sql_models_or_async() {
-    let deps = dependencies("lc-metrics");
-    assert!(deps.iter().any(|d| d == "gemm"), "{deps:?}");
+    assert!(dependencies("lc-metrics").iter().any(|d| d == "gemm"));
     let above = [
-        "object_store",
-        "datafusion",
-        "parquet",
-        "arrow",
-        "polars",
-        "candle",
-        "tokio",
-        "pipeline",
-    ];
-    let reached: Vec<&String> = deps
-        .iter()
-        .filter(|d| above.iter().any(|a| d.starts_with(a)))
-        .collect();
+        &STORAGE_SQL_ASYNC[..],
+        &["candle", "lc-kernels", "lc-models", "pipeline"],
+    ]
+    .concat();
+    let reached = reached("lc-metrics", &above);
     assert!(reached.is_empty(), "lc-metrics reaches {reached:?}");
+}
+
+#[test]
+fn the_kernels_know_no_model_storage_sql_or_async() {
+    assert!(dependencies("lc-kernels").iter().any(|d| d == "candle-core"));
+    let above = [&STORAGE_SQL_ASYNC[..], &["lc-models", "pipeline"]].concat();
+    let reached = reached("lc-kernels", &above);
+    assert!(reached.is_empty(), "lc-kernels reaches {reached:?}");
+}
+
+#[test]
+fn the_models_know_no_stage_storage_sql_or_async() {
+    assert!(dependencies("lc-models").iter().any(|d| d == "lc-kernels"));
+    let above = [&STORAGE_SQL_ASYNC[..], &["pipeline"]].concat();
+    let reached = reached("lc-models", &above);
+    assert!(reached.is_empty(), "lc-models reaches {reached:?}");
 }

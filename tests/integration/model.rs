@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use arrow::array::AsArray;
 use arrow::datatypes::Float64Type;
 use candle_core::{DType, Device, Tensor, Var};
+use lc_models::AttentionKernel::Blocks;
+use lc_models::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss, parameter_names};
 use pipeline::artifact::Artifact;
-use pipeline::model::checkpoint::{ModelRef, save_dir};
-use pipeline::model::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss, parameter_names};
+use pipeline::checkpoint::{ModelRef, save_dir};
 
 use crate::common::{TestLake, repo, tiny};
 
@@ -47,7 +48,7 @@ fn forward_matches_transformers() {
     .unwrap();
     let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
     let layers: Vec<usize> = (0..=3).collect();
-    let hs = model.hidden_states(&ids, &layers).unwrap();
+    let hs = model.hidden_states(&ids, &layers, Blocks).unwrap();
     for (l, h) in hs.iter().enumerate() {
         let diff = max_abs_diff(h, &expected[&format!("hidden_{l}")]);
         assert!(diff < 1e-4, "hidden state {l}: max |diff| {diff}");
@@ -56,7 +57,7 @@ fn forward_matches_transformers() {
     let diff = max_abs_diff(&logits, &expected["logits"]);
     assert!(diff < 1e-4, "logits: max |diff| {diff}");
     // The training formulation (primitive ops) gives the same numbers.
-    let pipeline::model::config::ArchConfig::GptNeo(config) = m.config().unwrap() else {
+    let lc_models::config::ArchConfig::GptNeo(config) = m.config().unwrap() else {
         panic!("not GPT-Neo")
     };
     let neo = GptNeo::from_tensors(config, &m.tensors(&Device::Cpu, DType::F32).unwrap(), "t").unwrap();
@@ -73,7 +74,7 @@ fn gradients_match_finite_differences() {
     let mut config = GptNeoConfig::grid(2, 8, 2, 13, 16);
     config.window_size = 3;
     config.initializer_range = 0.3;
-    let init = pipeline::model::to_dtype(&init_weights(&config, 5, &dev).unwrap(), DType::F64).unwrap();
+    let init = lc_models::to_dtype(&init_weights(&config, 5, &dev).unwrap(), DType::F64).unwrap();
     let names = parameter_names(&config);
     let ids: Vec<u32> = vec![1, 5, 7, 2, 12, 3, 3, 8, 0, 4, 9, 11];
     let (b, t) = (2, 6);
@@ -159,10 +160,7 @@ fn saved_models_load_back_bit_identically() {
         let b = back[k].flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{k}");
     }
-    assert_eq!(
-        m.config().unwrap(),
-        pipeline::model::config::ArchConfig::GptNeo(config)
-    );
+    assert_eq!(m.config().unwrap(), lc_models::config::ArchConfig::GptNeo(config));
     // The same directory on the local file system, addressed by path.
     let dir = tl.dir.path().join("lake/weights/m");
     let by_path = ModelRef::resolve(tl.lake(), dir.to_str().unwrap()).unwrap();
@@ -171,13 +169,13 @@ fn saved_models_load_back_bit_identically() {
     let h1 = m
         .load(&Device::Cpu, DType::F32)
         .unwrap()
-        .hidden_states(&x, &[2])
+        .hidden_states(&x, &[2], Blocks)
         .unwrap()
         .remove(0);
     let h2 = by_path
         .load(&Device::Cpu, DType::F32)
         .unwrap()
-        .hidden_states(&x, &[2])
+        .hidden_states(&x, &[2], Blocks)
         .unwrap()
         .remove(0);
     assert_eq!(
@@ -325,7 +323,7 @@ fn eval_equals_the_formed_logits() {
         .for_each_batch(tl.lake(), 0..chunks.count, 3, |_, ids, b| {
             let labels: Vec<u32> = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
             let x = Tensor::from_slice(ids, (b, t), &Device::Cpu).unwrap();
-            let h = model.hidden_states(&x, &[depth]).unwrap().remove(0);
+            let h = model.hidden_states(&x, &[depth], Blocks).unwrap().remove(0);
             let h = h.narrow(1, 0, t - 1).unwrap().reshape((b * (t - 1), d)).unwrap();
             let logits = model.logits(&h).unwrap();
             let losses: Vec<f32> = loss::row_losses(&logits, &labels).unwrap().to_vec1().unwrap();

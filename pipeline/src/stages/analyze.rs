@@ -30,8 +30,8 @@ use lc_metrics::selection::{Prepared, prepare};
 use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::checkpoint::ModelRef;
 use crate::error::{Context, Error, Result};
-use crate::model::checkpoint::ModelRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 

@@ -35,18 +35,18 @@ use candle_core::Tensor;
 use lc_metrics::{ClassStats, Partial};
 
 use crate::artifact::Provenance;
+use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
-use crate::device_stats::DeviceStats;
 use crate::error::{Context, Error, Result};
-use crate::model::CausalLm;
-use crate::model::checkpoint::ModelRef;
-use crate::model::layers::{AttentionKernel, use_attention};
 use crate::params::{ParamSpec, Params, param, required};
 use crate::partials::{
     StateObject, collect_inputs, commit_class_stats, parse_layers, parse_shard, shard_key,
 };
 use crate::stages::{Ctx, Stage};
-use crate::stats::{batch_m2_to, batch_partial};
+use lc_kernels::class_moments::{batch_m2_to, batch_partial};
+use lc_kernels::device_stats::DeviceStats;
+use lc_models::AttentionKernel;
+use lc_models::CausalLm;
 
 pub struct Collect;
 
@@ -179,10 +179,10 @@ impl Running {
                 let partials = hs
                     .iter()
                     .map(|h| batch_partial(h, labels))
-                    .collect::<Result<Vec<_>>>()?;
+                    .collect::<lc_kernels::Result<Vec<_>>>()?;
                 m.merge(partials)
             }
-            Running::Device(t) => t.add_batch(hs, labels),
+            Running::Device(t) => Ok(t.add_batch(hs, labels)?),
         }
     }
 
@@ -206,7 +206,7 @@ impl Running {
     fn into_stats(self) -> Result<Vec<ClassStats>> {
         match self {
             Running::Host(m) => m.into_stats(),
-            Running::Device(t) => t.to_class_stats(),
+            Running::Device(t) => Ok(t.to_class_stats()?),
         }
     }
 }
@@ -219,9 +219,10 @@ fn samples(
     b: usize,
     t: usize,
     layers: &[usize],
+    attention: AttentionKernel,
 ) -> Result<(Vec<Tensor>, Vec<u32>)> {
     let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;
-    let hs = model.hidden_states(&x, layers)?;
+    let hs = model.hidden_states(&x, layers, attention)?;
     let d = model.shape().hidden_size;
     let hs = hs
         .into_iter()
@@ -269,8 +270,8 @@ impl Stage for Collect {
         if two_pass && accumulate == "device" {
             return Err(p.invalid("accumulate", "vars=two-pass accumulates on the host"));
         }
-        let device = crate::model::device(p.str("device"))?;
-        let dtype = crate::model::dtype(p.str("dtype"))?;
+        let device = lc_models::device(p.str("device"))?;
+        let dtype = lc_models::dtype(p.str("dtype"))?;
         // Measured on an H200 (README, GPUs): the fused kernel agrees with the
         // CPU as block attention does and takes 0.11-0.24x its time.
         let fusable = !device.is_cpu() && dtype == candle_core::DType::BF16;
@@ -361,7 +362,6 @@ impl Stage for Collect {
         ctx.would_run(format!("collect {} shard {shard}/{of}", m.id))?;
         let model = m.load(&device, dtype)?;
         let model = &*model;
-        let _attention = use_attention(attention);
         let d = model.shape().hidden_size;
         let resume_key = shard_key(&m.id, split, of, shard, true);
 
@@ -392,7 +392,7 @@ impl Stage for Collect {
             "host" => false,
             _ => {
                 let need = DeviceStats::bytes(rows, d, layers.len());
-                let free = crate::model::free_memory(&device);
+                let free = lc_models::free_memory(&device);
                 let fits = !two_pass && free.is_some_and(|f| need <= f / 4);
                 if free.is_some() && !fits {
                     tracing::info!(
@@ -458,7 +458,7 @@ impl Stage for Collect {
             let from = next;
             chunks.for_each_batch(&ctx.lake, next..until, batch, |first, ids, b| {
                 let t0 = Instant::now();
-                let (hs, labels) = samples(model, ids, b, chunks.t, &layers)?;
+                let (hs, labels) = samples(model, ids, b, chunks.t, &layers, attention)?;
                 // Make the forward's time measurable apart from accumulation;
                 // not with device tables, where the host runs ahead and the
                 // GPU is never left waiting for it.

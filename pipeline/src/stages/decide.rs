@@ -11,7 +11,7 @@
 //! argmin_c ||h - mu_c||, computed as argmax_c (2<h, mu_c> - ||mu_c||^2)
 //! (||h||^2 is the same for every c). Both walk V' in cache-sized chunks of
 //! class rows, one GEMM each, with a running maximum per sample
-//! (`model::output_layer`): the samples x |V'| scores are never formed.
+//! (`lc_models::output_layer`): the samples x |V'| scores are never formed.
 //! Ties resolve to the lowest class id (the first maximum). Every sample is counted; each row
 //! says whether its true label is in V', so NC4 can be reported over all
 //! samples and over those with analysed labels (the authors' denominator).
@@ -27,12 +27,12 @@ use candle_core::{DType, Tensor};
 use lc_metrics::nc4::{Centres, Nc4Tally, Tally};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
-use crate::model::checkpoint::ModelRef;
-use crate::model::output_layer;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
+use lc_models::{AttentionKernel, output_layer};
 
 pub struct Decide;
 
@@ -140,7 +140,7 @@ impl Stage for Decide {
         }
         ctx.would_run(format!("decide {out}"))?;
 
-        let device = crate::model::device(p.str("device"))?;
+        let device = lc_models::device(p.str("device"))?;
         m.check_vocab(&config, &tok)?;
         let model = m.load(&device, DType::F32)?;
         let stats = crate::stats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
@@ -171,14 +171,17 @@ impl Stage for Decide {
         let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
         chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
-            let h = model.hidden_states(&x, &[layer])?.remove(0);
+            // Block attention as before: the fused kernel is measured for collect.
+            let h = model
+                .hidden_states(&x, &[layer], AttentionKernel::Blocks)?
+                .remove(0);
             let h = h
                 .narrow(1, 0, t - 1)
                 .and_then(|h| h.reshape((b * (t - 1), d)))
                 .and_then(|h| h.to_dtype(dt))
                 .ctx("positions")?;
             // Both decisions walk V' in cache-sized chunks, never forming
-            // the samples x |V'| scores (model::output_layer).
+            // the samples x |V'| scores (lc_models::output_layer).
             let decide = || -> Result<(Vec<u32>, Vec<u32>)> {
                 let lin = output_layer::affine_argmax(&h, &w, 1.0, None)?;
                 let ncc = output_layer::affine_argmax(&h, &mu, 2.0, Some(&mu_sq))?;

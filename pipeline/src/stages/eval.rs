@@ -8,7 +8,7 @@
 //! with a next token, B x (T-1) per batch) of the full-vocabulary cross
 //! entropy, accumulated in f64; accuracy counts argmax == next token (ties to
 //! the lowest id); perplexity = exp(loss). Both come from one walk through
-//! the output layer (`model::output_layer`), which never forms the
+//! the output layer (`lc_models::output_layer`), which never forms the
 //! [samples, V] logits; every family's output layer is h Wᵀ (no bias, no
 //! scaling), which is what it computes. For a model trained here,
 //! `model=NAME` evaluates each of its epoch checkpoints (`NAME@0`, ...);
@@ -21,13 +21,13 @@ use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Tensor};
 
 use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::checkpoint::{ModelRef, list_checkpoints};
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::checkpoint::{ModelRef, list_checkpoints};
-use crate::model::{CausalLm, naming, output_layer};
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
+use lc_models::{AttentionKernel, CausalLm, naming, output_layer};
 
 pub struct Eval;
 
@@ -118,13 +118,16 @@ fn evaluate(ctx: &Ctx, model: &dyn CausalLm, chunks: &Chunks, batch: usize) -> R
     chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, ids, b| {
         let labels: Vec<u32> = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
         let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;
-        let h = model.hidden_states(&x, &[depth])?.remove(0);
+        // Block attention as before: the fused kernel is measured for collect.
+        let h = model
+            .hidden_states(&x, &[depth], AttentionKernel::Blocks)?
+            .remove(0);
         let h = h
             .narrow(1, 0, t - 1)
             .and_then(|h| h.reshape((b * (t - 1), d)))
             .ctx("positions")?;
         // The output layer walked in cache-sized vocabulary chunks: no
-        // [rows, V] logits (model::output_layer).
+        // [rows, V] logits (lc_models::output_layer).
         let rows = b * (t - 1);
         let (losses, argmax) = output_layer::loss_and_argmax(&h, model.classifier(), &labels)?;
         tot.loss += losses.iter().sum::<f64>();
@@ -158,7 +161,7 @@ impl Stage for Eval {
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
         let batch = p.usize_in("batch", 1, 4096)?;
         let split = p.nonempty("split")?;
-        let device = crate::model::device(p.str("device"))?;
+        let device = lc_models::device(p.str("device"))?;
         let mut lines = Vec::new();
         for m in expand_models(&ctx.lake, p.nonempty("model")?)? {
             let dataset = crate::stages::dataset_for(p, &m)?;

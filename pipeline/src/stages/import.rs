@@ -30,10 +30,10 @@ use polars::prelude::{CsvReadOptions, DataType as PlType, ParquetReader, SerRead
 
 use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
-use crate::model::naming;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::source::Source;
 use crate::stages::{Ctx, Stage};
+use lc_models::naming;
 
 pub struct Import;
 

@@ -8,9 +8,9 @@
 use std::collections::BTreeMap;
 
 use crate::cancel::Cancel;
+use crate::checkpoint::ModelRef;
 use crate::error::{Error, Result};
 use crate::lake::Lake;
-use crate::model::checkpoint::ModelRef;
 use crate::params::{Config, ParamSpec, Params};
 
 pub mod all;

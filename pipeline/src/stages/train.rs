@@ -40,12 +40,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::artifact::{Artifact, Provenance, file_schema};
+use crate::checkpoint::{ModelRef, lake_root, list_checkpoints, save_dir};
 use crate::error::{Context, Error, Result};
-use crate::model::checkpoint::{ModelRef, lake_root, list_checkpoints, safetensors_bytes, save_dir};
-use crate::model::optim::{AdamW, AdamWConfig};
-use crate::model::{CausalLm, GptNeo, GptNeoConfig, loss, naming};
 use crate::params::{Config, ParamSpec, Params, param};
 use crate::stages::{Ctx, Stage};
+use lc_models::checkpoint::safetensors_bytes;
+use lc_models::optim::{AdamW, AdamWConfig};
+use lc_models::{CausalLm, GptNeo, GptNeoConfig, loss, naming};
 
 pub struct Train;
 
@@ -275,7 +276,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
     }
 
     ctx.would_run(format!("train {}", recipe.name))?;
-    let device = crate::model::device(p.str("device"))?;
+    let device = lc_models::device(p.str("device"))?;
     let (data, t_data) = load_chunks(ctx, &chunks)?;
     if t_data != t || data.is_empty() {
         return Err(Error::artifact(

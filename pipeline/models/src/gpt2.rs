@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::bias_add::bias_residual;
-use super::layers::{Activation, Keep, LayerNorm, attend, heads, linear};
-use super::{CausalLm, Shape, take};
+use crate::causal_lm::{CausalLm, Shape, take};
 use crate::error::{Context, Error, Result};
+use crate::layers::{Activation, AttentionKernel, Keep, LayerNorm, attend, heads, linear};
+use lc_kernels::bias_add::bias_residual;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Gpt2Config {
@@ -184,7 +184,12 @@ impl Gpt2 {
         })
     }
 
-    fn forward(&self, ids: &Tensor, layers: &[usize]) -> candle_core::Result<Vec<Tensor>> {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> candle_core::Result<Vec<Tensor>> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let (d, h) = (c.n_embd, c.n_head);
@@ -212,7 +217,7 @@ impl Gpt2 {
             if c.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
-            let att = attend(&q, &k, &v, Some(scale), None)?;
+            let att = attend(&q, &k, &v, Some(scale), None, attention)?;
             // Each bias joins the operation after it (one pass on a GPU).
             x = bias_residual(&x, &linear(&att, &blk.proj_w, None)?, &blk.proj_b)?;
             let m = blk.ln_2.forward(&x, false)?;
@@ -234,8 +239,13 @@ impl CausalLm for Gpt2 {
     fn device(&self) -> &Device {
         &self.device
     }
-    fn hidden_states(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
-        self.forward(ids, layers).ctx("GPT-2 forward")
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> Result<Vec<Tensor>> {
+        self.forward(ids, layers, attention).ctx("GPT-2 forward")
     }
     fn classifier(&self) -> &Tensor {
         &self.wte

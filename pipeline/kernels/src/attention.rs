@@ -16,8 +16,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 use std::ops::{Add, Div, Mul, Sub};
 
-use super::block_softmax::{BlockSoftmax, block_softmax};
-use super::loss::exp_f32;
+use crate::block_softmax::{BlockSoftmax, block_softmax};
+use crate::fast_exp::exp_f32;
+use crate::mask::visible;
 
 #[derive(Clone, Copy)]
 struct CausalSoftmax {
@@ -26,16 +27,6 @@ struct CausalSoftmax {
 
 struct CausalSoftmaxGrad {
     window: Option<usize>,
-}
-
-/// Visible key range [lo, hi) of query row `i`.
-#[inline]
-pub(super) fn visible(i: usize, window: Option<usize>) -> (usize, usize) {
-    let lo = match window {
-        Some(w) => (i + 1).saturating_sub(w),
-        None => 0,
-    };
-    (lo, i + 1)
 }
 
 fn dims(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {

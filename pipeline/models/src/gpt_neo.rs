@@ -11,17 +11,17 @@
 //! With `train = true` the layer norm is built from primitive operations so
 //! candle's autograd can differentiate it; otherwise candle's fused kernel is
 //! used. The attention softmax is a fused causal op with its own backward
-//! ([`super::attention`]). This is the one family the pipeline also trains.
+//! ([`lc_kernels::attention`]). This is the one family the pipeline also trains.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::bias_add::{bias_gelu, bias_residual};
-use super::config::GptNeoConfig;
-use super::layers::{Keep, LayerNorm, attend, heads, linear};
-use super::{CausalLm, Shape};
+use crate::causal_lm::{CausalLm, Shape};
+use crate::config::GptNeoConfig;
 use crate::error::{Context, Error, Result};
+use crate::layers::{AttentionKernel, Keep, LayerNorm, attend, heads, linear};
+use lc_kernels::bias_add::{bias_gelu, bias_residual};
 
 struct Block {
     ln_1: LayerNorm,
@@ -209,12 +209,21 @@ impl GptNeo {
     }
 
     /// Run the model on token ids [B, T]. Returns the requested hidden states
-    /// (see the module docs for the indexing), in the order asked.
+    /// (see the module docs for the indexing), in the order asked. Attention
+    /// is block attention (training differentiates it; see
+    /// [`CausalLm::hidden_states`] for the choice of inference kernel).
     pub fn forward(&self, ids: &Tensor, layers: &[usize], train: bool) -> Result<Vec<Tensor>> {
-        self.forward_inner(ids, layers, train).ctx("GPT-Neo forward")
+        self.forward_with(ids, layers, train, AttentionKernel::Blocks)
+            .ctx("GPT-Neo forward")
     }
 
-    fn forward_inner(&self, ids: &Tensor, layers: &[usize], train: bool) -> candle_core::Result<Vec<Tensor>> {
+    fn forward_with(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        train: bool,
+        attention: AttentionKernel,
+    ) -> candle_core::Result<Vec<Tensor>> {
         let (b, t) = ids.dims2()?;
         let d = self.config.hidden_size;
         let h_n = self.config.num_heads;
@@ -238,7 +247,7 @@ impl GptNeo {
                 heads(&linear(&h, &blk.v, None)?, h_n, dh)?,
             );
             // GPT-Neo does not scale its scores.
-            let att = attend(&q, &k, &v, None, blk.local.then_some(window))?;
+            let att = attend(&q, &k, &v, None, blk.local.then_some(window), attention)?;
             // Each bias joins the operation after it (one pass on a GPU).
             x = bias_residual(&x, &linear(&att, &blk.out_w, None)?, &blk.out_b)?;
             let h = blk.ln_2.forward(&x, train)?;
@@ -260,8 +269,14 @@ impl CausalLm for GptNeo {
         &self.device
     }
 
-    fn hidden_states(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
-        self.forward(ids, layers, false)
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> Result<Vec<Tensor>> {
+        self.forward_with(ids, layers, false, attention)
+            .ctx("GPT-Neo forward")
     }
 
     /// The tied embedding or the untied head.

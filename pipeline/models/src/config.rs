@@ -7,11 +7,11 @@
 
 use serde_json::{Value, json};
 
-use super::Shape;
-use super::gpt_neox::GptNeoXConfig;
-use super::gpt2::Gpt2Config;
-use super::llama::LlamaConfig;
+use crate::causal_lm::Shape;
 use crate::error::{Error, Result};
+use crate::gpt_neox::GptNeoXConfig;
+use crate::gpt2::Gpt2Config;
+use crate::llama::LlamaConfig;
 
 /// The `model_type`s this pipeline runs.
 pub const SUPPORTED: &[&str] = &["gpt_neo", "gpt2", "gpt_neox", "llama", "qwen2", "mistral"];

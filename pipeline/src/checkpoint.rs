@@ -1,4 +1,5 @@
-//! Model checkpoints in Hugging Face format, through `object_store`.
+//! Model checkpoints in Hugging Face format, through `object_store` (the
+//! files themselves: [`lc_models::checkpoint`]).
 //!
 //! A model directory holds `config.json` and `model.safetensors` (or a sharded
 //! `model.safetensors.index.json`), optionally `tokenizer.json`, and
@@ -23,44 +24,18 @@
 //! files (cached), never its path or modification time, so a lake copied or
 //! moved keeps its results up to date.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
+use lc_models::checkpoint::{CHECKSUMS_FILE, Checksums, checkpoint_step, safetensors_bytes};
+use lc_models::config::ArchConfig;
+use lc_models::{CausalLm, GptNeoConfig, parameter_names};
 use serde_json::Value;
 
 use crate::artifact::{InputRef, check_partition_value};
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
-use crate::model::config::ArchConfig;
-use crate::model::{CausalLm, GptNeoConfig, parameter_names};
-
-/// Sizes and hashes of the files of a saved weights directory.
-pub const CHECKSUMS_FILE: &str = "_checksums.json";
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct FileSum {
-    pub bytes: u64,
-    pub blake3: String,
-}
-
-/// `_checksums.json`: file name -> size and BLAKE3.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct Checksums {
-    pub files: BTreeMap<String, FileSum>,
-}
-
-impl Checksums {
-    fn add(&mut self, name: &str, bytes: &[u8]) {
-        self.files.insert(
-            name.to_string(),
-            FileSum {
-                bytes: bytes.len() as u64,
-                blake3: crate::integrity::hash_hex(bytes),
-            },
-        );
-    }
-}
 
 /// Where the weights of one model checkpoint live.
 #[derive(Debug, Clone)]
@@ -95,15 +70,6 @@ fn join(a: &str, b: &str) -> String {
 /// Lake prefix of a model trained by the pipeline.
 pub fn lake_root(name: &str) -> String {
     format!("weights/{name}")
-}
-
-/// The step N of a checkpoint directory name: `checkpoint-N` (Trainer),
-/// `step-N` or `stepN` (Pythia's revisions), `global_stepN`.
-pub fn checkpoint_step(dir: &str) -> Option<u64> {
-    ["checkpoint-", "global_step", "step-", "step"]
-        .iter()
-        .find_map(|p| dir.strip_prefix(p))
-        .and_then(|n| n.parse::<u64>().ok())
 }
 
 /// Checkpoint subdirectories of a model root (see [`checkpoint_step`]),
@@ -433,7 +399,7 @@ impl ModelRef {
         let bytes = self.read_checked("config.json", self.checksums()?.as_ref())?;
         let text =
             std::str::from_utf8(&bytes).map_err(|_| Error::model(&self.id, "config.json is not UTF-8"))?;
-        ArchConfig::from_json(text, &self.id)
+        Ok(ArchConfig::from_json(text, &self.id)?)
     }
 
     /// The tokenizer shipped with the model, if any.
@@ -495,7 +461,7 @@ impl ModelRef {
     pub fn load(&self, device: &Device, dtype: DType) -> Result<Box<dyn CausalLm>> {
         let config = self.config()?;
         let tensors = self.tensors(device, dtype)?;
-        crate::model::from_tensors(&config, tensors, &self.id)
+        Ok(lc_models::from_tensors(&config, tensors, &self.id)?)
     }
 
     /// The classifier rows W (vocab x d) alone, in f32 on the CPU, without
@@ -533,18 +499,6 @@ impl ModelRef {
             format!("the checkpoint has no classifier tensor ({})", names.join(" or ")),
         ))
     }
-}
-
-/// Serialise tensors as safetensors bytes with the metadata `transformers` expects.
-pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let contiguous: Vec<(String, Tensor)> = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.contiguous().ctx("preparing tensors")?)))
-        .collect::<Result<_>>()?;
-    safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
-        .map_err(|e| Error::invalid(format!("serialising safetensors: {e}")))
 }
 
 /// Save a model directory: weights, config, optional extra files, and

@@ -9,7 +9,7 @@
 //!
 //! On the CPU the class rows are walked in chunks whose [N, chunk] scores
 //! stay in cache, as the training loss walks them
-//! ([`super::loss::linear_cross_entropy`]): each chunk is one GEMM into a
+//! ([`crate::loss::linear_cross_entropy`]): each chunk is one GEMM into a
 //! reused buffer, folded at once into a running logsumexp and maximum per
 //! row, so no [N, V] buffer is ever written to memory and memory stays
 //! O(N·chunk) whatever the vocabulary (152k included). Runs of consecutive
@@ -23,8 +23,8 @@
 use candle_core::{CpuStorage, D, DType, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::loss::{first_max_lanes, gemm_into, label_logits, lse_argmax, lse_merge, row_losses};
 use crate::error::{Context, Error, Result};
+use crate::loss::{first_max_lanes, gemm_into, label_logits, lse_argmax, lse_merge, row_losses};
 
 /// Scores per chunk: 2^20 (4 MiB in f32). Larger chunks amortise the
 /// packing of the hidden states that each GEMM call repeats: on two cores
@@ -245,7 +245,7 @@ pub fn loss_and_argmax(hidden: &Tensor, weight: &Tensor, labels: &[u32]) -> Resu
 }
 
 /// Per row of `hidden` [N, d], the first argmax over the rows c_j of
-/// `classes` [K, d] of `scale <h, c_j> - offset_j` (`offset` [K], or none),
+/// `classes` [K, d] of `scale <h, c_j> - offset_j` (`offset` of K rows, or none),
 /// in the dtype of the operands (f32 or f64; both the same).
 pub fn affine_argmax(
     hidden: &Tensor,

@@ -9,7 +9,7 @@
 //! place and multiplies by V. The scratch is one block of scores, reused by
 //! the thread, so it stays in cache and nothing of size T x T is allocated.
 //!
-//! There is no backward: [`super::layers::attend`] uses this only when no
+//! There is no backward: the models' attention uses this only when no
 //! input tracks a gradient (collect, decide, eval), and the training path
 //! keeps the differentiable formulation.
 //!
@@ -20,8 +20,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::attention::visible;
-use super::loss::exp_f32;
+use crate::fast_exp::exp_f32;
+use crate::mask::visible;
 
 /// Queries per task: 64 rows of at most T keys is 512 KiB of f32 scores at
 /// T = 2048, which fits the L2 cache of current cores.
@@ -415,7 +415,7 @@ pub(crate) mod tests {
                 // CPU), for ungrouped heads; T = 600 spans three blocks.
                 if h == hkv {
                     let scale = (scale != 1.0).then_some(scale);
-                    let blocks = crate::model::attention::blocked_attention(&q, &k, &v, scale, window, dtype);
+                    let blocks = crate::attention::blocked_attention(&q, &k, &v, scale, window, dtype);
                     let diff = worst(blocks.unwrap());
                     assert!(
                         diff < tol,

@@ -15,9 +15,11 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::layers::{Activation, Keep, RmsNorm, RotarySpec, attend, heads, linear, rotary_from_config};
-use super::{CausalLm, Shape, take, take_opt};
+use crate::causal_lm::{CausalLm, Shape, take, take_opt};
 use crate::error::{Context, Error, Result};
+use crate::layers::{
+    Activation, AttentionKernel, Keep, RmsNorm, RotarySpec, attend, heads, linear, rotary_from_config,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -249,7 +251,12 @@ impl Llama {
         })
     }
 
-    fn forward(&self, ids: &Tensor, layers: &[usize]) -> candle_core::Result<Vec<Tensor>> {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> candle_core::Result<Vec<Tensor>> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let (h, hkv, dh) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -269,7 +276,7 @@ impl Llama {
             let q = rotary.apply(&heads(&blk.q.apply(&a)?, h, dh)?)?;
             let k = rotary.apply(&heads(&blk.k.apply(&a)?, hkv, dh)?)?;
             let v = heads(&blk.v.apply(&a)?, hkv, dh)?;
-            let att = attend(&q, &k, &v, Some(scale), c.windows[i])?;
+            let att = attend(&q, &k, &v, Some(scale), c.windows[i], attention)?;
             x = (x + blk.o.apply(&att)?)?;
             let m = blk.ln_2.forward(&x)?;
             let m = (c.activation.apply(&blk.gate.apply(&m)?)? * blk.up.apply(&m)?)?;
@@ -288,8 +295,13 @@ impl CausalLm for Llama {
     fn device(&self) -> &Device {
         &self.device
     }
-    fn hidden_states(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
-        self.forward(ids, layers)
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> Result<Vec<Tensor>> {
+        self.forward(ids, layers, attention)
             .ctx(format!("{} forward", self.config.model_type))
     }
     fn classifier(&self) -> &Tensor {

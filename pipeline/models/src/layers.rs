@@ -3,8 +3,8 @@
 
 use candle_core::{D, DType, Tensor};
 
-use super::bias_add::{bias_add, bias_gelu};
-use super::{attention, block_attention, flash_attention};
+use lc_kernels::bias_add::{bias_add, bias_gelu};
+use lc_kernels::{attention, block_attention, flash_attention};
 
 pub struct LayerNorm {
     pub weight: Tensor,
@@ -155,32 +155,16 @@ impl Rotary {
 }
 
 /// How inference attends on CUDA devices: block attention from device
-/// primitives (the process default), or, for bf16 models, the one-kernel
-/// flash attention of [`flash_attention`] (what `collect` chooses for bf16
-/// on CUDA unless told `attention=blocks`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// primitives, or, for bf16 models, the one-kernel flash attention of
+/// [`flash_attention`] (what `collect` chooses for bf16 on CUDA unless told
+/// `attention=blocks`). The stage passes it with each forward pass
+/// ([`crate::CausalLm::hidden_states`]); the CPU and the training path
+/// ignore it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
+    #[default]
     Blocks,
     Fused,
-}
-
-static FUSED_ATTENTION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Sets the process-wide [`AttentionKernel`] (like candle's TF32 switch: a
-/// process runs one stage at a time) until the guard is dropped, which
-/// restores the previous choice.
-pub fn use_attention(kernel: AttentionKernel) -> AttentionGuard {
-    use std::sync::atomic::Ordering;
-    AttentionGuard(FUSED_ATTENTION.swap(kernel == AttentionKernel::Fused, Ordering::Relaxed))
-}
-
-#[must_use = "the choice lasts while the guard lives"]
-pub struct AttentionGuard(bool);
-
-impl Drop for AttentionGuard {
-    fn drop(&mut self) {
-        FUSED_ATTENTION.store(self.0, std::sync::atomic::Ordering::Relaxed);
-    }
 }
 
 /// Causal attention of q [B, H, T, dh] over k, v [B, Hkv, T, dh] (grouped
@@ -189,8 +173,8 @@ impl Drop for AttentionGuard {
 /// Returns [B, T, H * dh]. Without gradients this works in blocks of
 /// queries against the keys they see: on the CPU the kernel of
 /// [`block_attention`], on other devices [`attention::blocked_attention`]
-/// (device primitives), or [`flash_attention`] where [`use_attention`] chose
-/// it and it takes the tensors. With gradients the scores are materialised
+/// (device primitives), or [`flash_attention`] where `kernel` asks for it
+/// and it takes the tensors. With gradients the scores are materialised
 /// so that the step is differentiable.
 pub fn attend(
     q: &Tensor,
@@ -198,6 +182,7 @@ pub fn attend(
     v: &Tensor,
     scale: Option<f64>,
     window: Option<usize>,
+    kernel: AttentionKernel,
 ) -> candle_core::Result<Tensor> {
     let (b, h, t, dh) = q.dims4()?;
     let no_grad = !(q.track_op() || k.track_op() || v.track_op());
@@ -213,7 +198,7 @@ pub fn attend(
     }
     if no_grad
         && !q.device().is_cpu()
-        && FUSED_ATTENTION.load(std::sync::atomic::Ordering::Relaxed)
+        && kernel == AttentionKernel::Fused
         && let Some(out) = flash_attention::attend(q, k, v, scale.unwrap_or(1.0), window)?
     {
         return Ok(out);

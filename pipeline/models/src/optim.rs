@@ -40,7 +40,7 @@ impl AdamW {
             .map(|(name, var)| {
                 let m = var.zeros_like().ctx("optimizer state")?;
                 let v = var.zeros_like().ctx("optimizer state")?;
-                let decay = super::decays(&name);
+                let decay = crate::gpt_neo::decays(&name);
                 Ok(Slot {
                     name,
                     var,

@@ -324,8 +324,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::class_moments::batch_partial;
     use crate::class_moments::class_moments;
-    use crate::stats::batch_partial;
 
     fn lcg(seed: &mut u64) -> f64 {
         *seed = seed

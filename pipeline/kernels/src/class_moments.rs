@@ -10,10 +10,17 @@
 //! threads) and a gather: a quarter of a 12x1024 model's GPU collection.
 //! Here a CUDA block takes one class, its threads the columns; on the CPU
 //! classes run in parallel. Output [u, d + 1]: the mean, then M2.
+//!
+//! [`batch_partial`] turns a labelled batch into the metrics crate's
+//! per-class [`Partial`] with it; [`batch_m2_to`] is the second pass of the
+//! two-pass mode (squared distances to fixed means).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use lc_metrics::class_stats::cpu_moments;
+use lc_metrics::{ClassStats, LabelGroups, Partial};
+
+use crate::error::{Context, Error, Result};
 
 struct ClassMoments;
 
@@ -140,6 +147,69 @@ impl ClassRuns {
         h.contiguous()?
             .apply_op3_no_bwd(&self.order, &self.starts, &ClassMoments)
     }
+}
+
+/// Reduce one batch of samples `h` [N, d] with labels to per-class partials,
+/// on the device holding `h` (f64 arithmetic).
+pub fn batch_partial(h: &Tensor, labels: &[u32]) -> Result<Partial> {
+    let (n, d) = h.dims2().ctx("batch embeddings")?;
+    if n != labels.len() {
+        return Err(Error::invalid(format!(
+            "{n} embeddings for {} labels",
+            labels.len()
+        )));
+    }
+    let LabelGroups {
+        classes,
+        count,
+        order,
+        starts,
+    } = LabelGroups::new(labels);
+    let run = || -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+        // Split on the device: the host receives each part in place.
+        let both = class_moments(h, &order, &starts)?;
+        let mean = both.narrow(1, 0, d)?.flatten_all()?.to_vec1::<f64>()?;
+        let m2 = both.narrow(1, d, 1)?.flatten_all()?.to_vec1::<f64>()?;
+        Ok((mean, m2))
+    };
+    let (mean, m2) = run().ctx("per-class reduction")?;
+    Ok(Partial {
+        classes,
+        count,
+        mean,
+        m2,
+    })
+}
+
+/// Squared distances of a batch to fixed class means (second pass of the
+/// two-pass mode), summed per class. `means` holds the rows of `stats`.
+pub fn batch_m2_to(h: &Tensor, labels: &[u32], stats: &ClassStats, means: &Tensor) -> Result<Partial> {
+    let (n, _) = h.dims2().ctx("batch embeddings")?;
+    let mut rows = Vec::with_capacity(n);
+    for &y in labels {
+        rows.push(
+            stats
+                .row_of(y)
+                .ok_or_else(|| Error::invalid(format!("class {y} was not seen in the first pass")))?
+                as u32,
+        );
+    }
+    let dev = h.device();
+    let run = || -> candle_core::Result<Vec<f64>> {
+        let idx = Tensor::from_vec(rows.clone(), n, dev)?;
+        let h64 = h.to_dtype(DType::F64)?;
+        let sq = (h64 - means.index_select(&idx, 0)?)?.sqr()?.sum(1)?;
+        Tensor::zeros(stats.len(), DType::F64, dev)?
+            .index_add(&idx, &sq, 0)?
+            .to_vec1()
+    };
+    let per_row = run().ctx("second-pass distances")?;
+    Ok(Partial {
+        classes: stats.classes.clone(),
+        count: vec![0; stats.len()],
+        mean: Vec::new(),
+        m2: per_row,
+    })
 }
 
 #[cfg(feature = "cuda")]

@@ -1,7 +1,7 @@
 //! Causal attention of bf16 models on CUDA GPUs in one kernel
 //! (`cuda/flash_attention.cu`, compiled by NVRTC for compute_80 and newer).
 //!
-//! [`super::attention::blocked_attention`] builds attention from device
+//! [`crate::attention::blocked_attention`] builds attention from device
 //! primitives: per block of queries a score product, the block softmax and
 //! a product with V, with q and k cast to f32 first and the heads copied
 //! contiguous around them. On an H100 those passes were about half of a
@@ -19,7 +19,7 @@
 //! f64 brute force. On an H200 (`scripts/gpu-check.sh`) it agreed with the
 //! CPU as block attention does and took 0.11-0.24x its time, so `collect`
 //! takes it for bf16 on CUDA by default (`attention=auto`; see
-//! [`super::layers::use_attention`]).
+//! the models crate's `AttentionKernel`).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -475,7 +475,7 @@ mod tests {
     /// c_attn: offsets and a 3 H D token stride).
     #[test]
     fn flash_attention_matches_brute_force_on_the_emulator() {
-        use crate::model::block_attention::tests::{random, reference};
+        use crate::block_attention::tests::{random, reference};
         // In a windowed layer a key tile starts (1 - W) mod 16 rows off a
         // warp's first row: the sweep of W = 1..=16 (and a few past the
         // 64-key tile) meets every such offset at the tile and warp edges.
@@ -539,7 +539,7 @@ mod tests {
                         .to_vec1::<f64>()
                         .unwrap()
                 };
-                let dims = crate::model::block_attention::Dims { b, h, hkv, t, dh: d };
+                let dims = crate::block_attention::Dims { b, h, hkv, t, dh: d };
                 let vs = f64s(v);
                 // reference: [B, H, T, D]; the kernel writes [B, T, H * D].
                 let want = Tensor::from_vec(
@@ -555,7 +555,7 @@ mod tests {
                 let got = emulated(q, k, v, scale, window, n as u64)
                     .to_dtype(DType::F64)
                     .unwrap();
-                let diff = crate::model::attention::tests::max_abs_diff(&got, &want);
+                let diff = crate::attention::tests::max_abs_diff(&got, &want);
                 let max_v = vs.iter().fold(0f64, |m, x| m.max(x.abs()));
                 let bound = max_v / 256.0 * 1.001;
                 assert!(

@@ -29,7 +29,7 @@ fn main() {
         // The kernels' f64 arithmetic is checked bit for bit against Rust,
         // which never fuses a multiply and an add.
         .flag_if_supported("-ffp-contract=off")
-        .try_compile("pipeline_cuda_emulator");
+        .try_compile("lc_kernels_cuda_emulator");
     match built {
         Ok(()) => println!("cargo:rustc-cfg=cuda_emulator"),
         Err(e) => println!("cargo:warning=the CUDA kernel emulator was not built (its tests will fail): {e}"),

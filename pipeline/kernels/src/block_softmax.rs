@@ -2,7 +2,7 @@
 //! scores, scaled, masked and normalised in one pass, with the result in
 //! the dtype the next product wants.
 //!
-//! [`super::attention::blocked_attention`] scores a block of queries
+//! [`crate::attention::blocked_attention`] scores a block of queries
 //! i0 .. i0 + m against keys lo .. lo + nk. Done with primitives, the mask is
 //! a broadcast add, the scale a multiply and the cast to bf16 another pass:
 //! on an H100 the broadcast add alone was a third of a 12x1024 model's
@@ -17,7 +17,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
-use super::attention::visible;
+use crate::mask::visible;
 
 /// Which block of queries and keys the scores [.., m, nk] belong to.
 #[derive(Clone, Copy, Debug)]

@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use super::layers::{Activation, Keep, LayerNorm, RotarySpec, attend, linear, rotary_from_config};
-use super::{CausalLm, Shape, take, take_opt};
+use crate::causal_lm::{CausalLm, Shape, take, take_opt};
 use crate::error::{Context, Error, Result};
+use crate::layers::{
+    Activation, AttentionKernel, Keep, LayerNorm, RotarySpec, attend, linear, rotary_from_config,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptNeoXConfig {
@@ -180,7 +182,12 @@ impl GptNeoX {
         })
     }
 
-    fn forward(&self, ids: &Tensor, layers: &[usize]) -> candle_core::Result<Vec<Tensor>> {
+    fn forward(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> candle_core::Result<Vec<Tensor>> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         let (d, h) = (c.hidden_size, c.num_heads);
@@ -204,7 +211,7 @@ impl GptNeoX {
                 qkv.narrow(3, k, 1)?.squeeze(3)?.transpose(1, 2)?.contiguous()
             };
             let (q, k, v) = (rotary.apply(&part(0)?)?, rotary.apply(&part(1)?)?, part(2)?);
-            let att = attend(&q, &k, &v, Some(scale), None)?;
+            let att = attend(&q, &k, &v, Some(scale), None, attention)?;
             let att = linear(&att, &blk.dense_w, blk.dense_b.as_ref())?;
             let mlp = |y: &Tensor| -> candle_core::Result<Tensor> {
                 let y = c.activation.apply(&linear(y, &blk.up_w, blk.up_b.as_ref())?)?;
@@ -232,8 +239,13 @@ impl CausalLm for GptNeoX {
     fn device(&self) -> &Device {
         &self.device
     }
-    fn hidden_states(&self, ids: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
-        self.forward(ids, layers).ctx("GPT-NeoX forward")
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        layers: &[usize],
+        attention: AttentionKernel,
+    ) -> Result<Vec<Tensor>> {
+        self.forward(ids, layers, attention).ctx("GPT-NeoX forward")
     }
     fn classifier(&self) -> &Tensor {
         self.head.as_ref().unwrap_or(&self.embed)
