@@ -34,14 +34,12 @@ use crate::parquet_io::ObjectReader;
 use parquet::arrow::ParquetRecordBatchStreamBuilder;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Context, Error, Result};
+use crate::integrity::{DATA_FILE, MANIFEST_FILE, short};
 use crate::lake::Lake;
+use crate::manifest::{InputRef, Manifest};
 use crate::schemas::{self, TableSchema};
-
-pub const DATA_FILE: &str = "part-0.parquet";
-pub const MANIFEST_FILE: &str = "_manifest.json";
 
 /// One partition of one table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,52 +137,6 @@ impl Artifact {
 impl std::fmt::Display for Artifact {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.dir())
-    }
-}
-
-/// An input an artifact was computed from.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct InputRef {
-    pub artifact: String,
-    pub content_hash: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Manifest {
-    pub artifact: String,
-    pub table: String,
-    pub partition: BTreeMap<String, String>,
-    pub stage: String,
-    pub params: BTreeMap<String, String>,
-    pub inputs: Vec<InputRef>,
-    pub rows: u64,
-    pub bytes: u64,
-    pub content_hash: String,
-    /// BLAKE3 of each block of the data file (range reads are checked
-    /// against these); absent in manifests written before they existed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blocks: Option<crate::integrity::Blocks>,
-    pub created: String,
-    pub tool_version: String,
-    /// Stage-specific facts (chunk length T, classes C, ...).
-    #[serde(default)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Manifest {
-    pub fn input_ref(&self) -> InputRef {
-        InputRef {
-            artifact: self.artifact.clone(),
-            content_hash: self.content_hash.clone(),
-        }
-    }
-
-    pub fn extra_u64(&self, key: &str) -> Option<u64> {
-        self.extra.get(key).and_then(|v| v.as_u64())
-    }
-
-    pub fn extra_str(&self, key: &str) -> Option<&str> {
-        self.extra.get(key).and_then(|v| v.as_str())
     }
 }
 
@@ -681,11 +633,6 @@ impl Lake {
         }
         Ok(())
     }
-}
-
-/// First 12 hex digits of a hash, for messages.
-pub fn short(hash: &str) -> &str {
-    &hash[..hash.len().min(12)]
 }
 
 /// Convenience: a shared schema reference for a table.

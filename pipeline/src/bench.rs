@@ -45,14 +45,6 @@ fn device_time(
     Ok((out, started.elapsed().as_secs_f64() / reps.max(1) as f64))
 }
 
-/// Peak resident memory of this process so far (Linux), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// ingest + tokenize + pack on `source` replicated to at least `mb` MB.
 pub fn data(source: &str, tokenizer: &str, mb: usize) -> Result<String> {
     let (dir, ctx) = temp_ctx()?;

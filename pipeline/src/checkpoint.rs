@@ -33,9 +33,10 @@ use lc_models::config::ArchConfig;
 use lc_models::{CausalLm, GptNeoConfig, parameter_names};
 use serde_json::Value;
 
-use crate::artifact::{InputRef, check_partition_value};
+use crate::artifact::check_partition_value;
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
+use crate::manifest::InputRef;
 
 /// Where the weights of one model checkpoint live.
 #[derive(Debug, Clone)]
@@ -270,7 +271,7 @@ impl ModelRef {
     /// The identity of the weights by content: BLAKE3 over the hashes of the
     /// weight files and `config.json`, from `_checksums.json` where the save
     /// recorded them, else hashed (once per file version; see
-    /// [`crate::integrity::content_id`]).
+    /// [`crate::source::content_id`]).
     pub fn weights_version(&self) -> Result<String> {
         let sums = self.checksums()?.unwrap_or_default();
         let mut files = self.weight_files()?;
@@ -279,7 +280,7 @@ impl ModelRef {
         for f in &files {
             let id = match sums.files.get(f) {
                 Some(s) => format!("blake3:{}", s.blake3),
-                None => crate::integrity::content_id(&self.lake, &self.store, &self.key(f))?,
+                None => crate::source::content_id(&self.lake, &self.store, &self.key(f))?,
             };
             h.update(f.as_bytes());
             h.update(b"=");
@@ -316,9 +317,9 @@ impl ModelRef {
                         "{} is damaged: {} bytes with BLAKE3 {}, but {CHECKSUMS_FILE} records {} bytes with {} (a truncated copy or an interrupted write); {repair}",
                         self.store.display(&key),
                         bytes.len(),
-                        crate::artifact::short(&got),
+                        crate::integrity::short(&got),
                         want.bytes,
-                        crate::artifact::short(&want.blake3)
+                        crate::integrity::short(&want.blake3)
                     ),
                 ));
             }

@@ -6,9 +6,10 @@ use std::ops::Range;
 use arrow::array::AsArray;
 use arrow::datatypes::UInt32Type;
 
-use crate::artifact::{Artifact, Manifest};
+use crate::artifact::Artifact;
 use crate::error::{Error, Result};
 use crate::lake::Lake;
+use crate::manifest::Manifest;
 use crate::tokenizer::TextTokenizer;
 
 /// A split's chunks, checked against the tokenizer a model expects.

@@ -22,10 +22,11 @@ use arrow::datatypes::{DataType, Field, Float32Type, UInt32Type};
 use arrow::record_batch::RecordBatch;
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, Manifest, Provenance, file_schema};
+use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::checkpoint::ModelRef;
 use crate::error::{Context, Error, Result};
 use crate::lake::Lake;
+use crate::manifest::Manifest;
 use crate::partials::commit_class_stats;
 
 /// The `stage` recorded in the manifests of results made outside the stages.

@@ -27,9 +27,9 @@ pub struct Cell {
 }
 
 /// The output partition of a done step, for rows and time.
-fn output(ctx: &Ctx, s: &Step) -> Option<crate::artifact::Manifest> {
+fn output(ctx: &Ctx, s: &Step) -> Option<crate::manifest::Manifest> {
     let model = s.params.get("model");
-    let find = |table: &str, under: String| -> Option<crate::artifact::Manifest> {
+    let find = |table: &str, under: String| -> Option<crate::manifest::Manifest> {
         ctx.lake
             .manifests(table, &under)
             .ok()?

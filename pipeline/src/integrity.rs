@@ -33,9 +33,9 @@ use serde::{Deserialize, Serialize};
 /// Block size of the per-block hashes.
 pub const BLOCK_BYTES: u64 = 1 << 20;
 
-/// The data file of every table partition, and its manifest.
-const DATA_FILE: &str = crate::artifact::DATA_FILE;
-const MANIFEST_FILE: &str = crate::artifact::MANIFEST_FILE;
+/// The data file of every table partition, and its manifest beside it.
+pub const DATA_FILE: &str = "part-0.parquet";
+pub const MANIFEST_FILE: &str = "_manifest.json";
 
 /// BLAKE3 of consecutive blocks of a file: block `i` covers bytes
 /// `[i * size, min((i + 1) * size, file length))`.
@@ -108,42 +108,9 @@ pub fn hash_hex(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-/// The BLAKE3 of an object anywhere (`store`, `key`), as `blake3:HEX`,
-/// computed once per version of the object and cached in the lake under
-/// `_cache/content/`, keyed by (URL, size, modification time, e-tag). The
-/// identity of a file outside the lake's manifests (a corpus, a Hugging Face
-/// model's weights) is thereby its content, not its path or time: the cache
-/// only saves re-reading it.
-pub fn content_id(cache: &crate::lake::Lake, store: &crate::lake::Lake, key: &str) -> crate::Result<String> {
-    let meta = store
-        .head_opt(key)?
-        .ok_or_else(|| crate::Error::input(store.display(key), "no such file"))?;
-    let version = format!(
-        "{}|{}|{}|{}",
-        store.display(key),
-        meta.size,
-        meta.last_modified.timestamp_nanos_opt().unwrap_or_default(),
-        meta.e_tag.clone().unwrap_or_default()
-    );
-    let cache_key = format!("_cache/content/{}.json", &hash_hex(version.as_bytes())[..32]);
-    if let Some(b) = cache.get_opt(&cache_key)?
-        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
-        && let Some(h) = v.get("blake3").and_then(|h| h.as_str())
-    {
-        return Ok(format!("blake3:{h}"));
-    }
-    let mut reader = crate::source::Source::open_key(store, key)?.reader()?;
-    let mut hasher = blake3::Hasher::new();
-    while let Some(chunk) = reader.next_chunk()? {
-        hasher.update(&chunk);
-    }
-    let h = hasher.finalize().to_hex().to_string();
-    let entry = serde_json::json!({"blake3": h, "of": version});
-    // A cache that cannot be written (read-only lake) costs only time.
-    if let Err(e) = cache.put(&cache_key, Bytes::from(serde_json::to_vec(&entry).expect("json"))) {
-        tracing::debug!(error = %e, "content hash not cached");
-    }
-    Ok(format!("blake3:{h}"))
+/// The first 12 characters of a hash, for messages.
+pub fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
 }
 
 /// What a manifest says about its data file (the fields this layer needs).
@@ -346,7 +313,7 @@ impl CheckedStore {
                         format!(
                             "its {} bytes do not hash to its manifest's BLAKE3 {}",
                             all.len(),
-                            crate::artifact::short(&exp.content_hash)
+                            short(&exp.content_hash)
                         ),
                     ));
                 }

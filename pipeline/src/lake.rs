@@ -25,10 +25,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
@@ -77,11 +79,11 @@ pub struct Lake {
     journal: Option<Journal>,
     /// The lease a stage run holds while it writes through this handle:
     /// commits are refused once it has lapsed ([`Lake::under_lease`]).
-    lease: Option<crate::lease::LeaseGuard>,
+    lease: Option<LeaseGuard>,
 }
 
 /// The manifests committed through a journaled lake handle, in order.
-pub type Journal = Arc<std::sync::Mutex<Vec<crate::artifact::Manifest>>>;
+pub type Journal = Arc<std::sync::Mutex<Vec<crate::manifest::Manifest>>>;
 
 impl std::fmt::Debug for Lake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,7 +209,7 @@ impl Lake {
     /// refused once the lease has lapsed (the process was stopped past its
     /// expiry, or could not renew it), so a worker that another has since
     /// replaced writes nothing over that worker's results.
-    pub fn under_lease(&self, lease: crate::lease::LeaseGuard) -> Lake {
+    pub fn under_lease(&self, lease: LeaseGuard) -> Lake {
         Lake {
             lease: Some(lease),
             ..self.clone()
@@ -225,7 +227,7 @@ impl Lake {
     }
 
     /// Record a commit in the journal, if there is one.
-    pub(crate) fn note_commit(&self, manifest: &crate::artifact::Manifest) {
+    pub(crate) fn note_commit(&self, manifest: &crate::manifest::Manifest) {
         if let Some(j) = &self.journal {
             j.lock().unwrap_or_else(|e| e.into_inner()).push(manifest.clone());
         }
@@ -592,6 +594,27 @@ impl Lake {
         Ok(out)
     }
 
+    /// A synchronous streaming reader over the object at `rel`, fetching as
+    /// it goes (through the integrity check, like every read).
+    pub fn reader(&self, rel: &str) -> Result<StreamReader> {
+        self.reader_named(rel, &self.display(rel))
+    }
+
+    /// [`Lake::reader`], naming the object `name` in its errors (what the
+    /// user called it).
+    pub fn reader_named(&self, rel: &str, name: &str) -> Result<StreamReader> {
+        let result = self
+            .block_on(self.store.get(&self.path(rel)))
+            .ctx(format!("reading {name}"))?;
+        Ok(StreamReader {
+            lake: self.clone(),
+            stream: result.into_stream(),
+            current: Bytes::new(),
+            name: name.to_string(),
+            progress: indicatif::ProgressBar::hidden(),
+        })
+    }
+
     /// Copy every object of this lake into `dest` (another URL: disk to
     /// bucket, bucket to disk, one directory to another). Data files are read
     /// through the integrity check, so damage is never copied; manifests go
@@ -605,7 +628,7 @@ impl Lake {
             .filter(|(k, _)| !k.starts_with(&format!("{UPLOAD_JOURNAL}/")))
             .map(|(k, m)| (k, m.size))
             .collect();
-        keys.sort_by_key(|(k, _)| (k.ends_with(crate::artifact::MANIFEST_FILE), k.clone()));
+        keys.sort_by_key(|(k, _)| (k.ends_with(crate::integrity::MANIFEST_FILE), k.clone()));
         let total: u64 = keys.iter().map(|(_, s)| s).sum();
         let bar = crate::progress::bytes_bar(total, "copy");
         let mut bytes = 0u64;
@@ -614,8 +637,7 @@ impl Lake {
                 dest.put(key, self.get(key)?)?;
             } else {
                 let mut staged = crate::staging::file("")?;
-                let src = crate::source::Source::open_key(self, key)?;
-                let mut reader = src.reader()?;
+                let mut reader = self.reader(key)?;
                 std::io::copy(&mut reader, staged.as_file_mut())
                     .ctx(format!("copying {}", self.display(key)))?;
                 dest.put_file(key, staged.path())?;
@@ -633,6 +655,81 @@ impl Lake {
             self.delete(&rel)?;
         }
         Ok(())
+    }
+}
+
+/// Whether a lease is still held: the expiry its last successful renewal
+/// wrote. A process stopped past it (SIGSTOP, a frozen node) or unable to
+/// renew finds it lapsed, and its renewer stops rather than bring the claim
+/// back.
+#[derive(Clone, Debug)]
+pub struct LeaseGuard(Arc<AtomicI64>);
+
+impl LeaseGuard {
+    /// A guard held until `expires_ms` (Unix milliseconds).
+    pub fn until(expires_ms: i64) -> Self {
+        LeaseGuard(Arc::new(AtomicI64::new(expires_ms)))
+    }
+
+    pub fn held(&self) -> bool {
+        chrono::Utc::now().timestamp_millis() < self.0.load(Ordering::SeqCst)
+    }
+
+    /// Move the expiry (a renewal, or a lapse).
+    pub fn extend_to(&self, expires_ms: i64) {
+        self.0.store(expires_ms, Ordering::SeqCst)
+    }
+}
+
+/// `std::io::Read` over an object's byte stream, fetching as it goes
+/// ([`Lake::reader`]).
+pub struct StreamReader {
+    lake: Lake,
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+    current: Bytes,
+    name: String,
+    progress: indicatif::ProgressBar,
+}
+
+impl StreamReader {
+    /// The same reader, counting the bytes it delivers on `progress`.
+    pub fn with_progress(mut self, progress: indicatif::ProgressBar) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// The next chunk of bytes as the store delivers it (None at the end).
+    pub fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        if !self.current.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.current)));
+        }
+        match self.lake.block_on(self.stream.next()) {
+            None => Ok(None),
+            Some(r) => {
+                let b = r.ctx(format!("reading {}", self.name))?;
+                self.progress.inc(b.len() as u64);
+                Ok(Some(b))
+            }
+        }
+    }
+}
+
+impl std::io::Read for StreamReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.lake.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(b)) => {
+                    self.progress.inc(b.len() as u64);
+                    self.current = b
+                }
+                Some(Err(e)) => return Err(std::io::Error::other(e)),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current = self.current.slice(n..);
+        Ok(n)
     }
 }
 

@@ -21,14 +21,14 @@
 //! `PIPELINE_LEASE_WAIT_SECS` (default a day).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::lake::Lake;
+use crate::lake::{Lake, LeaseGuard};
 
 /// Where leases live in the lake.
 pub const LEASES: &str = "_leases";
@@ -57,19 +57,13 @@ impl Claim {
         match (&self.host, self.pid) {
             (Some(h), Some(pid)) => {
                 std::path::Path::new("/proc/self").exists()
-                    && *h == hostname()
+                    && *h == crate::host::hostname()
                     && pid != std::process::id()
                     && !std::path::Path::new(&format!("/proc/{pid}")).exists()
             }
             _ => false,
         }
     }
-}
-
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into())
 }
 
 fn now_ms() -> i64 {
@@ -98,7 +92,7 @@ pub fn current_job() -> Option<String> {
 }
 
 fn owner() -> String {
-    let host = hostname();
+    let host = crate::host::hostname();
     match current_job() {
         Some(j) => format!("job {j} on {host} (pid {})", std::process::id()),
         None => format!("{host} (pid {})", std::process::id()),
@@ -118,19 +112,6 @@ impl Lease {
     /// What a writer checks before it commits ([`Lake::under_lease`]).
     pub fn guard(&self) -> LeaseGuard {
         self.guard.clone()
-    }
-}
-
-/// Whether a lease is still held: the expiry its last successful renewal
-/// wrote. A process stopped past it (SIGSTOP, a frozen node) or unable to
-/// renew finds it lapsed, and its renewer stops rather than bring the claim
-/// back.
-#[derive(Clone, Debug)]
-pub struct LeaseGuard(Arc<AtomicI64>);
-
-impl LeaseGuard {
-    pub fn held(&self) -> bool {
-        now_ms() < self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -228,7 +209,7 @@ fn claim(lake: &Lake, name: &str, patient: bool) -> Result<Option<Lease>> {
             owner: me.clone(),
             job: job.clone(),
             expires_ms: now_ms() + ttl.as_millis() as i64,
-            host: Some(hostname()),
+            host: Some(crate::host::hostname()),
             pid: Some(std::process::id()),
         };
         let body = Bytes::from(serde_json::to_vec(&claim).expect("json"));
@@ -279,7 +260,7 @@ fn claim(lake: &Lake, name: &str, patient: bool) -> Result<Option<Lease>> {
 
 fn start(lake: &Lake, key: String, mut claim: Claim, ttl: Duration) -> Lease {
     let stop = Arc::new(AtomicBool::new(false));
-    let guard = LeaseGuard(Arc::new(AtomicI64::new(claim.expires_ms)));
+    let guard = LeaseGuard::until(claim.expires_ms);
     let (l, k, s, g) = (lake.clone(), key.clone(), stop.clone(), guard.clone());
     let renewer = std::thread::spawn(move || {
         let every = ttl / 3;
@@ -299,7 +280,7 @@ fn start(lake: &Lake, key: String, mut claim: Claim, ttl: Duration) -> Lease {
             claim.expires_ms = now_ms() + ttl.as_millis() as i64;
             let body = Bytes::from(serde_json::to_vec(&claim).expect("json"));
             match l.put(&k, body) {
-                Ok(()) => g.0.store(claim.expires_ms, Ordering::SeqCst),
+                Ok(()) => g.extend_to(claim.expires_ms),
                 Err(e) => tracing::warn!(error = %e, "renewing a lease"),
             }
         }
@@ -361,7 +342,7 @@ mod tests {
             lake.get(&artifact.manifest_key()).unwrap(),
         );
         assert_ne!(manifest_now, manifest);
-        lease.guard.0.store(now_ms() - 1, Ordering::SeqCst);
+        lease.guard.extend_to(now_ms() - 1);
         let err = held
             .write_artifact(&artifact, &[vocab_batch(3)], Provenance::new("vocab"))
             .unwrap_err();
@@ -400,7 +381,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lake = Lake::open(dir.path().to_str().unwrap()).unwrap();
         let lapsed = acquire(&lake, "train/a").unwrap();
-        lapsed.guard.0.store(now_ms() - 1, Ordering::SeqCst);
+        lapsed.guard.extend_to(now_ms() - 1);
         drop(lapsed);
         let first = format!("{LEASES}/train/a/{:020}.json", 0);
         assert_eq!(claim_keys(&lake, "train/a"), std::slice::from_ref(&first));
@@ -429,7 +410,7 @@ mod tests {
         .unwrap();
         let live = acquire(&lake, "decide/c").unwrap();
         let lapsed = acquire(&lake, "eval/d").unwrap();
-        lapsed.guard.0.store(now_ms() - 1, Ordering::SeqCst);
+        lapsed.guard.extend_to(now_ms() - 1);
         drop(lapsed);
         let live_keys = claim_keys(&lake, "decide/c");
         // The lapsed claim's object has not expired yet: only the gone

@@ -17,9 +17,10 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, InputRef, Manifest, Provenance};
+use crate::artifact::{Artifact, Provenance};
 use crate::error::{Error, Result};
 use crate::lake::Lake;
+use crate::manifest::{InputRef, Manifest};
 use crate::stats::pack_safetensors;
 
 pub fn shard_key(model: &str, split: &str, of: u64, shard: u64, resume: bool) -> String {

@@ -5,15 +5,10 @@
 //! URL (same environment as the lake), or `lake:key` for a key inside the
 //! current lake.
 
-use std::io::Read;
-
 use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::BoxStream;
-use object_store::ObjectStoreExt;
 
 use crate::error::{Context, Error, Result};
-use crate::lake::Lake;
+use crate::lake::{Lake, StreamReader};
 
 /// One input file.
 #[derive(Debug, Clone)]
@@ -87,7 +82,7 @@ impl Source {
 
     /// The file's identity by content (BLAKE3, cached in `lake`).
     pub fn content_id(&self, lake: &Lake) -> Result<String> {
-        crate::integrity::content_id(lake, &self.store, &self.key)
+        content_id(lake, &self.store, &self.key)
     }
 
     /// The file name's extension, lower-cased.
@@ -106,71 +101,53 @@ impl Source {
 
     /// A synchronous streaming reader over the file; `progress` counts the
     /// bytes as they arrive.
-    pub fn reader_with_progress(&self, progress: indicatif::ProgressBar) -> Result<SourceReader> {
-        let mut r = self.reader()?;
-        r.progress = progress;
-        Ok(r)
+    pub fn reader_with_progress(&self, progress: indicatif::ProgressBar) -> Result<StreamReader> {
+        Ok(self.reader()?.with_progress(progress))
     }
 
     /// A synchronous streaming reader over the file.
-    pub fn reader(&self) -> Result<SourceReader> {
-        let path = self.store.path(&self.key);
-        let store = self.store.store();
-        let result = self
-            .store
-            .block_on(store.get(&path))
-            .ctx(format!("reading {}", self.name))?;
-        Ok(SourceReader {
-            lake: self.store.clone(),
-            stream: result.into_stream(),
-            current: Bytes::new(),
-            name: self.name.clone(),
-            progress: indicatif::ProgressBar::hidden(),
-        })
+    pub fn reader(&self) -> Result<StreamReader> {
+        self.store.reader_named(&self.key, &self.name)
     }
 }
 
-/// `std::io::Read` over an object's byte stream, fetching as it goes.
-pub struct SourceReader {
-    lake: Lake,
-    stream: BoxStream<'static, object_store::Result<Bytes>>,
-    current: Bytes,
-    name: String,
-    progress: indicatif::ProgressBar,
-}
-
-impl SourceReader {
-    /// The next chunk of bytes as the store delivers it (None at the end).
-    pub fn next_chunk(&mut self) -> Result<Option<Bytes>> {
-        if !self.current.is_empty() {
-            return Ok(Some(std::mem::take(&mut self.current)));
-        }
-        match self.lake.block_on(self.stream.next()) {
-            None => Ok(None),
-            Some(r) => {
-                let b = r.ctx(format!("reading {}", self.name))?;
-                self.progress.inc(b.len() as u64);
-                Ok(Some(b))
-            }
-        }
+/// The BLAKE3 of an object anywhere (`store`, `key`), as `blake3:HEX`,
+/// computed once per version of the object and cached in the lake under
+/// `_cache/content/`, keyed by (URL, size, modification time, e-tag). The
+/// identity of a file outside the lake's manifests (a corpus, a Hugging Face
+/// model's weights) is thereby its content, not its path or time: the cache
+/// only saves re-reading it.
+pub fn content_id(cache: &Lake, store: &Lake, key: &str) -> Result<String> {
+    let meta = store
+        .head_opt(key)?
+        .ok_or_else(|| Error::input(store.display(key), "no such file"))?;
+    let version = format!(
+        "{}|{}|{}|{}",
+        store.display(key),
+        meta.size,
+        meta.last_modified.timestamp_nanos_opt().unwrap_or_default(),
+        meta.e_tag.clone().unwrap_or_default()
+    );
+    let cache_key = format!(
+        "_cache/content/{}.json",
+        &crate::integrity::hash_hex(version.as_bytes())[..32]
+    );
+    if let Some(b) = cache.get_opt(&cache_key)?
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b)
+        && let Some(h) = v.get("blake3").and_then(|h| h.as_str())
+    {
+        return Ok(format!("blake3:{h}"));
     }
-}
-
-impl Read for SourceReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.lake.block_on(self.stream.next()) {
-                None => return Ok(0),
-                Some(Ok(b)) => {
-                    self.progress.inc(b.len() as u64);
-                    self.current = b
-                }
-                Some(Err(e)) => return Err(std::io::Error::other(e)),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
-        self.current = self.current.slice(n..);
-        Ok(n)
+    let mut reader = store.reader(key)?;
+    let mut hasher = blake3::Hasher::new();
+    while let Some(chunk) = reader.next_chunk()? {
+        hasher.update(&chunk);
     }
+    let h = hasher.finalize().to_hex().to_string();
+    let entry = serde_json::json!({"blake3": h, "of": version});
+    // A cache that cannot be written (read-only lake) costs only time.
+    if let Err(e) = cache.put(&cache_key, Bytes::from(serde_json::to_vec(&entry).expect("json"))) {
+        tracing::debug!(error = %e, "content hash not cached");
+    }
+    Ok(format!("blake3:{h}"))
 }

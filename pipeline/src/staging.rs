@@ -32,7 +32,7 @@ pub fn file(suffix: &str) -> Result<tempfile::NamedTempFile> {
         .prefix(&format!(
             "{PREFIX}{}@{}-",
             std::process::id(),
-            crate::lease::hostname()
+            crate::host::hostname()
         ))
         .suffix(suffix)
         .tempfile_in(&dir)
@@ -46,7 +46,7 @@ pub fn sweep(dir: &Path) -> (usize, u64) {
     if !Path::new("/proc/self").exists() {
         return (0, 0);
     }
-    let (host, me) = (crate::lease::hostname(), std::process::id());
+    let (host, me) = (crate::host::hostname(), std::process::id());
     let (mut files, mut bytes) = (0, 0);
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name();
@@ -81,7 +81,7 @@ mod tests {
     #[test]
     fn sweeps_only_the_files_of_exited_processes() {
         let dir = tempfile::tempdir().unwrap();
-        let host = crate::lease::hostname();
+        let host = crate::host::hostname();
         let mut exited = std::process::Command::new("true").spawn().unwrap();
         exited.wait().unwrap();
         let mut live = std::process::Command::new("sleep").arg("30").spawn().unwrap();
@@ -115,7 +115,7 @@ mod tests {
     fn a_staging_file_names_its_writer() {
         let f = file(".parquet").unwrap();
         let name = f.path().file_name().unwrap().to_string_lossy().into_owned();
-        let want = format!("{PREFIX}{}@{}-", std::process::id(), crate::lease::hostname());
+        let want = format!("{PREFIX}{}@{}-", std::process::id(), crate::host::hostname());
         assert!(name.starts_with(&want) && name.ends_with(".parquet"), "{name}");
     }
 }

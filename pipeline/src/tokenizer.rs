@@ -388,7 +388,7 @@ pub fn tokenizer_key(fingerprint: &str) -> String {
 pub fn for_dataset(
     lake: &crate::lake::Lake,
     dataset: &str,
-) -> Result<(TextTokenizer, crate::artifact::Manifest)> {
+) -> Result<(TextTokenizer, crate::manifest::Manifest)> {
     let tokens = crate::artifact::Artifact::new("tokens", &[("dataset", dataset), ("split", "train")])?;
     let m = lake.require(&tokens, "run stage=tokenize")?;
     let key = m

@@ -13,10 +13,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::artifact::{DATA_FILE, MANIFEST_FILE, Manifest};
 use crate::error::Result;
 use crate::integrity::hash_hex;
+use crate::integrity::{DATA_FILE, MANIFEST_FILE};
 use crate::lake::Lake;
+use crate::manifest::Manifest;
 use lc_models::checkpoint::{CHECKSUMS_FILE, Checksums};
 
 /// What was found wrong with one object.

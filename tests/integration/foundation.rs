@@ -226,7 +226,7 @@ fn interrupted_artifacts_and_stale_inputs_are_reported() {
         "{err}"
     );
     // Siblings computed from other inputs are refused, or replaced with force.
-    let other = vec![pipeline::artifact::InputRef {
+    let other = vec![pipeline::manifest::InputRef {
         artifact: "chunks/x".into(),
         content_hash: "abc".into(),
     }];

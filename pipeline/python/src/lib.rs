@@ -416,7 +416,7 @@ impl PyLake {
 }
 
 /// A manifest as the dict its JSON file holds.
-pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::artifact::Manifest) -> PyResult<Py<PyAny>> {
+pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::manifest::Manifest) -> PyResult<Py<PyAny>> {
     let text =
         serde_json::to_string(m).map_err(|e| PipelineError::new_err(format!("a manifest as JSON: {e}")))?;
     Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())

@@ -387,7 +387,7 @@ fn analyze_layer(
     }
     let cdnv = tiles::combine(&report.tiles, tiles::METRIC_CDNV);
     let intf = tiles::combine(&report.tiles, tiles::METRIC_INTERFERENCE);
-    let rss = crate::bench::peak_rss_mib()
+    let rss = crate::host::peak_rss_mib()
         .map(|m| format!(", process peak RSS {m:.0} MiB"))
         .unwrap_or_default();
     Ok(format!(
@@ -403,8 +403,8 @@ fn analyze_layer(
 /// One V' must govern NC1-NC3 (here) and NC4 (decide) for a model: refuse
 /// decisions made over other classes, or from other class statistics.
 fn check_same_analysed_classes(
-    dec: &crate::artifact::Manifest,
-    stats: &crate::artifact::Manifest,
+    dec: &crate::manifest::Manifest,
+    stats: &crate::manifest::Manifest,
     min: u64,
     max: u64,
 ) -> Result<()> {

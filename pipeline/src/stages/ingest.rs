@@ -39,8 +39,9 @@ use arrow::array::{Array, ArrayBuilder, ArrayRef, AsArray, StringBuilder, UInt64
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 
-use crate::artifact::{Artifact, Manifest, Provenance, TableWriter};
+use crate::artifact::{Artifact, Provenance, TableWriter};
 use crate::error::{Context, Error, Result};
+use crate::manifest::Manifest;
 use crate::params::{ParamSpec, Params, param};
 use crate::source::Source;
 use crate::stages::{Ctx, Stage};

@@ -10,10 +10,11 @@
 
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, InputRef, Provenance};
+use crate::artifact::{Artifact, Provenance};
 use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
 use crate::error::{Error, Result};
+use crate::manifest::InputRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::partials::{StateObject, collect_inputs, commit_class_stats, parse_layers, shard_key};
 use crate::stages::{Ctx, Stage};
