@@ -55,33 +55,7 @@ enum Command {
     /// List the stages with what they read, write and accept
     Stages,
     /// Query the lake with SQL (read-only unless --allow-write)
-    Sql {
-        /// The query (or use -f)
-        query: Option<String>,
-        /// Read the query from a file
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "table")]
-        format: Format,
-        /// Also write the result to a Parquet file (local path or s3:// URL;
-        /// inside the lake only with --allow-write)
-        #[arg(long)]
-        out: Option<String>,
-        /// Replace the --out file if it exists
-        #[arg(long)]
-        force: bool,
-        /// Allow DDL/DML statements (CREATE, INSERT, COPY, SET) and --out
-        /// targets inside the lake
-        #[arg(long)]
-        allow_write: bool,
-        /// Memory the query may hold before spilling or failing: bytes, or
-        /// with K, M, G (default: half of this machine's memory)
-        #[arg(long, value_name = "SIZE")]
-        memory_limit: Option<String>,
-        /// Stop the query after this many seconds
-        #[arg(long, value_name = "SECS")]
-        timeout: Option<f64>,
-    },
+    Sql(SqlArgs),
     /// What exists in the lake, per table and partition, with row counts;
     /// with experiment=FILE the grid as a table, model x stage
     Status {
@@ -114,39 +88,77 @@ enum Command {
     },
     /// Write a GPT-Neo model with freshly initialised (random) weights, in
     /// Hugging Face format: for benchmarks and GPU checks
-    MakeModel {
-        #[arg(long)]
-        depth: usize,
-        #[arg(long)]
-        width: usize,
-        #[arg(long, default_value_t = 16)]
-        heads: usize,
-        #[arg(long, default_value_t = 2048)]
-        context: usize,
-        #[arg(long, default_value_t = 50257)]
-        vocab: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Standard deviation of random biases (default 0: zero biases, as
-        /// Hugging Face initialises them); nonzero values exercise the bias
-        /// code, e.g. in GPU checks
-        #[arg(long, default_value_t = 0.0)]
-        bias_std: f64,
-        /// Output directory
-        #[arg(long)]
-        out: PathBuf,
-    },
+    MakeModel(MakeModelArgs),
     /// Build a GPT-2 style tokenizer.json from encoder.json + vocab.bpe
-    MakeTokenizer {
-        /// encoder.json (the vocabulary)
-        #[arg(long)]
-        vocab: PathBuf,
-        /// vocab.bpe (the merges)
-        #[arg(long)]
-        merges: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
+    MakeTokenizer(MakeTokenizerArgs),
+}
+
+// The options of `pipeline sql` (its help is the variant's doc comment).
+#[derive(clap::Args)]
+struct SqlArgs {
+    /// The query (or use -f)
+    query: Option<String>,
+    /// Read the query from a file
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Also write the result to a Parquet file (local path or s3:// URL;
+    /// inside the lake only with --allow-write)
+    #[arg(long)]
+    out: Option<String>,
+    /// Replace the --out file if it exists
+    #[arg(long)]
+    force: bool,
+    /// Allow DDL/DML statements (CREATE, INSERT, COPY, SET) and --out
+    /// targets inside the lake
+    #[arg(long)]
+    allow_write: bool,
+    /// Memory the query may hold before spilling or failing: bytes, or
+    /// with K, M, G (default: half of this machine's memory)
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// Stop the query after this many seconds
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+}
+
+// The options of `pipeline make-model`.
+#[derive(clap::Args)]
+struct MakeModelArgs {
+    #[arg(long)]
+    depth: usize,
+    #[arg(long)]
+    width: usize,
+    #[arg(long, default_value_t = 16)]
+    heads: usize,
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    #[arg(long, default_value_t = 50257)]
+    vocab: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Standard deviation of random biases (default 0: zero biases, as
+    /// Hugging Face initialises them); nonzero values exercise the bias
+    /// code, e.g. in GPU checks
+    #[arg(long, default_value_t = 0.0)]
+    bias_std: f64,
+    /// Output directory
+    #[arg(long)]
+    out: PathBuf,
+}
+
+// The options of `pipeline make-tokenizer`.
+#[derive(clap::Args)]
+struct MakeTokenizerArgs {
+    /// encoder.json (the vocabulary)
+    #[arg(long)]
+    vocab: PathBuf,
+    /// vocab.bpe (the merges)
+    #[arg(long)]
+    merges: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 /// Index of `mi_option_purge_delay` in mimalloc.h (v2 and v3).
@@ -269,198 +281,219 @@ pub fn lake_url(given: Option<&str>, config: &Config) -> String {
         .unwrap_or_else(|| "./lake".to_string())
 }
 
+/// Run one command; its exit status.
 fn real_main(cli: Cli) -> Result<i32> {
     let config = load_config(cli.config.as_deref())?;
     let lake_url = lake_url(cli.lake.as_deref(), &config);
     match cli.command {
-        Command::Stages => {
-            for s in stages::all() {
-                println!(
-                    "{}\n    {}\n    reads: {}\n    writes: {}",
-                    s.name(),
-                    s.about(),
-                    s.reads(),
-                    s.writes()
-                );
-                for p in s.params() {
-                    let default = match p.default {
-                        Some("") => "(empty)".to_string(),
-                        Some(d) => d.to_string(),
-                        None => "required".to_string(),
-                    };
-                    println!("      {:<16} {:<14} {}", p.name, default, p.doc);
-                }
-            }
-            Ok(0)
-        }
-        Command::Run { pairs } => {
-            let mut map: BTreeMap<String, String> = parse_pairs(&pairs)?;
-            let stage = map
-                .remove("stage")
-                .context("missing stage=NAME (see `pipeline stages`)")?;
-            let lake = Lake::open(&lake_url)?;
-            let ctx = Ctx {
-                lake,
-                config,
-                plan_only: false,
-                cancel: crate::cancel::Cancel::new(),
-            };
-            let summary = stages::run(&ctx, &stage, &map)?;
-            println!("{summary}");
-            Ok(0)
-        }
-        Command::Sql {
-            query,
-            file,
-            format,
-            out,
-            force,
-            allow_write,
-            memory_limit,
-            timeout,
-        } => {
-            let text = match (query, file) {
-                (Some(q), None) => q,
-                (None, Some(f)) => {
-                    std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?
-                }
-                (Some(_), Some(_)) => bail!("give the query as an argument or with -f, not both"),
-                (None, None) => bail!("give a query, or -f FILE"),
-            };
-            let lake = Lake::open(&lake_url)?;
-            let mut limits = crate::sql::Limits::default();
-            if let Some(m) = &memory_limit {
-                limits.memory_bytes =
-                    crate::sql::parse_size(m).with_context(|| format!("--memory-limit {m}"))?;
-            }
-            if let Some(t) = timeout {
-                if !(t > 0.0 && t.is_finite()) {
-                    bail!("--timeout {t}: expected a positive number of seconds");
-                }
-                limits.timeout = Some(std::time::Duration::from_secs_f64(t));
-            }
-            // Check the output target before running anything.
-            let target = match &out {
-                Some(o) => Some(OutTarget::check(&lake, o, allow_write, force)?),
-                None => None,
-            };
-            let sql = Sql::open_with(&lake, limits)?;
-            let mut printer = Printer::new(format);
-            let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
-            let staging = crate::staging::file(".parquet")?;
-            let schema = sql.query_each(&text, allow_write, |b| {
-                printer.batch(&b)?;
-                if target.is_some() {
-                    use crate::error::Context as _;
-                    if writer.is_none() {
-                        let f = staging.reopen().ctx("the --out staging file")?;
-                        writer = Some(
-                            parquet::arrow::ArrowWriter::try_new(f, b.schema(), None).ctx("writing --out")?,
-                        );
-                    }
-                    writer
-                        .as_mut()
-                        .expect("created above")
-                        .write(&b)
-                        .ctx("writing --out")?;
-                }
-                Ok(())
-            })?;
-            printer.finish(schema.clone())?;
-            if let Some(t) = target {
-                let w = match writer {
-                    Some(w) => w,
-                    None => parquet::arrow::ArrowWriter::try_new(staging.reopen()?, schema, None)?,
-                };
-                w.close()?;
-                t.store.put_file(&t.key, staging.path())?;
-                eprintln!("wrote {}", t.display);
-            }
-            Ok(0)
-        }
-        Command::Copy { dest, force } => {
-            let lake = Lake::open(&lake_url)?;
-            let to = lake.open_sibling(&dest)?;
-            if to.url() == lake.url() {
-                bail!("copy: {dest} is the lake itself");
-            }
-            if !force && !to.list("")?.is_empty() {
-                bail!("copy: {} is not empty; pass --force to copy into it", to.url());
-            }
-            let (n, bytes) = lake.copy_to(&to)?;
-            println!(
-                "copied {n} objects ({:.1} MB) from {} to {}",
-                bytes as f64 / 1e6,
-                lake.url(),
-                to.url()
-            );
-            Ok(0)
-        }
-        Command::Verify { table, repair } => {
-            let lake = Lake::open(&lake_url)?;
-            let report = crate::verify::verify(&lake, table.as_deref(), repair)?;
-            print!("{}", crate::verify::render(&lake, &report));
-            if report.damaged() > 0 {
-                return Ok(1);
-            }
-            Ok(0)
-        }
+        Command::Stages => list_stages(),
+        Command::Run { pairs } => run_stage(&lake_url, config, &pairs),
+        Command::Sql(args) => sql(&lake_url, args),
+        Command::Copy { dest, force } => copy(&lake_url, &dest, force),
+        Command::Verify { table, repair } => verify(&lake_url, table.as_deref(), repair),
         Command::Bench { what, options } => {
-            let opts = parse_pairs(&options)?;
-            println!("{}", crate::bench::run(&what, &opts)?);
+            println!("{}", crate::bench::run(&what, &parse_pairs(&options)?)?);
             Ok(0)
         }
-        Command::MakeModel {
-            depth,
-            width,
-            heads,
-            context,
-            vocab,
-            seed,
-            bias_std,
-            out,
-        } => {
-            let config = lc_models::GptNeoConfig::grid(depth, width, heads, vocab, context);
-            config.validate("make-model")?;
-            let mut w = lc_models::init_weights(&config, seed, &candle_core::Device::Cpu)?;
-            if bias_std != 0.0 {
-                lc_models::gpt_neo::randomize_biases(&mut w, bias_std, seed ^ 0xb1a5)?;
+        Command::MakeModel(args) => make_model(args),
+        Command::MakeTokenizer(args) => make_tokenizer(args),
+        Command::Status { options } => status(&lake_url, config, &options),
+    }
+}
+
+/// A stage context on the lake at `lake_url`.
+fn context(lake_url: &str, config: Config) -> Result<Ctx> {
+    Ok(Ctx {
+        config,
+        ..Ctx::new(Lake::open(lake_url)?)
+    })
+}
+
+/// `pipeline stages`: every stage with its tables and parameters.
+fn list_stages() -> Result<i32> {
+    for s in stages::all() {
+        println!(
+            "{}\n    {}\n    reads: {}\n    writes: {}",
+            s.name(),
+            s.about(),
+            s.reads(),
+            s.writes()
+        );
+        for p in s.params() {
+            let default = match p.default {
+                Some("") => "(empty)".to_string(),
+                Some(d) => d.to_string(),
+                None => "required".to_string(),
+            };
+            println!("      {:<16} {:<14} {}", p.name, default, p.doc);
+        }
+    }
+    Ok(0)
+}
+
+/// `pipeline run stage=NAME key=value ...`.
+fn run_stage(lake_url: &str, config: Config, pairs: &[String]) -> Result<i32> {
+    let mut map: BTreeMap<String, String> = parse_pairs(pairs)?;
+    let stage = map
+        .remove("stage")
+        .context("missing stage=NAME (see `pipeline stages`)")?;
+    let ctx = context(lake_url, config)?;
+    println!("{}", stages::run(&ctx, &stage, &map)?);
+    Ok(0)
+}
+
+/// `pipeline sql`: stream the result to stdout, and to `--out` when asked.
+fn sql(lake_url: &str, args: SqlArgs) -> Result<i32> {
+    let SqlArgs {
+        query,
+        file,
+        format,
+        out,
+        force,
+        allow_write,
+        memory_limit,
+        timeout,
+    } = args;
+    let text = match (query, file) {
+        (Some(q), None) => q,
+        (None, Some(f)) => std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+        (Some(_), Some(_)) => bail!("give the query as an argument or with -f, not both"),
+        (None, None) => bail!("give a query, or -f FILE"),
+    };
+    let lake = Lake::open(lake_url)?;
+    let mut limits = crate::sql::Limits::default();
+    if let Some(m) = &memory_limit {
+        limits.memory_bytes = crate::sql::parse_size(m).with_context(|| format!("--memory-limit {m}"))?;
+    }
+    if let Some(t) = timeout {
+        if !(t > 0.0 && t.is_finite()) {
+            bail!("--timeout {t}: expected a positive number of seconds");
+        }
+        limits.timeout = Some(std::time::Duration::from_secs_f64(t));
+    }
+    // Check the output target before running anything.
+    let target = match &out {
+        Some(o) => Some(OutTarget::check(&lake, o, allow_write, force)?),
+        None => None,
+    };
+    let sql = Sql::open_with(&lake, limits)?;
+    let mut printer = Printer::new(format);
+    let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
+    let staging = crate::staging::file(".parquet")?;
+    let schema = sql.query_each(&text, allow_write, |b| {
+        printer.batch(&b)?;
+        if target.is_some() {
+            use crate::error::Context as _;
+            if writer.is_none() {
+                let f = staging.reopen().ctx("the --out staging file")?;
+                writer =
+                    Some(parquet::arrow::ArrowWriter::try_new(f, b.schema(), None).ctx("writing --out")?);
             }
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let store = Lake::open(&out.to_string_lossy())?;
-            let state = serde_json::json!({"global_step": 0, "complete": true});
-            let tok = bytes::Bytes::from_static(crate::tokenizer::GPT2_TOKENIZER_JSON);
-            crate::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
-            eprintln!(
-                "wrote {} ({depth}x{width}, random weights, seed {seed}, bias std {bias_std})",
-                out.display()
-            );
-            Ok(0)
+            writer
+                .as_mut()
+                .expect("created above")
+                .write(&b)
+                .ctx("writing --out")?;
         }
-        Command::MakeTokenizer { vocab, merges, out } => {
-            let json =
-                crate::tokenizer::build_gpt2_tokenizer(&vocab.to_string_lossy(), &merges.to_string_lossy())?;
-            std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("wrote {}", out.display());
+        Ok(())
+    })?;
+    printer.finish(schema.clone())?;
+    if let Some(t) = target {
+        let w = match writer {
+            Some(w) => w,
+            None => parquet::arrow::ArrowWriter::try_new(staging.reopen()?, schema, None)?,
+        };
+        w.close()?;
+        t.store.put_file(&t.key, staging.path())?;
+        eprintln!("wrote {}", t.display);
+    }
+    Ok(0)
+}
+
+/// `pipeline copy DEST`: the whole lake to another location.
+fn copy(lake_url: &str, dest: &str, force: bool) -> Result<i32> {
+    let lake = Lake::open(lake_url)?;
+    let to = lake.open_sibling(dest)?;
+    if to.url() == lake.url() {
+        bail!("copy: {dest} is the lake itself");
+    }
+    if !force && !to.list("")?.is_empty() {
+        bail!("copy: {} is not empty; pass --force to copy into it", to.url());
+    }
+    let (n, bytes) = lake.copy_to(&to)?;
+    println!(
+        "copied {n} objects ({:.1} MB) from {} to {}",
+        bytes as f64 / 1e6,
+        lake.url(),
+        to.url()
+    );
+    Ok(0)
+}
+
+/// `pipeline verify [TABLE]`: exit status 1 when something is damaged.
+fn verify(lake_url: &str, table: Option<&str>, repair: bool) -> Result<i32> {
+    let lake = Lake::open(lake_url)?;
+    let report = crate::verify::verify(&lake, table, repair)?;
+    print!("{}", crate::verify::render(&lake, &report));
+    if report.damaged() > 0 {
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// `pipeline make-model`: a random GPT-Neo in Hugging Face format.
+fn make_model(args: MakeModelArgs) -> Result<i32> {
+    let MakeModelArgs {
+        depth,
+        width,
+        heads,
+        context,
+        vocab,
+        seed,
+        bias_std,
+        out,
+    } = args;
+    let config = lc_models::GptNeoConfig::grid(depth, width, heads, vocab, context);
+    config.validate("make-model")?;
+    let mut w = lc_models::init_weights(&config, seed, &candle_core::Device::Cpu)?;
+    if bias_std != 0.0 {
+        lc_models::gpt_neo::randomize_biases(&mut w, bias_std, seed ^ 0xb1a5)?;
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let store = Lake::open(&out.to_string_lossy())?;
+    let state = serde_json::json!({"global_step": 0, "complete": true});
+    let tok = bytes::Bytes::from_static(crate::tokenizer::GPT2_TOKENIZER_JSON);
+    crate::checkpoint::save_dir(&store, "", &config, &w, &[("tokenizer.json", tok)], &state)?;
+    eprintln!(
+        "wrote {} ({depth}x{width}, random weights, seed {seed}, bias std {bias_std})",
+        out.display()
+    );
+    Ok(0)
+}
+
+/// `pipeline make-tokenizer`: tokenizer.json from GPT-2's two files.
+fn make_tokenizer(args: MakeTokenizerArgs) -> Result<i32> {
+    let MakeTokenizerArgs { vocab, merges, out } = args;
+    let json = crate::tokenizer::build_gpt2_tokenizer(&vocab.to_string_lossy(), &merges.to_string_lossy())?;
+    std::fs::write(&out, json).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(0)
+}
+
+/// `pipeline status [experiment=FILE device=...]`.
+fn status(lake_url: &str, config: Config, options: &[String]) -> Result<i32> {
+    let lake = Lake::open(lake_url)?;
+    let opts = parse_pairs(options)?;
+    match opts.get("experiment") {
+        None => print_status(&lake).map(|()| 0),
+        Some(path) => {
+            let ctx = Ctx {
+                config,
+                ..Ctx::new(lake)
+            };
+            let device = opts.get("device").map(String::as_str).unwrap_or("cpu");
+            print!("{}", crate::grid_status::render(&ctx, path, device)?);
             Ok(0)
-        }
-        Command::Status { options } => {
-            let lake = Lake::open(&lake_url)?;
-            let opts = parse_pairs(&options)?;
-            match opts.get("experiment") {
-                None => print_status(&lake).map(|()| 0),
-                Some(path) => {
-                    let ctx = Ctx {
-                        lake,
-                        config,
-                        plan_only: false,
-                        cancel: crate::cancel::Cancel::new(),
-                    };
-                    let device = opts.get("device").map(String::as_str).unwrap_or("cpu");
-                    print!("{}", crate::grid_status::render(&ctx, path, device)?);
-                    Ok(0)
-                }
-            }
         }
     }
 }
