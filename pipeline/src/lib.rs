@@ -11,7 +11,6 @@ pub mod checkpoint;
 pub mod chunks;
 pub mod cli;
 pub mod error;
-pub mod executor;
 pub mod experiment;
 pub mod external;
 pub mod figures;

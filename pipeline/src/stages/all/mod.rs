@@ -9,7 +9,8 @@
 //! line, and every stage skips work that is up to date, so re-running after
 //! an interruption (or after adding models to the grid) only does what is
 //! missing. Prints the correlation table, where the report is, and where
-//! the lake is.
+//! the lake is. With `executor=slurm` the same steps become SLURM jobs
+//! ([`slurm`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -17,6 +18,8 @@ use crate::error::{Error, Result};
 use crate::experiment::{Experiment, ModelSteps, Step};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{self, Ctx, Stage};
+
+pub mod slurm;
 
 pub struct All;
 
@@ -100,8 +103,8 @@ impl Stage for All {
         let steps = exp.steps(&device)?;
         match p.choice("executor", &["local", "slurm"])? {
             "slurm" => {
-                let opts = crate::executor::SlurmOptions::from_params(p, &exp, path)?;
-                return crate::executor::slurm(ctx, &steps, &opts);
+                let opts = slurm::SlurmOptions::from_params(p, &exp, path)?;
+                return slurm::slurm(ctx, &steps, &opts);
             }
             _ => {
                 let slurm_only = p.bool("dry_run")?
