@@ -482,15 +482,11 @@ fn make_tokenizer(args: MakeTokenizerArgs) -> Result<i32> {
 
 /// `pipeline status [experiment=FILE device=...]`.
 fn status(lake_url: &str, config: Config, options: &[String]) -> Result<i32> {
-    let lake = Lake::open(lake_url)?;
+    let ctx = context(lake_url, config)?;
     let opts = parse_pairs(options)?;
     match opts.get("experiment") {
-        None => print_status(&lake).map(|()| 0),
+        None => print_status(&ctx.lake).map(|()| 0),
         Some(path) => {
-            let ctx = Ctx {
-                config,
-                ..Ctx::new(lake)
-            };
             let device = opts.get("device").map(String::as_str).unwrap_or("cpu");
             print!("{}", crate::grid_status::render(&ctx, path, device)?);
             Ok(0)
