@@ -8,11 +8,11 @@ use std::io::Write;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use lc_lake::artifact::{Artifact, Provenance};
+use lc_lake::lake::Lake;
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, Provenance};
 use crate::error::{Context, Error, Result};
-use crate::lake::Lake;
 use crate::stages::{self, Ctx};
 use lc_models::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss};
 

@@ -28,15 +28,15 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use candle_core::{DType, Device, Tensor};
+use lc_lake::artifact::check_partition_value;
+use lc_lake::lake::Lake;
+use lc_lake::manifest::InputRef;
 use lc_models::checkpoint::{CHECKSUMS_FILE, Checksums, checkpoint_step, safetensors_bytes};
 use lc_models::config::ArchConfig;
 use lc_models::{CausalLm, GptNeoConfig, parameter_names};
 use serde_json::Value;
 
-use crate::artifact::check_partition_value;
 use crate::error::{Context, Error, Result};
-use crate::lake::Lake;
-use crate::manifest::InputRef;
 
 /// Where the weights of one model checkpoint live.
 #[derive(Debug, Clone)]
@@ -271,7 +271,7 @@ impl ModelRef {
     /// The identity of the weights by content: BLAKE3 over the hashes of the
     /// weight files and `config.json`, from `_checksums.json` where the save
     /// recorded them, else hashed (once per file version; see
-    /// [`crate::source::content_id`]).
+    /// [`lc_lake::source::content_id`]).
     pub fn weights_version(&self) -> Result<String> {
         let sums = self.checksums()?.unwrap_or_default();
         let mut files = self.weight_files()?;
@@ -280,7 +280,7 @@ impl ModelRef {
         for f in &files {
             let id = match sums.files.get(f) {
                 Some(s) => format!("blake3:{}", s.blake3),
-                None => crate::source::content_id(&self.lake, &self.store, &self.key(f))?,
+                None => lc_lake::source::content_id(&self.lake, &self.store, &self.key(f))?,
             };
             h.update(f.as_bytes());
             h.update(b"=");
@@ -304,7 +304,7 @@ impl ModelRef {
         let key = self.key(file);
         let bytes = self.store.get(&key)?;
         if let Some(want) = sums.and_then(|s| s.files.get(file)) {
-            let got = crate::integrity::hash_hex(&bytes);
+            let got = lc_lake::integrity::hash_hex(&bytes);
             if bytes.len() as u64 != want.bytes || got != want.blake3 {
                 let repair = if self.in_lake {
                     format!("run stage=train for {} again to repair it", self.name)
@@ -317,9 +317,9 @@ impl ModelRef {
                         "{} is damaged: {} bytes with BLAKE3 {}, but {CHECKSUMS_FILE} records {} bytes with {} (a truncated copy or an interrupted write); {repair}",
                         self.store.display(&key),
                         bytes.len(),
-                        crate::integrity::short(&got),
+                        lc_lake::integrity::short(&got),
                         want.bytes,
-                        crate::integrity::short(&want.blake3)
+                        lc_lake::integrity::short(&want.blake3)
                     ),
                 ));
             }
@@ -409,7 +409,7 @@ impl ModelRef {
             return Ok(Some(b));
         }
         if self.dir != self.root {
-            return self.store.get_opt(&join(&self.root, "tokenizer.json"));
+            return Ok(self.store.get_opt(&join(&self.root, "tokenizer.json"))?);
         }
         Ok(None)
     }

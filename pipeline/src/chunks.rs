@@ -5,11 +5,11 @@ use std::ops::Range;
 
 use arrow::array::AsArray;
 use arrow::datatypes::UInt32Type;
+use lc_lake::artifact::Artifact;
+use lc_lake::lake::Lake;
+use lc_lake::manifest::Manifest;
 
-use crate::artifact::Artifact;
 use crate::error::{Error, Result};
-use crate::lake::Lake;
-use crate::manifest::Manifest;
 use crate::tokenizer::TextTokenizer;
 
 /// A split's chunks, checked against the tokenizer a model expects.

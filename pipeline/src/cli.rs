@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use lc_lake::lake::Lake;
 
-use crate::lake::Lake;
 use crate::params::{Config, parse_pairs};
 use crate::sql::Sql;
 use crate::stages::{self, Ctx};
@@ -208,7 +208,7 @@ fn handle_signals() {
                 _ = int.recv() => 130,
                 _ = term.recv() => 143,
             };
-            let aborted = crate::lake::abort_uploads_in_flight().await;
+            let aborted = lc_lake::lake::abort_uploads_in_flight().await;
             if aborted > 0 {
                 eprintln!("interrupted: aborted {aborted} upload(s) in progress");
             } else {
@@ -379,7 +379,7 @@ fn sql(lake_url: &str, args: SqlArgs) -> Result<i32> {
     let sql = Sql::open_with(&lake, limits)?;
     let mut printer = Printer::new(format);
     let mut writer: Option<parquet::arrow::ArrowWriter<std::fs::File>> = None;
-    let staging = crate::staging::file(".parquet")?;
+    let staging = lc_lake::staging::file(".parquet")?;
     let schema = sql.query_each(&text, allow_write, |b| {
         printer.batch(&b)?;
         if target.is_some() {
@@ -686,7 +686,7 @@ pub struct ArtifactRow {
 /// Every committed artifact of every lake table, table by table.
 pub fn artifacts(lake: &Lake) -> crate::Result<Vec<ArtifactRow>> {
     let mut rows = Vec::new();
-    for t in crate::schemas::tables().iter().filter(|t| t.kind == "table") {
+    for t in lc_lake::schemas::tables().iter().filter(|t| t.kind == "table") {
         for m in lake.manifests(&t.table, "")? {
             let part: Vec<String> = m.partition.iter().map(|(k, v)| format!("{k}={v}")).collect();
             rows.push(ArtifactRow {

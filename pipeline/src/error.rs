@@ -118,6 +118,26 @@ impl From<lc_kernels::Error> for Error {
     }
 }
 
+/// The lake's errors keep their variant and words; the caller adds the stage.
+impl From<lc_lake::Error> for Error {
+    fn from(e: lc_lake::Error) -> Self {
+        use lc_lake::Error as L;
+        match e {
+            L::Store { what, source } => Error::Store { what, source },
+            L::Url { url, problem } => Error::Url { url, problem },
+            L::Parquet { what, source } => Error::Parquet { what, source },
+            L::Arrow { what, source } => Error::Arrow { what, source },
+            L::Io { path, source } => Error::Io { path, source },
+            L::Schema { table, problem } => Error::Schema { table, problem },
+            L::Input { source_name, problem } => Error::Input { source_name, problem },
+            L::Artifact { key, problem } => Error::Artifact { key, problem },
+            L::Stale(m) => Error::Stale(m),
+            L::LeaseLapsed(m) => Error::LeaseLapsed(m),
+            L::Invalid(m) => Error::Invalid(m),
+        }
+    }
+}
+
 /// A model's complaint names the model; the caller adds the stage or key.
 impl From<lc_models::Error> for Error {
     fn from(e: lc_models::Error) -> Self {
@@ -204,54 +224,36 @@ pub trait Context<T> {
     fn ctx(self, what: impl Display) -> Result<T>;
 }
 
-macro_rules! impl_context {
-    ($err:ty, $variant:ident) => {
+/// The lake's errors for the lake's foreign errors, with the same words.
+macro_rules! impl_context_as_lake {
+    ($err:ty) => {
         impl<T> Context<T> for std::result::Result<T, $err> {
             fn ctx(self, what: impl Display) -> Result<T> {
-                self.map_err(|source| Error::$variant {
-                    what: what.to_string(),
-                    source,
-                })
+                lc_lake::error::Context::ctx(self, what).map_err(Error::from)
             }
         }
     };
 }
 
-impl<T> Context<T> for std::result::Result<T, object_store::Error> {
+impl_context_as_lake!(object_store::Error);
+impl_context_as_lake!(parquet::errors::ParquetError);
+impl_context_as_lake!(arrow::error::ArrowError);
+impl_context_as_lake!(std::io::Error);
+
+impl<T> Context<T> for candle_core::Result<T> {
     fn ctx(self, what: impl Display) -> Result<T> {
-        self.map_err(|source| {
-            let hint = match &source {
-                object_store::Error::PermissionDenied { .. }
-                | object_store::Error::Unauthenticated { .. } => {
-                    " (refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions)"
-                }
-                _ => "",
-            };
-            Error::Store {
-                what: format!("{what}{hint}"),
-                source,
-            }
+        self.map_err(|source| Error::Candle {
+            what: what.to_string(),
+            source,
         })
     }
 }
-impl_context!(parquet::errors::ParquetError, Parquet);
-impl_context!(arrow::error::ArrowError, Arrow);
-impl_context!(candle_core::Error, Candle);
 
 impl<T> Context<T> for std::result::Result<T, datafusion::error::DataFusionError> {
     fn ctx(self, what: impl Display) -> Result<T> {
         self.map_err(|source| Error::DataFusion {
             what: what.to_string(),
             source: Box::new(source),
-        })
-    }
-}
-
-impl<T> Context<T> for std::result::Result<T, std::io::Error> {
-    fn ctx(self, what: impl Display) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            path: what.to_string(),
-            source,
         })
     }
 }

@@ -20,13 +20,13 @@ use arrow::array::{Array, ArrayRef, AsArray, Float32Array, ListArray, UInt32Arra
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float32Type, UInt32Type};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
+use lc_lake::lake::Lake;
+use lc_lake::manifest::Manifest;
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::checkpoint::ModelRef;
 use crate::error::{Context, Error, Result};
-use crate::lake::Lake;
-use crate::manifest::Manifest;
 use crate::partials::commit_class_stats;
 
 /// The `stage` recorded in the manifests of results made outside the stages.
@@ -250,7 +250,7 @@ pub fn holds_weights(lake: &Lake, model: &str) -> bool {
 
 /// The `classifiers/model=ID` artifact.
 fn classifier_artifact(model: &str) -> Result<Artifact> {
-    Artifact::new("classifiers", &[("model", model)])
+    Ok(Artifact::new("classifiers", &[("model", model)])?)
 }
 
 /// Commit a model's output-layer rows W [v, d] (row c = class c), row-major,
@@ -328,8 +328,10 @@ pub fn classifier_manifest(lake: &Lake, model: &str) -> Result<Option<Manifest>>
     if lake.manifest(&a)?.is_none() {
         return Ok(None);
     }
-    lake.require(&a, "write it with linguistic_collapse.write_classifier")
-        .map(Some)
+    Ok(Some(lake.require(
+        &a,
+        "write it with linguistic_collapse.write_classifier",
+    )?))
 }
 
 /// The classifier rows written by [`commit_classifier`]: W row-major in

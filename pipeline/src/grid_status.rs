@@ -4,7 +4,7 @@
 //!
 //! A cell is done when the stage, planned with the experiment's parameters,
 //! is up to date ([`crate::stages::plan`]); running while a worker holds its
-//! lease ([`crate::lease`]); failed when its last run left a failure record;
+//! lease ([`lc_lake::lease`]); failed when its last run left a failure record;
 //! queued when a SLURM job of the latest submission still waits for it;
 //! failed, naming the job, its state and its log, when the job of the latest
 //! submission that ran it ended without finishing (killed, cancelled, out of
@@ -27,9 +27,9 @@ pub struct Cell {
 }
 
 /// The output partition of a done step, for rows and time.
-fn output(ctx: &Ctx, s: &Step) -> Option<crate::manifest::Manifest> {
+fn output(ctx: &Ctx, s: &Step) -> Option<lc_lake::manifest::Manifest> {
     let model = s.params.get("model");
-    let find = |table: &str, under: String| -> Option<crate::manifest::Manifest> {
+    let find = |table: &str, under: String| -> Option<lc_lake::manifest::Manifest> {
         ctx.lake
             .manifests(table, &under)
             .ok()?
@@ -61,7 +61,7 @@ pub fn cell(ctx: &Ctx, s: &Step, queued: bool, ended: impl FnOnce() -> Option<Ce
     let stage = stages::find(s.stage)?;
     let params = Params::resolve(s.stage, stage.params(), &ctx.config, &s.params)?;
     let key = stages::lease_name(s.stage, &params);
-    if let Some(c) = crate::lease::holder(&ctx.lake, &key)? {
+    if let Some(c) = lc_lake::lease::holder(&ctx.lake, &key)? {
         return Ok(Cell {
             state: "running",
             detail: c.owner,

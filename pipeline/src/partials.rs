@@ -15,12 +15,12 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use lc_lake::artifact::{Artifact, Provenance};
+use lc_lake::lake::Lake;
+use lc_lake::manifest::{InputRef, Manifest};
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, Provenance};
 use crate::error::{Error, Result};
-use crate::lake::Lake;
-use crate::manifest::{InputRef, Manifest};
 use crate::stats::pack_safetensors;
 
 pub fn shard_key(model: &str, split: &str, of: u64, shard: u64, resume: bool) -> String {
@@ -138,7 +138,7 @@ impl StateObject {
     }
 
     pub fn save(&self, lake: &Lake, key: &str) -> Result<()> {
-        lake.put(key, Bytes::from(self.to_bytes()?))
+        Ok(lake.put(key, Bytes::from(self.to_bytes()?))?)
     }
 
     pub fn load(lake: &Lake, key: &str) -> Result<Option<Self>> {

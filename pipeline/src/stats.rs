@@ -13,10 +13,10 @@ use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Float64Type, UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
 
+use lc_lake::artifact::file_schema;
 use lc_metrics::ClassStats;
 use rayon::prelude::*;
 
-use crate::artifact::file_schema;
 use crate::error::{Context, Error, Result};
 
 /// The classes, counts and M2 of one part of a `class_stats` table; its
@@ -30,7 +30,7 @@ struct DecodedPart {
 /// Decode consecutive `class_stats` rows, their means into `means` (room for
 /// exactly the rows the part declared), skipping classes counted zero times.
 fn decode_part(
-    batches: impl Iterator<Item = Result<RecordBatch>>,
+    batches: impl Iterator<Item = lc_lake::Result<RecordBatch>>,
     d: usize,
     means: &mut [f64],
 ) -> Result<DecodedPart> {
@@ -116,7 +116,7 @@ pub fn from_batches(batches: &[RecordBatch]) -> Result<ClassStats> {
 /// zeroing their pages on one thread was most of `analyze`'s serial time.
 pub fn from_parts<I>(mut parts: Vec<(I, usize)>) -> Result<ClassStats>
 where
-    I: Iterator<Item = Result<RecordBatch>> + Send,
+    I: Iterator<Item = lc_lake::Result<RecordBatch>> + Send,
 {
     // The width, from the first row; batches looked at stay with their part.
     let mut firsts: Vec<Option<RecordBatch>> = vec![None; parts.len()];

@@ -367,14 +367,14 @@ pub const BUILTIN_GPT2: &str = "gpt2";
 
 /// The bytes of a tokenizer named by `spec` (a path, `s3://` URL, `lake:KEY`,
 /// or `gpt2` for the built-in one) and the name to show for it.
-pub fn read_tokenizer_json(lake: &crate::lake::Lake, spec: &str) -> Result<(bytes::Bytes, String)> {
+pub fn read_tokenizer_json(lake: &lc_lake::lake::Lake, spec: &str) -> Result<(bytes::Bytes, String)> {
     if spec == BUILTIN_GPT2 {
         return Ok((
             bytes::Bytes::from_static(GPT2_TOKENIZER_JSON),
             "built-in GPT-2 tokenizer".to_string(),
         ));
     }
-    let src = crate::source::Source::open(lake, spec)?;
+    let src = lc_lake::source::Source::open(lake, spec)?;
     Ok((src.bytes()?, src.name))
 }
 
@@ -386,10 +386,10 @@ pub fn tokenizer_key(fingerprint: &str) -> String {
 /// The tokenizer a dataset was tokenized with (the lake copy named in the
 /// manifest of its train tokens), with that manifest.
 pub fn for_dataset(
-    lake: &crate::lake::Lake,
+    lake: &lc_lake::lake::Lake,
     dataset: &str,
-) -> Result<(TextTokenizer, crate::manifest::Manifest)> {
-    let tokens = crate::artifact::Artifact::new("tokens", &[("dataset", dataset), ("split", "train")])?;
+) -> Result<(TextTokenizer, lc_lake::manifest::Manifest)> {
+    let tokens = lc_lake::artifact::Artifact::new("tokens", &[("dataset", dataset), ("split", "train")])?;
     let m = lake.require(&tokens, "run stage=tokenize")?;
     let key = m
         .extra_str("tokenizer_key")

@@ -11,13 +11,13 @@
 //! S3 server. Nothing is changed unless `repair` is asked for, which only
 //! aborts those uploads.
 
+use lc_lake::integrity::hash_hex;
+use lc_lake::integrity::{DATA_FILE, MANIFEST_FILE};
+use lc_lake::lake::Lake;
+use lc_lake::manifest::Manifest;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::Result;
-use crate::integrity::hash_hex;
-use crate::integrity::{DATA_FILE, MANIFEST_FILE};
-use crate::lake::Lake;
-use crate::manifest::Manifest;
 use lc_models::checkpoint::{CHECKSUMS_FILE, Checksums};
 
 /// What was found wrong with one object.
@@ -60,7 +60,7 @@ fn dir_of(key: &str) -> &str {
 /// only `table` (a table name, or `weights`, `partials`, `tokenizers`).
 pub fn verify(lake: &Lake, table: Option<&str>, repair: bool) -> Result<Report> {
     let mut r = Report::default();
-    let tables: Vec<String> = crate::schemas::tables()
+    let tables: Vec<String> = lc_lake::schemas::tables()
         .iter()
         .filter(|t| t.kind == "table")
         .map(|t| t.table.clone())

@@ -274,7 +274,7 @@ fn the_whole_study_runs_and_resumes() {
     // A second run finds everything done: nothing is trained or collected again.
     let manifest_of = |t: &str, part: &[(&str, &str)]| {
         tl.lake()
-            .manifest(&pipeline::artifact::Artifact::new(t, part).unwrap())
+            .manifest(&lc_lake::artifact::Artifact::new(t, part).unwrap())
             .unwrap()
             .unwrap()
             .created

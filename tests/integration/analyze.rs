@@ -1,11 +1,12 @@
 //! Pairwise and per-class metrics against brute force; model-level SQL.
 
+use lc_lake::artifact::{Artifact, Provenance};
+
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type, UInt32Type, UInt64Type};
 use lc_metrics::ClassStats;
 use lc_metrics::selection::prepare;
 use lc_metrics::tiles::{self, Classes, Options};
-use pipeline::artifact::{Artifact, Provenance};
 use pipeline::sql::Sql;
 
 use crate::common::{TestLake, rel, tiny};

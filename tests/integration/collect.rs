@@ -1,5 +1,6 @@
 //! Collect, merge and decide against brute force.
 
+use lc_lake::artifact::{Artifact, Provenance};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -9,7 +10,6 @@ use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
 use lc_metrics::ClassStats;
 use lc_models::AttentionKernel::Blocks;
-use pipeline::artifact::{Artifact, Provenance};
 use pipeline::checkpoint::ModelRef;
 use pipeline::chunks::Chunks;
 

@@ -74,7 +74,7 @@ fn eight_workers_compute_each_partition_once() {
         assert!(many.len() > 4, "{many:?}");
         assert_eq!(many, single, "{q}");
     }
-    let metrics = |lake: &pipeline::lake::Lake| -> Vec<f64> {
+    let metrics = |lake: &lc_lake::lake::Lake| -> Vec<f64> {
         let q = "SELECT nc1_cdnv, nc2_equinorm_cov, nc3_duality_mean, nc4_agreement, val_loss \
                  FROM model_metrics WHERE final_layer ORDER BY model";
         let batches = Sql::open(lake).unwrap().query(q, false).unwrap();

@@ -3,6 +3,7 @@
 //! tests/fixtures/make_model_fixtures.py (tiny random models, their
 //! transformers hidden states and logits in float32).
 
+use lc_lake::artifact::{Artifact, Provenance};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -11,7 +12,6 @@ use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
 use lc_models::AttentionKernel::Blocks;
-use pipeline::artifact::{Artifact, Provenance};
 use pipeline::checkpoint::ModelRef;
 use pipeline::sql::Sql;
 
@@ -103,7 +103,7 @@ fn lake_with_fixture_chunks(family: &str) -> TestLake {
         Arc::new(list),
     ];
     let batch = RecordBatch::try_new(
-        pipeline::schemas::table("chunks")
+        lc_lake::schemas::table("chunks")
             .unwrap()
             .file_schema_with_len(t as i32),
         cols,

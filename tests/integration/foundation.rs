@@ -1,5 +1,7 @@
 //! The lake, schemas, SQL and command line.
 
+use lc_lake::artifact::{Artifact, Provenance};
+use lc_lake::schemas::{self, TableSchema};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -10,8 +12,6 @@ use arrow::array::{
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use pipeline::artifact::{Artifact, Provenance};
-use pipeline::schemas::{self, TableSchema};
 use pipeline::sql::Sql;
 
 use crate::common::{TestLake, bin};
@@ -226,7 +226,7 @@ fn interrupted_artifacts_and_stale_inputs_are_reported() {
         "{err}"
     );
     // Siblings computed from other inputs are refused, or replaced with force.
-    let other = vec![pipeline::manifest::InputRef {
+    let other = vec![lc_lake::manifest::InputRef {
         artifact: "chunks/x".into(),
         content_hash: "abc".into(),
     }];

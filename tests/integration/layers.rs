@@ -82,6 +82,21 @@ fn the_models_know_no_stage_storage_sql_or_async() {
     assert!(reached.is_empty(), "lc-models reaches {reached:?}");
 }
 
+#[test]
+fn the_lake_knows_no_model_stage_sql_or_compute() {
+    assert!(dependencies("lc-lake").iter().any(|d| d == "object_store"));
+    let above = [
+        "datafusion",
+        "polars",
+        "candle",
+        "lc-kernels",
+        "lc-models",
+        "pipeline",
+    ];
+    let reached = reached("lc-lake", &above);
+    assert!(reached.is_empty(), "lc-lake reaches {reached:?}");
+}
+
 /// The modules each top-level module of the crate in `src` names through
 /// `crate::` or `super::`, outside its unit tests and comments: a module
 /// file `x.rs` or folder `x/` is module `x`.
@@ -172,8 +187,10 @@ fn cycle(imports: &BTreeMap<String, BTreeSet<String>>, modules: &[&str]) -> Opti
 fn the_modules_of_each_crate_import_one_way() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for src in [
+        root.join("metrics/src"),
         root.join("kernels/src"),
         root.join("models/src"),
+        root.join("lake/src"),
         root.join("src"),
     ] {
         let imports = module_imports(&src);

@@ -1,6 +1,7 @@
 //! GPT-Neo in candle: numerical identity with transformers, gradients,
 //! checkpoints, training, evaluation and grids.
 
+use lc_lake::artifact::Artifact;
 use std::collections::HashMap;
 
 use arrow::array::AsArray;
@@ -8,7 +9,6 @@ use arrow::datatypes::Float64Type;
 use candle_core::{DType, Device, Tensor, Var};
 use lc_models::AttentionKernel::Blocks;
 use lc_models::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss, parameter_names};
-use pipeline::artifact::Artifact;
 use pipeline::checkpoint::{ModelRef, save_dir};
 
 use crate::common::{TestLake, repo, tiny};
@@ -37,7 +37,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 /// and the logits, to 1e-4 absolute (f32; observed max difference ~1e-6).
 #[test]
 fn forward_matches_transformers() {
-    let lake = pipeline::lake::Lake::open("memory://").unwrap();
+    let lake = lc_lake::lake::Lake::open("memory://").unwrap();
     let m = ModelRef::resolve(&lake, &fixture_dir()).unwrap();
     assert_eq!(m.id, "gpt_neo_tiny");
     let model = m.load(&Device::Cpu, DType::F32).unwrap();

@@ -67,10 +67,12 @@ type StageTuple = (
 /// How often the calling thread wakes to deliver signals and progress.
 const TICK: Duration = Duration::from_millis(100);
 
-/// A library error as the Python exception a researcher would catch.
-pub(crate) fn to_py(e: Error) -> PyErr {
+/// A library error (the pipeline's or the lake's) as the Python exception a
+/// researcher would catch.
+pub(crate) fn to_py(e: impl Into<Error>) -> PyErr {
+    let e: Error = e.into();
     let text = pipeline::error::describe(&e);
-    if let Some(d) = find_source::<pipeline::integrity::Damaged>(&e) {
+    if let Some(d) = find_source::<lc_lake::integrity::Damaged>(&e) {
         return DamagedArtifactError::new_err((text, d.file.clone()));
     }
     if e.is_not_found() {
@@ -204,7 +206,7 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 /// The state of every live progress bar, as tuples for the Python side:
 /// `(id, message, position, length or None, unit, finished)`.
 fn bar_states(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
-    let rows: Vec<BarTuple> = pipeline::progress::live_bars()
+    let rows: Vec<BarTuple> = lc_lake::progress::live_bars()
         .into_iter()
         .map(|b| (b.id, b.message, b.position, b.length, b.unit, b.finished))
         .collect();
@@ -220,7 +222,7 @@ fn table_to_py(py: Python<'_>, batches: Vec<RecordBatch>, schema: SchemaRef) -> 
 /// A results lake: SQL over its tables and the stages that write them.
 #[pyclass(module = "linguistic_collapse._native", name = "Lake", frozen)]
 pub(crate) struct PyLake {
-    pub(crate) lake: pipeline::lake::Lake,
+    pub(crate) lake: lc_lake::lake::Lake,
     config: Config,
 }
 
@@ -243,7 +245,7 @@ impl PyLake {
         let config = pipeline::cli::load_config(config.as_deref()).map_err(to_py)?;
         let given = url.or_else(|| std::env::var("PIPELINE_LAKE").ok().filter(|v| !v.is_empty()));
         let url = pipeline::cli::lake_url(given.as_deref(), &config);
-        let lake = pipeline::lake::Lake::open(&url).map_err(to_py)?;
+        let lake = lc_lake::lake::Lake::open(&url).map_err(to_py)?;
         Ok(PyLake { lake, config })
     }
 
@@ -361,7 +363,7 @@ impl PyLake {
         partition: Vec<(String, String)>,
     ) -> PyResult<Option<String>> {
         let parts: Vec<(&str, &str)> = partition.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let artifact = pipeline::artifact::Artifact::new(table, &parts).map_err(to_py)?;
+        let artifact = lc_lake::artifact::Artifact::new(table, &parts).map_err(to_py)?;
         let found = py.detach(|| self.lake.manifest(&artifact)).map_err(to_py)?;
         Ok(found.map(|m| m.content_hash))
     }
@@ -388,8 +390,8 @@ impl PyLake {
                 "give the stage as the first argument, not as a parameter",
             ));
         }
-        pipeline::progress::draw_elsewhere();
-        let journal = pipeline::lake::Journal::default();
+        lc_lake::progress::draw_elsewhere();
+        let journal = lc_lake::lake::Journal::default();
         let ctx = Ctx {
             lake: self.lake.with_journal(journal.clone()),
             config: self.config.clone(),
@@ -416,7 +418,7 @@ impl PyLake {
 }
 
 /// A manifest as the dict its JSON file holds.
-pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::manifest::Manifest) -> PyResult<Py<PyAny>> {
+pub(crate) fn manifest_to_py(py: Python<'_>, m: &lc_lake::manifest::Manifest) -> PyResult<Py<PyAny>> {
     let text =
         serde_json::to_string(m).map_err(|e| PipelineError::new_err(format!("a manifest as JSON: {e}")))?;
     Ok(py.import("json")?.call_method1("loads", (text,))?.unbind())
@@ -425,9 +427,9 @@ pub(crate) fn manifest_to_py(py: Python<'_>, m: &pipeline::manifest::Manifest) -
 /// An artifact named from Python: its table and partition pairs.
 type ArtifactSpec = (String, Vec<(String, String)>);
 
-fn artifact_of((table, partition): &ArtifactSpec) -> PyResult<pipeline::artifact::Artifact> {
+fn artifact_of((table, partition): &ArtifactSpec) -> PyResult<lc_lake::artifact::Artifact> {
     let parts: Vec<(&str, &str)> = partition.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    pipeline::artifact::Artifact::new(table, &parts).map_err(to_py)
+    lc_lake::artifact::Artifact::new(table, &parts).map_err(to_py)
 }
 
 /// Commit `data` (anything with `__arrow_c_stream__`, e.g. a pyarrow.Table)

@@ -31,10 +31,10 @@ use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTable
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::context::{SQLOptions, SessionConfig, SessionContext};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use lc_lake::lake::Lake;
+use lc_lake::schemas;
 
 use crate::error::{Context, Error, Result};
-use crate::lake::Lake;
-use crate::schemas;
 
 /// The SQL files, by name. Views are registered under their name, in this
 /// order (a view may use the ones before it); queries are run by stages

@@ -50,7 +50,7 @@ pub fn correlations_id(source: &str, predicate: &str, n_perm: u64, n_boot: u64, 
 /// `model_metrics` the content hashes of pair_tiles, class_metrics,
 /// decisions and models; for `imported:NAME` those of that import. Analyses
 /// of a selection are up to date while it is unchanged.
-pub fn inputs_fingerprint(lake: &crate::lake::Lake, source: &str) -> Result<String> {
+pub fn inputs_fingerprint(lake: &lc_lake::lake::Lake, source: &str) -> Result<String> {
     let tables: Vec<(&str, String)> = match source.strip_prefix("imported:") {
         Some(name) => vec![("imported_metrics", format!("source={name}"))],
         None => ["pair_tiles", "class_metrics", "decisions", "models"]

@@ -24,12 +24,12 @@ use arrow::array::AsArray;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
 use lc_metrics::ClassStats;
 use lc_metrics::per_class;
 use lc_metrics::selection::{Prepared, prepare};
 use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::checkpoint::ModelRef;
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param, required};
@@ -264,7 +264,7 @@ fn analyze_layer(
         let done = [&tiles_a, &class_a]
             .iter()
             .map(|a| ctx.lake.manifest(a))
-            .collect::<Result<Vec<_>>>()?
+            .collect::<lc_lake::Result<Vec<_>>>()?
             .iter()
             .all(|m| m.as_ref().is_some_and(|m| prov.matches(m)));
         if done {
@@ -387,7 +387,7 @@ fn analyze_layer(
     }
     let cdnv = tiles::combine(&report.tiles, tiles::METRIC_CDNV);
     let intf = tiles::combine(&report.tiles, tiles::METRIC_INTERFERENCE);
-    let rss = crate::host::peak_rss_mib()
+    let rss = lc_lake::host::peak_rss_mib()
         .map(|m| format!(", process peak RSS {m:.0} MiB"))
         .unwrap_or_default();
     Ok(format!(
@@ -403,8 +403,8 @@ fn analyze_layer(
 /// One V' must govern NC1-NC3 (here) and NC4 (decide) for a model: refuse
 /// decisions made over other classes, or from other class statistics.
 fn check_same_analysed_classes(
-    dec: &crate::manifest::Manifest,
-    stats: &crate::manifest::Manifest,
+    dec: &lc_lake::manifest::Manifest,
+    stats: &lc_lake::manifest::Manifest,
     min: u64,
     max: u64,
 ) -> Result<()> {

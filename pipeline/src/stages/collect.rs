@@ -32,9 +32,9 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::Tensor;
+use lc_lake::artifact::Provenance;
 use lc_metrics::{ClassStats, Partial};
 
-use crate::artifact::Provenance;
 use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
@@ -314,7 +314,7 @@ impl Stage for Collect {
         if of == 1 && !force {
             let mut done = true;
             for l in &layers {
-                let a = crate::artifact::Artifact::new(
+                let a = lc_lake::artifact::Artifact::new(
                     "class_stats",
                     &[("model", &m.id), ("split", split), ("layer", &l.to_string())],
                 )?;
@@ -429,7 +429,7 @@ impl Stage for Collect {
         let passes = if two_pass { 2 } else { 1 };
         let mut budget = (stop_after > 0).then_some(stop_after);
         let total = (range.end - range.start) * passes as u64 * chunks.t as u64;
-        let bar = crate::progress::bar(total, "collect", "tok");
+        let bar = lc_lake::progress::bar(total, "collect", "tok");
         bar.set_position(
             ((pass as u64 - 1) * (range.end - range.start) + (next - range.start)) * chunks.t as u64,
         );

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, StringArray, UInt64Array};
 use arrow::datatypes::{Float64Type, Int64Type};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, check_partition_value, file_schema};
 
-use crate::artifact::{Artifact, Provenance, check_partition_value, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param};
 use crate::sql::Sql;

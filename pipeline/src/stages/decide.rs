@@ -24,9 +24,9 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, BooleanArray, UInt32Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Tensor};
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
 use lc_metrics::nc4::{Centres, Nc4Tally, Tally};
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
@@ -168,7 +168,7 @@ impl Stage for Decide {
         let (mu, mu_sq, w) = setup().ctx("classifier and means")?;
         let t = chunks.t;
         let mut tally = Nc4Tally::default();
-        let bar = crate::progress::bar(chunks.count * t as u64, "decide", "tok");
+        let bar = lc_lake::progress::bar(chunks.count * t as u64, "decide", "tok");
         chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
             // Block attention as before: the fused kernel is measured for collect.

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Float64Array, Int32Array, StringArray, UInt32Array, UInt64Array};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Tensor};
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
+use lc_lake::lake::Lake;
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::checkpoint::{ModelRef, list_checkpoints};
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
-use crate::lake::Lake;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 use lc_models::{AttentionKernel, CausalLm, naming, output_layer};
@@ -114,7 +114,7 @@ fn evaluate(ctx: &Ctx, model: &dyn CausalLm, chunks: &Chunks, batch: usize) -> R
         correct: 0,
         samples: 0,
     };
-    let bar = crate::progress::bar(chunks.count * t as u64, "eval", "tok");
+    let bar = lc_lake::progress::bar(chunks.count * t as u64, "eval", "tok");
     chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, ids, b| {
         let labels: Vec<u32> = ids.chunks_exact(t).flat_map(|r| r[1..].iter().copied()).collect();
         let x = Tensor::from_slice(ids, (b, t), model.device()).ctx("batch")?;

@@ -26,12 +26,12 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int32Array, StringArray, UInt32Array};
 use arrow::datatypes::Float64Type;
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
+use lc_lake::source::Source;
 use polars::prelude::{CsvReadOptions, DataType as PlType, ParquetReader, SerReader};
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param, required};
-use crate::source::Source;
 use crate::stages::{Ctx, Stage};
 use lc_models::naming;
 
@@ -168,7 +168,7 @@ fn evaluate(
             casted.with_column(f).map_err(polars_err(source))?;
         }
     }
-    let staged = crate::staging::file(".parquet")?;
+    let staged = lc_lake::staging::file(".parquet")?;
     ParquetWriter::new(staged.reopen().ctx("staging the imported table")?)
         .finish(&mut casted)
         .map_err(polars_err(source))?;

@@ -38,12 +38,12 @@ use std::sync::Arc;
 use arrow::array::{Array, ArrayBuilder, ArrayRef, AsArray, StringBuilder, UInt64Builder};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, TableWriter};
+use lc_lake::manifest::Manifest;
+use lc_lake::source::Source;
 
-use crate::artifact::{Artifact, Provenance, TableWriter};
 use crate::error::{Context, Error, Result};
-use crate::manifest::Manifest;
 use crate::params::{ParamSpec, Params, param};
-use crate::source::Source;
 use crate::stages::{Ctx, Stage};
 
 pub struct Ingest;
@@ -136,7 +136,10 @@ impl Stage for Ingest {
         }
 
         let open_all = |specs: &[String]| -> Result<Vec<Source>> {
-            specs.iter().map(|s| Source::open(&ctx.lake, s)).collect()
+            Ok(specs
+                .iter()
+                .map(|s| Source::open(&ctx.lake, s))
+                .collect::<lc_lake::Result<_>>()?)
         };
         let (train_src, val_src, input_src) = (open_all(&train)?, open_all(&validation)?, open_all(&input)?);
 
@@ -175,12 +178,12 @@ impl Stage for Ingest {
         let artifacts: Vec<Artifact> = splits
             .iter()
             .map(|s| Artifact::new("documents", &[("dataset", dataset), ("split", s)]))
-            .collect::<Result<_>>()?;
+            .collect::<lc_lake::Result<_>>()?;
         if !p.bool("force")? {
             let existing: Vec<Option<Manifest>> = artifacts
                 .iter()
                 .map(|a| ctx.lake.manifest(a))
-                .collect::<Result<_>>()?;
+                .collect::<lc_lake::Result<_>>()?;
             if existing
                 .iter()
                 .all(|m| m.as_ref().is_some_and(|m| prov.matches(m)))
@@ -211,7 +214,7 @@ impl Stage for Ingest {
             .chain(&input_src)
             .map(|s| s.size)
             .sum();
-        let bar = crate::progress::bytes_bar(total_bytes, "ingest");
+        let bar = lc_lake::progress::bytes_bar(total_bytes, "ingest");
         // Read one source; a source without any text (only separators,
         // blank lines) is refused by name rather than ingested as blanks.
         let read = |src: &Source, f: &mut dyn FnMut(u64, &str) -> Result<()>| -> Result<()> {
@@ -358,13 +361,13 @@ impl DocSink {
             Arc::new(self.offsets.finish()),
             Arc::new(self.texts.finish()),
         ];
-        let batch = RecordBatch::try_new(crate::artifact::file_schema("documents")?, cols)
+        let batch = RecordBatch::try_new(lc_lake::artifact::file_schema("documents")?, cols)
             .ctx("building a documents batch")?;
         self.pending_bytes = 0;
-        self.writer.write(&batch)
+        Ok(self.writer.write(&batch)?)
     }
 
-    fn finish(mut self) -> Result<(crate::artifact::StagedFile, u64, u64)> {
+    fn finish(mut self) -> Result<(lc_lake::artifact::StagedFile, u64, u64)> {
         self.flush()?;
         let (docs, bytes) = (self.next_id, self.text_bytes);
         Ok((self.writer.finish()?, docs, bytes))
@@ -564,7 +567,8 @@ fn read_delimited(
 fn read_parquet(src: &Source, column: &str, bar: &indicatif::ProgressBar, f: &mut DocFn) -> Result<()> {
     use futures::StreamExt;
     use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
-    let reader = crate::parquet_io::ObjectReader::new(src.store.store(), src.store.path(&src.key), src.size);
+    let reader =
+        lc_lake::parquet_io::ObjectReader::new(src.store.store(), src.store.path(&src.key), src.size);
     let builder = src
         .store
         .block_on(ParquetRecordBatchStreamBuilder::new(reader))
@@ -617,7 +621,7 @@ fn read_parquet(src: &Source, column: &str, bar: &indicatif::ProgressBar, f: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lake::Lake;
+    use lc_lake::lake::Lake;
 
     fn docs_of(content: &[u8]) -> Result<Vec<(u64, String)>> {
         let dir = tempfile::tempdir().unwrap();

@@ -8,13 +8,13 @@
 //! chunks and layers; they are merged in shard order with Chan's formula,
 //! which is exact and order-independent up to float rounding.
 
+use lc_lake::artifact::{Artifact, Provenance};
+use lc_lake::manifest::InputRef;
 use lc_metrics::ClassStats;
 
-use crate::artifact::{Artifact, Provenance};
 use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
 use crate::error::{Error, Result};
-use crate::manifest::InputRef;
 use crate::params::{ParamSpec, Params, param, required};
 use crate::partials::{StateObject, collect_inputs, commit_class_stats, parse_layers, shard_key};
 use crate::stages::{Ctx, Stage};

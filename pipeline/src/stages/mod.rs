@@ -5,12 +5,12 @@
 //! code; composite stages (`all`) go through this registry by name, exactly as
 //! the command line does.
 
+use lc_lake::lake::Lake;
 use std::collections::BTreeMap;
 
 use crate::cancel::Cancel;
 use crate::checkpoint::ModelRef;
 use crate::error::{Error, Result};
-use crate::lake::Lake;
 use crate::params::{Config, ParamSpec, Params};
 
 pub mod all;
@@ -156,11 +156,11 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
     if ctx.plan_only {
         return stage.run(ctx, &params);
     }
-    // One worker at a time per stage and parameters (see crate::lease); a
+    // One worker at a time per stage and parameters (see lc_lake::lease); a
     // second one waits, then usually finds the work done.
     let key = lease_name(name, &params);
     let lease = if stage.leased() {
-        Some(crate::lease::acquire(&ctx.lake, &key)?)
+        Some(lc_lake::lease::acquire(&ctx.lake, &key)?)
     } else {
         None
     };
@@ -203,7 +203,7 @@ pub fn run(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result
                 "stage": name,
                 "params": params.values(),
                 "error": e.to_string(),
-                "job": crate::lease::current_job(),
+                "job": lc_lake::lease::current_job(),
                 "time": chrono::Utc::now().to_rfc3339(),
             });
             if let Err(w) = ctx.lake.put(&failure, bytes::Bytes::from(record.to_string())) {

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, AsArray, FixedSizeListArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema, UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, TableWriter};
 
-use crate::artifact::{Artifact, Provenance, TableWriter};
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{Ctx, Stage};
@@ -242,7 +242,7 @@ impl Stage for Pack {
             let mut next_id = 0u64;
             let mut index = 0u64;
             let stream = ctx.lake.stream_artifact(&tokens, 8192)?;
-            let bar = crate::progress::bar(stream.rows, "pack", "docs");
+            let bar = lc_lake::progress::bar(stream.rows, "pack", "docs");
             for b in stream {
                 let b = b?;
                 let ids = b.column(0).as_primitive::<UInt64Type>();

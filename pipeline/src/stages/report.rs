@@ -43,10 +43,10 @@ use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
+use lc_lake::lake::Lake;
 
 use crate::error::{Context, Error, Result};
 use crate::figures::{ColourScale, Marker, Panel, Series, grid_svg, svg_to_png};
-use crate::lake::Lake;
 use crate::params::{ParamSpec, Params, param};
 use crate::sql::Sql;
 use crate::sql::selection;
@@ -400,7 +400,7 @@ fn gather(
         points.batches.extend(drawn.batches);
         // The correlations of this selection, computed by correlate if missing.
         let id = selection::correlations_id(s, predicate, n_perm, n_boot, seed);
-        let corr_artifact = crate::artifact::Artifact::new("correlations", &[("selection_id", &id)])?;
+        let corr_artifact = lc_lake::artifact::Artifact::new("correlations", &[("selection_id", &id)])?;
         if ctx.lake.manifest(&corr_artifact)?.is_none() {
             let mut pairs = BTreeMap::new();
             pairs.insert("source".to_string(), s.clone());

@@ -19,9 +19,9 @@ use arrow::array::{Array, ArrayRef, AsArray, ListArray, UInt32Array, UInt64Array
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, UInt64Type};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, TableWriter, file_schema};
 use rayon::prelude::*;
 
-use crate::artifact::{Artifact, Provenance, TableWriter, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{Ctx, Stage};
@@ -124,9 +124,9 @@ fn tokenize_split(
     docs: &Artifact,
     tok: &TextTokenizer,
     batch_docs: usize,
-) -> Result<(crate::artifact::StagedFile, u64, u64)> {
+) -> Result<(lc_lake::artifact::StagedFile, u64, u64)> {
     let stream = ctx.lake.stream_artifact(docs, batch_docs)?;
-    let bar = crate::progress::bar(stream.rows, "tokenize", "docs");
+    let bar = lc_lake::progress::bar(stream.rows, "tokenize", "docs");
     let mut writer = TableWriter::new("tokens")?;
     let (mut n_tokens, mut text_bytes) = (0u64, 0u64);
     for batch in stream {

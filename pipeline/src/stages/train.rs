@@ -34,12 +34,12 @@ use arrow::datatypes::UInt32Type;
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use candle_core::{DType, Tensor, Var};
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::checkpoint::{ModelRef, lake_root, list_checkpoints, save_dir};
 use crate::error::{Context, Error, Result};
 use crate::params::{Config, ParamSpec, Params, param};
@@ -152,7 +152,7 @@ fn recipe_from(
         Some(n) => n.to_string(),
         None => naming::format(depth, width, epochs, weight_decay, seed)?,
     };
-    crate::artifact::check_partition_value("name", &name)?;
+    lc_lake::artifact::check_partition_value("name", &name)?;
     let context = p.usize_in("context", 2, 1 << 20)?;
     if context < t {
         return Err(p.invalid(
@@ -347,7 +347,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
         .get(&crate::tokenizer::tokenizer_key(tok.fingerprint()))?;
     let save_every = p.u64("save_every")?.max(1);
     let stop_after = p.u64("stop_after")?;
-    let bar = crate::progress::bar(total_steps * (recipe.batch * t) as u64, &recipe.name, "tok");
+    let bar = lc_lake::progress::bar(total_steps * (recipe.batch * t) as u64, &recipe.name, "tok");
     bar.set_position(start_step * (recipe.batch * t) as u64);
     let started = std::time::Instant::now();
     let mut window_loss = 0f64;
@@ -561,7 +561,7 @@ fn write_resume(
     let mut bytes = safetensors_bytes(&named)?;
     // The progress rides in a JSON trailer after the safetensors payload,
     // with the payload's hash.
-    let payload_hash = crate::integrity::hash_hex(&bytes);
+    let payload_hash = lc_lake::integrity::hash_hex(&bytes);
     let meta = serde_json::to_vec(&json!({
         "recipe_hash": recipe_hash,
         "step": step,
@@ -573,7 +573,7 @@ fn write_resume(
     let n = meta.len() as u64;
     bytes.extend_from_slice(&meta);
     bytes.extend_from_slice(&n.to_le_bytes());
-    ctx.lake.put(key, Bytes::from(bytes))
+    Ok(ctx.lake.put(key, Bytes::from(bytes))?)
 }
 
 type Resume = (HashMap<String, Tensor>, u64, Vec<LogRow>, u64);
@@ -601,7 +601,7 @@ fn read_resume(bytes: &[u8], recipe_hash: &str, device: &candle_core::Device) ->
         ));
     }
     if let Some(want) = meta.get("payload_blake3").and_then(|h| h.as_str())
-        && crate::integrity::hash_hex(&bytes[..meta_at]) != want
+        && lc_lake::integrity::hash_hex(&bytes[..meta_at]) != want
     {
         return Err(corrupt("its weights do not hash to the recorded BLAKE3"));
     }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, AsArray, StringArray, UInt32Array, UInt64Array};
 use arrow::datatypes::UInt32Type;
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance, file_schema};
 
-use crate::artifact::{Artifact, Provenance, file_schema};
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{Ctx, Stage};
@@ -69,7 +69,7 @@ impl Stage for Vocab {
             ctx.would_run(format!("vocab {split}"))?;
             let mut counts = vec![0u64; v];
             let stream = ctx.lake.stream_artifact(&chunks, 1024)?;
-            let bar = crate::progress::bar(stream.rows, "vocab", "chunks");
+            let bar = lc_lake::progress::bar(stream.rows, "vocab", "chunks");
             for b in stream {
                 let b = b?;
                 let lists = b.column(1).as_fixed_size_list();

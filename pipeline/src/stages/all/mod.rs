@@ -123,7 +123,7 @@ impl Stage for All {
         }
         // Claims that killed workers of earlier runs left behind go first.
         if !ctx.plan_only {
-            crate::lease::sweep(&ctx.lake)?;
+            lc_lake::lease::sweep(&ctx.lake)?;
         }
         let step = |s: &Step| -> Result<String> {
             let out = stages::run(ctx, s.stage, &s.params)?;

@@ -673,7 +673,7 @@ pub fn slurm(ctx: &Ctx, steps: &Steps, opts: &SlurmOptions) -> Result<String> {
     opts.lake = ctx.lake.url().to_string();
     // Claims that killed jobs of earlier submissions left behind go first.
     if !opts.dry_run && !ctx.plan_only {
-        crate::lease::sweep(&ctx.lake)?;
+        lc_lake::lease::sweep(&ctx.lake)?;
     }
     let exec = Slurm { opts: opts.clone() };
     let dag = plan_dag(ctx, steps, opts.shards)?;

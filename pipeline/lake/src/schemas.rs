@@ -20,24 +20,33 @@ use crate::error::{Error, Result};
 
 /// Raw text of every schema file, by table name.
 pub const SCHEMA_FILES: &[(&str, &str)] = &[
-    ("documents", include_str!("../../schemas/documents.json")),
-    ("tokens", include_str!("../../schemas/tokens.json")),
-    ("chunks", include_str!("../../schemas/chunks.json")),
-    ("vocab", include_str!("../../schemas/vocab.json")),
-    ("models", include_str!("../../schemas/models.json")),
-    ("train_log", include_str!("../../schemas/train_log.json")),
-    ("class_stats", include_str!("../../schemas/class_stats.json")),
-    ("classifiers", include_str!("../../schemas/classifiers.json")),
-    ("decisions", include_str!("../../schemas/decisions.json")),
-    ("pair_tiles", include_str!("../../schemas/pair_tiles.json")),
-    ("class_metrics", include_str!("../../schemas/class_metrics.json")),
-    ("correlations", include_str!("../../schemas/correlations.json")),
+    ("documents", include_str!("../../../schemas/documents.json")),
+    ("tokens", include_str!("../../../schemas/tokens.json")),
+    ("chunks", include_str!("../../../schemas/chunks.json")),
+    ("vocab", include_str!("../../../schemas/vocab.json")),
+    ("models", include_str!("../../../schemas/models.json")),
+    ("train_log", include_str!("../../../schemas/train_log.json")),
+    ("class_stats", include_str!("../../../schemas/class_stats.json")),
+    ("classifiers", include_str!("../../../schemas/classifiers.json")),
+    ("decisions", include_str!("../../../schemas/decisions.json")),
+    ("pair_tiles", include_str!("../../../schemas/pair_tiles.json")),
+    (
+        "class_metrics",
+        include_str!("../../../schemas/class_metrics.json"),
+    ),
+    ("correlations", include_str!("../../../schemas/correlations.json")),
     (
         "imported_metrics",
-        include_str!("../../schemas/imported_metrics.json"),
+        include_str!("../../../schemas/imported_metrics.json"),
     ),
-    ("pair_extremes", include_str!("../../schemas/pair_extremes.json")),
-    ("model_metrics", include_str!("../../schemas/model_metrics.json")),
+    (
+        "pair_extremes",
+        include_str!("../../../schemas/pair_extremes.json"),
+    ),
+    (
+        "model_metrics",
+        include_str!("../../../schemas/model_metrics.json"),
+    ),
 ];
 
 #[derive(Debug, Clone, Deserialize)]
