@@ -205,6 +205,15 @@ impl Params {
         Some(self.str(key)).filter(|s| !s.is_empty())
     }
 
+    /// A comma-separated list, its items trimmed and empty ones dropped.
+    pub fn list(&self, key: &str) -> Vec<&str> {
+        self.str(key)
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     /// A value that must not be empty.
     pub fn nonempty(&self, key: &str) -> Result<&str> {
         self.opt(key).ok_or_else(|| self.err(key, "must not be empty"))
@@ -264,6 +273,38 @@ impl Params {
     pub fn invalid(&self, key: &str, problem: impl Into<String>) -> Error {
         self.err(key, problem)
     }
+
+    /// A hidden-state index: `last` or a number (checked against the
+    /// model's depth by [`LayerSpec::index`], where the model is known).
+    pub fn layer(&self, key: &str) -> Result<LayerSpec> {
+        match self.str(key).trim() {
+            "last" => Ok(LayerSpec::Last),
+            s => s
+                .parse()
+                .map(LayerSpec::Index)
+                .map_err(|_| self.err(key, format!("'{s}' is not last or a hidden-state index"))),
+        }
+    }
+}
+
+/// One hidden-state index as a stage parameter gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerSpec {
+    /// The final norm's output (the model's depth).
+    Last,
+    Index(usize),
+}
+
+impl LayerSpec {
+    /// The index in a model of `depth` blocks (0 = embeddings, depth = the
+    /// final norm's output).
+    pub fn index(self, p: &Params, key: &str, depth: usize) -> Result<usize> {
+        match self {
+            LayerSpec::Last => Ok(depth),
+            LayerSpec::Index(l) if l <= depth => Ok(l),
+            LayerSpec::Index(l) => Err(p.err(key, format!("'{l}' is not last or an index in 0..={depth}"))),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -304,5 +345,32 @@ mod tests {
         let err = p.usize("T").unwrap_err().to_string();
         assert!(err.contains("'big' is not a non-negative integer"), "{err}");
         assert!(parse_pairs(&["novalue".to_string()]).is_err());
+    }
+
+    #[test]
+    fn layers_are_last_or_an_index_within_the_depth() {
+        const LAYER: &[ParamSpec] = &[param("layer", "last", "hidden-state index")];
+        let at = |v: &str| Params::from_pairs("decide", LAYER, &[("layer", v)]).unwrap();
+        let p = at("last");
+        assert_eq!(p.layer("layer").unwrap(), LayerSpec::Last);
+        assert_eq!(p.layer("layer").unwrap().index(&p, "layer", 4).unwrap(), 4);
+        let p = at(" 2 ");
+        assert_eq!(p.layer("layer").unwrap().index(&p, "layer", 4).unwrap(), 2);
+        let p = at("5");
+        let err = p
+            .layer("layer")
+            .unwrap()
+            .index(&p, "layer", 4)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "stage decide: parameter layer: '5' is not last or an index in 0..=4"
+        );
+        let err = at("final").layer("layer").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "stage decide: parameter layer: 'final' is not last or a hidden-state index"
+        );
     }
 }

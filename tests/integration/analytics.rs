@@ -229,6 +229,23 @@ fn permutation_test_matches_exact_enumeration() {
     );
 }
 
+/// A malformed setting of the study's last stages is refused before its
+/// first stage runs: nothing is ingested, let alone trained.
+#[test]
+fn a_bad_setting_of_a_late_stage_is_refused_before_any_work() {
+    let tl = TestLake::new();
+    let exp = std::fs::read_to_string(micro_experiment(&tl)).unwrap();
+    let bad = tl.file("bad.toml", format!("{exp}[analyze]\ntile = 0\n").as_bytes());
+    let err = tl.run_err("all", &[("experiment", &bad)]);
+    assert_eq!(err, "stage analyze: parameter tile: 0 is outside 1..=65536");
+    // Only the failure record `pipeline status` shows.
+    let keys: Vec<String> = tl.lake().list("").unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(
+        keys.iter().all(|k| k.starts_with("_status/failed/all/")),
+        "{keys:?}"
+    );
+}
+
 /// The main job on a micro experiment: every stage, every table, the
 /// correlation table printed; a second run only says everything is done.
 #[test]

@@ -32,7 +32,7 @@ use lc_metrics::tiles::{self, Classes, METRICS, Options, PairReport};
 
 use crate::checkpoint::ModelRef;
 use crate::error::{Context, Error, Result};
-use crate::params::{ParamSpec, Params, param, required};
+use crate::params::{LayerSpec, ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 
 pub struct Analyze;
@@ -100,6 +100,76 @@ fn parse_topk(s: &str) -> Result<usize> {
         .ok_or_else(|| Error::invalid(format!("dump_pairs '{s}' is not topk:K")))
 }
 
+/// Which layers one run analyses.
+enum LayerChoice {
+    /// `layer=` (when `layers=` is empty).
+    One(LayerSpec),
+    /// `layers=all`: every layer with class statistics.
+    All,
+    /// `layers=` as a list of indices.
+    List(Vec<u64>),
+}
+
+/// analyze's parameters, checked before any work. The `kernels`,
+/// `riesz_s`, `precision` and `dump_pairs` texts are kept as given, as the
+/// provenance records them.
+struct AnalyzeArgs<'a> {
+    model: &'a str,
+    split: &'a str,
+    layers: LayerChoice,
+    min_per_class: u64,
+    max_per_class: u64,
+    options: Options,
+    decisions_split: &'a str,
+    kernels: &'a str,
+    riesz_s: &'a str,
+    precision: &'a str,
+    dump_pairs: &'a str,
+    force: bool,
+}
+
+impl<'a> AnalyzeArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        let layers = match p.opt("layers") {
+            None => LayerChoice::One(p.layer("layer")?),
+            Some("all") => LayerChoice::All,
+            Some(list) => LayerChoice::List(
+                list.split(',')
+                    .map(|l| {
+                        let l = l.trim();
+                        l.parse::<u64>()
+                            .map_err(|_| p.invalid("layers", format!("'{l}' is not a layer index")))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        };
+        let options = Options {
+            edge: p.usize_in("tile", 1, 1 << 16)?,
+            cdnv_k: p.f64("cdnv_k")?,
+            riesz_s: match p.choice("kernels", &["log", "log,riesz"])? {
+                "log,riesz" => Some(p.f64("riesz_s")?),
+                _ => None,
+            },
+            f32_gemm: p.choice("precision", &["f64", "f32"])? == "f32",
+            top_k: parse_topk(p.str("dump_pairs")).map_err(|e| p.invalid("dump_pairs", e.to_string()))?,
+        };
+        Ok(AnalyzeArgs {
+            model: p.nonempty("model")?,
+            split: p.nonempty("split")?,
+            layers,
+            min_per_class: p.u64("min_per_class")?,
+            max_per_class: p.u64("max_per_class")?,
+            options,
+            decisions_split: p.nonempty("decisions_split")?,
+            kernels: p.str("kernels"),
+            riesz_s: p.str("riesz_s"),
+            precision: p.str("precision"),
+            dump_pairs: p.str("dump_pairs"),
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Analyze {
     fn name(&self) -> &'static str {
         "analyze"
@@ -116,18 +186,22 @@ impl Stage for Analyze {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        AnalyzeArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let spec = p.nonempty("model")?;
+        let args = AnalyzeArgs::parse(p)?;
+        let spec = args.model;
         let model_ref = ModelRef::resolve_one(&ctx.lake, spec).ok();
         let id = model_ref
             .as_ref()
             .map(|m| m.id.clone())
             .unwrap_or_else(|| spec.to_string());
-        let split = p.nonempty("split")?;
-        let layers: Vec<String> = match p.opt("layers") {
-            None => vec![single_layer(p, spec, model_ref.as_ref())?],
-            Some("all") => {
+        let split = args.split;
+        let layers: Vec<String> = match &args.layers {
+            LayerChoice::One(layer) => vec![single_layer(p, *layer, spec, model_ref.as_ref())?],
+            LayerChoice::All => {
                 let mut ls: Vec<String> = ctx
                     .lake
                     .manifests("class_stats", &format!("model={id}/split={split}"))?
@@ -143,29 +217,21 @@ impl Stage for Analyze {
                 }
                 ls
             }
-            Some(list) => list
-                .split(',')
-                .map(|l| {
-                    let l = l.trim();
-                    l.parse::<u64>()
-                        .map(|x| x.to_string())
-                        .map_err(|_| p.invalid("layers", format!("'{l}' is not a layer index")))
-                })
-                .collect::<Result<_>>()?,
+            LayerChoice::List(list) => list.iter().map(u64::to_string).collect(),
         };
         let mut lines = Vec::new();
         for layer in &layers {
             ctx.cancel.check()?;
-            lines.push(analyze_layer(ctx, p, model_ref.as_ref(), &id, split, layer)?);
+            lines.push(analyze_layer(ctx, &args, model_ref.as_ref(), &id, layer)?);
         }
         Ok(lines.join("\n"))
     }
 }
 
 /// The `layer=` parameter as an index ("last" needs the model's config).
-fn single_layer(p: &Params, spec: &str, model_ref: Option<&ModelRef>) -> Result<String> {
-    Ok(match p.str("layer") {
-        "last" => model_ref
+fn single_layer(p: &Params, layer: LayerSpec, spec: &str, model_ref: Option<&ModelRef>) -> Result<String> {
+    Ok(match layer {
+        LayerSpec::Last => model_ref
             .as_ref()
             // Not a parameter error: the model may simply not be trained yet,
             // which planning reports as work to do.
@@ -178,33 +244,29 @@ fn single_layer(p: &Params, spec: &str, model_ref: Option<&ModelRef>) -> Result<
             .shape()
             .num_layers
             .to_string(),
-        s => s.to_string(),
+        // Checked against the depth where the model is known; a model known
+        // only by its statistics has the layers it has.
+        LayerSpec::Index(l) => match model_ref {
+            Some(m) => LayerSpec::Index(l)
+                .index(p, "layer", m.config()?.shape().num_layers)?
+                .to_string(),
+            None => l.to_string(),
+        },
     })
 }
 
 /// Every metric of one layer (see the module documentation).
 fn analyze_layer(
     ctx: &Ctx,
-    p: &Params,
+    args: &AnalyzeArgs,
     model_ref: Option<&ModelRef>,
     id: &str,
-    split: &str,
     layer: &str,
 ) -> Result<String> {
     let id = id.to_string();
     let layer = layer.to_string();
-    let min = p.u64("min_per_class")?;
-    let max = p.u64("max_per_class")?;
-    let opt = Options {
-        edge: p.usize_in("tile", 1, 1 << 16)?,
-        cdnv_k: p.f64("cdnv_k")?,
-        riesz_s: match p.choice("kernels", &["log", "log,riesz"])? {
-            "log,riesz" => Some(p.f64("riesz_s")?),
-            _ => None,
-        },
-        f32_gemm: p.choice("precision", &["f64", "f32"])? == "f32",
-        top_k: parse_topk(p.str("dump_pairs")).map_err(|e| p.invalid("dump_pairs", e.to_string()))?,
-    };
+    let split = args.split;
+    let (min, max, opt) = (args.min_per_class, args.max_per_class, args.options);
     let stats_a = Artifact::new(
         "class_stats",
         &[("model", &id), ("split", split), ("layer", &layer)],
@@ -214,11 +276,7 @@ fn analyze_layer(
         .require(&stats_a, "run stage=collect for this model first")?;
     let dec_a = Artifact::new(
         "decisions",
-        &[
-            ("model", &id),
-            ("split", p.nonempty("decisions_split")?),
-            ("layer", &layer),
-        ],
+        &[("model", &id), ("split", args.decisions_split), ("layer", &layer)],
     )?;
     let dec_m = ctx.lake.manifest(&dec_a)?;
     if let Some(d) = &dec_m {
@@ -239,10 +297,10 @@ fn analyze_layer(
         .param("max_per_class", max)
         .param("cdnv_k", opt.cdnv_k)
         .param("tile", opt.edge)
-        .param("kernels", p.str("kernels"))
-        .param("riesz_s", p.str("riesz_s"))
-        .param("precision", p.str("precision"))
-        .param("dump_pairs", p.str("dump_pairs"))
+        .param("kernels", args.kernels)
+        .param("riesz_s", args.riesz_s)
+        .param("precision", args.precision)
+        .param("dump_pairs", args.dump_pairs)
         .input(&stats_m);
     if let Some(d) = &dec_m {
         prov = prov.input(d);
@@ -260,7 +318,7 @@ fn analyze_layer(
     ];
     let tiles_a = Artifact::new("pair_tiles", &parts)?;
     let class_a = Artifact::new("class_metrics", &parts)?;
-    if !p.bool("force")? {
+    if !args.force {
         let done = [&tiles_a, &class_a]
             .iter()
             .map(|a| ctx.lake.manifest(a))

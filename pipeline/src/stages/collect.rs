@@ -31,7 +31,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use lc_lake::artifact::Provenance;
 use lc_metrics::{ClassStats, Partial};
 
@@ -236,6 +236,71 @@ fn samples(
     Ok((hs, labels))
 }
 
+/// Where the running class statistics live (`accumulate=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accumulate {
+    /// On the device where its tables fit in a quarter of its free memory.
+    Auto,
+    Host,
+    Device,
+}
+
+/// collect's parameters, checked before any work (`layers` needs the
+/// model's depth and `attention=auto` its device, so those are resolved
+/// once the model is).
+struct CollectArgs<'a> {
+    model: &'a str,
+    dataset: Option<&'a str>,
+    split: &'a str,
+    layers: &'a str,
+    batch: usize,
+    shard: u64,
+    of: u64,
+    checkpoint_every: u64,
+    stop_after: u64,
+    two_pass: bool,
+    accumulate: Accumulate,
+    device: &'a str,
+    dtype: DType,
+    attention: &'a str,
+    force: bool,
+}
+
+impl<'a> CollectArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        let (shard, of) = parse_shard(p.str("shard")).map_err(|e| p.invalid("shard", e.to_string()))?;
+        let two_pass = p.choice("vars", &["one-pass", "two-pass"])? == "two-pass";
+        if two_pass && of > 1 {
+            return Err(p.invalid("vars", "two-pass needs every chunk in one process; use shard=0/1"));
+        }
+        let accumulate = match p.choice("accumulate", &["auto", "host", "device"])? {
+            "host" => Accumulate::Host,
+            "device" => Accumulate::Device,
+            _ => Accumulate::Auto,
+        };
+        if two_pass && accumulate == Accumulate::Device {
+            return Err(p.invalid("accumulate", "vars=two-pass accumulates on the host"));
+        }
+        Ok(CollectArgs {
+            model: p.nonempty("model")?,
+            dataset: p.opt("dataset"),
+            split: p.nonempty("split")?,
+            layers: p.str("layers"),
+            batch: p.usize_in("batch", 1, 1 << 16)?,
+            shard,
+            of,
+            checkpoint_every: p.u64("checkpoint_every")?.max(1),
+            stop_after: p.u64("stop_after")?,
+            two_pass,
+            accumulate,
+            device: p.str("device"),
+            dtype: lc_models::dtype(p.str("dtype"))?,
+            attention: p.choice("attention", &["auto", "blocks", "fused"])?,
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Collect {
     fn name(&self) -> &'static str {
         "collect"
@@ -252,30 +317,32 @@ impl Stage for Collect {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        CollectArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
-        let dataset = crate::stages::dataset_for(p, &m)?;
-        let split = p.nonempty("split")?;
-        let batch = p.usize_in("batch", 1, 1 << 16)?;
-        let (shard, of) = parse_shard(p.str("shard")).map_err(|e| p.invalid("shard", e.to_string()))?;
-        let every = p.u64("checkpoint_every")?.max(1);
-        let stop_after = p.u64("stop_after")?;
-        let two_pass = p.choice("vars", &["one-pass", "two-pass"])? == "two-pass";
-        if two_pass && of > 1 {
-            return Err(p.invalid("vars", "two-pass needs every chunk in one process; use shard=0/1"));
-        }
-        let force = p.bool("force")?;
-        let accumulate = p.choice("accumulate", &["auto", "host", "device"])?;
-        if two_pass && accumulate == "device" {
-            return Err(p.invalid("accumulate", "vars=two-pass accumulates on the host"));
-        }
-        let device = lc_models::device(p.str("device"))?;
-        let dtype = lc_models::dtype(p.str("dtype"))?;
+        let args = CollectArgs::parse(p)?;
+        let CollectArgs {
+            split,
+            batch,
+            shard,
+            of,
+            checkpoint_every: every,
+            stop_after,
+            two_pass,
+            accumulate,
+            dtype,
+            force,
+            ..
+        } = args;
+        let m = ModelRef::resolve_one(&ctx.lake, args.model)?;
+        let dataset = crate::stages::dataset_for(p, args.dataset, &m)?;
+        let device = lc_models::device(args.device)?;
         // Measured on an H200 (README, GPUs): the fused kernel agrees with the
         // CPU as block attention does and takes 0.11-0.24x its time.
-        let fusable = !device.is_cpu() && dtype == candle_core::DType::BF16;
-        let attention = match p.choice("attention", &["auto", "blocks", "fused"])? {
+        let fusable = !device.is_cpu() && dtype == DType::BF16;
+        let attention = match args.attention {
             "fused" if !fusable => {
                 return Err(p.invalid("attention", "fused needs device=cuda and dtype=bf16"));
             }
@@ -290,8 +357,8 @@ impl Stage for Collect {
         let config = m.config()?;
         m.check_vocab(&config, &tok)?;
         let shape = config.shape();
-        let layers = parse_layers(p.str("layers"), shape.num_layers)
-            .map_err(|e| p.invalid("layers", e.to_string()))?;
+        let layers =
+            parse_layers(args.layers, shape.num_layers).map_err(|e| p.invalid("layers", e.to_string()))?;
         if shape.max_positions < chunks.t {
             return Err(Error::model(
                 &m.id,
@@ -388,9 +455,9 @@ impl Stage for Collect {
         // The device's tables hold a row per token id of the model.
         let rows = shape.vocab_size;
         let on_device = match accumulate {
-            "device" => true,
-            "host" => false,
-            _ => {
+            Accumulate::Device => true,
+            Accumulate::Host => false,
+            Accumulate::Auto => {
                 let need = DeviceStats::bytes(rows, d, layers.len());
                 let free = lc_models::free_memory(&device);
                 let fits = !two_pass && free.is_some_and(|f| need <= f / 4);

@@ -282,6 +282,41 @@ pub fn render(rows: &[Correlation]) -> String {
     s
 }
 
+/// correlate's parameters, checked before any work.
+struct CorrelateArgs<'a> {
+    /// An SQL predicate over `source`'s columns.
+    predicate: &'a str,
+    source: &'a str,
+    permutations: u64,
+    bootstrap: u64,
+    /// Fits in an i64 (stored in a signed column).
+    seed: u64,
+}
+
+impl<'a> CorrelateArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        let permutations = p.u64("permutations")?;
+        if permutations == 0 || permutations > 10_000_000 {
+            return Err(p.invalid("permutations", "must be in 1..=10000000"));
+        }
+        let bootstrap = p.u64("bootstrap")?;
+        if bootstrap == 0 || bootstrap > 10_000_000 {
+            return Err(p.invalid("bootstrap", "must be in 1..=10000000"));
+        }
+        let seed = p.u64("seed")?;
+        if seed > i64::MAX as u64 {
+            return Err(p.invalid("seed", "must fit in a signed 64-bit integer"));
+        }
+        Ok(CorrelateArgs {
+            predicate: p.nonempty("where")?,
+            source: p.nonempty("source")?,
+            permutations,
+            bootstrap,
+            seed,
+        })
+    }
+}
+
 impl Stage for Correlate {
     fn name(&self) -> &'static str {
         "correlate"
@@ -298,22 +333,18 @@ impl Stage for Correlate {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        CorrelateArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let predicate = p.nonempty("where")?;
-        let source = p.nonempty("source")?;
-        let n_perm = p.u64("permutations")?;
-        if n_perm == 0 || n_perm > 10_000_000 {
-            return Err(p.invalid("permutations", "must be in 1..=10000000"));
-        }
-        let n_boot = p.u64("bootstrap")?;
-        if n_boot == 0 || n_boot > 10_000_000 {
-            return Err(p.invalid("bootstrap", "must be in 1..=10000000"));
-        }
-        let seed = p.u64("seed")?;
-        if seed > i64::MAX as u64 {
-            return Err(p.invalid("seed", "must fit in a signed 64-bit integer"));
-        }
+        let CorrelateArgs {
+            predicate,
+            source,
+            permutations: n_perm,
+            bootstrap: n_boot,
+            seed,
+        } = CorrelateArgs::parse(p)?;
         let sel_id = crate::sql::selection::correlations_id(source, predicate, n_perm, n_boot, seed);
         let a = Artifact::new("correlations", &[("selection_id", &sel_id)])?;
         let prov = Provenance::new("correlate")

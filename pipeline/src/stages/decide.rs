@@ -30,7 +30,7 @@ use lc_metrics::nc4::{Centres, Nc4Tally, Tally};
 use crate::checkpoint::ModelRef;
 use crate::chunks::Chunks;
 use crate::error::{Context, Error, Result};
-use crate::params::{ParamSpec, Params, param, required};
+use crate::params::{LayerSpec, ParamSpec, Params, param, required};
 use crate::stages::{Ctx, Stage};
 use lc_models::{AttentionKernel, output_layer};
 
@@ -66,6 +66,43 @@ const PARAMS: &[ParamSpec] = &[
     param("force", "false", "recompute even when up to date"),
 ];
 
+/// decide's parameters, checked before any work.
+struct DecideArgs<'a> {
+    model: &'a str,
+    dataset: Option<&'a str>,
+    split: &'a str,
+    stats_split: &'a str,
+    layer: LayerSpec,
+    min_per_class: u64,
+    max_per_class: u64,
+    batch: usize,
+    /// Of both products; `f64` matches an exact evaluation but at ties.
+    precision: DType,
+    device: &'a str,
+    force: bool,
+}
+
+impl<'a> DecideArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        Ok(DecideArgs {
+            model: p.nonempty("model")?,
+            dataset: p.opt("dataset"),
+            split: p.nonempty("split")?,
+            stats_split: p.nonempty("stats_split")?,
+            layer: p.layer("layer")?,
+            min_per_class: p.u64("min_per_class")?,
+            max_per_class: p.u64("max_per_class")?,
+            batch: p.usize_in("batch", 1, 1 << 16)?,
+            precision: match p.choice("precision", &["f64", "f32"])? {
+                "f64" => DType::F64,
+                _ => DType::F32,
+            },
+            device: p.str("device"),
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Decide {
     fn name(&self) -> &'static str {
         "decide"
@@ -82,28 +119,18 @@ impl Stage for Decide {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        DecideArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
-        let dataset = crate::stages::dataset_for(p, &m)?;
-        let split = p.nonempty("split")?;
-        let stats_split = p.nonempty("stats_split")?;
-        let min = p.u64("min_per_class")?;
-        let max = p.u64("max_per_class")?;
-        let batch = p.usize_in("batch", 1, 1 << 16)?;
-        let dt = match p.choice("precision", &["f64", "f32"])? {
-            "f64" => DType::F64,
-            _ => DType::F32,
-        };
+        let args = DecideArgs::parse(p)?;
+        let (split, stats_split) = (args.split, args.stats_split);
+        let (min, max, dt) = (args.min_per_class, args.max_per_class, args.precision);
+        let m = ModelRef::resolve_one(&ctx.lake, args.model)?;
+        let dataset = crate::stages::dataset_for(p, args.dataset, &m)?;
         let config = m.config()?;
-        let depth = config.shape().num_layers;
-        let layer =
-            match p.str("layer") {
-                "last" => depth,
-                s => s.parse::<usize>().ok().filter(|&l| l <= depth).ok_or_else(|| {
-                    p.invalid("layer", format!("'{s}' is not last or an index in 0..={depth}"))
-                })?,
-            };
+        let layer = args.layer.index(p, "layer", config.shape().num_layers)?;
         let stats_a = Artifact::new(
             "class_stats",
             &[
@@ -132,15 +159,15 @@ impl Stage for Decide {
         let prov = Provenance::new("decide")
             .param("min_per_class", min)
             .param("max_per_class", max)
-            .param("precision", p.str("precision"))
+            .param("precision", dt.as_str())
             .input(&stats_m)
             .input(&chunks.manifest);
-        if ctx.lake.up_to_date(&out, &prov, p.bool("force")?)?.is_some() {
+        if ctx.lake.up_to_date(&out, &prov, args.force)?.is_some() {
             return Ok(format!("{out}: up to date"));
         }
         ctx.would_run(format!("decide {out}"))?;
 
-        let device = lc_models::device(p.str("device"))?;
+        let device = lc_models::device(args.device)?;
         m.check_vocab(&config, &tok)?;
         let model = m.load(&device, DType::F32)?;
         let stats = crate::stats::from_batches(&ctx.lake.read_artifact(&stats_a)?)?;
@@ -169,7 +196,7 @@ impl Stage for Decide {
         let t = chunks.t;
         let mut tally = Nc4Tally::default();
         let bar = lc_lake::progress::bar(chunks.count * t as u64, "decide", "tok");
-        chunks.for_each_batch(&ctx.lake, 0..chunks.count, batch, |_, tokens, b| {
+        chunks.for_each_batch(&ctx.lake, 0..chunks.count, args.batch, |_, tokens, b| {
             let x = Tensor::from_slice(tokens, (b, t), &device).ctx("batch")?;
             // Block attention as before: the fused kernel is measured for collect.
             let h = model

@@ -47,6 +47,29 @@ const PARAMS: &[ParamSpec] = &[
     param("force", "false", "re-evaluate even when up to date"),
 ];
 
+/// eval's parameters, checked before any work.
+struct EvalArgs<'a> {
+    model: &'a str,
+    dataset: Option<&'a str>,
+    split: &'a str,
+    batch: usize,
+    device: &'a str,
+    force: bool,
+}
+
+impl<'a> EvalArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        Ok(EvalArgs {
+            model: p.nonempty("model")?,
+            dataset: p.opt("dataset"),
+            split: p.nonempty("split")?,
+            batch: p.usize_in("batch", 1, 4096)?,
+            device: p.str("device"),
+            force: p.bool("force")?,
+        })
+    }
+}
+
 /// Expand `model=` into concrete checkpoint references.
 pub fn expand_models(lake: &Lake, spec: &str) -> Result<Vec<ModelRef>> {
     let mut out = Vec::new();
@@ -157,14 +180,17 @@ impl Stage for Eval {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        EvalArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let batch = p.usize_in("batch", 1, 4096)?;
-        let split = p.nonempty("split")?;
-        let device = lc_models::device(p.str("device"))?;
+        let args = EvalArgs::parse(p)?;
+        let (split, batch) = (args.split, args.batch);
+        let device = lc_models::device(args.device)?;
         let mut lines = Vec::new();
-        for m in expand_models(&ctx.lake, p.nonempty("model")?)? {
-            let dataset = crate::stages::dataset_for(p, &m)?;
+        for m in expand_models(&ctx.lake, args.model)? {
+            let dataset = crate::stages::dataset_for(p, args.dataset, &m)?;
             let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
             let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, &dataset)?;
             chunks.check_tokenizer(&tok)?;
@@ -174,7 +200,7 @@ impl Stage for Eval {
                 .param("weights", &weights_version)
                 .param("split", split)
                 .input(&chunks.manifest);
-            if ctx.lake.up_to_date(&out, &prov, p.bool("force")?)?.is_some() {
+            if ctx.lake.up_to_date(&out, &prov, args.force)?.is_some() {
                 lines.push(format!("{}: up to date", m.id));
                 continue;
             }

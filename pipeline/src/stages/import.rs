@@ -238,6 +238,34 @@ fn evaluate(
     ))
 }
 
+/// import's parameters, checked before the file is read.
+struct ImportArgs<'a> {
+    input: &'a str,
+    name: &'a str,
+    model_column: &'a str,
+    loss_column: &'a str,
+    /// `columns=` parsed; `None`: every other numeric column.
+    columns: Option<Vec<Metric>>,
+    /// `auto` (from the file's extension), `csv` or `parquet`.
+    format: &'a str,
+}
+
+impl<'a> ImportArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        Ok(ImportArgs {
+            input: p.nonempty("input")?,
+            name: p.nonempty("name")?,
+            model_column: p.nonempty("model_column")?,
+            loss_column: p.nonempty("loss_column")?,
+            columns: p
+                .opt("columns")
+                .map(|spec| parse_columns(spec).map_err(|e| p.invalid("columns", e)))
+                .transpose()?,
+            format: p.choice("format", &["auto", "csv", "parquet"])?,
+        })
+    }
+}
+
 impl Stage for Import {
     fn name(&self) -> &'static str {
         "import"
@@ -254,12 +282,16 @@ impl Stage for Import {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        ImportArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let src = Source::open(&ctx.lake, p.nonempty("input")?)?;
-        let name = p.nonempty("name")?;
+        let args = ImportArgs::parse(p)?;
+        let src = Source::open(&ctx.lake, args.input)?;
+        let name = args.name;
         let out = Artifact::new("imported_metrics", &[("source", name)])?;
-        let format = match p.choice("format", &["auto", "csv", "parquet"])? {
+        let format = match args.format {
             "auto" => match src.extension().as_str() {
                 "csv" => "csv",
                 "parquet" => "parquet",
@@ -296,12 +328,11 @@ impl Stage for Import {
                 ))
             }
         };
-        let model_col = p.nonempty("model_column")?;
-        let loss_col = p.nonempty("loss_column")?;
+        let (model_col, loss_col) = (args.model_column, args.loss_column);
         need(model_col)?;
         need(loss_col)?;
-        let mapping: Vec<Metric> = match p.opt("columns") {
-            Some(spec) => parse_columns(spec).map_err(|e| p.invalid("columns", e))?,
+        let mapping: Vec<Metric> = match args.columns {
+            Some(columns) => columns,
             None => names
                 .iter()
                 .filter(|n| *n != model_col && *n != loss_col)

@@ -85,6 +85,59 @@ const PARAMS: &[ParamSpec] = &[
 /// Text per record batch written, to bound memory.
 const BATCH_TEXT_BYTES: usize = 8 << 20;
 
+/// ingest's parameters, checked before any file is opened.
+struct IngestArgs<'a> {
+    dataset: &'a str,
+    /// Either `train` (and maybe `validation`) or `input` with `holdout`.
+    train: Vec<&'a str>,
+    validation: Vec<&'a str>,
+    input: Vec<&'a str>,
+    /// Of `input`'s documents, in [0, 1).
+    holdout: f64,
+    seed: u64,
+    format: &'a str,
+    separator: &'a str,
+    text_column: &'a str,
+    /// Strip leading and trailing whitespace of each document.
+    trim: bool,
+    force: bool,
+}
+
+impl<'a> IngestArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        let holdout = p.f64("holdout")?;
+        if !(0.0..1.0).contains(&holdout) {
+            return Err(p.invalid("holdout", format!("{holdout} is not in [0, 1)")));
+        }
+        let (train, validation, input) = (p.list("train"), p.list("validation"), p.list("input"));
+        if input.is_empty() && train.is_empty() {
+            return Err(p.invalid(
+                "train",
+                "give train= (and optionally validation=) or input= with holdout=",
+            ));
+        }
+        if !input.is_empty() && (!train.is_empty() || !validation.is_empty()) {
+            return Err(p.invalid("input", "input= cannot be combined with train= or validation="));
+        }
+        if input.is_empty() && holdout > 0.0 {
+            return Err(p.invalid("holdout", "holdout applies to input=, not to train="));
+        }
+        Ok(IngestArgs {
+            dataset: p.nonempty("dataset")?,
+            train,
+            validation,
+            input,
+            holdout,
+            seed: p.u64("seed")?,
+            format: p.choice("format", &["auto", "txt", "jsonl", "csv", "parquet"])?,
+            separator: p.nonempty("separator")?,
+            text_column: p.nonempty("text_column")?,
+            trim: p.choice("trim", &["none", "whitespace"])? == "whitespace",
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Ingest {
     fn name(&self) -> &'static str {
         "ingest"
@@ -101,47 +154,33 @@ impl Stage for Ingest {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        IngestArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let dataset = p.nonempty("dataset")?;
-        let trim = p.choice("trim", &["none", "whitespace"])? == "whitespace";
-        let format = p.choice("format", &["auto", "txt", "jsonl", "csv", "parquet"])?;
-        let separator = p.nonempty("separator")?;
-        let text_column = p.nonempty("text_column")?;
-        let holdout = p.f64("holdout")?;
-        if !(0.0..1.0).contains(&holdout) {
-            return Err(p.invalid("holdout", format!("{holdout} is not in [0, 1)")));
-        }
-        let seed = p.u64("seed")?;
-        let list = |key: &str| -> Vec<String> {
-            p.str(key)
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect()
-        };
-        let (train, validation, input) = (list("train"), list("validation"), list("input"));
-        if input.is_empty() && train.is_empty() {
-            return Err(p.invalid(
-                "train",
-                "give train= (and optionally validation=) or input= with holdout=",
-            ));
-        }
-        if !input.is_empty() && (!train.is_empty() || !validation.is_empty()) {
-            return Err(p.invalid("input", "input= cannot be combined with train= or validation="));
-        }
-        if input.is_empty() && holdout > 0.0 {
-            return Err(p.invalid("holdout", "holdout applies to input=, not to train="));
-        }
-
-        let open_all = |specs: &[String]| -> Result<Vec<Source>> {
+        let args = IngestArgs::parse(p)?;
+        let IngestArgs {
+            dataset,
+            holdout,
+            seed,
+            format,
+            separator,
+            text_column,
+            trim,
+            ..
+        } = args;
+        let open_all = |specs: &[&str]| -> Result<Vec<Source>> {
             Ok(specs
                 .iter()
                 .map(|s| Source::open(&ctx.lake, s))
                 .collect::<lc_lake::Result<_>>()?)
         };
-        let (train_src, val_src, input_src) = (open_all(&train)?, open_all(&validation)?, open_all(&input)?);
+        let (train_src, val_src, input_src) = (
+            open_all(&args.train)?,
+            open_all(&args.validation)?,
+            open_all(&args.input)?,
+        );
 
         let mut prov = Provenance::new("ingest")
             .param("dataset", dataset)
@@ -179,7 +218,7 @@ impl Stage for Ingest {
             .iter()
             .map(|s| Artifact::new("documents", &[("dataset", dataset), ("split", s)]))
             .collect::<lc_lake::Result<_>>()?;
-        if !p.bool("force")? {
+        if !args.force {
             let existing: Vec<Option<Manifest>> = artifacts
                 .iter()
                 .map(|a| ctx.lake.manifest(a))
@@ -258,11 +297,10 @@ impl Stage for Ingest {
         let total_docs: u64 = sinks.iter().map(|s| s.next_id).sum();
         if total_docs == 0 {
             return Err(Error::input(
-                train
-                    .iter()
-                    .chain(&validation)
-                    .chain(&input)
-                    .cloned()
+                [&args.train, &args.validation, &args.input]
+                    .into_iter()
+                    .flatten()
+                    .copied()
                     .collect::<Vec<_>>()
                     .join(","),
                 "the corpus holds no documents",

@@ -41,6 +41,34 @@ const PARAMS: &[ParamSpec] = &[
     ),
 ];
 
+/// merge's parameters, checked before any work (`layers` needs the model's
+/// depth, so it is resolved once the model is).
+struct MergeArgs<'a> {
+    model: &'a str,
+    dataset: Option<&'a str>,
+    split: &'a str,
+    layers: &'a str,
+    shards: u64,
+    force: bool,
+}
+
+impl<'a> MergeArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        let shards = p.u64("shards")?;
+        if shards == 0 {
+            return Err(p.invalid("shards", "must be at least 1"));
+        }
+        Ok(MergeArgs {
+            model: p.nonempty("model")?,
+            dataset: p.opt("dataset"),
+            split: p.nonempty("split")?,
+            layers: p.str("layers"),
+            shards,
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Merge {
     fn name(&self) -> &'static str {
         "merge"
@@ -57,20 +85,19 @@ impl Stage for Merge {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        MergeArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let m = ModelRef::resolve_one(&ctx.lake, p.nonempty("model")?)?;
+        let args = MergeArgs::parse(p)?;
+        let (split, n, force) = (args.split, args.shards, args.force);
+        let m = ModelRef::resolve_one(&ctx.lake, args.model)?;
         let id = m.id.clone();
-        let dataset = crate::stages::dataset_for(p, &m)?;
-        let split = p.nonempty("split")?;
-        let n = p.u64("shards")?;
-        if n == 0 {
-            return Err(p.invalid("shards", "must be at least 1"));
-        }
-        let force = p.bool("force")?;
+        let dataset = crate::stages::dataset_for(p, args.dataset, &m)?;
         let chunks = Chunks::open(&ctx.lake, &dataset, split)?;
         let depth = m.config()?.shape().num_layers;
-        let layers = parse_layers(p.str("layers"), depth).map_err(|e| p.invalid("layers", e.to_string()))?;
+        let layers = parse_layers(args.layers, depth).map_err(|e| p.invalid("layers", e.to_string()))?;
         let mut prov = Provenance::new("collect")
             .param("vars", "one-pass")
             .param("merged_shards", n)

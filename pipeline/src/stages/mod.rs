@@ -96,6 +96,11 @@ pub trait Stage: Sync {
     /// The tables it writes.
     fn writes(&self) -> &'static str;
     fn params(&self) -> &'static [ParamSpec];
+    /// Parse resolved parameters into the stage's typed arguments, as `run`
+    /// does first: malformed values are refused here, before any work.
+    /// What needs the lake or the model (a layer beyond the model's depth)
+    /// is refused by `run`.
+    fn check(&self, p: &Params) -> Result<()>;
     /// Run with resolved parameters; returns a short human summary.
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String>;
     /// Whether a run holds a lease on its stage and parameters (one worker
@@ -136,8 +141,8 @@ pub fn find(name: &str) -> Result<&'static dyn Stage> {
 
 /// The dataset a stage works on for model `m`: the `dataset` parameter, or
 /// the dataset the model was trained on.
-pub fn dataset_for(p: &Params, m: &ModelRef) -> Result<String> {
-    match p.opt("dataset") {
+pub fn dataset_for(p: &Params, given: Option<&str>, m: &ModelRef) -> Result<String> {
+    match given {
         Some(d) => Ok(d.to_string()),
         None => m.trained_dataset()?.ok_or_else(|| {
             p.invalid(
@@ -146,6 +151,13 @@ pub fn dataset_for(p: &Params, m: &ModelRef) -> Result<String> {
             )
         }),
     }
+}
+
+/// Resolve parameters (config file, then `explicit`) and check them as a run
+/// of the stage would, without running it.
+pub fn check(ctx: &Ctx, name: &str, explicit: &BTreeMap<String, String>) -> Result<()> {
+    let stage = find(name)?;
+    stage.check(&Params::resolve(name, stage.params(), &ctx.config, explicit)?)
 }
 
 /// Resolve parameters (config file, then `explicit`) and run a stage by name.
@@ -233,4 +245,116 @@ pub fn run_pairs(ctx: &Ctx, name: &str, pairs: &[(&str, &str)]) -> Result<String
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     run(ctx, name, &explicit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `check` of `stage` with `pairs` on top of its defaults: the error's
+    /// text, or "ok".
+    fn checked(stage: &str, pairs: &[(&str, &str)]) -> String {
+        let s = find(stage).unwrap();
+        match Params::from_pairs(stage, s.params(), pairs).and_then(|p| s.check(&p)) {
+            Ok(()) => "ok".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// What each stage needs besides its defaults to pass `check`.
+    fn needed(stage: &str) -> &'static [(&'static str, &'static str)] {
+        match stage {
+            "ingest" => &[("train", "corpus.txt")],
+            "collect" | "decide" | "analyze" | "eval" => &[("model", "m")],
+            "merge" => &[("model", "m"), ("shards", "2")],
+            "import" => &[("input", "t.csv"), ("name", "t")],
+            _ => &[],
+        }
+    }
+
+    #[test]
+    fn every_stage_checks_its_defaults() {
+        for s in all() {
+            assert_eq!(checked(s.name(), needed(s.name())), "ok", "{}", s.name());
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_refused_before_any_work() {
+        // Hand-picked: one bad value of each kind of parameter, with the
+        // words the user reads.
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("ingest", "holdout", "1.5", "1.5 is not in [0, 1)"),
+            ("pack", "T", "1", "1 is too short"),
+            ("pack", "mode", "hf2", "'hf2' is not one of hf, concat"),
+            ("tokenize", "batch_docs", "0", "0 is outside 1..=16777216"),
+            ("vocab", "force", "maybe", "'maybe' is not true or false"),
+            ("train", "heads", "3", "width 64 is not divisible by 3 heads"),
+            ("train", "lr", "0", "must be positive"),
+            ("eval", "batch", "x", "'x' is not a non-negative integer"),
+            (
+                "collect",
+                "vars",
+                "three-pass",
+                "'three-pass' is not one of one-pass, two-pass",
+            ),
+            ("collect", "dtype", "f16", "dtype 'f16' is not f32 or bf16"),
+            (
+                "collect",
+                "shard",
+                "2/2",
+                "shard '2/2' is not i/n with 0 <= i < n",
+            ),
+            ("merge", "shards", "0", "must be at least 1"),
+            (
+                "decide",
+                "layer",
+                "top",
+                "'top' is not last or a hidden-state index",
+            ),
+            ("decide", "precision", "f16", "'f16' is not one of f64, f32"),
+            ("analyze", "layers", "1,x", "'x' is not a layer index"),
+            ("analyze", "cdnv_k", "inf", "must be finite"),
+            (
+                "correlate",
+                "seed",
+                "9223372036854775808",
+                "must fit in a signed 64-bit integer",
+            ),
+            ("report", "log", "log2", "'log2' is not one of auto, linear"),
+            (
+                "import",
+                "format",
+                "xlsx",
+                "'xlsx' is not one of auto, csv, parquet",
+            ),
+            ("all", "train_workers", "0", "'0' is not auto or a number >= 1"),
+            ("all", "wait", "true", "apply to executor=slurm"),
+        ];
+        for &(stage, key, value, want) in cases {
+            let mut pairs = needed(stage).to_vec();
+            pairs.push((key, value));
+            let got = checked(stage, &pairs);
+            assert!(got.contains(want), "{stage} {key}={value}: {got}");
+            // Named as the stage's parameter, except where another layer
+            // (the models crate's dtype, the shard parser) words it.
+            if !["dtype", "shard"].contains(&key) {
+                assert!(got.starts_with(&format!("stage {stage}: parameter ")), "{got}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_grid_run_checks_every_model_before_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let grid = dir.path().join("grid.toml");
+        std::fs::write(
+            &grid,
+            "[grid]\ndepths = [1]\nwidths = [64, 96]\n[train]\nheads = 64\n",
+        )
+        .unwrap();
+        let got = checked("train", &[("grid", grid.to_str().unwrap())]);
+        // Width 96 with 64 heads: the second model is refused.
+        assert!(got.contains("width 96 is not divisible by 64 heads"), "{got}");
+    }
 }

@@ -159,25 +159,20 @@ fn chunks_batch(t: usize, first_id: u64, tokens: Vec<u32>) -> Result<RecordBatch
         .ctx("building a chunks batch")
 }
 
-impl Stage for Pack {
-    fn name(&self) -> &'static str {
-        "pack"
-    }
-    fn about(&self) -> &'static str {
-        "cut token streams into chunks of T tokens (hf: run_clm group_texts per batch and shard; concat)"
-    }
-    fn reads(&self) -> &'static str {
-        "tokens"
-    }
-    fn writes(&self) -> &'static str {
-        "chunks"
-    }
-    fn params(&self) -> &'static [ParamSpec] {
-        PARAMS
-    }
+/// pack's parameters, checked before any work.
+struct PackArgs<'a> {
+    dataset: &'a str,
+    splits: Vec<&'a str>,
+    t: usize,
+    /// `hf` (the Hugging Face group_texts recipe) or `concat`.
+    mode: &'a str,
+    shards: u64,
+    batch: u64,
+    force: bool,
+}
 
-    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let dataset = p.nonempty("dataset")?;
+impl<'a> PackArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
         let t = p.usize("T")?;
         if t < 2 {
             return Err(p.invalid(
@@ -194,13 +189,50 @@ impl Stage for Pack {
         if mode == "hf" && (shards == 0 || batch == 0) {
             return Err(p.invalid("shards", "shards and batch must be at least 1"));
         }
+        Ok(PackArgs {
+            dataset: p.nonempty("dataset")?,
+            splits: p.list("splits"),
+            t,
+            mode,
+            shards,
+            batch,
+            force: p.bool("force")?,
+        })
+    }
+}
+
+impl Stage for Pack {
+    fn name(&self) -> &'static str {
+        "pack"
+    }
+    fn about(&self) -> &'static str {
+        "cut token streams into chunks of T tokens (hf: run_clm group_texts per batch and shard; concat)"
+    }
+    fn reads(&self) -> &'static str {
+        "tokens"
+    }
+    fn writes(&self) -> &'static str {
+        "chunks"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+    fn check(&self, p: &Params) -> Result<()> {
+        PackArgs::parse(p).map(drop)
+    }
+
+    fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
+        let args = PackArgs::parse(p)?;
+        let PackArgs {
+            dataset,
+            t,
+            mode,
+            shards,
+            batch,
+            ..
+        } = args;
         let mut summary = Vec::new();
-        for split in p
-            .str("splits")
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
+        for &split in &args.splits {
             let tokens = Artifact::new("tokens", &[("dataset", dataset), ("split", split)])?;
             if ctx.lake.manifest(&tokens)?.is_none() && split != "train" {
                 tracing::info!(split, "no tokens for this split; skipped");
@@ -221,7 +253,7 @@ impl Stage for Pack {
                     prov = prov.extra(k, v.clone());
                 }
             }
-            if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
+            if let Some(m) = ctx.lake.up_to_date(&out, &prov, args.force)? {
                 summary.push(format!("{split}: up to date ({} chunks)", m.rows));
                 continue;
             }

@@ -246,6 +246,35 @@ impl Output {
     }
 }
 
+/// report's parameters, checked before any work.
+struct ReportArgs<'a> {
+    /// An SQL predicate over `source`'s columns.
+    predicate: &'a str,
+    source: &'a str,
+    permutations: u64,
+    bootstrap: u64,
+    seed: u64,
+    top: usize,
+    /// `auto` (log axes where the data spans decades) or `linear`.
+    log: &'a str,
+    out: Option<&'a str>,
+}
+
+impl<'a> ReportArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        Ok(ReportArgs {
+            predicate: p.nonempty("where")?,
+            permutations: p.u64("permutations")?,
+            bootstrap: p.u64("bootstrap")?,
+            seed: p.u64("seed")?,
+            top: p.usize_in("top", 1, 1000)?,
+            log: p.choice("log", &["auto", "linear"])?,
+            source: p.nonempty("source")?,
+            out: p.opt("out"),
+        })
+    }
+}
+
 impl Stage for Report {
     fn name(&self) -> &'static str {
         "report"
@@ -262,15 +291,22 @@ impl Stage for Report {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        ReportArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let predicate = p.nonempty("where")?;
-        let n_perm = p.u64("permutations")?;
-        let n_boot = p.u64("bootstrap")?;
-        let seed = p.u64("seed")?;
-        let top = p.usize_in("top", 1, 1000)?;
-        let auto_log = p.choice("log", &["auto", "linear"])? == "auto";
-        let source = p.nonempty("source")?;
+        let args = ReportArgs::parse(p)?;
+        let ReportArgs {
+            predicate,
+            source,
+            permutations: n_perm,
+            bootstrap: n_boot,
+            seed,
+            top,
+            ..
+        } = args;
+        let auto_log = args.log == "auto";
         let sources = resolve_sources(&ctx.lake, source).map_err(|e| p.invalid("source", e.to_string()))?;
         // The lake's own models keep the id they always had.
         let id_source = if source == "model" {
@@ -280,7 +316,7 @@ impl Stage for Report {
         };
         let sel_id = selection::correlations_id(id_source, predicate, n_perm, n_boot, seed);
 
-        let (store, prefix) = match p.opt("out") {
+        let (store, prefix) = match args.out {
             Some(o) => (ctx.lake.open_sibling(o)?, String::new()),
             None => (ctx.lake.clone(), format!("reports/selection={sel_id}")),
         };
@@ -292,7 +328,7 @@ impl Stage for Report {
             "seed": seed,
             "top": top,
             "source": source,
-            "log": p.str("log"),
+            "log": args.log,
             "inputs": sources
                 .iter()
                 .map(|s| selection::inputs_fingerprint(&ctx.lake, s))

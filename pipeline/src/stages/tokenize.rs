@@ -45,6 +45,27 @@ const PARAMS: &[ParamSpec] = &[
     param("force", "false", "re-tokenize even when up to date"),
 ];
 
+/// tokenize's parameters, checked before any work.
+struct TokenizeArgs<'a> {
+    dataset: &'a str,
+    tokenizer: &'a str,
+    splits: Vec<&'a str>,
+    batch_docs: usize,
+    force: bool,
+}
+
+impl<'a> TokenizeArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        Ok(TokenizeArgs {
+            dataset: p.nonempty("dataset")?,
+            tokenizer: p.nonempty("tokenizer")?,
+            splits: p.list("splits"),
+            batch_docs: p.usize_in("batch_docs", 1, 1 << 24)?,
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Tokenize {
     fn name(&self) -> &'static str {
         "tokenize"
@@ -61,24 +82,21 @@ impl Stage for Tokenize {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        TokenizeArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let dataset = p.nonempty("dataset")?;
-        let batch_docs = p.usize_in("batch_docs", 1, 1 << 24)?;
-        let (tok_bytes, src_name) =
-            crate::tokenizer::read_tokenizer_json(&ctx.lake, p.nonempty("tokenizer")?)?;
+        let args = TokenizeArgs::parse(p)?;
+        let dataset = args.dataset;
+        let (tok_bytes, src_name) = crate::tokenizer::read_tokenizer_json(&ctx.lake, args.tokenizer)?;
         let tok = TextTokenizer::from_bytes(&tok_bytes, &src_name)?;
         let tok_key = tokenizer_key(tok.fingerprint());
         if !ctx.plan_only && !ctx.lake.exists(&tok_key)? {
             ctx.lake.put(&tok_key, tok_bytes.clone())?;
         }
         let mut summary = Vec::new();
-        for split in p
-            .str("splits")
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
+        for &split in &args.splits {
             let docs = Artifact::new("documents", &[("dataset", dataset), ("split", split)])?;
             let Some(_) = ctx.lake.manifest(&docs)? else {
                 if split == "train" {
@@ -99,13 +117,13 @@ impl Stage for Tokenize {
                 .extra("tokenizer_fingerprint", tok.fingerprint())
                 .extra("tokenizer_source", src_name.as_str())
                 .extra("vocab_size", tok.vocab_size() as u64);
-            if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
+            if let Some(m) = ctx.lake.up_to_date(&out, &prov, args.force)? {
                 summary.push(format!("{split}: up to date ({} docs)", m.rows));
                 continue;
             }
             ctx.would_run(format!("tokenize {split}"))?;
             let started = std::time::Instant::now();
-            let (staged, n_tokens, text_bytes) = tokenize_split(ctx, &docs, &tok, batch_docs)?;
+            let (staged, n_tokens, text_bytes) = tokenize_split(ctx, &docs, &tok, args.batch_docs)?;
             let secs = started.elapsed().as_secs_f64();
             let rows = staged.rows;
             ctx.lake.commit(&out, staged, prov.extra("tokens", n_tokens))?;

@@ -128,68 +128,132 @@ struct LogRow {
     elapsed: f64,
 }
 
-/// Parameters of one training run from resolved stage parameters.
-fn recipe_from(
-    p: &Params,
-    chunks_hash: &str,
-    tokenizer: &str,
-    vocab_size: usize,
-    t: usize,
-) -> Result<Recipe> {
-    let depth = p.usize_in("depth", 1, 64)?;
-    let width = p.usize_in("width", 1, 1 << 16)?;
-    let heads = p.usize_in("heads", 1, 1024)?;
-    if width % heads != 0 {
-        return Err(p.invalid(
-            "heads",
-            format!("width {width} is not divisible by {heads} heads"),
-        ));
+/// train's parameters, checked before any work (for a grid, every model's
+/// before the first is trained).
+struct TrainArgs<'a> {
+    dataset: &'a str,
+    grid: Option<&'a str>,
+    /// The model's name (its default, from the recipe, is made by
+    /// [`TrainArgs::recipe`]).
+    name: Option<&'a str>,
+    depth: usize,
+    width: usize,
+    heads: usize,
+    context: usize,
+    epochs: usize,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    clip: f64,
+    batch: usize,
+    seed: u64,
+    data_seed: u64,
+    log_every: u64,
+    save_every: u64,
+    device: &'a str,
+    stop_after: u64,
+    force: bool,
+}
+
+impl<'a> TrainArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        let depth = p.usize_in("depth", 1, 64)?;
+        let width = p.usize_in("width", 1, 1 << 16)?;
+        let heads = p.usize_in("heads", 1, 1024)?;
+        if width % heads != 0 {
+            return Err(p.invalid(
+                "heads",
+                format!("width {width} is not divisible by {heads} heads"),
+            ));
+        }
+        let name = p.opt("name");
+        if let Some(name) = name {
+            lc_lake::artifact::check_partition_value("name", name)?;
+        }
+        let lr = p.f64("lr")?;
+        if lr <= 0.0 {
+            return Err(p.invalid("lr", "must be positive"));
+        }
+        let seed = p.u64("seed")?;
+        Ok(TrainArgs {
+            dataset: p.nonempty("dataset")?,
+            grid: p.opt("grid"),
+            name,
+            depth,
+            width,
+            heads,
+            context: p.usize_in("context", 2, 1 << 20)?,
+            epochs: p.usize_in("epochs", 1, 10_000)?,
+            lr,
+            beta1: p.f64("beta1")?,
+            beta2: p.f64("beta2")?,
+            eps: p.f64("eps")?,
+            weight_decay: p.f64("weight_decay")?,
+            clip: p.f64("clip")?,
+            batch: p.usize_in("batch", 1, 1 << 20)?,
+            seed,
+            data_seed: match p.opt("data_seed") {
+                Some(_) => p.u64("data_seed")?,
+                None => seed,
+            },
+            log_every: p.u64("log_every")?.max(1),
+            save_every: p.u64("save_every")?.max(1),
+            device: p.str("device"),
+            stop_after: p.u64("stop_after")?,
+            force: p.bool("force")?,
+        })
     }
-    let epochs = p.usize_in("epochs", 1, 10_000)?;
-    let weight_decay = p.f64("weight_decay")?;
-    let seed = p.u64("seed")?;
-    let name = match p.opt("name") {
-        Some(n) => n.to_string(),
-        None => naming::format(depth, width, epochs, weight_decay, seed)?,
-    };
-    lc_lake::artifact::check_partition_value("name", &name)?;
-    let context = p.usize_in("context", 2, 1 << 20)?;
-    if context < t {
-        return Err(p.invalid(
-            "context",
-            format!("{context} is shorter than the chunks' T = {t}"),
-        ));
+
+    /// The recipe of this run on chunks of length `t` (`p`: for the error
+    /// of a context shorter than `t`).
+    fn recipe(
+        &self,
+        p: &Params,
+        chunks_hash: &str,
+        tokenizer: &str,
+        vocab_size: usize,
+        t: usize,
+    ) -> Result<Recipe> {
+        let name = match self.name {
+            Some(n) => n.to_string(),
+            None => {
+                let name = naming::format(self.depth, self.width, self.epochs, self.weight_decay, self.seed)?;
+                lc_lake::artifact::check_partition_value("name", &name)?;
+                name
+            }
+        };
+        if self.context < t {
+            return Err(p.invalid(
+                "context",
+                format!("{} is shorter than the chunks' T = {t}", self.context),
+            ));
+        }
+        Ok(Recipe {
+            name,
+            dataset: self.dataset.to_string(),
+            depth: self.depth,
+            width: self.width,
+            heads: self.heads,
+            context: self.context,
+            vocab_size,
+            epochs: self.epochs,
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            batch: self.batch,
+            init_seed: self.seed,
+            data_seed: self.data_seed,
+            log_every: self.log_every,
+            chunks_hash: chunks_hash.to_string(),
+            tokenizer_fingerprint: tokenizer.to_string(),
+            t,
+        })
     }
-    let lr = p.f64("lr")?;
-    if lr <= 0.0 {
-        return Err(p.invalid("lr", "must be positive"));
-    }
-    Ok(Recipe {
-        name,
-        dataset: p.nonempty("dataset")?.to_string(),
-        depth,
-        width,
-        heads,
-        context,
-        vocab_size,
-        epochs,
-        lr,
-        beta1: p.f64("beta1")?,
-        beta2: p.f64("beta2")?,
-        eps: p.f64("eps")?,
-        weight_decay,
-        clip: p.f64("clip")?,
-        batch: p.usize_in("batch", 1, 1 << 20)?,
-        init_seed: seed,
-        data_seed: match p.opt("data_seed") {
-            Some(_) => p.u64("data_seed")?,
-            None => seed,
-        },
-        log_every: p.u64("log_every")?.max(1),
-        chunks_hash: chunks_hash.to_string(),
-        tokenizer_fingerprint: tokenizer.to_string(),
-        t,
-    })
 }
 
 impl Stage for Train {
@@ -208,20 +272,41 @@ impl Stage for Train {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        if let Some(grid) = TrainArgs::parse(p)?.grid {
+            grid_params(grid, p)?;
+        }
+        Ok(())
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        if let Some(grid) = p.opt("grid") {
-            let runs = crate::experiment::Experiment::load(grid)?.train_runs(p.values());
-            let mut lines = Vec::new();
-            for (i, run) in runs.iter().enumerate() {
-                let rp = Params::resolve("train", PARAMS, &Config::default(), run)?;
-                tracing::info!(model = i + 1, of = runs.len(), "grid");
-                lines.push(train_one(ctx, &rp)?);
-            }
-            return Ok(lines.join("\n"));
+        let args = TrainArgs::parse(p)?;
+        let Some(grid) = args.grid else {
+            return train_one(ctx, p, &args);
+        };
+        let runs = grid_params(grid, p)?;
+        let mut lines = Vec::new();
+        for (i, rp) in runs.iter().enumerate() {
+            tracing::info!(model = i + 1, of = runs.len(), "grid");
+            lines.push(train_one(ctx, rp, &TrainArgs::parse(rp)?)?);
         }
-        train_one(ctx, p)
+        Ok(lines.join("\n"))
     }
+}
+
+/// The parameters of every model of the experiment file `grid` (on top of
+/// `base`), each checked, so that no model is trained before all are known
+/// to be well formed.
+fn grid_params(grid: &str, base: &Params) -> Result<Vec<Params>> {
+    let runs = crate::experiment::Experiment::load(grid)?.train_runs(base.values());
+    let params = runs
+        .iter()
+        .map(|run| Params::resolve("train", PARAMS, &Config::default(), run))
+        .collect::<Result<Vec<_>>>()?;
+    for p in &params {
+        TrainArgs::parse(p)?;
+    }
+    Ok(params)
 }
 
 /// Load every train chunk into memory as one row-major [S, T] array.
@@ -237,8 +322,8 @@ fn load_chunks(ctx: &Ctx, chunks: &Artifact) -> Result<(Vec<u32>, usize)> {
     Ok((all, t))
 }
 
-fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
-    let dataset = p.nonempty("dataset")?;
+fn train_one(ctx: &Ctx, p: &Params, args: &TrainArgs) -> Result<String> {
+    let dataset = args.dataset;
     let chunks = Artifact::new("chunks", &[("dataset", dataset), ("split", "train")])?;
     let chunks_m = ctx.lake.require(&chunks, "run stage=pack")?;
     let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, dataset)?;
@@ -249,8 +334,8 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
         )));
     }
     let t = chunks_m.extra_u64("T").unwrap_or(0) as usize;
-    let recipe = recipe_from(p, &chunks_m.content_hash, tok.fingerprint(), tok.vocab_size(), t)?;
-    let force = p.bool("force")?;
+    let recipe = args.recipe(p, &chunks_m.content_hash, tok.fingerprint(), tok.vocab_size(), t)?;
+    let force = args.force;
     let root = lake_root(&recipe.name);
     let recipe_hash = recipe.hash();
 
@@ -276,7 +361,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
     }
 
     ctx.would_run(format!("train {}", recipe.name))?;
-    let device = lc_models::device(p.str("device"))?;
+    let device = lc_models::device(args.device)?;
     let (data, t_data) = load_chunks(ctx, &chunks)?;
     if t_data != t || data.is_empty() {
         return Err(Error::artifact(
@@ -345,8 +430,7 @@ fn train_one(ctx: &Ctx, p: &Params) -> Result<String> {
     let tok_bytes = ctx
         .lake
         .get(&crate::tokenizer::tokenizer_key(tok.fingerprint()))?;
-    let save_every = p.u64("save_every")?.max(1);
-    let stop_after = p.u64("stop_after")?;
+    let (save_every, stop_after) = (args.save_every, args.stop_after);
     let bar = lc_lake::progress::bar(total_steps * (recipe.batch * t) as u64, &recipe.name, "tok");
     bar.set_position(start_step * (recipe.batch * t) as u64);
     let started = std::time::Instant::now();

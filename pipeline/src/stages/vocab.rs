@@ -26,6 +26,23 @@ const PARAMS: &[ParamSpec] = &[
     param("force", "false", "recount even when up to date"),
 ];
 
+/// vocab's parameters, checked before any work.
+struct VocabArgs<'a> {
+    dataset: &'a str,
+    splits: Vec<&'a str>,
+    force: bool,
+}
+
+impl<'a> VocabArgs<'a> {
+    fn parse(p: &'a Params) -> Result<Self> {
+        Ok(VocabArgs {
+            dataset: p.nonempty("dataset")?,
+            splits: p.list("splits"),
+            force: p.bool("force")?,
+        })
+    }
+}
+
 impl Stage for Vocab {
     fn name(&self) -> &'static str {
         "vocab"
@@ -42,18 +59,17 @@ impl Stage for Vocab {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        VocabArgs::parse(p).map(drop)
+    }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let dataset = p.nonempty("dataset")?;
+        let args = VocabArgs::parse(p)?;
+        let dataset = args.dataset;
         let (tok, _) = crate::tokenizer::for_dataset(&ctx.lake, dataset)?;
         let v = tok.vocab_size();
         let mut summary = Vec::new();
-        for split in p
-            .str("splits")
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
+        for &split in &args.splits {
             let chunks = Artifact::new("chunks", &[("dataset", dataset), ("split", split)])?;
             if ctx.lake.manifest(&chunks)?.is_none() && split != "train" {
                 continue;
@@ -61,7 +77,7 @@ impl Stage for Vocab {
             let chunks_m = ctx.lake.require(&chunks, "run stage=pack")?;
             let out = Artifact::new("vocab", &[("dataset", dataset), ("split", split)])?;
             let prov = Provenance::new("vocab").input(&chunks_m);
-            if let Some(m) = ctx.lake.up_to_date(&out, &prov, p.bool("force")?)? {
+            if let Some(m) = ctx.lake.up_to_date(&out, &prov, args.force)? {
                 let classes = m.extra_u64("classes").unwrap_or(0);
                 summary.push(format!("{split}: up to date (C = {classes})"));
                 continue;

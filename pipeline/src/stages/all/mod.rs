@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
-use crate::experiment::{Experiment, ModelSteps, Step};
+use crate::experiment::{Experiment, ModelSteps, Step, Steps};
 use crate::params::{ParamSpec, Params, param};
 use crate::stages::{self, Ctx, Stage};
 
@@ -76,6 +76,61 @@ const PARAMS: &[ParamSpec] = &[
     ),
 ];
 
+/// stage=all's parameters, checked before any work. The SLURM settings
+/// are refused with `executor=local`.
+pub struct AllArgs<'a> {
+    pub experiment: &'a str,
+    pub device: &'a str,
+    pub slurm: bool,
+    /// Grid models trained at once; `None`: auto.
+    pub train_workers: Option<usize>,
+    pub collect_shards: u64,
+    pub slurm_args: Option<&'a str>,
+    pub dry_run: bool,
+    pub wait: bool,
+    pub binary: Option<&'a str>,
+    pub log_dir: Option<&'a str>,
+}
+
+impl<'a> AllArgs<'a> {
+    pub fn parse(p: &'a Params) -> Result<Self> {
+        let collect_shards = p.u64("collect_shards")?;
+        if collect_shards == 0 {
+            return Err(p.invalid("collect_shards", "must be at least 1"));
+        }
+        let args = AllArgs {
+            experiment: p.nonempty("experiment")?,
+            device: p.nonempty("device")?,
+            slurm: p.choice("executor", &["local", "slurm"])? == "slurm",
+            train_workers: match p.str("train_workers") {
+                "auto" => None,
+                n => Some(n.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    p.invalid("train_workers", format!("'{n}' is not auto or a number >= 1"))
+                })?),
+            },
+            collect_shards,
+            slurm_args: p.opt("slurm_args"),
+            dry_run: p.bool("dry_run")?,
+            wait: p.bool("wait")?,
+            binary: p.opt("binary"),
+            log_dir: p.opt("log_dir"),
+        };
+        let slurm_only = args.dry_run
+            || args.wait
+            || args.collect_shards != 1
+            || args.slurm_args.is_some()
+            || args.binary.is_some()
+            || args.log_dir.is_some();
+        if !args.slurm && slurm_only {
+            return Err(p.invalid(
+                "executor",
+                "dry_run, wait, collect_shards, slurm_args, binary and log_dir apply to executor=slurm",
+            ));
+        }
+        Ok(args)
+    }
+}
+
 impl Stage for All {
     fn name(&self) -> &'static str {
         "all"
@@ -92,34 +147,21 @@ impl Stage for All {
     fn params(&self) -> &'static [ParamSpec] {
         PARAMS
     }
+    fn check(&self, p: &Params) -> Result<()> {
+        AllArgs::parse(p).map(drop)
+    }
     fn leased(&self) -> bool {
         false
     }
 
     fn run(&self, ctx: &Ctx, p: &Params) -> Result<String> {
-        let path = p.nonempty("experiment")?;
-        let exp = Experiment::load(path)?;
-        let device = p.nonempty("device")?.to_string();
-        let steps = exp.steps(&device)?;
-        match p.choice("executor", &["local", "slurm"])? {
-            "slurm" => {
-                let opts = slurm::SlurmOptions::from_params(p, &exp, path)?;
-                return slurm::slurm(ctx, &steps, &opts);
-            }
-            _ => {
-                let slurm_only = p.bool("dry_run")?
-                    || p.bool("wait")?
-                    || p.u64("collect_shards")? != 1
-                    || ["slurm_args", "binary", "log_dir"]
-                        .iter()
-                        .any(|k| p.opt(k).is_some());
-                if slurm_only {
-                    return Err(p.invalid(
-                        "executor",
-                        "dry_run, wait, collect_shards, slurm_args, binary and log_dir apply to executor=slurm",
-                    ));
-                }
-            }
+        let args = AllArgs::parse(p)?;
+        let exp = Experiment::load(args.experiment)?;
+        let steps = exp.steps(args.device)?;
+        check_steps(ctx, &steps)?;
+        if args.slurm {
+            let opts = slurm::SlurmOptions::new(&args, &exp)?;
+            return slurm::slurm(ctx, &steps, &opts);
         }
         // Claims that killed workers of earlier runs left behind go first.
         if !ctx.plan_only {
@@ -133,13 +175,9 @@ impl Stage for All {
         for s in &steps.data {
             step(s)?;
         }
-        let workers =
-            match p.str("train_workers") {
-                "auto" => auto_train_workers(&steps.models),
-                n => n.parse::<usize>().ok().filter(|&n| n >= 1).ok_or_else(|| {
-                    p.invalid("train_workers", format!("'{n}' is not auto or a number >= 1"))
-                })?,
-            };
+        let workers = args
+            .train_workers
+            .unwrap_or_else(|| auto_train_workers(&steps.models));
         model_grid(&steps.models, workers, &step)?;
         // On all the cores: its per-class row means are summed per thread.
         for m in &steps.models {
@@ -153,6 +191,25 @@ impl Stage for All {
             ctx.lake.url()
         ))
     }
+}
+
+/// Every step's parameters, checked before the first step runs (or is
+/// submitted): a bad value in the last model's analysis is refused now,
+/// not after the data and the grid are done.
+fn check_steps(ctx: &Ctx, steps: &Steps) -> Result<()> {
+    let per_model = steps
+        .models
+        .iter()
+        .flat_map(|m| [&m.train, &m.eval, &m.collect, &m.decide, &m.analyze]);
+    for s in steps
+        .data
+        .iter()
+        .chain(per_model)
+        .chain([&steps.correlate, &steps.report])
+    {
+        stages::check(ctx, s.stage, &s.params)?;
+    }
+    Ok(())
 }
 
 /// Cores of this machine (rayon's count, which honours RAYON_NUM_THREADS).

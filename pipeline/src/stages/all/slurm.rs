@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::AllArgs;
 use crate::error::{Context, Error, Result};
 use crate::experiment::{Experiment, Step, Steps};
-use crate::params::Params;
 use crate::stages::{self, Ctx, PlanStatus};
 
 /// How a job waits for another.
@@ -298,19 +298,19 @@ pub struct SlurmOptions {
 }
 
 impl SlurmOptions {
-    pub fn from_params(p: &Params, exp: &Experiment, experiment_path: &str) -> Result<Self> {
-        let binary = match p.opt("binary") {
+    pub fn new(a: &AllArgs, exp: &Experiment) -> Result<Self> {
+        let binary = match a.binary {
             Some(b) => b.to_string(),
             None => std::env::current_exe()
                 .ctx("locating the pipeline binary")?
                 .to_string_lossy()
                 .to_string(),
         };
-        let name = std::path::Path::new(experiment_path)
+        let name = std::path::Path::new(a.experiment)
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_else(|| "study".into());
-        let log_dir = match p.opt("log_dir") {
+        let log_dir = match a.log_dir {
             Some(d) => std::path::PathBuf::from(d),
             None => std::env::current_dir()
                 .ctx("working directory")?
@@ -319,23 +319,19 @@ impl SlurmOptions {
         };
         let mut per_step: BTreeMap<String, String> = crate::experiment::pairs(&exp.slurm);
         let mut args = per_step.remove("args").unwrap_or_default();
-        if let Some(a) = p.opt("slurm_args") {
-            args = format!("{args} {a}");
-        }
-        let shards = p.u64("collect_shards")?;
-        if shards == 0 {
-            return Err(p.invalid("collect_shards", "must be at least 1"));
+        if let Some(extra) = a.slurm_args {
+            args = format!("{args} {extra}");
         }
         Ok(SlurmOptions {
             lake: String::new(),
             binary,
             log_dir: std::path::absolute(log_dir).ctx("log_dir")?,
             experiment: name,
-            shards,
+            shards: a.collect_shards,
             args,
             per_step,
-            dry_run: p.bool("dry_run")?,
-            wait: p.bool("wait")?,
+            dry_run: a.dry_run,
+            wait: a.wait,
         })
     }
 }
