@@ -304,7 +304,7 @@ fn sql_out_into_the_lake_is_refused() {
 fn memory_limited_cross_join_fails_cleanly() {
     let tl = TestLake::new();
     // 3,000 classes x 64 dimensions: 1.5 MB of means.
-    pipeline::bench::synthetic_stats(tl.lake(), "big", 3000, 64).unwrap();
+    pipeline::bench::analyze::synthetic_stats(tl.lake(), "big", 3000, 64).unwrap();
     let lake = tl.dir.path().join("lake");
     // The join holds one side's means (1.5 MB) while it streams the other:
     // within 64 MiB it runs; within 256 KiB it cannot, and says so.
