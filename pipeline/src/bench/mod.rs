@@ -361,7 +361,10 @@ mod tests {
     use super::*;
 
     fn err(what: &str, pairs: &[(&str, &str)]) -> String {
-        let opts = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let opts = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         run(what, &opts).unwrap_err().to_string()
     }
 

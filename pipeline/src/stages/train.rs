@@ -133,9 +133,8 @@ struct LogRow {
 struct TrainArgs<'a> {
     dataset: &'a str,
     grid: Option<&'a str>,
-    /// The model's name (its default, from the recipe, is made by
-    /// [`TrainArgs::recipe`]).
-    name: Option<&'a str>,
+    /// The model's name: given, or LLxDDDD_EEcS from the recipe.
+    name: String,
     depth: usize,
     width: usize,
     heads: usize,
@@ -168,15 +167,18 @@ impl<'a> TrainArgs<'a> {
                 format!("width {width} is not divisible by {heads} heads"),
             ));
         }
-        let name = p.opt("name");
-        if let Some(name) = name {
-            lc_lake::artifact::check_partition_value("name", name)?;
-        }
+        let epochs = p.usize_in("epochs", 1, 10_000)?;
+        let weight_decay = p.f64("weight_decay")?;
+        let seed = p.u64("seed")?;
+        let name = match p.opt("name") {
+            Some(n) => n.to_string(),
+            None => naming::format(depth, width, epochs, weight_decay, seed)?,
+        };
+        lc_lake::artifact::check_partition_value("name", &name)?;
         let lr = p.f64("lr")?;
         if lr <= 0.0 {
             return Err(p.invalid("lr", "must be positive"));
         }
-        let seed = p.u64("seed")?;
         Ok(TrainArgs {
             dataset: p.nonempty("dataset")?,
             grid: p.opt("grid"),
@@ -185,12 +187,12 @@ impl<'a> TrainArgs<'a> {
             width,
             heads,
             context: p.usize_in("context", 2, 1 << 20)?,
-            epochs: p.usize_in("epochs", 1, 10_000)?,
+            epochs,
             lr,
             beta1: p.f64("beta1")?,
             beta2: p.f64("beta2")?,
             eps: p.f64("eps")?,
-            weight_decay: p.f64("weight_decay")?,
+            weight_decay,
             clip: p.f64("clip")?,
             batch: p.usize_in("batch", 1, 1 << 20)?,
             seed,
@@ -216,14 +218,6 @@ impl<'a> TrainArgs<'a> {
         vocab_size: usize,
         t: usize,
     ) -> Result<Recipe> {
-        let name = match self.name {
-            Some(n) => n.to_string(),
-            None => {
-                let name = naming::format(self.depth, self.width, self.epochs, self.weight_decay, self.seed)?;
-                lc_lake::artifact::check_partition_value("name", &name)?;
-                name
-            }
-        };
         if self.context < t {
             return Err(p.invalid(
                 "context",
@@ -231,7 +225,7 @@ impl<'a> TrainArgs<'a> {
             ));
         }
         Ok(Recipe {
-            name,
+            name: self.name.clone(),
             dataset: self.dataset.to_string(),
             depth: self.depth,
             width: self.width,
