@@ -101,13 +101,19 @@ impl CustomOp2 for BiasAdd {
     }
 }
 
+/// Whether b is a bias over the rows of y that this module's one-pass ops
+/// take: b [n] of y's dtype, y [.., n], neither needing gradients.
+fn row_bias(y: &Tensor, b: &Tensor) -> bool {
+    b.dtype() == y.dtype()
+        && b.rank() == 1
+        && y.dims().last() == Some(&b.elem_count())
+        && !y.track_op()
+        && !b.track_op()
+}
+
 /// `y + b` broadcast over the rows of y (see the module documentation).
 pub fn bias_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let fits = matches!(y.dtype(), DType::F32 | DType::F64 | DType::BF16)
-        && b.dtype() == y.dtype()
-        && b.rank() == 1
-        && y.dims().last() == Some(&b.elem_count());
-    if y.track_op() || b.track_op() || !fits {
+    if !(matches!(y.dtype(), DType::F32 | DType::F64 | DType::BF16) && row_bias(y, b)) {
         return y.broadcast_add(b);
     }
     y.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &BiasAdd)
@@ -120,14 +126,7 @@ pub fn bias_gelu(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     if let Some((y, b)) = fused_operands(y, b, None)? {
         return y.apply_op2_no_bwd(&b, &BiasGelu);
     }
-    let cpu_f32 = y.device().is_cpu()
-        && y.dtype() == DType::F32
-        && b.dtype() == DType::F32
-        && b.rank() == 1
-        && y.dims().last() == Some(&b.elem_count())
-        && !y.track_op()
-        && !b.track_op();
-    if cpu_f32 {
+    if y.device().is_cpu() && y.dtype() == DType::F32 && row_bias(y, b) {
         return y.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &BiasGeluCpu);
     }
     bias_add(y, b)?.gelu()
@@ -192,14 +191,10 @@ fn fused_operands(
     let pack = 16 / dt.size_in_bytes().max(1);
     let takes = y.device().is_cuda()
         && matches!(dt, DType::F32 | DType::F64 | DType::BF16)
-        && b.dtype() == dt
-        && b.rank() == 1
-        && y.dims().last() == Some(&n)
+        && row_bias(y, b)
         && n > 0
         && n.is_multiple_of(pack)
         && y.elem_count() / pack <= u32::MAX as usize
-        && !y.track_op()
-        && !b.track_op()
         && x.is_none_or(|x| x.dtype() == dt && x.dims() == y.dims() && !x.track_op());
     if !takes {
         return Ok(None);

@@ -29,77 +29,121 @@ pub mod eval;
 pub mod kernels;
 pub mod model;
 
-/// The shipped corpus and tokenizer the stage benchmarks run on.
+/// The shipped corpus the stage benchmarks run on.
 const SAMPLE: &str = "data/tinystories_train_sample.txt";
 
-/// Every benchmark and its options (with their defaults), in the order
-/// `pipeline bench` lists them.
-const BENCHES: &[(&str, &[ParamSpec])] = &[
-    (
-        "data",
-        &[
+/// One benchmark: its name, its options (with their defaults), and what
+/// runs it with them resolved.
+struct Bench {
+    name: &'static str,
+    options: &'static [ParamSpec],
+    run: fn(&Params) -> Result<String>,
+}
+
+/// Every benchmark, in the order `pipeline bench` lists them.
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "data",
+        options: &[
             param("source", SAMPLE, "corpus, replicated to mb"),
             param("tokenizer", "gpt2", "tokenizer file or name"),
             param("mb", "100", "corpus size in MB"),
         ],
-    ),
-    (
-        "model",
-        &[
+        run: |o| data::data(o.str("source"), o.str("tokenizer"), o.usize("mb")?),
+    },
+    Bench {
+        name: "model",
+        options: &[
             param("depth", "1", "blocks"),
             param("width", "64", "embedding width"),
             param("T", "2048", "sequence length"),
             param("batch", "2", "sequences per step"),
             param("steps", "3", "timed steps"),
         ],
-    ),
-    (
-        "collect",
-        &[
+        run: |o| {
+            model::model(
+                o.usize("depth")?,
+                o.usize("width")?,
+                o.usize("T")?,
+                o.usize("batch")?,
+                o.usize("steps")?,
+            )
+        },
+    },
+    Bench {
+        name: "collect",
+        options: &[
             param("depth", "1", "blocks"),
             param("width", "64", "embedding width"),
             param("train", SAMPLE, "corpus"),
             param("tokenizer", "gpt2", "tokenizer file or name"),
             param("batch", "2", "sequences per forward pass"),
         ],
-    ),
-    (
-        "eval",
-        &[
+        run: |o| {
+            collect::collect(
+                o.usize("depth")?,
+                o.usize("width")?,
+                o.str("train"),
+                o.str("tokenizer"),
+                o.usize("batch")?,
+            )
+        },
+    },
+    Bench {
+        name: "eval",
+        options: &[
             param("width", "32", "embedding width"),
             param("batch", "4", "sequences per forward pass"),
             param("reps", "20", "timed repetitions of the output layer"),
         ],
-    ),
-    (
-        "decide",
-        &[
+        run: |o| eval::eval(o.usize("width")?, o.usize("batch")?, o.usize("reps")?),
+    },
+    Bench {
+        name: "decide",
+        options: &[
             param("width", "32", "embedding width"),
             param("batch", "8", "sequences per forward pass"),
             param("precision", "f64", "f64 | f32"),
             param("reps", "10", "timed repetitions of the two decisions"),
         ],
-    ),
-    (
-        "analyze",
-        &[
+        run: |o| {
+            decide::decide(
+                o.usize("width")?,
+                o.usize("batch")?,
+                o.str("precision"),
+                o.usize("reps")?,
+            )
+        },
+    },
+    Bench {
+        name: "analyze",
+        options: &[
             param("classes", "29233", "classes C"),
             param("dim", "1024", "dimensions d"),
             param("tile", "512", "tile edge in classes"),
             param("precision", "f64", "f64 | f32"),
         ],
-    ),
-    (
-        "correlate",
-        &[
+        run: |o| {
+            analyze::analyze(
+                o.usize("classes")?,
+                o.usize("dim")?,
+                o.usize("tile")?,
+                o.str("precision"),
+            )
+        },
+    },
+    Bench {
+        name: "correlate",
+        options: &[
             param("models", "230", "models"),
             param("metrics", "7", "metrics per model"),
             param("permutations", "10000", "permutations per test"),
         ],
-    ),
-    (
-        "attention",
-        &[
+        run: |o| correlate::correlate(o.usize("models")?, o.usize("metrics")?, o.u64("permutations")?),
+    },
+    Bench {
+        name: "attention",
+        options: &[
             param("batch", "8", "sequences"),
             param("heads", "16", "heads"),
             param("T", "2048", "sequence length"),
@@ -108,30 +152,49 @@ const BENCHES: &[(&str, &[ParamSpec])] = &[
             param("device", "cuda", "cuda[:N]"),
             param("reps", "20", "timed repetitions"),
         ],
-    ),
-    (
-        "epilogues",
-        &[
+        run: |o| {
+            kernels::attention(
+                o.usize("batch")?,
+                o.usize("heads")?,
+                o.usize("T")?,
+                o.usize("dim")?,
+                o.usize("window")?,
+                o.str("device"),
+                o.usize("reps")?,
+            )
+        },
+    },
+    Bench {
+        name: "epilogues",
+        options: &[
             param("rows", "16384", "rows (tokens)"),
             param("width", "1024", "embedding width"),
             param("dtype", "bf16", "bf16 | f32"),
             param("device", "cuda", "cuda[:N]"),
             param("reps", "20", "timed repetitions"),
         ],
-    ),
+        run: |o| {
+            kernels::epilogues(
+                o.usize("rows")?,
+                o.usize("width")?,
+                o.str("dtype"),
+                o.str("device"),
+                o.usize("reps")?,
+            )
+        },
+    },
 ];
 
 /// Run benchmark `what` with its `key=value` options; an unknown option or
 /// a malformed value is refused naming it.
 pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
-    let unknown = || {
-        let names: Vec<&str> = BENCHES.iter().map(|(n, _)| *n).collect();
+    let bench = BENCHES.iter().find(|b| b.name == what).ok_or_else(|| {
+        let names: Vec<&str> = BENCHES.iter().map(|b| b.name).collect();
         Error::invalid(format!(
             "unknown benchmark '{what}'; benchmarks: {}",
             names.join(", ")
         ))
-    };
-    let (_, options) = BENCHES.iter().find(|(n, _)| *n == what).ok_or_else(unknown)?;
+    })?;
     let label = format!("bench {what}");
     // The options' errors say "option", not a stage's "parameter"; the
     // stages a benchmark runs keep their own words.
@@ -141,60 +204,8 @@ pub fn run(what: &str, opts: &BTreeMap<String, String>) -> Result<String> {
         }
         e => e,
     };
-    let o = Params::resolve(&label, options, &Config::default(), opts).map_err(option_error)?;
-    dispatch(what, &o).map_err(option_error)
-}
-
-/// Run benchmark `what` with its resolved options.
-fn dispatch(what: &str, o: &Params) -> Result<String> {
-    match what {
-        "data" => data::data(o.str("source"), o.str("tokenizer"), o.usize("mb")?),
-        "model" => model::model(
-            o.usize("depth")?,
-            o.usize("width")?,
-            o.usize("T")?,
-            o.usize("batch")?,
-            o.usize("steps")?,
-        ),
-        "collect" => collect::collect(
-            o.usize("depth")?,
-            o.usize("width")?,
-            o.str("train"),
-            o.str("tokenizer"),
-            o.usize("batch")?,
-        ),
-        "eval" => eval::eval(o.usize("width")?, o.usize("batch")?, o.usize("reps")?),
-        "decide" => decide::decide(
-            o.usize("width")?,
-            o.usize("batch")?,
-            o.str("precision"),
-            o.usize("reps")?,
-        ),
-        "analyze" => analyze::analyze(
-            o.usize("classes")?,
-            o.usize("dim")?,
-            o.usize("tile")?,
-            o.str("precision"),
-        ),
-        "correlate" => correlate::correlate(o.usize("models")?, o.usize("metrics")?, o.u64("permutations")?),
-        "attention" => kernels::attention(
-            o.usize("batch")?,
-            o.usize("heads")?,
-            o.usize("T")?,
-            o.usize("dim")?,
-            o.usize("window")?,
-            o.str("device"),
-            o.usize("reps")?,
-        ),
-        "epilogues" => kernels::epilogues(
-            o.usize("rows")?,
-            o.usize("width")?,
-            o.str("dtype"),
-            o.str("device"),
-            o.usize("reps")?,
-        ),
-        other => Err(Error::invalid(format!("unknown benchmark '{other}'"))),
-    }
+    let o = Params::resolve(&label, bench.options, &Config::default(), opts).map_err(option_error)?;
+    (bench.run)(&o).map_err(option_error)
 }
 
 fn temp_ctx() -> Result<(tempfile::TempDir, Ctx)> {
