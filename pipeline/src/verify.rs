@@ -11,11 +11,11 @@
 //! S3 server. Nothing is changed unless `repair` is asked for, which only
 //! aborts those uploads.
 
-use lc_lake::integrity::hash_hex;
-use lc_lake::integrity::{DATA_FILE, MANIFEST_FILE};
+use std::collections::{BTreeMap, BTreeSet};
+
+use lc_lake::integrity::{DATA_FILE, MANIFEST_FILE, hash_hex};
 use lc_lake::lake::Lake;
 use lc_lake::manifest::Manifest;
-use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::Result;
 use lc_models::checkpoint::{CHECKSUMS_FILE, Checksums};

@@ -1,6 +1,5 @@
 //! Collect, merge and decide against brute force.
 
-use lc_lake::artifact::{Artifact, Provenance};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -8,6 +7,7 @@ use arrow::array::{ArrayRef, FixedSizeListArray, UInt64Array};
 use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
+use lc_lake::artifact::{Artifact, Provenance};
 use lc_metrics::ClassStats;
 use lc_models::AttentionKernel::Blocks;
 use pipeline::checkpoint::ModelRef;

@@ -1,10 +1,10 @@
 //! Shared helpers: temporary lakes, the shipped data, small datasets and tiny
 //! models built through the real stages.
 
-use lc_lake::lake::Lake;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use lc_lake::lake::Lake;
 use pipeline::stages::{self, Ctx};
 
 pub fn repo() -> PathBuf {

@@ -1,12 +1,12 @@
 //! Data stages: ingest, tokenize, pack, vocab.
 
-use lc_lake::artifact::Artifact;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{AsArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, UInt32Type, UInt64Type};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::Artifact;
 use pipeline::tokenizer::TextTokenizer;
 use serde_json::Value;
 

@@ -3,7 +3,6 @@
 //! tests/fixtures/make_model_fixtures.py (tiny random models, their
 //! transformers hidden states and logits in float32).
 
-use lc_lake::artifact::{Artifact, Provenance};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -11,6 +10,7 @@ use arrow::array::{ArrayRef, FixedSizeListArray, UInt32Array, UInt64Array};
 use arrow::datatypes::{DataType, Field};
 use arrow::record_batch::RecordBatch;
 use candle_core::{DType, Device, Tensor};
+use lc_lake::artifact::{Artifact, Provenance};
 use lc_models::AttentionKernel::Blocks;
 use pipeline::checkpoint::ModelRef;
 use pipeline::sql::Sql;

@@ -1,7 +1,5 @@
 //! The lake, schemas, SQL and command line.
 
-use lc_lake::artifact::{Artifact, Provenance};
-use lc_lake::schemas::{self, TableSchema};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -12,6 +10,8 @@ use arrow::array::{
 use arrow::buffer::OffsetBuffer;
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
+use lc_lake::artifact::{Artifact, Provenance};
+use lc_lake::schemas::{self, TableSchema};
 use pipeline::sql::Sql;
 
 use crate::common::{TestLake, bin};

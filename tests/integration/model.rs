@@ -1,12 +1,12 @@
 //! GPT-Neo in candle: numerical identity with transformers, gradients,
 //! checkpoints, training, evaluation and grids.
 
-use lc_lake::artifact::Artifact;
 use std::collections::HashMap;
 
 use arrow::array::AsArray;
 use arrow::datatypes::Float64Type;
 use candle_core::{DType, Device, Tensor, Var};
+use lc_lake::artifact::Artifact;
 use lc_models::AttentionKernel::Blocks;
 use lc_models::{CausalLm, GptNeo, GptNeoConfig, init_weights, loss, parameter_names};
 use pipeline::checkpoint::{ModelRef, save_dir};

@@ -5,8 +5,9 @@
 //! code; composite stages (`all`) go through this registry by name, exactly as
 //! the command line does.
 
-use lc_lake::lake::Lake;
 use std::collections::BTreeMap;
+
+use lc_lake::lake::Lake;
 
 use crate::cancel::Cancel;
 use crate::checkpoint::ModelRef;
