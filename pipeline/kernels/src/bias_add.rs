@@ -156,15 +156,46 @@ impl CustomOp2 for BiasGeluCpu {
             let rows = per_task.max(1) * n;
             out.par_chunks_mut(rows)
                 .zip(y.par_chunks(rows))
-                .for_each(|(out, y)| {
-                    for (out, y) in out.chunks_exact_mut(n).zip(y.chunks_exact(n)) {
-                        for ((o, &v), &c) in out.iter_mut().zip(y).zip(b) {
-                            *o = gelu_tanh_f32(v + c);
-                        }
-                    }
-                });
+                .for_each(|(out, y)| gelu_rows(out, y, b));
         }
         Ok((CpuStorage::F32(out), yl.shape().clone()))
+    }
+}
+
+/// out = gelu_tanh(y + b) row by row, in the widest vectors this CPU has
+/// (the same arithmetic at every width: no operation is fused).
+fn gelu_rows(out: &mut [f32], y: &[f32], b: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: each feature is checked at run time just before.
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return unsafe { gelu_rows_avx512(out, y, b) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return unsafe { gelu_rows_avx2(out, y, b) };
+        }
+    }
+    gelu_rows_lanes(out, y, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gelu_rows_avx512(out: &mut [f32], y: &[f32], b: &[f32]) {
+    gelu_rows_lanes(out, y, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn gelu_rows_avx2(out: &mut [f32], y: &[f32], b: &[f32]) {
+    gelu_rows_lanes(out, y, b)
+}
+
+#[inline(always)]
+fn gelu_rows_lanes(out: &mut [f32], y: &[f32], b: &[f32]) {
+    for (out, y) in out.chunks_exact_mut(b.len()).zip(y.chunks_exact(b.len())) {
+        for ((o, &v), &c) in out.iter_mut().zip(y).zip(b) {
+            *o = gelu_tanh_f32(v + c);
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fast_exp::exp_f32;
+use crate::lane_attention;
 use crate::mask::visible;
 
 /// Queries per task: 64 rows of at most T keys is 512 KiB of f32 scores at
@@ -30,6 +31,8 @@ pub const QUERY_BLOCK: usize = 64;
 struct BlockAttention {
     scale: f64,
     window: Option<usize>,
+    /// Whether f32 heads the [`lane_attention`] kernel takes go there.
+    lanes: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -266,14 +269,19 @@ impl CustomOp3 for BlockAttention {
         }
         let d = Dims { b, h, hkv, t, dh };
         let out = match (s1, s2, s3) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(attention(
-                contiguous(q, l1, "q")?,
-                contiguous(k, l2, "k")?,
-                contiguous(v, l3, "v")?,
-                d,
-                self.scale as f32,
-                self.window,
-            )),
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                let (q, k, v) = (
+                    contiguous(q, l1, "q")?,
+                    contiguous(k, l2, "k")?,
+                    contiguous(v, l3, "v")?,
+                );
+                let scale = self.scale as f32;
+                let lanes = self
+                    .lanes
+                    .then(|| lane_attention::attention(q, k, v, d, scale, self.window))
+                    .flatten();
+                CpuStorage::F32(lanes.unwrap_or_else(|| attention(q, k, v, d, scale, self.window)))
+            }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => CpuStorage::F64(attention(
                 contiguous(q, l1, "q")?,
                 contiguous(k, l2, "k")?,
@@ -290,7 +298,9 @@ impl CustomOp3 for BlockAttention {
 
 /// Causal attention of q [B, H, T, dh] over k, v [B, Hkv, T, dh] on the CPU,
 /// without gradients: [B, H, T, dh]. Scores are `scale` * q k^T; with a
-/// window, query i sees keys i - window + 1 ..= i.
+/// window, query i sees keys i - window + 1 ..= i. Small f32 heads go to
+/// [`lane_attention`] where it [`supports`](lane_attention::supports) them,
+/// the rest to the GEMM blocks of this module.
 pub fn attend(
     q: &Tensor,
     k: &Tensor,
@@ -298,11 +308,42 @@ pub fn attend(
     scale: f64,
     window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
-    q.contiguous()?.apply_op3_no_bwd(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        &BlockAttention { scale, window },
+    apply(
+        q,
+        k,
+        v,
+        BlockAttention {
+            scale,
+            window,
+            lanes: true,
+        },
     )
+}
+
+/// [`attend`] through the GEMM blocks whatever the head size: the
+/// reference [`lane_attention`] is measured and tested against.
+pub fn attend_gemm(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    apply(
+        q,
+        k,
+        v,
+        BlockAttention {
+            scale,
+            window,
+            lanes: false,
+        },
+    )
+}
+
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: BlockAttention) -> candle_core::Result<Tensor> {
+    q.contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
 }
 
 #[cfg(test)]
@@ -368,7 +409,8 @@ pub(crate) mod tests {
     /// the same for the device-primitive blocks of `attention`;
     /// f64 within 1e-12. Covers T not a multiple of the block, grouped
     /// queries, windows shorter and longer than T, and head sizes that are
-    /// not a multiple of the vector width.
+    /// not a multiple of the vector width; f32 heads of 4, 8 and 16 run
+    /// through both lane_attention and the GEMM blocks.
     #[test]
     fn block_attention_matches_brute_force() {
         let cases = [
@@ -379,6 +421,12 @@ pub(crate) mod tests {
             (1, 2, 2, 1, 3, 1.0, None),
             (1, 2, 2, 600, 4, 0.5, None),
             (1, 2, 2, 600, 4, 1.0, Some(100)),
+            // Windows shorter than a tile of lane_attention (no key seen
+            // by every query of the tile), down to a query seeing itself.
+            (1, 2, 2, 40, 8, 0.5, Some(5)),
+            (1, 2, 1, 37, 16, 1.0, Some(1)),
+            (1, 4, 2, 33, 4, 1.0, Some(16)),
+            (2, 2, 2, 17, 16, 0.25, None),
         ];
         for (n, (b, h, hkv, t, dh, scale, window)) in cases.into_iter().enumerate() {
             let d = Dims { b, h, hkv, t, dh };
@@ -411,6 +459,12 @@ pub(crate) mod tests {
                 };
                 let diff = worst(attend(&q, &k, &v, scale, window).unwrap());
                 assert!(diff < tol, "case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}");
+                // The GEMM blocks where attend took the lane kernel.
+                let diff = worst(attend_gemm(&q, &k, &v, scale, window).unwrap());
+                assert!(
+                    diff < tol,
+                    "gemm, case {n} {dtype:?}: max |diff| {diff:e} >= {tol:e}"
+                );
                 // The device-primitive blocks GPUs use (run here on the
                 // CPU), for ungrouped heads; T = 600 spans three blocks.
                 if h == hkv {

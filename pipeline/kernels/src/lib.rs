@@ -8,7 +8,8 @@
 //!
 //! - attention: [`attention`] (causal softmax and blocked attention from
 //!   device primitives, over the [`block_softmax`] op), [`block_attention`]
-//!   (the CPU kernel), [`flash_attention`] (one CUDA kernel for bf16);
+//!   (the CPU kernel) and [`lane_attention`] (its kernel for small heads),
+//!   [`flash_attention`] (one CUDA kernel for bf16);
 //! - [`bias_add`]: a linear layer's bias with its GELU or residual epilogue;
 //! - per-class statistics: [`class_moments`] (a batch's mean and M2 per
 //!   class) and [`device_stats`] (running tables merged on the device).
@@ -26,6 +27,7 @@ mod emulator;
 pub mod error;
 pub mod fast_exp;
 pub mod flash_attention;
+pub mod lane_attention;
 pub mod mask;
 #[cfg(feature = "cuda")]
 mod nvrtc;

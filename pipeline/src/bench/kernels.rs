@@ -1,5 +1,6 @@
 //! `pipeline bench attention|epilogues`: the CUDA kernels against the
-//! unfused paths and a device copy (a CUDA build on a GPU machine).
+//! unfused paths and a device copy (a CUDA build on a GPU machine), and
+//! the CPU's attention kernels against each other and the GEMM peak.
 
 use candle_core::Tensor;
 
@@ -27,12 +28,10 @@ pub fn attention(
     use lc_kernels::flash_attention;
     use lc_models::layers::{self, AttentionKernel};
     let dev = lc_models::device(device)?;
-    if dev.is_cpu() {
-        return Err(Error::invalid(
-            "bench attention compares the two CUDA attention paths: give device=cuda[:N] (a CUDA build on a GPU machine)",
-        ));
-    }
     let window = (window > 0).then_some(window);
+    if dev.is_cpu() {
+        return cpu_attention(batch, heads, t, dim, window, reps);
+    }
     let scale = 1.0 / (dim as f64).sqrt();
     let measure = || -> candle_core::Result<(f64, f64, f32, f32)> {
         let heads_of = |seed: u64| -> candle_core::Result<Tensor> {
@@ -59,12 +58,8 @@ pub fn attention(
         Ok((t_blocks, t_fused, diff, max_v / 128.0))
     };
     let (t_blocks, t_fused, diff, bound) = measure().ctx("bench attention")?;
-    let pairs: usize = (0..t)
-        .map(|i| window.map_or(i + 1, |w| (i + 1).min(w)))
-        .sum::<usize>()
-        * batch
-        * heads;
-    let tflops = |secs: f64| 4.0 * dim as f64 * pairs as f64 / secs / 1e12;
+    let flops = attention_flops(batch, heads, t, dim, window);
+    let tflops = |secs: f64| flops / secs / 1e12;
     Ok(format!(
         "attention bf16, batch {batch}, {heads} heads of {dim}, T = {t}, window {window:?}: fused {:.3} ms ({:.1} TFLOP/s), \
          blocks {:.3} ms ({:.1} TFLOP/s): fused takes {:.2}x the time of blocks; max |fused - blocks| {diff:.2e} (bf16 bound {bound:.2e})",
@@ -73,6 +68,72 @@ pub fn attention(
         t_blocks * 1e3,
         tflops(t_blocks),
         t_fused / t_blocks
+    ))
+}
+
+/// Useful FLOPs of causal attention: 4 dh per visible query-key pair (the
+/// two products).
+fn attention_flops(batch: usize, heads: usize, t: usize, dim: usize, window: Option<usize>) -> f64 {
+    let pairs: usize = (0..t).map(|i| window.map_or(i + 1, |w| (i + 1).min(w))).sum();
+    4.0 * dim as f64 * (pairs * batch * heads) as f64
+}
+
+/// Inference attention on the CPU in f32, as collect runs it: the kernel
+/// `attend` chooses (lane_attention for heads of 4, 8 or 16) against the
+/// GEMM blocks, anchored to the GEMM peak measured in the same run; with
+/// their largest difference (both within 2e-5 of an f64 brute force in
+/// the kernels' tests).
+fn cpu_attention(
+    batch: usize,
+    heads: usize,
+    t: usize,
+    dim: usize,
+    window: Option<usize>,
+    reps: usize,
+) -> Result<String> {
+    use lc_kernels::{block_attention, lane_attention};
+    let dev = candle_core::Device::Cpu;
+    let scale = 1.0 / (dim as f64).sqrt();
+    let measure = || -> candle_core::Result<(f64, f64, f32)> {
+        // Standard normal heads from a seeded generator (candle's CPU
+        // device cannot be seeded).
+        let heads_of = |seed: u64| -> candle_core::Result<Tensor> {
+            use rand::SeedableRng;
+            use rand_distr::Distribution;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let normal = rand_distr::StandardNormal;
+            let x: Vec<f32> = (0..batch * heads * t * dim)
+                .map(|_| normal.sample(&mut rng))
+                .collect();
+            Tensor::from_vec(x, (batch, heads, t, dim), &dev)
+        };
+        let (q, k, v) = (heads_of(1)?, heads_of(2)?, heads_of(3)?);
+        let time = |run: &dyn Fn() -> candle_core::Result<Tensor>| device_time(&dev, reps, run);
+        let (chosen, t_chosen) = time(&|| block_attention::attend(&q, &k, &v, scale, window))?;
+        let (gemm, t_gemm) = time(&|| block_attention::attend_gemm(&q, &k, &v, scale, window))?;
+        let diff = (chosen - gemm)?.abs()?.max_all()?.to_scalar()?;
+        Ok((t_chosen, t_gemm, diff))
+    };
+    let (t_chosen, t_gemm, diff) = measure().ctx("bench attention")?;
+    let peak = super::peak_gemm_gflops();
+    let flops = attention_flops(batch, heads, t, dim, window);
+    let gflops = |secs: f64| flops / secs / 1e9;
+    let kernel = if lane_attention::supports(dim) {
+        "lane_attention"
+    } else {
+        "GEMM blocks"
+    };
+    Ok(format!(
+        "attention f32 on the CPU, batch {batch}, {heads} heads of {dim}, T = {t}, window {window:?}: \
+         {kernel} {:.2} ms ({:.1} GFLOP/s, {:.1}% of the in-process GEMM peak of {peak:.0} GFLOP/s), \
+         GEMM blocks {:.2} ms ({:.1} GFLOP/s, {:.1}%): {:.2}x faster; max |difference| {diff:.2e}",
+        t_chosen * 1e3,
+        gflops(t_chosen),
+        100.0 * gflops(t_chosen) / peak,
+        t_gemm * 1e3,
+        gflops(t_gemm),
+        100.0 * gflops(t_gemm) / peak,
+        t_gemm / t_chosen
     ))
 }
 

@@ -149,7 +149,11 @@ const BENCHES: &[Bench] = &[
             param("T", "2048", "sequence length"),
             param("dim", "64", "head dimension"),
             param("window", "0", "local attention window (0 = global)"),
-            param("device", "cuda", "cuda[:N]"),
+            param(
+                "device",
+                "cuda",
+                "cuda[:N] (the fused kernel against blocks) | cpu (f32 kernels)",
+            ),
             param("reps", "20", "timed repetitions"),
         ],
         run: |o| {
