@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::fast_exp::exp_f32;
 use crate::lane_attention;
-use crate::mask::visible;
+use crate::mask::{Dims, visible};
 
 /// Queries per task: 64 rows of at most T keys is 512 KiB of f32 scores at
 /// T = 2048, which fits the L2 cache of current cores.
@@ -33,15 +33,6 @@ struct BlockAttention {
     window: Option<usize>,
     /// Whether f32 heads the [`lane_attention`] kernel takes go there.
     lanes: bool,
-}
-
-#[derive(Clone, Copy)]
-pub(crate) struct Dims {
-    pub(crate) b: usize,
-    pub(crate) h: usize,
-    pub(crate) hkv: usize,
-    pub(crate) t: usize,
-    pub(crate) dh: usize,
 }
 
 /// The element types: a softmax over one row of visible scores, in place.
@@ -347,62 +338,10 @@ fn apply(q: &Tensor, k: &Tensor, v: &Tensor, op: BlockAttention) -> candle_core:
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::mask::brute_force::{random, reference};
     use candle_core::{DType, Device};
-
-    /// Uniform in [-2, 2), from a seeded LCG.
-    pub(crate) fn random(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-            })
-            .collect()
-    }
-
-    /// Brute force in f64: every score, the masked softmax, the product;
-    /// q [B, H, T, dh], k and v [B, Hkv, T, dh] in, [B, H, T, dh] out.
-    pub(crate) fn reference(
-        q: &[f64],
-        k: &[f64],
-        v: &[f64],
-        d: Dims,
-        scale: f64,
-        window: Option<usize>,
-    ) -> Vec<f64> {
-        let Dims { b, h, hkv, t, dh } = d;
-        let mut out = vec![0.0; b * h * t * dh];
-        for bi in 0..b {
-            for hi in 0..h {
-                let qo = (bi * h + hi) * t * dh;
-                let ko = (bi * hkv + hi / (h / hkv)) * t * dh;
-                for i in 0..t {
-                    let (lo, hi_) = visible(i, window);
-                    let s: Vec<f64> = (lo..hi_)
-                        .map(|j| {
-                            scale
-                                * (0..dh)
-                                    .map(|c| q[qo + i * dh + c] * k[ko + j * dh + c])
-                                    .sum::<f64>()
-                        })
-                        .collect();
-                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                    for (j, x) in (lo..hi_).zip(&s) {
-                        let p = (x - m).exp() / z;
-                        for c in 0..dh {
-                            out[qo + i * dh + c] += p * v[ko + j * dh + c];
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
 
     /// f32 agrees with the f64 brute force within 2e-5 absolute (values are
     /// O(1): f32 rounding of dh-term scores and a sum of up to T products);

@@ -475,7 +475,7 @@ mod tests {
     /// c_attn: offsets and a 3 H D token stride).
     #[test]
     fn flash_attention_matches_brute_force_on_the_emulator() {
-        use crate::block_attention::tests::{random, reference};
+        use crate::mask::brute_force::{random, reference};
         // In a windowed layer a key tile starts (1 - W) mod 16 rows off a
         // warp's first row: the sweep of W = 1..=16 (and a few past the
         // 64-key tile) meets every such offset at the tile and warp edges.
@@ -539,7 +539,7 @@ mod tests {
                         .to_vec1::<f64>()
                         .unwrap()
                 };
-                let dims = crate::block_attention::Dims { b, h, hkv, t, dh: d };
+                let dims = crate::mask::Dims { b, h, hkv, t, dh: d };
                 let vs = f64s(v);
                 // reference: [B, H, T, D]; the kernel writes [B, T, H * D].
                 let want = Tensor::from_vec(

@@ -26,7 +26,7 @@
 
 use rayon::prelude::*;
 
-use crate::block_attention::Dims;
+use crate::mask::Dims;
 use crate::mask::visible;
 
 /// Whether this kernel takes heads of `dh` dimensions on this CPU: the
@@ -426,7 +426,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block_attention::tests::{random, reference};
+    use crate::mask::brute_force::{random, reference};
 
     /// Every vector width this CPU runs (AVX-512 and AVX2 on current x86
     /// servers), against the f64 brute force: within 2e-5 absolute, the
