@@ -15,11 +15,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 # What the tests need; pip leaves satisfied requirements alone. torch (the
 # tensors ClassStats takes; PyPI's build brings a few GB of CUDA libraries,
-# installed once) and transformers are for the tests only: the package
-# itself needs neither.
-if ! "$venv/bin/python" -c "import maturin, pytest, pyarrow, numpy, pandas, tqdm, torch, transformers" 2>/dev/null; then
+# installed once), transformers and polars (an independent Parquet reader
+# of the lake's tables) are for the tests only: the package needs none.
+if ! "$venv/bin/python" -c "import maturin, pytest, pyarrow, numpy, pandas, polars, tqdm, torch, transformers" 2>/dev/null; then
     "$venv/bin/pip" install -q --upgrade pip
-    "$venv/bin/pip" install -q "maturin>=1.9,<2" pytest "pyarrow>=14" numpy pandas tqdm torch transformers
+    "$venv/bin/pip" install -q "maturin>=1.9,<2" pytest "pyarrow>=14" numpy pandas polars tqdm torch transformers
 fi
 
 wheels="$(mktemp -d)"

@@ -411,3 +411,78 @@ fn import_derives_metrics_with_sql_expressions() {
         assert!(err.contains(word) && err.contains("published.csv"), "{err}");
     }
 }
+
+/// The value of `metric` for `model` in imported_metrics/source=`name`
+/// (None: NULL).
+fn imported_value(tl: &TestLake, name: &str, model: &str, metric: &str) -> Option<f64> {
+    let sql = Sql::open(tl.lake()).unwrap();
+    let got = sql
+        .query(
+            &format!(
+                "SELECT value FROM imported_metrics WHERE source = '{name}' AND model = '{model}' AND metric = '{metric}'"
+            ),
+            false,
+        )
+        .unwrap();
+    let b = got.iter().find(|b| b.num_rows() > 0).expect("one row");
+    let v = b.column(0).as_primitive::<Float64Type>();
+    v.is_valid(0).then(|| v.value(0))
+}
+
+/// What researchers' tables hold: integer columns with blanks, a metric
+/// column with NaN and inf written as text (numbers, stored as NULL and
+/// counted), a text column (not a metric); and the same table as Parquet
+/// with 32-bit columns and a dictionary-encoded model column.
+#[test]
+fn import_reads_numbers_written_as_text_and_narrow_parquet_types() {
+    let tl = TestLake::new();
+    let csv = "model,val_loss,matches,ratio,label\n\
+               02x0768_01d00@0,2.5,7,NaN,x\n\
+               02x0768_01d01@0,2.25,,inf,y\n\
+               02x0768_01d02@0,2.0,9,0.125,z\n";
+    let f = tl.file("mixed.csv", csv.as_bytes());
+    let out = tl.run("import", &[("input", &f), ("name", "mixed")]);
+    assert!(out.contains("3 models x 2 metrics"), "{out}");
+    assert!(out.contains("ratio: 2 value(s) not finite"), "{out}");
+    assert_eq!(
+        imported_value(&tl, "mixed", "02x0768_01d00@0", "matches"),
+        Some(7.0)
+    );
+    assert_eq!(imported_value(&tl, "mixed", "02x0768_01d01@0", "matches"), None);
+    assert_eq!(imported_value(&tl, "mixed", "02x0768_01d00@0", "ratio"), None);
+    assert_eq!(
+        imported_value(&tl, "mixed", "02x0768_01d02@0", "ratio"),
+        Some(0.125)
+    );
+    let err = tl.run_err(
+        "import",
+        &[("input", &f), ("name", "bad"), ("loss_column", "loss")],
+    );
+    assert!(
+        err.contains("mixed.csv") && err.contains("no column 'loss'"),
+        "{err}"
+    );
+
+    use arrow::array::{ArrayRef, DictionaryArray, Float32Array, Int32Array};
+    use arrow::datatypes::Int32Type;
+    use std::sync::Arc;
+    let models: DictionaryArray<Int32Type> = ["02x0768_01d00@0", "02x0768_01d01@0"].into_iter().collect();
+    let batch = arrow::record_batch::RecordBatch::try_from_iter([
+        ("model", Arc::new(models) as ArrayRef),
+        ("val_loss", Arc::new(Float32Array::from(vec![2.5f32, 2.25]))),
+        ("matches", Arc::new(Int32Array::from(vec![Some(7), None]))),
+    ])
+    .unwrap();
+    let mut bytes = Vec::new();
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut bytes, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+    let f = tl.file("narrow.parquet", &bytes);
+    let out = tl.run("import", &[("input", &f), ("name", "narrow")]);
+    assert!(out.contains("2 models x 1 metrics"), "{out}");
+    assert_eq!(
+        imported_value(&tl, "narrow", "02x0768_01d00@0", "matches"),
+        Some(7.0)
+    );
+    assert_eq!(imported_value(&tl, "narrow", "02x0768_01d01@0", "matches"), None);
+}

@@ -148,3 +148,28 @@ def test_bars_follow_the_engine_states():
     bars([(7, "collect m", 100, 100, "tok", True)])  # a finished bar stays closed
     assert bars._bars == {}
     bars.close()
+
+
+def test_every_table_opens_in_polars_and_pandas(py_lake):
+    """Researchers read the lake with their own tools: every Parquet file of
+    the study opens in polars (its own Rust reader) and pandas with the rows,
+    columns and numbers pyarrow (Arrow C++) reads."""
+    import pandas as pd
+    import polars as pl
+
+    lake, _ = py_lake
+    root = Path(lake.url.removeprefix("file://"))
+    files = sorted(root.rglob("*.parquet"))
+    tables = {f.relative_to(root).parts[0] for f in files}
+    assert len(tables) >= 12, tables
+    for f in files:
+        t = pq.read_table(f)
+        df = pl.read_parquet(f)
+        assert df.height == t.num_rows and df.columns == t.column_names, f
+        p = pd.read_parquet(f)
+        assert len(p) == t.num_rows and list(p.columns) == t.column_names, f
+        for name in t.column_names:
+            if pa.types.is_floating(t.column(name).type) or pa.types.is_integer(t.column(name).type):
+                want = t.column(name).to_numpy(zero_copy_only=False)
+                np.testing.assert_array_equal(df[name].to_numpy(), want, err_msg=f"{f}: {name}")
+                np.testing.assert_array_equal(p[name].to_numpy(), want, err_msg=f"{f}: {name}")

@@ -8,9 +8,10 @@
 //! metric); ids of the form `LLxDDDD_EEcS@K` are parsed into depth, width,
 //! epochs, weight decay, seed and checkpoint.
 //!
-//! The file is parsed with polars (schema inference), its numeric columns
-//! cast to f64 and handed to DataFusion as Parquet bytes (never by sharing
-//! polars' types). `columns=` lists the metrics, comma-separated: a bare
+//! The file is read into Arrow batches (CSV: arrow's schema inference over
+//! the first 10,000 rows, then a text column whose every value is a number,
+//! `NaN` and `inf` included, is read as numbers; Parquet: its own schema),
+//! its numeric columns cast to f64, and the batches handed to DataFusion. `columns=` lists the metrics, comma-separated: a bare
 //! source column keeps its name, `src:dst` renames it, and `name=EXPR`
 //! computes a metric from the source columns with an SQL expression that
 //! DataFusion parses as one expression and evaluates (e.g.
@@ -24,11 +25,10 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int32Array, StringArray, UInt32Array};
-use arrow::datatypes::Float64Type;
+use arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use lc_lake::artifact::{Artifact, Provenance, file_schema};
 use lc_lake::source::Source;
-use polars::prelude::{CsvReadOptions, DataType as PlType, ParquetReader, SerReader};
 
 use crate::error::{Context, Error, Result};
 use crate::params::{ParamSpec, Params, param, required};
@@ -50,8 +50,123 @@ const PARAMS: &[ParamSpec] = &[
     param("format", "auto", "auto | csv | parquet"),
 ];
 
-fn polars_err(name: &str) -> impl Fn(polars::error::PolarsError) -> Error + '_ {
+fn input_err<E: std::fmt::Display>(name: &str) -> impl Fn(E) -> Error + '_ {
     move |e| Error::input(name, e.to_string())
+}
+
+/// Rows whose types CSV inference looks at.
+const INFER_ROWS: usize = 10_000;
+
+/// The input as one schema and its batches.
+struct Table {
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+}
+
+impl Table {
+    fn names(&self) -> Vec<String> {
+        self.schema.fields().iter().map(|f| f.name().clone()).collect()
+    }
+
+    fn is_numeric(&self, name: &str) -> bool {
+        self.schema
+            .field_with_name(name)
+            .is_ok_and(|f| numeric(f.data_type()))
+    }
+}
+
+/// The column types imported as numbers (integers and floats of any width).
+fn numeric(t: &DataType) -> bool {
+    t.is_integer() || t.is_floating()
+}
+
+/// Reads a CSV file with a header row, or a Parquet file.
+fn read_table(bytes: Vec<u8>, format: &str, name: &str) -> Result<Table> {
+    let table = if format == "csv" {
+        let csv = arrow::csv::reader::Format::default().with_header(true);
+        let (schema, _) = csv
+            .infer_schema(Cursor::new(&bytes), Some(INFER_ROWS))
+            .map_err(input_err(name))?;
+        let schema = Arc::new(schema);
+        let batches = arrow::csv::ReaderBuilder::new(schema.clone())
+            .with_format(csv)
+            .build(Cursor::new(bytes))
+            .map_err(input_err(name))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(input_err(name))?;
+        numeric_text_as_numbers(Table { schema, batches }, name)?
+    } else {
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
+                .map_err(input_err(name))?
+                .build()
+                .map_err(input_err(name))?;
+        let schema = arrow::record_batch::RecordBatchReader::schema(&reader);
+        let batches = reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(input_err(name))?;
+        Table { schema, batches }
+    };
+    Ok(table)
+}
+
+/// CSV inference types a column holding `NaN` or `inf` as text: such a
+/// column whose every value parses as a number (blanks are nulls) is read
+/// as f64, as a researcher's metric column with a NaN should be.
+fn numeric_text_as_numbers(table: Table, name: &str) -> Result<Table> {
+    let parses = |col: &dyn Array| {
+        let text = col.as_string::<i32>();
+        text.iter().flatten().all(|v| v.trim().parse::<f64>().is_ok())
+    };
+    let convert: Vec<bool> = (0..table.schema.fields().len())
+        .map(|i| {
+            table.schema.field(i).data_type() == &DataType::Utf8
+                && table.batches.iter().all(|b| parses(b.column(i).as_ref()))
+                && table
+                    .batches
+                    .iter()
+                    .any(|b| b.column(i).null_count() < b.num_rows())
+        })
+        .collect();
+    if !convert.contains(&true) {
+        return Ok(table);
+    }
+    let fields: Vec<Field> = table
+        .schema
+        .fields()
+        .iter()
+        .zip(&convert)
+        .map(|(f, &c)| {
+            if c {
+                Field::new(f.name(), DataType::Float64, true)
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let batches = table
+        .batches
+        .iter()
+        .map(|b| {
+            let cols: Vec<ArrayRef> = b
+                .columns()
+                .iter()
+                .zip(&convert)
+                .map(|(col, &c)| {
+                    if !c {
+                        return col.clone();
+                    }
+                    let text = col.as_string::<i32>();
+                    Arc::new(Float64Array::from_iter(
+                        text.iter().map(|v| v.and_then(|v| v.trim().parse::<f64>().ok())),
+                    )) as ArrayRef
+                })
+                .collect();
+            RecordBatch::try_new(schema.clone(), cols).map_err(input_err(name))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Table { schema, batches })
 }
 
 /// One metric to import.
@@ -148,35 +263,57 @@ type Evaluated = (
 /// metric is a column or a parsed expression there. Non-finite values become
 /// NULL and are counted per metric.
 fn evaluate(
-    df: &polars::prelude::DataFrame,
+    table: &Table,
     source: &str,
     model_col: &str,
     loss_col: &str,
     mapping: &[Metric],
     ctx: &Ctx,
 ) -> Result<Evaluated> {
-    use datafusion::prelude::{Expr, ParquetReadOptions, SessionContext, cast, col};
-    use polars::prelude::ParquetWriter;
-    let mut casted = df.clone();
-    for name in df.get_column_names() {
-        let c = df.column(name).map_err(polars_err(source))?;
-        if c.dtype().is_primitive_numeric() {
-            let f = c.cast(&PlType::Float64).map_err(polars_err(source))?;
-            casted.with_column(f).map_err(polars_err(source))?;
-        } else if name.as_str() == model_col {
-            let f = c.cast(&PlType::String).map_err(polars_err(source))?;
-            casted.with_column(f).map_err(polars_err(source))?;
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::{Expr, SessionContext, cast, col};
+    // Numbers as f64, the model ids as text.
+    let target = |f: &Field| -> Option<DataType> {
+        if numeric(f.data_type()) {
+            Some(DataType::Float64)
+        } else if f.name() == model_col && f.data_type() != &DataType::Utf8 {
+            Some(DataType::Utf8)
+        } else {
+            None
         }
-    }
-    let staged = lc_lake::staging::file(".parquet")?;
-    ParquetWriter::new(staged.reopen().ctx("staging the imported table")?)
-        .finish(&mut casted)
-        .map_err(polars_err(source))?;
+    };
+    let fields: Vec<Field> = table
+        .schema
+        .fields()
+        .iter()
+        .map(|f| match target(f) {
+            Some(t) => Field::new(f.name(), t, true),
+            None => f.as_ref().clone(),
+        })
+        .collect();
+    let schema = Arc::new(Schema::new(fields));
+    let batches = table
+        .batches
+        .iter()
+        .map(|b| {
+            let cols = b
+                .columns()
+                .iter()
+                .zip(table.schema.fields())
+                .map(|(c, f)| match target(f) {
+                    Some(t) => arrow::compute::cast(c, &t),
+                    None => Ok(c.clone()),
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            RecordBatch::try_new(schema.clone(), cols)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(input_err(source))?;
+    let memory = MemTable::try_new(schema, vec![batches]).ctx("staging the imported table")?;
     let session = SessionContext::new();
     let lake = &ctx.lake;
-    let path = staged.path().to_string_lossy().to_string();
-    let table = lake
-        .block_on(session.read_parquet(path, ParquetReadOptions::default()))
+    let table = session
+        .read_table(Arc::new(memory))
         .ctx("reading the imported table")?;
     let mut exprs: Vec<Expr> = vec![
         cast(col(format!("\"{model_col}\"")), arrow::datatypes::DataType::Utf8).alias("__model"),
@@ -271,7 +408,7 @@ impl Stage for Import {
         "import"
     }
     fn about(&self) -> &'static str {
-        "import an external per-model metrics table (CSV/Parquet, via polars) for correlate and SQL"
+        "import an external per-model metrics table (CSV/Parquet) for correlate and SQL"
     }
     fn reads(&self) -> &'static str {
         "a CSV or Parquet file"
@@ -304,20 +441,8 @@ impl Stage for Import {
             },
             f => f,
         };
-        let bytes = src.bytes()?.to_vec();
-        let df = if format == "csv" {
-            CsvReadOptions::default()
-                .with_has_header(true)
-                .with_infer_schema_length(Some(10_000))
-                .into_reader_with_file_handle(Cursor::new(bytes))
-                .finish()
-                .map_err(polars_err(&src.name))?
-        } else {
-            ParquetReader::new(Cursor::new(bytes))
-                .finish()
-                .map_err(polars_err(&src.name))?
-        };
-        let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
+        let table = read_table(src.bytes()?.to_vec(), format, &src.name)?;
+        let names = table.names();
         let need = |col: &str| -> Result<()> {
             if names.iter().any(|n| n == col) {
                 Ok(())
@@ -336,11 +461,7 @@ impl Stage for Import {
             None => names
                 .iter()
                 .filter(|n| *n != model_col && *n != loss_col)
-                .filter(|n| {
-                    df.column(n)
-                        .map(|c| c.dtype().is_primitive_numeric())
-                        .unwrap_or(false)
-                })
+                .filter(|n| table.is_numeric(n))
                 .map(|n| Metric::Column(n.clone(), n.clone()))
                 .collect(),
         };
@@ -356,7 +477,7 @@ impl Stage for Import {
             }
         }
         let (models, loss, metric_values, dropped) =
-            evaluate(&df, &src.name, model_col, loss_col, &mapping, ctx)?;
+            evaluate(&table, &src.name, model_col, loss_col, &mapping, ctx)?;
         let mut model_out = Vec::new();
         let mut grid: Vec<Option<naming::GridId>> = Vec::new();
         let (mut losses, mut metric, mut value) = (Vec::new(), Vec::new(), Vec::new());
