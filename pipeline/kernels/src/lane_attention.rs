@@ -26,8 +26,7 @@
 
 use rayon::prelude::*;
 
-use crate::mask::Dims;
-use crate::mask::visible;
+use crate::mask::{Dims, visible};
 
 /// Whether this kernel takes heads of `dh` dimensions on this CPU: the
 /// sizes it is compiled for, with the vectors to run them (x86-64 with
@@ -163,13 +162,14 @@ trait Lanes: Copy {
     unsafe fn max(self, b: Self) -> Self;
     unsafe fn min(self, b: Self) -> Self;
     /// 2^(bits(t) - bits(1.5 * 2^23)) for `t` = k + 1.5 * 2^23 with k an
-    /// integer in the exponent's range: the scale step of [`exp_f32`].
+    /// integer in the exponent's range: the scale step of `exp_f32`.
     unsafe fn pow2_of_shifted(t: Self) -> Self;
 }
 
-/// [`exp_f32`] on `L` lanes, the same steps in the same order (so that a
-/// lane's result is the scalar one's, bit for bit, but for the fused
-/// multiply-adds of the polynomial).
+/// [`exp_f32`] on `L` lanes: its range reduction and polynomial, with the
+/// multiply-adds fused (so within its error bound, not bit for bit).
+///
+/// [`exp_f32`]: crate::fast_exp::exp_f32
 #[inline(always)]
 unsafe fn exp_lanes<V: Lanes>(x: V) -> V {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
