@@ -73,6 +73,40 @@ impl Table {
             .field_with_name(name)
             .is_ok_and(|f| numeric(f.data_type()))
     }
+
+    /// This table with some columns replaced: `new[i]`, where given, is
+    /// column i's new type and its arrays, one per batch.
+    fn replace(&self, new: Vec<Option<(DataType, Vec<ArrayRef>)>>, name: &str) -> Result<Table> {
+        let fields: Vec<Field> = self
+            .schema
+            .fields()
+            .iter()
+            .zip(&new)
+            .map(|(f, n)| match n {
+                Some((t, _)) => Field::new(f.name(), t.clone(), true),
+                None => f.as_ref().clone(),
+            })
+            .collect();
+        let schema = Arc::new(Schema::new(fields));
+        let batches = self
+            .batches
+            .iter()
+            .enumerate()
+            .map(|(k, b)| {
+                let cols = b
+                    .columns()
+                    .iter()
+                    .zip(&new)
+                    .map(|(c, n)| {
+                        n.as_ref()
+                            .map_or_else(|| c.clone(), |(_, arrays)| arrays[k].clone())
+                    })
+                    .collect();
+                RecordBatch::try_new(schema.clone(), cols).map_err(input_err(name))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Table { schema, batches })
+    }
 }
 
 /// The column types imported as numbers (integers and floats of any width).
@@ -114,59 +148,33 @@ fn read_table(bytes: Vec<u8>, format: &str, name: &str) -> Result<Table> {
 /// column whose every value parses as a number (blanks are nulls) is read
 /// as f64, as a researcher's metric column with a NaN should be.
 fn numeric_text_as_numbers(table: Table, name: &str) -> Result<Table> {
-    let parses = |col: &dyn Array| {
-        let text = col.as_string::<i32>();
-        text.iter().flatten().all(|v| v.trim().parse::<f64>().is_ok())
+    // Every value parsed once: None as soon as one is not a number.
+    let numbers = |col: &ArrayRef| -> Option<ArrayRef> {
+        let values = col
+            .as_string::<i32>()
+            .iter()
+            .map(|v| v.map(|v| v.trim().parse::<f64>()).transpose().ok())
+            .collect::<Option<Float64Array>>()?;
+        Some(Arc::new(values))
     };
-    let convert: Vec<bool> = (0..table.schema.fields().len())
+    let new = (0..table.schema.fields().len())
         .map(|i| {
-            table.schema.field(i).data_type() == &DataType::Utf8
-                && table.batches.iter().all(|b| parses(b.column(i).as_ref()))
-                && table
-                    .batches
-                    .iter()
-                    .any(|b| b.column(i).null_count() < b.num_rows())
-        })
-        .collect();
-    if !convert.contains(&true) {
-        return Ok(table);
-    }
-    let fields: Vec<Field> = table
-        .schema
-        .fields()
-        .iter()
-        .zip(&convert)
-        .map(|(f, &c)| {
-            if c {
-                Field::new(f.name(), DataType::Float64, true)
-            } else {
-                f.as_ref().clone()
-            }
-        })
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let batches = table
-        .batches
-        .iter()
-        .map(|b| {
-            let cols: Vec<ArrayRef> = b
-                .columns()
+            let all_blank = table
+                .batches
                 .iter()
-                .zip(&convert)
-                .map(|(col, &c)| {
-                    if !c {
-                        return col.clone();
-                    }
-                    let text = col.as_string::<i32>();
-                    Arc::new(Float64Array::from_iter(
-                        text.iter().map(|v| v.and_then(|v| v.trim().parse::<f64>().ok())),
-                    )) as ArrayRef
-                })
-                .collect();
-            RecordBatch::try_new(schema.clone(), cols).map_err(input_err(name))
+                .all(|b| b.column(i).null_count() == b.num_rows());
+            if table.schema.field(i).data_type() != &DataType::Utf8 || all_blank {
+                return None;
+            }
+            let arrays = table
+                .batches
+                .iter()
+                .map(|b| numbers(b.column(i)))
+                .collect::<Option<Vec<_>>>()?;
+            Some((DataType::Float64, arrays))
         })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(Table { schema, batches })
+        .collect();
+    table.replace(new, name)
 }
 
 /// One metric to import.
@@ -282,33 +290,26 @@ fn evaluate(
             None
         }
     };
-    let fields: Vec<Field> = table
+    let new = table
         .schema
         .fields()
         .iter()
-        .map(|f| match target(f) {
-            Some(t) => Field::new(f.name(), t, true),
-            None => f.as_ref().clone(),
-        })
-        .collect();
-    let schema = Arc::new(Schema::new(fields));
-    let batches = table
-        .batches
-        .iter()
-        .map(|b| {
-            let cols = b
-                .columns()
-                .iter()
-                .zip(table.schema.fields())
-                .map(|(c, f)| match target(f) {
-                    Some(t) => arrow::compute::cast(c, &t),
-                    None => Ok(c.clone()),
+        .enumerate()
+        .map(|(i, f)| {
+            target(f)
+                .map(|t| {
+                    let arrays = table
+                        .batches
+                        .iter()
+                        .map(|b| arrow::compute::cast(b.column(i), &t))
+                        .collect::<std::result::Result<Vec<_>, _>>()?;
+                    Ok((t, arrays))
                 })
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            RecordBatch::try_new(schema.clone(), cols)
+                .transpose()
         })
-        .collect::<std::result::Result<Vec<_>, _>>()
+        .collect::<std::result::Result<Vec<_>, arrow::error::ArrowError>>()
         .map_err(input_err(source))?;
+    let Table { schema, batches } = table.replace(new, source)?;
     let memory = MemTable::try_new(schema, vec![batches]).ctx("staging the imported table")?;
     let session = SessionContext::new();
     let lake = &ctx.lake;
