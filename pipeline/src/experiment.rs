@@ -60,6 +60,11 @@ pub struct Experiment {
     pub slurm: Section,
 }
 
+/// Models one experiment may hold: the paper's grid has a few hundred;
+/// 100,000 is more than anyone trains, and few enough to plan at once (a
+/// list of steps per model).
+pub const MAX_GRID_MODELS: usize = 100_000;
+
 /// One stage run: the stage and its explicit parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -231,7 +236,12 @@ impl Experiment {
 
     pub fn load(path: &str) -> Result<Self> {
         let text = std::fs::read_to_string(path).ctx(path)?;
-        let e: Experiment = toml::from_str(&text).map_err(|e| Error::input(path, e.to_string()))?;
+        Self::parse(&text, path)
+    }
+
+    /// An experiment file's text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self> {
+        let e: Experiment = toml::from_str(text).map_err(|e| Error::input(path, e.to_string()))?;
         let g = &e.grid;
         if g.depths.is_empty()
             || g.widths.is_empty()
@@ -242,6 +252,17 @@ impl Experiment {
             return Err(Error::input(
                 path,
                 "every [grid] list must have at least one value",
+            ));
+        }
+        // Checked before anything expands the grid: five lists of a few
+        // hundred values are a few KB of TOML and 10^12 models.
+        let models = [g.depths.len(), g.widths.len(), g.epochs.len(), g.weight_decays.len(), g.seeds.len()]
+            .iter()
+            .try_fold(1usize, |n, &k| n.checked_mul(k).filter(|&n| n <= MAX_GRID_MODELS));
+        if models.is_none() {
+            return Err(Error::input(
+                path,
+                format!("the [grid] lists make more than {MAX_GRID_MODELS} models (their cross product)"),
             ));
         }
         Ok(e)

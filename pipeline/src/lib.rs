@@ -13,6 +13,7 @@ pub mod error;
 pub mod experiment;
 pub mod external;
 pub mod figures;
+pub mod fuzzing;
 pub mod grid_status;
 pub mod params;
 pub mod partials;

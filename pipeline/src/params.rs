@@ -64,7 +64,12 @@ fn toml_to_string(v: &toml::Value) -> String {
 impl Config {
     pub fn load(path: &std::path::Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).ctx(path.display())?;
-        toml::from_str(&text).map_err(|e| Error::input(path.display().to_string(), e.to_string()))
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// A `pipeline.toml`'s text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::input(path, e.to_string()))
     }
 
     fn defaults_map(&self) -> BTreeMap<String, String> {

@@ -78,8 +78,15 @@ impl TextTokenizer {
             path: name.to_string(),
             problem: p,
         };
-        let inner =
-            Tokenizer::from_bytes(bytes).map_err(|e| bad(format!("not a valid tokenizer.json: {e}")))?;
+        // tokenizers 0.23 panics on a JSON syntax error inside `decoder`
+        // (`DecoderHelper::deserialize(..).expect("Helper")`): the syntax is
+        // checked first, for an error with its line and column, and any
+        // other panic of the library while reading becomes this file's error.
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+            .map_err(|e| bad(format!("not a valid tokenizer.json: not JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
+            .map_err(|_| bad("not a valid tokenizer.json: the tokenizers library failed reading it".into()))?
+            .map_err(|e| bad(format!("not a valid tokenizer.json: {e}")))?;
         let vocab = inner.get_vocab(true);
         if vocab.is_empty() {
             return Err(bad("the vocabulary is empty".into()));
@@ -460,5 +467,22 @@ mod tests {
         assert_eq!(set.len(), 256);
         assert_eq!(t[b' ' as usize], 'Ġ');
         assert_eq!(t[b'\n' as usize], 'Ċ');
+    }
+
+    /// Found by the tokenizer fuzz target: a JSON syntax error inside
+    /// `decoder` made tokenizers 0.23 panic instead of returning an error.
+    #[test]
+    fn malformed_decoder_json_is_an_error_naming_the_file() {
+        let text = r#"{"version":"1.0","added_tokens":[],"normalizer":null,"pre_tokenizer":null,
+            "post_processor":null,"decoder":{"type":"Metaspace","replacement":"\u7"},
+            "model":{"type":"WordLevel","vocab":{"a":0},"unk_token":"a"}}"#;
+        let err = TextTokenizer::from_bytes(text.as_bytes(), "x/tokenizer.json")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("x/tokenizer.json") && err.contains("not JSON") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }

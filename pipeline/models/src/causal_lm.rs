@@ -9,6 +9,22 @@ use candle_core::{Device, Tensor};
 use crate::error::{Context, Error, Result};
 use crate::layers::{self, AttentionKernel};
 
+/// Layers a `config.json` may declare: far more than any published causal
+/// LM has (Llama 3.1 405B: 126), few enough that a mistyped count is refused
+/// before a list sized by it is made.
+pub const MAX_LAYERS: usize = 4096;
+
+/// A config's layer count `n` (under `key`), checked against [`MAX_LAYERS`].
+pub fn layer_count(n: usize, key: &str, model: &str) -> Result<usize> {
+    if n > MAX_LAYERS {
+        return Err(Error::model(
+            model,
+            format!("config.json: {key} = {n} is more than {MAX_LAYERS} layers"),
+        ));
+    }
+    Ok(n)
+}
+
 /// What the stages need to know about a model's shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shape {

@@ -7,7 +7,7 @@
 
 use serde_json::{Value, json};
 
-use crate::causal_lm::Shape;
+use crate::causal_lm::{Shape, layer_count};
 use crate::error::{Error, Result};
 use crate::gpt_neox::GptNeoXConfig;
 use crate::gpt2::Gpt2Config;
@@ -195,7 +195,7 @@ impl GptNeoConfig {
             vocab_size: uint("vocab_size")?,
             max_position_embeddings: uint("max_position_embeddings")?,
             hidden_size: uint("hidden_size")?,
-            num_layers: uint("num_layers")?,
+            num_layers: layer_count(uint("num_layers")?, "num_layers", model)?,
             num_heads: uint("num_heads")?,
             attention_types,
             window_size: uint("window_size").unwrap_or(256),
@@ -227,10 +227,15 @@ impl GptNeoConfig {
                 self.hidden_size, self.num_heads
             ));
         }
-        if self.layer_types().len() != self.num_layers {
+        // Counted without expanding them: `[["global"], 4294967295]` is a
+        // few bytes of JSON and would be 100 GB of layer names.
+        let described = self.attention_types.iter().try_fold(0usize, |sum, (types, n)| {
+            sum.checked_add(types.len().checked_mul(*n)?)
+        });
+        if described != Some(self.num_layers) {
             return bad(format!(
                 "attention_types describe {} layers but num_layers is {}",
-                self.layer_types().len(),
+                described.map_or("more than 2^64".to_string(), |n| n.to_string()),
                 self.num_layers
             ));
         }
@@ -307,6 +312,32 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("divisible")
+        );
+    }
+
+    /// Found by the model_config fuzz target: a GPT-Neo `attention_types`
+    /// count of 2^32 - 1 was expanded into that many layer names before
+    /// the layer count was compared. Counts are now checked unexpanded,
+    /// and every family's layer count is bounded.
+    #[test]
+    fn huge_layer_counts_are_refused_before_anything_is_sized_by_them() {
+        let c = GptNeoConfig::grid(2, 64, 16, 50257, 2048);
+        let mut v: Value = serde_json::from_str(&c.to_json()).unwrap();
+        v["attention_types"][0][1] = json!(4294967295u64);
+        let err = GptNeoConfig::from_json(&v.to_string(), "m")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("attention_types describe") && err.contains("num_layers is 2"),
+            "{err}"
+        );
+        let llama = r#"{"model_type": "llama", "vocab_size": 16, "max_position_embeddings": 8,
+            "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+            "num_hidden_layers": 1000000000000}"#;
+        let err = ArchConfig::from_json(llama, "m").unwrap_err().to_string();
+        assert!(
+            err.contains("num_hidden_layers = 1000000000000 is more than 4096 layers"),
+            "{err}"
         );
     }
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::causal_lm::{CausalLm, Shape, take};
+use crate::causal_lm::{CausalLm, Shape, layer_count, take};
 use crate::error::{Context, Error, Result};
 use crate::layers::{Activation, AttentionKernel, Keep, LayerNorm, attend, heads, linear};
 use lc_kernels::bias_add::bias_residual;
@@ -60,7 +60,7 @@ impl Gpt2Config {
             vocab_size: uint("vocab_size")?,
             n_positions: uint("n_positions")?,
             n_embd,
-            n_layer: uint("n_layer")?,
+            n_layer: layer_count(uint("n_layer")?, "n_layer", model)?,
             n_head: uint("n_head")?,
             n_inner: v
                 .get("n_inner")

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::causal_lm::{CausalLm, Shape, take, take_opt};
+use crate::causal_lm::{CausalLm, Shape, layer_count, take, take_opt};
 use crate::error::{Context, Error, Result};
 use crate::layers::{
     Activation, AttentionKernel, Keep, LayerNorm, RotarySpec, attend, linear, rotary_from_config,
@@ -59,7 +59,7 @@ impl GptNeoXConfig {
             vocab_size: uint("vocab_size")?,
             max_position_embeddings: uint("max_position_embeddings")?,
             hidden_size,
-            num_layers: uint("num_hidden_layers")?,
+            num_layers: layer_count(uint("num_hidden_layers")?, "num_hidden_layers", model)?,
             num_heads,
             intermediate_size: uint("intermediate_size")?,
             activation,

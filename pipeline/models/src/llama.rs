@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::causal_lm::{CausalLm, Shape, take, take_opt};
+use crate::causal_lm::{CausalLm, Shape, layer_count, take, take_opt};
 use crate::error::{Context, Error, Result};
 use crate::layers::{
     Activation, AttentionKernel, Keep, RmsNorm, RotarySpec, attend, heads, linear, rotary_from_config,
@@ -76,7 +76,7 @@ impl LlamaConfig {
         let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("silu");
         let activation =
             Activation::parse(act).ok_or_else(|| bad(format!("hidden_act '{act}' is not supported")))?;
-        let num_layers = uint("num_hidden_layers")?;
+        let num_layers = layer_count(uint("num_hidden_layers")?, "num_hidden_layers", model)?;
         let window = v
             .get("sliding_window")
             .and_then(Value::as_u64)

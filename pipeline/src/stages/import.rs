@@ -130,18 +130,35 @@ fn read_table(bytes: Vec<u8>, format: &str, name: &str) -> Result<Table> {
             .map_err(input_err(name))?;
         numeric_text_as_numbers(Table { schema, batches }, name)?
     } else {
-        let reader =
-            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-                .map_err(input_err(name))?
-                .build()
-                .map_err(input_err(name))?;
+        read_parquet(bytes::Bytes::from(bytes), name)?
+    };
+    Ok(table)
+}
+
+/// A Parquet file's columns as its Parquet schema types them. The Arrow
+/// schema some writers embed is skipped: arrow-ipc 59 panics
+/// (`unimplemented!`) on a damaged one, and the columns are cast anyway. A
+/// panic of the reader on any other damage becomes this file's error.
+fn read_parquet(bytes: bytes::Bytes, name: &str) -> Result<Table> {
+    use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+    let read = || -> Result<Table> {
+        let options = ArrowReaderOptions::new().with_skip_arrow_metadata(true);
+        let reader = ParquetRecordBatchReaderBuilder::try_new_with_options(bytes, options)
+            .map_err(input_err(name))?
+            .build()
+            .map_err(input_err(name))?;
         let schema = arrow::record_batch::RecordBatchReader::schema(&reader);
         let batches = reader
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(input_err(name))?;
-        Table { schema, batches }
+        Ok(Table { schema, batches })
     };
-    Ok(table)
+    std::panic::catch_unwind(read).unwrap_or_else(|_| {
+        Err(Error::input(
+            name,
+            "not a readable Parquet file: the Parquet reader failed on it (damaged?)",
+        ))
+    })
 }
 
 /// CSV inference types a column holding `NaN` or `inf` as text: such a

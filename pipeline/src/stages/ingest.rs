@@ -604,13 +604,27 @@ fn read_delimited(
 
 fn read_parquet(src: &Source, column: &str, bar: &indicatif::ProgressBar, f: &mut DocFn) -> Result<()> {
     use futures::StreamExt;
+    use parquet::arrow::arrow_reader::ArrowReaderOptions;
     use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    // The Parquet reader panics on some damaged files (arrow-ipc 59 on a
+    // damaged embedded Arrow schema, which is skipped: the Parquet schema
+    // types the text column): such a panic becomes this file's error.
+    let damaged = || {
+        Error::input(
+            &src.name,
+            "not a readable Parquet file: the reader failed on it (damaged?)",
+        )
+    };
     let reader =
         lc_lake::parquet_io::ObjectReader::new(src.store.store(), src.store.path(&src.key), src.size);
-    let builder = src
-        .store
-        .block_on(ParquetRecordBatchStreamBuilder::new(reader))
-        .map_err(|e| Error::input(&src.name, format!("not a readable Parquet file: {e}")))?;
+    let options = ArrowReaderOptions::new().with_skip_arrow_metadata(true);
+    let builder = catch_unwind(AssertUnwindSafe(|| {
+        src.store
+            .block_on(ParquetRecordBatchStreamBuilder::new_with_options(reader, options))
+    }))
+    .map_err(|_| damaged())?
+    .map_err(|e| Error::input(&src.name, format!("not a readable Parquet file: {e}")))?;
     let schema = builder.schema().clone();
     let Some((pos, field)) = schema.column_with_name(column) else {
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -647,7 +661,9 @@ fn read_parquet(src: &Source, column: &str, bar: &indicatif::ProgressBar, f: &mu
     let mut row0 = 0u64;
     // Progress in bytes, pro rata of the rows read.
     let start = bar.position();
-    while let Some(batch) = src.store.block_on(stream.next()) {
+    while let Some(batch) =
+        catch_unwind(AssertUnwindSafe(|| src.store.block_on(stream.next()))).map_err(|_| damaged())?
+    {
         let batch = batch.ctx(&src.name)?;
         text_of_batch(src, &batch, row0, f)?;
         row0 += batch.num_rows() as u64;
