@@ -66,8 +66,10 @@ summary() {
         local log="$out/logs/$t.log"
         [ -f "$log" ] || continue
         local runs speed corpus crashes
-        runs="$(grep -oP 'stat::number_of_executed_units: \K[0-9]+' "$log" | tail -1)"
-        speed="$(grep -oP 'stat::average_exec_per_sec: \K[0-9]+' "$log" | tail -1)"
+        # The final stats; a run stopped by a crash has only its last status line.
+        runs="$(grep -oP 'stat::number_of_executed_units:\s+\K[0-9]+' "$log" | tail -1 || true)"
+        [ -n "$runs" ] || runs="$(grep -oP '^#\K[0-9]+' "$log" | tail -1 || true)"
+        speed="$(grep -oP 'stat::average_exec_per_sec:\s+\K[0-9]+' "$log" | tail -1 || true)"
         corpus="$(ls "$out/corpus/$t" 2>/dev/null | wc -l)"
         crashes="$(ls "$out/artifacts/$t" 2>/dev/null | wc -l)"
         printf '%-16s %12s %10s %8s %8s\n' "$t" "${runs:-?}" "${speed:-?}" "$corpus" "$crashes"

@@ -256,9 +256,15 @@ impl Experiment {
         }
         // Checked before anything expands the grid: five lists of a few
         // hundred values are a few KB of TOML and 10^12 models.
-        let models = [g.depths.len(), g.widths.len(), g.epochs.len(), g.weight_decays.len(), g.seeds.len()]
-            .iter()
-            .try_fold(1usize, |n, &k| n.checked_mul(k).filter(|&n| n <= MAX_GRID_MODELS));
+        let models = [
+            g.depths.len(),
+            g.widths.len(),
+            g.epochs.len(),
+            g.weight_decays.len(),
+            g.seeds.len(),
+        ]
+        .iter()
+        .try_fold(1usize, |n, &k| n.checked_mul(k).filter(|&n| n <= MAX_GRID_MODELS));
         if models.is_none() {
             return Err(Error::input(
                 path,

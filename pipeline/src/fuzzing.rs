@@ -182,13 +182,21 @@ pub fn stage_params(data: &[u8]) {
     let Ok(explicit) = parse_pairs(&words) else {
         return; // it quotes the word it refused (see params' tests)
     };
-    let Some(p) = named(
-        Params::resolve(stage.name(), stage.params(), &Config::default(), &explicit),
-        stage.name(),
-    ) else {
-        return;
+    // A refusal names the stage or the parameter it refused.
+    let named_here = |e: &crate::error::Error| {
+        let message = e.to_string();
+        assert!(
+            message.contains(stage.name()) || explicit.keys().any(|k| message.contains(k.as_str())),
+            "the error names neither the stage nor a parameter: {message}"
+        );
     };
-    let _ = named(stage.check(&p), stage.name());
+    let p = match Params::resolve(stage.name(), stage.params(), &Config::default(), &explicit) {
+        Ok(p) => p,
+        Err(e) => return named_here(&e),
+    };
+    if let Err(e) = stage.check(&p) {
+        named_here(&e);
+    }
 }
 
 /// A GPT-2 small enough to run on every input: d 8, 2 heads, 1 layer,

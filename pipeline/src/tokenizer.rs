@@ -78,11 +78,12 @@ impl TextTokenizer {
             path: name.to_string(),
             problem: p,
         };
-        // tokenizers 0.23 panics on a JSON syntax error inside `decoder`
-        // (`DecoderHelper::deserialize(..).expect("Helper")`): the syntax is
-        // checked first, for an error with its line and column, and any
-        // other panic of the library while reading becomes this file's error.
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)
+        // tokenizers 0.23 panics on malformed JSON inside `decoder`
+        // (`DecoderHelper::deserialize(..).expect("Helper")`): the JSON is
+        // read first, every string decoded (a lone surrogate escape is an
+        // error only then), for an error with its line and column; any other
+        // panic of the library while reading becomes this file's error.
+        serde_json::from_slice::<serde_json::Value>(bytes)
             .map_err(|e| bad(format!("not a valid tokenizer.json: not JSON: {e}")))?;
         let inner = std::panic::catch_unwind(|| Tokenizer::from_bytes(bytes))
             .map_err(|_| bad("not a valid tokenizer.json: the tokenizers library failed reading it".into()))?
@@ -484,5 +485,12 @@ mod tests {
             err.contains("x/tokenizer.json") && err.contains("not JSON") && err.contains("line 2"),
             "{err}"
         );
+        // A lone surrogate escape is valid JSON syntax until decoded.
+        let lone = text.replace(r"\u7", r"\ud800");
+        let err = TextTokenizer::from_bytes(lone.as_bytes(), "x/tokenizer.json")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("not JSON") && err.contains("line 2"), "{err}");
     }
 }
