@@ -70,8 +70,8 @@ summary() {
         runs="$(grep -oP 'stat::number_of_executed_units:\s+\K[0-9]+' "$log" | tail -1 || true)"
         [ -n "$runs" ] || runs="$(grep -oP '^#\K[0-9]+' "$log" | tail -1 || true)"
         speed="$(grep -oP 'stat::average_exec_per_sec:\s+\K[0-9]+' "$log" | tail -1 || true)"
-        corpus="$(ls "$out/corpus/$t" 2>/dev/null | wc -l)"
-        crashes="$(ls "$out/artifacts/$t" 2>/dev/null | wc -l)"
+        corpus="$(ls "$out/corpus/$t" 2>/dev/null | wc -l || true)"
+        crashes="$(ls "$out/artifacts/$t" 2>/dev/null | wc -l || true)"
         printf '%-16s %12s %10s %8s %8s\n' "$t" "${runs:-?}" "${speed:-?}" "$corpus" "$crashes"
     done
 }

@@ -1,3 +1,6 @@
 #![no_main]
 // What the target reaches and its contract: pipeline::fuzzing.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| pipeline::fuzzing::stage_params(data));
+libfuzzer_sys::fuzz_target!(
+    init: pipeline::fuzzing::crash_only_on_escaped_panics(),
+    |data: &[u8]| pipeline::fuzzing::stage_params(data)
+);

@@ -172,7 +172,9 @@ impl<'a> TrainArgs<'a> {
         let seed = p.u64("seed")?;
         let name = match p.opt("name") {
             Some(n) => n.to_string(),
-            None => naming::format(depth, width, epochs, weight_decay, seed)?,
+            // Only the decay can lack a code in the naming scheme.
+            None => naming::format(depth, width, epochs, weight_decay, seed)
+                .map_err(|e| p.invalid("weight_decay", e.to_string()))?,
         };
         lc_lake::artifact::check_partition_value("name", &name)?;
         let lr = p.f64("lr")?;
