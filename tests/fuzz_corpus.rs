@@ -329,8 +329,9 @@ fn every_target_has_seeds_and_survives_its_corpus_and_mutants() {
         }
         let _ = std::fs::remove_file(failure_dir(target.name).join("in-flight"));
         eprintln!(
-            "{}: {} replayed, {mutants} mutants, {:.1} s",
+            "{} ({}): {} replayed, {mutants} mutants, {:.1} s",
             target.name,
+            target.about,
             replay.len(),
             started.elapsed().as_secs_f64()
         );

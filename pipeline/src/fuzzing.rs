@@ -2,7 +2,7 @@
 //! the raw bytes a user or another tool could have written.
 //!
 //! `fuzz/fuzz_targets/*.rs` hands them to libFuzzer (coverage-guided, run
-//! with `scripts/fuzz.sh`); `pipeline/tests/fuzz_corpus.rs` replays every
+//! with `scripts/fuzz.sh`); `tests/fuzz_corpus.rs` replays every
 //! committed seed and found crash through the same functions, then mutates
 //! the seeds for a fixed number of inputs, in every `cargo test`.
 //!
@@ -100,11 +100,6 @@ pub fn targets() -> &'static [Target] {
 /// crash only when it escapes the target.
 pub fn crash_only_on_escaped_panics() {
     let _ = std::panic::take_hook();
-}
-
-/// The target called `name`.
-pub fn target(name: &str) -> Option<&'static Target> {
-    targets().iter().find(|t| t.name == name)
 }
 
 /// What every target asks of a refusal: that it names what it refused.

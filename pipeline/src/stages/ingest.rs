@@ -607,9 +607,10 @@ fn read_parquet(src: &Source, column: &str, bar: &indicatif::ProgressBar, f: &mu
     use parquet::arrow::arrow_reader::ArrowReaderOptions;
     use parquet::arrow::{ParquetRecordBatchStreamBuilder, ProjectionMask};
     use std::panic::{AssertUnwindSafe, catch_unwind};
-    // The Parquet reader panics on some damaged files (arrow-ipc 59 on a
-    // damaged embedded Arrow schema, which is skipped: the Parquet schema
-    // types the text column): such a panic becomes this file's error.
+    // The Parquet reader panics on some damaged files: arrow-ipc 59 on a
+    // damaged embedded Arrow schema (skipped: the Parquet schema types the
+    // text column), parquet 59.3.2 dividing by zero on a dictionary page of
+    // no values (fuzz/regressions/ingest). Such a panic is this file's error.
     let damaged = || {
         Error::input(
             &src.name,
