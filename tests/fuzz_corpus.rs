@@ -404,35 +404,22 @@ fn write_generated_seeds() {
     ];
     let mut rng = Rng::for_target("safetensors");
     for (file, dtype) in [
-        ("gpt2_f32", safetensors::Dtype::F32),
-        ("gpt2_bf16", safetensors::Dtype::BF16),
+        ("gpt2_f32", candle_core::DType::F32),
+        ("gpt2_bf16", candle_core::DType::BF16),
     ] {
-        let data: Vec<(String, Vec<u8>, Vec<usize>)> = shapes
+        let tensors: Vec<(String, candle_core::Tensor)> = shapes
             .iter()
             .map(|(name, shape)| {
                 let n: usize = shape.iter().product();
-                let values = (0..n).map(|_| (rng.below(2001) as f32 - 1000.0) * 2e-4);
-                let bytes = match dtype {
-                    safetensors::Dtype::F32 => values.flat_map(f32::to_le_bytes).collect(),
-                    _ => values
-                        .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-                        .collect(),
-                };
-                (name.to_string(), bytes, shape.to_vec())
+                let values: Vec<f32> = (0..n).map(|_| (rng.below(2001) as f32 - 1000.0) * 2e-4).collect();
+                let t = candle_core::Tensor::from_vec(values, *shape, &candle_core::Device::Cpu)
+                    .and_then(|t| t.to_dtype(dtype))
+                    .expect("tensor");
+                (name.to_string(), t)
             })
             .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView)> = data
-            .iter()
-            .map(|(name, bytes, shape)| {
-                let view = safetensors::tensor::TensorView::new(dtype, shape.clone(), bytes).expect("view");
-                (name.clone(), view)
-            })
-            .collect();
-        write(
-            "safetensors",
-            file,
-            &safetensors::serialize(views, None).expect("serialised"),
-        );
+        let bytes = lc_models::checkpoint::safetensors_bytes(&tensors).expect("serialised");
+        write("safetensors", file, &bytes);
     }
 
     // Parquet inputs: a corpus with a text column, a metrics table.
